@@ -1,0 +1,1 @@
+//! Orchestrator examples for Cordon; see `examples/`.

@@ -1,0 +1,315 @@
+//! `cordon.v1.Control`: the admin API.
+
+use std::sync::Arc;
+
+use cordon_proto::v1 as pb;
+use tokio::sync::{broadcast, mpsc};
+use tonic::{Request, Response, Status};
+
+use super::{BoxStream, actor, convert};
+use crate::control_plane::ControlPlane;
+use crate::error::Error;
+use crate::model::{AuthKeyId, NodeId, TailnetId};
+use crate::store::EventFilter;
+use crate::time::from_timestamp;
+use crate::validate;
+
+pub struct ControlApi {
+    cp: Arc<ControlPlane>,
+}
+
+impl ControlApi {
+    pub fn new(cp: Arc<ControlPlane>) -> Self {
+        ControlApi { cp }
+    }
+
+    fn tailnet_message(&self, t: &crate::model::Tailnet) -> Result<pb::Tailnet, Error> {
+        Ok(convert::tailnet(t, self.cp.store.node_count(t.id)?))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::control_server::Control for ControlApi {
+    async fn create_tailnet(
+        &self,
+        req: Request<pb::CreateTailnetRequest>,
+    ) -> Result<Response<pb::Tailnet>, Status> {
+        let actor = actor(&req)?;
+        let spec = convert::tailnet_spec(req.into_inner())?;
+        let tailnet = self.cp.create_tailnet(spec, &actor).await?;
+        Ok(Response::new(convert::tailnet(&tailnet, 0)))
+    }
+
+    async fn get_tailnet(
+        &self,
+        req: Request<pb::GetTailnetRequest>,
+    ) -> Result<Response<pb::Tailnet>, Status> {
+        let id = TailnetId::parse("id", &req.get_ref().id)?;
+        let tailnet = self.cp.store.get_tailnet(id)?;
+        Ok(Response::new(self.tailnet_message(&tailnet)?))
+    }
+
+    async fn list_tailnets(
+        &self,
+        req: Request<pb::ListTailnetsRequest>,
+    ) -> Result<Response<pb::ListTailnetsResponse>, Status> {
+        let req = req.into_inner();
+        let owner = if req.owner.is_empty() {
+            None
+        } else {
+            validate::owner("owner", &req.owner)?;
+            Some(req.owner.as_str())
+        };
+        let selector = validate::label_selector("label_selector", &req.label_selector)?;
+        let limit = validate::page_size("page_size", req.page_size)?;
+        let after = convert::page_token("page_token", &req.page_token, |t| {
+            TailnetId::parse("", t).ok()
+        })?;
+        let (tailnets, more) = self
+            .cp
+            .store
+            .list_tailnets(owner, &selector, after, limit)?;
+        let next_page_token = match (more, tailnets.last()) {
+            (true, Some(last)) => last.id.to_string(),
+            _ => String::new(),
+        };
+        let tailnets = tailnets
+            .iter()
+            .map(|t| self.tailnet_message(t))
+            .collect::<Result<_, _>>()?;
+        Ok(Response::new(pb::ListTailnetsResponse {
+            tailnets,
+            next_page_token,
+        }))
+    }
+
+    async fn delete_tailnet(
+        &self,
+        req: Request<pb::DeleteTailnetRequest>,
+    ) -> Result<Response<pb::DeleteTailnetResponse>, Status> {
+        let actor = actor(&req)?;
+        let req = req.into_inner();
+        let id = TailnetId::parse("id", &req.id)?;
+        validate::reason("reason", &req.reason)?;
+        let removed = self.cp.delete_tailnet(id, &req.reason, &actor).await?;
+        Ok(Response::new(pb::DeleteTailnetResponse {
+            nodes_revoked: removed.nodes.len() as u32,
+            keys_deleted: removed.keys,
+        }))
+    }
+
+    async fn create_auth_key(
+        &self,
+        req: Request<pb::CreateAuthKeyRequest>,
+    ) -> Result<Response<pb::CreateAuthKeyResponse>, Status> {
+        let actor = actor(&req)?;
+        let spec = convert::auth_key_spec(req.into_inner())?;
+        let (key, secret) = self.cp.create_auth_key(spec, &actor).await?;
+        Ok(Response::new(pb::CreateAuthKeyResponse {
+            key: Some(convert::auth_key(&key, self.cp.now())),
+            secret: secret.into_exposed(),
+        }))
+    }
+
+    async fn list_auth_keys(
+        &self,
+        req: Request<pb::ListAuthKeysRequest>,
+    ) -> Result<Response<pb::ListAuthKeysResponse>, Status> {
+        let tailnet = TailnetId::parse("tailnet_id", &req.get_ref().tailnet_id)?;
+        let now = self.cp.now();
+        let keys = self
+            .cp
+            .store
+            .list_auth_keys(tailnet)?
+            .iter()
+            .map(|k| convert::auth_key(k, now))
+            .collect();
+        Ok(Response::new(pb::ListAuthKeysResponse { keys }))
+    }
+
+    async fn revoke_auth_key(
+        &self,
+        req: Request<pb::RevokeAuthKeyRequest>,
+    ) -> Result<Response<pb::RevokeAuthKeyResponse>, Status> {
+        let actor = actor(&req)?;
+        let req = req.into_inner();
+        let id = AuthKeyId::parse("id", &req.id)?;
+        validate::reason("reason", &req.reason)?;
+        let nodes = self
+            .cp
+            .revoke_auth_key(id, &req.reason, req.keep_nodes, &actor)
+            .await?;
+        Ok(Response::new(pb::RevokeAuthKeyResponse {
+            nodes_revoked: nodes.len() as u32,
+        }))
+    }
+
+    async fn list_nodes(
+        &self,
+        req: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let tailnet = TailnetId::parse("tailnet_id", &req.get_ref().tailnet_id)?;
+        let hub = self.cp.hub();
+        let nodes = self
+            .cp
+            .store
+            .list_nodes(tailnet)?
+            .iter()
+            .map(|n| convert::node(n, hub))
+            .collect();
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    async fn delete_node(
+        &self,
+        req: Request<pb::DeleteNodeRequest>,
+    ) -> Result<Response<pb::DeleteNodeResponse>, Status> {
+        let actor = actor(&req)?;
+        let req = req.into_inner();
+        let id = NodeId::parse("id", &req.id)?;
+        validate::reason("reason", &req.reason)?;
+        self.cp
+            .remove_node(
+                id,
+                crate::model::EndReason::NodeRemoved,
+                "node deleted",
+                &req.reason,
+                &actor,
+            )
+            .await?;
+        Ok(Response::new(pb::DeleteNodeResponse {}))
+    }
+
+    async fn list_audit_events(
+        &self,
+        req: Request<pb::ListAuditEventsRequest>,
+    ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
+        let req = req.into_inner();
+        let filter = EventFilter {
+            tailnet: optional_id(&req.tailnet_id, |s| TailnetId::parse("tailnet_id", s))?,
+            node: optional_id(&req.node_id, |s| NodeId::parse("node_id", s))?,
+            since: req
+                .since
+                .as_ref()
+                .map(|t| from_timestamp("since", t))
+                .transpose()?,
+            until: req
+                .until
+                .as_ref()
+                .map(|t| from_timestamp("until", t))
+                .transpose()?,
+            after_revision: convert::page_token("page_token", &req.page_token, |t| t.parse().ok())?
+                .unwrap_or(0),
+            limit: validate::page_size("page_size", req.page_size)?,
+        };
+        if let (Some(since), Some(until)) = (filter.since, filter.until) {
+            if until < since {
+                return Err(Error::invalid("until", "is before since").into());
+            }
+        }
+        let (events, more) = self.cp.store.list_events(&filter)?;
+        let next_page_token = match (more, events.last()) {
+            (true, Some(last)) => last.revision.to_string(),
+            _ => String::new(),
+        };
+        let events = events.iter().map(convert::event).collect();
+        Ok(Response::new(pb::ListAuditEventsResponse {
+            events,
+            next_page_token,
+        }))
+    }
+
+    type WatchEventsStream = BoxStream<pb::Event>;
+
+    async fn watch_events(
+        &self,
+        req: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let req = req.into_inner();
+        let tailnet = optional_id(&req.tailnet_id, |s| TailnetId::parse("tailnet_id", s))?;
+        // Subscribe before reading the backlog so that nothing falls between the two.
+        let mut live = self.cp.hub().subscribe_events();
+        let mut shutdown = self.cp.shutdown_signal();
+        let cp = self.cp.clone();
+        let mut last = if req.since_revision > 0 {
+            req.since_revision
+        } else {
+            cp.hub().published_revision()
+        };
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            let replay = |last: &mut u64| -> Result<Vec<pb::Event>, Error> {
+                let mut out = Vec::new();
+                loop {
+                    let filter = EventFilter {
+                        tailnet,
+                        after_revision: *last,
+                        limit: 1000,
+                        ..Default::default()
+                    };
+                    let (events, more) = cp.store.list_events(&filter)?;
+                    for e in &events {
+                        *last = e.revision;
+                        out.push(convert::event(e));
+                    }
+                    if !more {
+                        return Ok(out);
+                    }
+                }
+            };
+            let mut backlog = match replay(&mut last) {
+                Ok(events) => events,
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            };
+            loop {
+                for e in backlog.drain(..) {
+                    if tx.send(Ok(e)).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    _ = crate::control_plane::stopped(&mut shutdown) => {
+                        let _ = tx.send(Err(Status::unavailable("server shutting down; resume with since_revision"))).await;
+                        return;
+                    }
+                    _ = tx.closed() => return,
+                    event = live.recv() => match event {
+                        Ok(e) if e.revision <= last => {}
+                        Ok(e) => {
+                            last = e.revision;
+                            if tailnet.is_none() || e.tailnet_id == tailnet {
+                                backlog.push(convert::event(&e));
+                            }
+                        }
+                        // Fell behind: catch up from the store, which holds every event.
+                        Err(broadcast::error::RecvError::Lagged(_)) => match replay(&mut last) {
+                            Ok(events) => backlog = events,
+                            Err(e) => {
+                                let _ = tx.send(Err(e.into())).await;
+                                return;
+                            }
+                        },
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+fn optional_id<T>(
+    s: &str,
+    parse: impl FnOnce(&str) -> Result<T, Error>,
+) -> Result<Option<T>, Error> {
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        parse(s).map(Some)
+    }
+}

@@ -1,0 +1,211 @@
+//! `cordon.v1.Node`: the API agentd calls to join a tailnet and follow its netmap.
+
+use std::sync::Arc;
+
+use cordon_proto::v1 as pb;
+use tokio::sync::{broadcast, mpsc};
+use tonic::{Request, Response, Status};
+
+use super::{BoxStream, convert};
+use crate::control_plane::ControlPlane;
+use crate::error::Error;
+use crate::hub::{NetChange, NetMapUpdate};
+use crate::model::{Actor, EndReason, NodeId};
+use crate::store::Snapshot;
+
+pub struct NodeApi {
+    cp: Arc<ControlPlane>,
+}
+
+impl NodeApi {
+    pub fn new(cp: Arc<ControlPlane>) -> Self {
+        NodeApi { cp }
+    }
+}
+
+fn full(snapshot: &Snapshot, cp: &ControlPlane) -> pb::NetMap {
+    let hub = cp.hub();
+    pb::NetMap {
+        revision: snapshot.revision,
+        update: Some(pb::net_map::Update::Full(pb::FullNetMap {
+            self_: Some(convert::node(&snapshot.node, hub)),
+            peers: snapshot
+                .peers
+                .iter()
+                .map(|p| convert::node(p, hub))
+                .collect(),
+            tailnet_id: snapshot.tailnet.id.to_string(),
+            tailnet_name: snapshot.tailnet.name.clone(),
+            cidr: snapshot.tailnet.cidr.to_string(),
+            gateway_address: snapshot.tailnet.cidr.gateway().to_string(),
+        })),
+    }
+}
+
+fn ended(revision: u64, reason: EndReason, message: String) -> pb::NetMap {
+    pb::NetMap {
+        revision,
+        update: Some(pb::net_map::Update::Ended(pb::StreamEnded {
+            reason: convert::end_reason(reason).into(),
+            message,
+            retry: reason.retry(),
+        })),
+    }
+}
+
+/// What one netmap change means for the node `me`: a message to send, and whether the stream ends.
+fn translate(me: NodeId, update: &NetMapUpdate, cp: &ControlPlane) -> (Option<pb::NetMap>, bool) {
+    let hub = cp.hub();
+    let delta = |d: pb::NetMapDelta| pb::NetMap {
+        revision: update.revision,
+        update: Some(pb::net_map::Update::Delta(d)),
+    };
+    match &update.change {
+        NetChange::PeerAdded(n) if n.id != me => (
+            Some(delta(pb::NetMapDelta {
+                peers_added: vec![convert::node(n, hub)],
+                ..Default::default()
+            })),
+            false,
+        ),
+        NetChange::PeerAdded(_) => (None, false),
+        NetChange::PeerUpdated(n) if n.id == me => (
+            Some(delta(pb::NetMapDelta {
+                self_: Some(convert::node(n, hub)),
+                ..Default::default()
+            })),
+            false,
+        ),
+        NetChange::PeerUpdated(n) => (
+            Some(delta(pb::NetMapDelta {
+                peers_updated: vec![convert::node(n, hub)],
+                ..Default::default()
+            })),
+            false,
+        ),
+        NetChange::PeerRemoved {
+            node,
+            reason,
+            message,
+        } if *node == me => (Some(ended(update.revision, *reason, message.clone())), true),
+        NetChange::PeerRemoved { node, .. } => (
+            Some(delta(pb::NetMapDelta {
+                peers_removed: vec![node.to_string()],
+                ..Default::default()
+            })),
+            false,
+        ),
+        NetChange::TailnetGone { reason, message } => {
+            (Some(ended(update.revision, *reason, message.clone())), true)
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::node_server::Node for NodeApi {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let reg = convert::registration(req.into_inner())?;
+        let (node, tailnet, session) = self.cp.register(reg).await?;
+        let node_count = self.cp.store.node_count(tailnet.id)?;
+        Ok(Response::new(pb::RegisterResponse {
+            node: Some(convert::node(&node, self.cp.hub())),
+            session_token: session.into_exposed(),
+            tailnet: Some(convert::tailnet(&tailnet, node_count)),
+        }))
+    }
+
+    type WatchNetMapStream = BoxStream<pb::NetMap>;
+
+    async fn watch_net_map(
+        &self,
+        req: Request<pb::WatchNetMapRequest>,
+    ) -> Result<Response<Self::WatchNetMapStream>, Status> {
+        let node = self.cp.authenticate_session(&req.get_ref().session_token)?;
+        let mut shutdown = self.cp.shutdown_signal();
+        if *shutdown.borrow() {
+            return Err(
+                Error::Unavailable("server shutting down; reconnect shortly".into()).into(),
+            );
+        }
+        // Subscribe before the snapshot: a change lands either in the snapshot or on the channel.
+        let mut changes = self.cp.hub().subscribe_tailnet(node.tailnet_id);
+        let snapshot = self.cp.store.snapshot(node.id)?;
+        let presence = self.cp.connect(&node);
+        let cp = self.cp.clone();
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let _presence = presence;
+            let me = node.id;
+            let mut revision = snapshot.revision;
+            if tx.send(Ok(full(&snapshot, &cp))).await.is_err() {
+                return;
+            }
+            loop {
+                let (message, last) = tokio::select! {
+                    _ = crate::control_plane::stopped(&mut shutdown) => {
+                        (Some(ended(revision, EndReason::ServerShutdown, "server shutting down; reconnect".into())), true)
+                    }
+                    _ = tx.closed() => return,
+                    update = changes.recv() => match update {
+                        Ok(update) if update.revision <= revision => (None, false),
+                        Ok(update) => {
+                            revision = update.revision;
+                            translate(me, &update, &cp)
+                        }
+                        Err(broadcast::error::RecvError::Lagged(missed)) => {
+                            tracing::debug!(node = %me, missed, "netmap watcher fell behind; resending the full map");
+                            changes = changes.resubscribe();
+                            match cp.store.snapshot(me) {
+                                Ok(s) => {
+                                    revision = s.revision;
+                                    (Some(full(&s, &cp)), false)
+                                }
+                                Err(Error::NotFound { .. }) => {
+                                    (Some(ended(revision, EndReason::NodeRemoved, "node removed".into())), true)
+                                }
+                                Err(e) => {
+                                    let _ = tx.send(Err(e.into())).await;
+                                    return;
+                                }
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Closed) => {
+                            (Some(ended(revision, EndReason::TailnetDeleted, "tailnet deleted".into())), true)
+                        }
+                    },
+                };
+                if let Some(message) = message {
+                    if tx.send(Ok(message)).await.is_err() {
+                        return;
+                    }
+                }
+                if last {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn leave(
+        &self,
+        req: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveResponse>, Status> {
+        let node = self.cp.authenticate_session(&req.get_ref().session_token)?;
+        self.cp
+            .remove_node(
+                node.id,
+                EndReason::NodeRemoved,
+                "node left",
+                "",
+                &Actor::node(node.id),
+            )
+            .await?;
+        Ok(Response::new(pb::LeaveResponse {}))
+    }
+}

@@ -1,0 +1,360 @@
+//! The control plane's state and operations, shared by the admin and node APIs: the store, the clock,
+//! the reaper's deadlines, who is online, and the shutdown signal.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+
+use crate::clock::Clock;
+use crate::error::{Error, Result};
+use crate::hub::Hub;
+use crate::model::{
+    Actor, AuthKey, AuthKeyId, AuthKeySpec, EndReason, Node, NodeId, Registration, Tailnet,
+    TailnetId, TailnetSpec,
+};
+use crate::reaper::{Deadline, Reaper};
+use crate::secret::{AUTH_KEY_PREFIX, SESSION_PREFIX, Secret};
+use crate::store::{Removed, Store};
+
+/// Limits an operator sets in the server's configuration.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// How long an ephemeral node may stay without a netmap stream before it is removed.
+    pub ephemeral_node_timeout: Duration,
+    /// How long a node's registration is valid.
+    pub node_lifetime: Duration,
+    /// The default and the maximum auth key expiry.
+    pub default_auth_key_expiry: Duration,
+    pub max_auth_key_expiry: Duration,
+    /// sled's page cache.
+    pub cache_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            ephemeral_node_timeout: Duration::from_secs(30),
+            node_lifetime: Duration::from_secs(180 * 86_400),
+            default_auth_key_expiry: Duration::from_secs(3600),
+            max_auth_key_expiry: Duration::from_secs(90 * 86_400),
+            cache_bytes: 64 << 20,
+        }
+    }
+}
+
+pub struct ControlPlane {
+    pub store: Store,
+    pub clock: Clock,
+    pub limits: Limits,
+    reaper: Reaper,
+    shutdown: watch::Sender<bool>,
+}
+
+impl ControlPlane {
+    /// Opens the store in `data_dir` and starts the reaper with every deadline the store holds.
+    pub fn open(data_dir: &Path, limits: Limits) -> Result<Arc<ControlPlane>> {
+        let store = Store::open(
+            &data_dir.join("store"),
+            limits.cache_bytes,
+            Arc::new(Hub::default()),
+        )?;
+        let clock = Clock::new();
+        let (shutdown, _) = watch::channel(false);
+        let (reaper, reaper_rx) = Reaper::channel();
+        let cp = Arc::new(ControlPlane {
+            store,
+            clock,
+            limits,
+            reaper,
+            shutdown,
+        });
+        crate::reaper::spawn(
+            Arc::downgrade(&cp),
+            reaper_rx,
+            clock,
+            cp.shutdown.subscribe(),
+        );
+
+        let now = clock.now();
+        for tailnet in cp.store.all_tailnets()? {
+            if let Some(at) = tailnet.expires_at {
+                cp.reaper.schedule(at, Deadline::TailnetTtl(tailnet.id));
+            }
+        }
+        for node in cp.store.all_nodes()? {
+            cp.reaper
+                .schedule(node.expires_at, Deadline::NodeExpiry(node.id));
+            if node.ephemeral {
+                // No node holds a stream after a restart: each gets the full timeout to come back.
+                cp.reaper.schedule(
+                    now + cp.limits.ephemeral_node_timeout,
+                    Deadline::EphemeralIdle(node.id),
+                );
+            }
+        }
+        Ok(cp)
+    }
+
+    pub fn hub(&self) -> &Hub {
+        self.store.hub()
+    }
+
+    /// Tells every stream to end and every background task to stop.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    pub async fn create_tailnet(&self, spec: TailnetSpec, actor: &Actor) -> Result<Tailnet> {
+        let tailnet = self
+            .store
+            .create_tailnet(spec, actor, self.clock.now())
+            .await?;
+        if let Some(at) = tailnet.expires_at {
+            self.reaper.schedule(at, Deadline::TailnetTtl(tailnet.id));
+        }
+        tracing::info!(tailnet = %tailnet.id, name = %tailnet.name, owner = %tailnet.owner, actor = %actor.0, "tailnet created");
+        Ok(tailnet)
+    }
+
+    pub async fn delete_tailnet(
+        &self,
+        id: TailnetId,
+        reason: &str,
+        actor: &Actor,
+    ) -> Result<Removed> {
+        let removed = self
+            .store
+            .delete_tailnet(id, reason, actor, false, self.clock.now())
+            .await?;
+        self.forget_nodes(&removed.nodes);
+        tracing::info!(tailnet = %id, nodes = removed.nodes.len(), actor = %actor.0, "tailnet deleted");
+        Ok(removed)
+    }
+
+    pub(crate) async fn expire_tailnet(&self, id: TailnetId) -> Result<()> {
+        let removed = self
+            .store
+            .delete_tailnet(
+                id,
+                "ttl ran out",
+                &Actor::system("reaper"),
+                true,
+                self.clock.now(),
+            )
+            .await?;
+        if !removed.nodes.is_empty() || removed.keys > 0 {
+            tracing::info!(tailnet = %id, nodes = removed.nodes.len(), "tailnet expired");
+        }
+        self.forget_nodes(&removed.nodes);
+        Ok(())
+    }
+
+    fn forget_nodes(&self, nodes: &[NodeId]) {
+        for n in nodes {
+            self.hub().forget(*n);
+        }
+    }
+
+    /// Creates an auth key; the secret is returned here and never again.
+    pub async fn create_auth_key(
+        &self,
+        spec: AuthKeySpec,
+        actor: &Actor,
+    ) -> Result<(AuthKey, Secret)> {
+        let expires_in = match spec.expires_in_seconds {
+            0 => self.limits.default_auth_key_expiry,
+            s => Duration::from_secs(s),
+        };
+        if expires_in > self.limits.max_auth_key_expiry {
+            return Err(Error::invalid(
+                "expires_in_seconds",
+                format!(
+                    "{} is more than this server's maximum of {} seconds",
+                    expires_in.as_secs(),
+                    self.limits.max_auth_key_expiry.as_secs()
+                ),
+            ));
+        }
+        let secret = Secret::generate(AUTH_KEY_PREFIX);
+        let now = self.clock.now();
+        let key = self
+            .store
+            .create_auth_key(spec, secret.hash(), now + expires_in, actor, now)
+            .await?;
+        tracing::info!(key = %key.id, tailnet = %key.tailnet_id, actor = %actor.0, "auth key created");
+        Ok((key, secret))
+    }
+
+    pub async fn revoke_auth_key(
+        &self,
+        id: AuthKeyId,
+        reason: &str,
+        keep_nodes: bool,
+        actor: &Actor,
+    ) -> Result<Vec<NodeId>> {
+        let nodes = self
+            .store
+            .revoke_auth_key(id, reason, keep_nodes, actor, self.clock.now())
+            .await?;
+        self.forget_nodes(&nodes);
+        tracing::info!(key = %id, nodes = nodes.len(), actor = %actor.0, "auth key revoked");
+        Ok(nodes)
+    }
+
+    /// Admits a node; returns it with its tailnet and a new session token.
+    pub async fn register(&self, reg: Registration) -> Result<(Node, Tailnet, Secret)> {
+        let session = Secret::generate(SESSION_PREFIX);
+        let now = self.clock.now();
+        let (node, tailnet) = self
+            .store
+            .register(reg, session.hash(), self.limits.node_lifetime, now)
+            .await?;
+        self.reaper
+            .schedule(node.expires_at, Deadline::NodeExpiry(node.id));
+        if node.ephemeral {
+            self.reaper.schedule(
+                now + self.limits.ephemeral_node_timeout,
+                Deadline::EphemeralIdle(node.id),
+            );
+        }
+        tracing::info!(node = %node.id, tailnet = %tailnet.id, address = %node.address, "node registered");
+        Ok((node, tailnet, session))
+    }
+
+    /// The live node a session token belongs to.
+    pub fn authenticate_session(&self, token: &str) -> Result<Node> {
+        if token.is_empty() {
+            return Err(Error::Unauthenticated(
+                "session_token: missing; call Register first".into(),
+            ));
+        }
+        let node = self
+            .store
+            .node_by_session(&crate::secret::hash(token))?
+            .ok_or_else(|| {
+                Error::Unauthenticated(
+                    "session_token: unknown or revoked session; register again".into(),
+                )
+            })?;
+        if node.expires_at <= self.clock.now() {
+            return Err(Error::Unauthenticated(
+                "session_token: the node has expired; register again".into(),
+            ));
+        }
+        Ok(node)
+    }
+
+    pub async fn remove_node(
+        &self,
+        id: NodeId,
+        end: EndReason,
+        why: &str,
+        reason: &str,
+        actor: &Actor,
+    ) -> Result<Node> {
+        let node = self
+            .store
+            .remove_node(id, end, why, reason, actor, |_| true, self.clock.now())
+            .await?
+            .expect("unconditional removal removes");
+        self.hub().forget(id);
+        tracing::info!(node = %id, tailnet = %node.tailnet_id, %why, "node removed");
+        Ok(node)
+    }
+
+    /// Removes a node whose expiry has passed (no-op otherwise).
+    pub(crate) async fn expire_node(&self, id: NodeId) -> Result<()> {
+        let now = self.clock.now();
+        let reaper = Actor::system("reaper");
+        let removed = self
+            .store
+            .remove_node(
+                id,
+                EndReason::NodeExpired,
+                "node expired",
+                "",
+                &reaper,
+                |n| n.expires_at <= now,
+                now,
+            )
+            .await?;
+        if removed.is_some() {
+            self.hub().forget(id);
+        }
+        Ok(())
+    }
+
+    /// Removes an ephemeral node that has held no stream for the configured timeout (no-op otherwise).
+    pub(crate) async fn reap_idle_ephemeral(&self, id: NodeId) -> Result<()> {
+        let now = self.clock.now();
+        let (online, last_seen) = self.hub().presence(id);
+        if online || last_seen.is_some_and(|t| t + self.limits.ephemeral_node_timeout > now) {
+            return Ok(());
+        }
+        let reaper = Actor::system("reaper");
+        let why = "ephemeral node inactive";
+        let removed = self
+            .store
+            .remove_node(
+                id,
+                EndReason::NodeRemoved,
+                why,
+                "",
+                &reaper,
+                |n| n.ephemeral,
+                now,
+            )
+            .await?;
+        if removed.is_some() {
+            self.hub().forget(id);
+            tracing::info!(node = %id, "idle ephemeral node removed");
+        }
+        Ok(())
+    }
+
+    /// Marks the node online until the guard drops.
+    pub fn connect(self: &Arc<Self>, node: &Node) -> Presence {
+        self.hub().connect(node.id, self.clock.now());
+        Presence {
+            cp: self.clone(),
+            node: node.id,
+            ephemeral: node.ephemeral,
+        }
+    }
+
+    pub(crate) fn now(&self) -> SystemTime {
+        self.clock.now()
+    }
+}
+
+/// A node's open netmap stream. Dropping it marks the stream closed and, for an ephemeral node whose
+/// last stream this was, starts its idle timeout.
+pub struct Presence {
+    cp: Arc<ControlPlane>,
+    node: NodeId,
+    ephemeral: bool,
+}
+
+impl Drop for Presence {
+    fn drop(&mut self) {
+        let now = self.cp.clock.now();
+        let remaining = self.cp.hub().disconnect(self.node, now);
+        if remaining == 0 && self.ephemeral {
+            self.cp.reaper.schedule(
+                now + self.cp.limits.ephemeral_node_timeout,
+                Deadline::EphemeralIdle(self.node),
+            );
+        }
+    }
+}
+
+/// Completes when shutdown begins (or the control plane is gone).
+pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}

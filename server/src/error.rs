@@ -1,0 +1,61 @@
+//! The server's error type and its one mapping to gRPC status codes.
+
+use tonic::{Code, Status};
+
+/// Everything a server operation can fail with. Messages are for the caller: they name the field or
+/// the thing and say what to do; none contains a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{field}: {rule}")]
+    Invalid { field: String, rule: String },
+    #[error("{what} {id} not found")]
+    NotFound { what: &'static str, id: String },
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("storage: {0}")]
+    Storage(#[from] sled::Error),
+    #[error("storage: corrupt record {key}: {detail}")]
+    Corrupt { key: String, detail: String },
+}
+
+impl Error {
+    pub fn invalid(field: impl Into<String>, rule: impl Into<String>) -> Self {
+        Error::Invalid {
+            field: field.into(),
+            rule: rule.into(),
+        }
+    }
+
+    pub fn not_found(what: &'static str, id: impl ToString) -> Self {
+        Error::NotFound {
+            what,
+            id: id.to_string(),
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Status {
+        let code = match &err {
+            Error::Invalid { .. } => Code::InvalidArgument,
+            Error::NotFound { .. } => Code::NotFound,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::Storage(_) | Error::Corrupt { .. } => {
+                tracing::error!(error = %err, "storage failure");
+                return Status::internal("storage failure; see the server log");
+            }
+        };
+        Status::new(code, err.to_string())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

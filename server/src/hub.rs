@@ -1,0 +1,154 @@
+//! Fan-out of committed changes to the streams that watch them: audit events to WatchEvents, netmap
+//! changes to the WatchNetMap streams of one tailnet. Also who is online.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use tokio::sync::broadcast;
+
+use crate::model::{EndReason, Event, Node, NodeId, TailnetId};
+
+/// How many netmap changes a slow watcher may fall behind before it is resynchronised with a full map.
+const TAILNET_CHANNEL: usize = 1024;
+/// How many events a slow WatchEvents stream may fall behind before it replays from the store.
+const EVENT_CHANNEL: usize = 4096;
+
+/// A change to what the nodes of one tailnet are told.
+#[derive(Clone, Debug)]
+pub enum NetChange {
+    PeerAdded(Arc<Node>),
+    PeerUpdated(Arc<Node>),
+    PeerRemoved {
+        node: NodeId,
+        reason: EndReason,
+        message: String,
+    },
+    TailnetGone {
+        reason: EndReason,
+        message: String,
+    },
+}
+
+#[derive(Debug)]
+pub struct NetMapUpdate {
+    pub revision: u64,
+    pub change: NetChange,
+}
+
+/// A committed change, published in revision order once it is durable.
+#[derive(Debug)]
+pub enum Change {
+    Event(Arc<Event>),
+    NetMap {
+        tailnet: TailnetId,
+        update: Arc<NetMapUpdate>,
+    },
+}
+
+impl Change {
+    pub fn revision(&self) -> u64 {
+        match self {
+            Change::Event(e) => e.revision,
+            Change::NetMap { update, .. } => update.revision,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Presence {
+    streams: u32,
+    last_seen: Option<SystemTime>,
+}
+
+pub struct Hub {
+    /// The revision of the last published change.
+    published: AtomicU64,
+    events: broadcast::Sender<Arc<Event>>,
+    tailnets: Mutex<HashMap<TailnetId, broadcast::Sender<Arc<NetMapUpdate>>>>,
+    presence: Mutex<HashMap<NodeId, Presence>>,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub {
+            published: AtomicU64::new(0),
+            events: broadcast::channel(EVENT_CHANNEL).0,
+            tailnets: Mutex::default(),
+            presence: Mutex::default(),
+        }
+    }
+}
+
+impl Hub {
+    pub fn publish(&self, change: Change) {
+        self.published.store(change.revision(), Ordering::Release);
+        match change {
+            Change::Event(event) => {
+                let _ = self.events.send(event);
+            }
+            Change::NetMap { tailnet, update } => {
+                let mut tailnets = self.tailnets.lock().unwrap();
+                let gone = matches!(update.change, NetChange::TailnetGone { .. });
+                if let Some(tx) = tailnets.get(&tailnet) {
+                    if tx.send(update).is_err() || gone {
+                        tailnets.remove(&tailnet);
+                    }
+                }
+            }
+        }
+    }
+
+    /// At start: everything the store holds is durable, so counts as published.
+    pub fn set_published(&self, revision: u64) {
+        self.published.store(revision, Ordering::Release);
+    }
+
+    pub fn published_revision(&self) -> u64 {
+        self.published.load(Ordering::Acquire)
+    }
+
+    pub fn subscribe_events(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.events.subscribe()
+    }
+
+    pub fn subscribe_tailnet(&self, tailnet: TailnetId) -> broadcast::Receiver<Arc<NetMapUpdate>> {
+        let mut tailnets = self.tailnets.lock().unwrap();
+        tailnets
+            .entry(tailnet)
+            .or_insert_with(|| broadcast::channel(TAILNET_CHANNEL).0)
+            .subscribe()
+    }
+
+    /// Records that `node` opened a netmap stream.
+    pub fn connect(&self, node: NodeId, now: SystemTime) {
+        let mut presence = self.presence.lock().unwrap();
+        let p = presence.entry(node).or_default();
+        p.streams += 1;
+        p.last_seen = Some(now);
+    }
+
+    /// Records that one of `node`'s streams ended; returns how many it still holds.
+    pub fn disconnect(&self, node: NodeId, now: SystemTime) -> u32 {
+        let mut presence = self.presence.lock().unwrap();
+        let Some(p) = presence.get_mut(&node) else {
+            return 0;
+        };
+        p.streams = p.streams.saturating_sub(1);
+        p.last_seen = Some(now);
+        p.streams
+    }
+
+    /// Whether the node holds a stream, and when it was last seen connecting or disconnecting.
+    pub fn presence(&self, node: NodeId) -> (bool, Option<SystemTime>) {
+        let presence = self.presence.lock().unwrap();
+        presence
+            .get(&node)
+            .map_or((false, None), |p| (p.streams > 0, p.last_seen))
+    }
+
+    pub fn forget(&self, node: NodeId) {
+        self.presence.lock().unwrap().remove(&node);
+    }
+}

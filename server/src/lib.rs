@@ -1,0 +1,22 @@
+//! Cordon's control plane: the admin and node gRPC APIs over a sled store, the reaper of expiring
+//! tailnets and nodes, and the `cordon` command line.
+
+pub mod admin;
+pub mod api;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod control_plane;
+pub mod error;
+pub mod hub;
+pub mod model;
+pub mod reaper;
+pub mod secret;
+pub mod serve;
+pub mod store;
+pub mod time;
+pub mod validate;
+
+pub use config::ServeConfig;
+pub use control_plane::{ControlPlane, Limits};
+pub use serve::Server;

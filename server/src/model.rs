@@ -1,0 +1,317 @@
+//! Domain records: tailnets, nodes, auth keys and audit events, independent of protobuf.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::Error;
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        pub struct $name(pub Uuid);
+
+        impl $name {
+            /// A new time-ordered (UUIDv7) id.
+            pub fn generate() -> Self {
+                Self(Uuid::now_v7())
+            }
+
+            pub fn as_bytes(&self) -> &[u8; 16] {
+                self.0.as_bytes()
+            }
+
+            /// Parses an id given in request field `field`.
+            pub fn parse(field: &str, s: &str) -> Result<Self, Error> {
+                if s.is_empty() {
+                    return Err(Error::invalid(field, "is required"));
+                }
+                Uuid::from_str(s)
+                    .map(Self)
+                    .map_err(|_| Error::invalid(field, format!("{s:?} is not a UUID")))
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({})", stringify!($name), self.0)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// Identifies a tailnet.
+    TailnetId
+);
+id_type!(
+    /// Identifies a node.
+    NodeId
+);
+id_type!(
+    /// Identifies an auth key (not its secret).
+    AuthKeyId
+);
+
+/// An IPv4 range in CIDR form.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ipv4Cidr {
+    pub network: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Ipv4Cidr {
+    pub const DEFAULT: Ipv4Cidr = Ipv4Cidr {
+        network: Ipv4Addr::new(100, 64, 0, 0),
+        prefix: 10,
+    };
+
+    fn size(&self) -> u64 {
+        1u64 << (32 - self.prefix)
+    }
+
+    /// The first usable address: reserved for the tailnet's gateway.
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network) + 1)
+    }
+
+    /// The first address handed to nodes.
+    pub fn first_node_address(&self) -> u32 {
+        u32::from(self.network) + 2
+    }
+
+    /// The last usable address (the broadcast address is not handed out).
+    pub fn last_node_address(&self) -> u32 {
+        (u64::from(u32::from(self.network)) + self.size() - 2) as u32
+    }
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+impl fmt::Debug for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// An isolated private network.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Tailnet {
+    pub id: TailnetId,
+    pub name: String,
+    pub owner: String,
+    pub labels: BTreeMap<String, String>,
+    pub cidr: Ipv4Cidr,
+    pub created_at: SystemTime,
+    pub expires_at: Option<SystemTime>,
+    pub ttl_seconds: u64,
+    pub created_by: String,
+}
+
+/// What a caller supplies to create a tailnet; validated by [`crate::validate`].
+#[derive(Clone, Debug)]
+pub struct TailnetSpec {
+    pub name: String,
+    pub owner: String,
+    pub ttl_seconds: u64,
+    pub labels: BTreeMap<String, String>,
+    pub cidr: Ipv4Cidr,
+}
+
+/// A 32-byte secret hash (auth key secrets and session tokens are stored only as these).
+pub type SecretHash = [u8; 32];
+
+/// A machine admitted to a tailnet.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Node {
+    pub id: NodeId,
+    pub tailnet_id: TailnetId,
+    pub hostname: String,
+    pub wireguard_public_key: [u8; 32],
+    pub address: Ipv4Addr,
+    pub tags: Vec<String>,
+    pub owner: String,
+    pub auth_key_id: Option<AuthKeyId>,
+    pub ephemeral: bool,
+    pub created_at: SystemTime,
+    pub expires_at: SystemTime,
+    pub session_hash: SecretHash,
+}
+
+impl fmt::Debug for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.id)
+            .field("tailnet_id", &self.tailnet_id)
+            .field("hostname", &self.hostname)
+            .field("address", &self.address)
+            .field("tags", &self.tags)
+            .field("owner", &self.owner)
+            .field("ephemeral", &self.ephemeral)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a registration asks for, after validation.
+#[derive(Clone, Debug)]
+pub struct Registration {
+    pub auth_key_hash: SecretHash,
+    pub wireguard_public_key: [u8; 32],
+    pub hostname: String,
+    pub requested_tags: Vec<String>,
+}
+
+/// Admits nodes to one tailnet. The secret itself is never stored.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct AuthKey {
+    pub id: AuthKeyId,
+    pub tailnet_id: TailnetId,
+    pub secret_hash: SecretHash,
+    pub tags: Vec<String>,
+    pub reusable: bool,
+    pub ephemeral: bool,
+    /// 0 = unlimited.
+    pub max_uses: u32,
+    pub uses: u32,
+    pub created_at: SystemTime,
+    pub expires_at: SystemTime,
+    pub revoked_at: Option<SystemTime>,
+    pub reason: String,
+    pub created_by: String,
+    pub owner: String,
+}
+
+impl fmt::Debug for AuthKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthKey")
+            .field("id", &self.id)
+            .field("tailnet_id", &self.tailnet_id)
+            .field("tags", &self.tags)
+            .field("reusable", &self.reusable)
+            .field("uses", &self.uses)
+            .field("max_uses", &self.max_uses)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why an auth key cannot admit a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyState {
+    Valid,
+    Expired,
+    Revoked,
+    Exhausted,
+}
+
+impl KeyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Valid => "valid",
+            KeyState::Expired => "expired",
+            KeyState::Revoked => "revoked",
+            KeyState::Exhausted => "exhausted",
+        }
+    }
+}
+
+impl AuthKey {
+    pub fn state(&self, now: SystemTime) -> KeyState {
+        if self.revoked_at.is_some() {
+            KeyState::Revoked
+        } else if self.expires_at <= now {
+            KeyState::Expired
+        } else if self.max_uses != 0 && self.uses >= self.max_uses {
+            KeyState::Exhausted
+        } else {
+            KeyState::Valid
+        }
+    }
+}
+
+/// What a caller supplies to create an auth key.
+#[derive(Clone, Debug)]
+pub struct AuthKeySpec {
+    pub tailnet_id: TailnetId,
+    pub tags: Vec<String>,
+    pub reusable: bool,
+    pub ephemeral: bool,
+    pub expires_in_seconds: u64,
+    pub max_uses: u32,
+    pub reason: String,
+    pub owner: Option<String>,
+}
+
+/// The kinds of audit event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    TailnetCreated,
+    TailnetDeleted,
+    TailnetExpired,
+    KeyCreated,
+    KeyRevoked,
+    NodeJoined,
+    NodeLeft,
+}
+
+/// One entry of the audit log.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Event {
+    pub id: Uuid,
+    pub revision: u64,
+    pub time: SystemTime,
+    pub kind: EventKind,
+    pub tailnet_id: Option<TailnetId>,
+    pub node_id: Option<NodeId>,
+    pub auth_key_id: Option<AuthKeyId>,
+    pub actor: String,
+    pub reason: String,
+    pub summary: String,
+}
+
+/// Why a node's netmap stream ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndReason {
+    NodeRemoved,
+    KeyRevoked,
+    TailnetDeleted,
+    TailnetExpired,
+    NodeExpired,
+    ServerShutdown,
+}
+
+impl EndReason {
+    /// Whether the node may reconnect with the same session.
+    pub fn retry(self) -> bool {
+        self == EndReason::ServerShutdown
+    }
+}
+
+/// Who did something: an admin token, a node, or the server itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Actor(pub String);
+
+impl Actor {
+    pub fn system(component: &str) -> Self {
+        Actor(format!("system:{component}"))
+    }
+
+    pub fn node(id: NodeId) -> Self {
+        Actor(format!("node:{id}"))
+    }
+}

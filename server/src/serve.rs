@@ -1,0 +1,133 @@
+//! Running the server in steps: [`Server::open`] (opens the store, binds nothing), [`Server::serve`]
+//! on a listener the caller bound (so tests use 127.0.0.1:0), and a drain on the shutdown signal.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use cordon_proto::v1 as pb;
+use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Identity, ServerTlsConfig};
+
+use crate::admin::AdminTokens;
+use crate::api::admin_interceptor;
+use crate::api::control::ControlApi;
+use crate::api::node::NodeApi;
+use crate::config::ServeConfig;
+use crate::control_plane::ControlPlane;
+
+/// The largest request the server decodes; bigger ones are refused before they are buffered.
+pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+
+pub struct Server {
+    pub config: ServeConfig,
+    pub control_plane: Arc<ControlPlane>,
+    pub admin_tokens: Arc<AdminTokens>,
+    /// Set when this start wrote a new admin token.
+    pub admin_token_created: Option<PathBuf>,
+}
+
+impl Server {
+    /// Creates the data directory if needed, loads (or makes) the admin token and opens the store.
+    pub fn open(config: ServeConfig) -> anyhow::Result<Server> {
+        create_private_dir(&config.data_dir)?;
+        let (admin_tokens, admin_token_created) = AdminTokens::load_or_create(&config.data_dir)?;
+        let control_plane = ControlPlane::open(&config.data_dir, config.limits.clone())
+            .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
+        Ok(Server {
+            config,
+            control_plane,
+            admin_tokens: Arc::new(admin_tokens),
+            admin_token_created,
+        })
+    }
+
+    /// Serves gRPC on `listener` until `signal` completes, then ends every watch stream with a reason
+    /// and waits up to the grace period for in-flight calls.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let cp = self.control_plane.clone();
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<pb::control_server::ControlServer<ControlApi>>()
+            .await;
+        health_reporter
+            .set_serving::<pb::node_server::NodeServer<NodeApi>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("reflection service")?;
+
+        let control = pb::control_server::ControlServer::new(ControlApi::new(cp.clone()))
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let control =
+            InterceptedService::new(control, admin_interceptor(self.admin_tokens.clone()));
+        let node = pb::node_server::NodeServer::new(NodeApi::new(cp.clone()))
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
+
+        let mut builder = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .max_frame_size(Some(64 * 1024));
+        if let Some(tls) = &self.config.tls {
+            let cert = std::fs::read(&tls.cert)
+                .with_context(|| format!("cannot read {}", tls.cert.display()))?;
+            let key = std::fs::read(&tls.key)
+                .with_context(|| format!("cannot read {}", tls.key.display()))?;
+            builder = builder
+                .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+                .context("TLS certificate or key")?;
+        }
+        let router = builder
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(control)
+            .add_service(node);
+
+        let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
+        let drain_cp = cp.clone();
+        let shutdown = async move {
+            signal.await;
+            tracing::info!("shutting down: ending watch streams and draining calls");
+            health_reporter
+                .set_not_serving::<pb::node_server::NodeServer<NodeApi>>()
+                .await;
+            drain_cp.begin_shutdown();
+            let _ = fired_tx.send(());
+        };
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let serve = router.serve_with_incoming_shutdown(incoming, shutdown);
+        let grace = self.config.shutdown_grace;
+        let deadline = async move {
+            if fired_rx.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(grace).await;
+        };
+        tokio::select! {
+            result = serve => result.context("gRPC server")?,
+            _ = deadline => tracing::warn!(?grace, "grace period over; dropping the calls still in flight"),
+        }
+        cp.begin_shutdown();
+        cp.store.flush().await.context("final flush")?;
+        Ok(())
+    }
+}
+
+fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create data directory {}", dir.display()))
+}

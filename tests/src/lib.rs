@@ -1,0 +1,1 @@
+//! Shared harness for Cordon end-to-end tests.

@@ -1,1 +1,236 @@
-//! Shared harness for Cordon end-to-end tests.
+//! The harness Cordon's end-to-end tests and benchmarks share: a real server on 127.0.0.1:0 over a
+//! temporary sled store, authenticated clients, and helpers to make tailnets, keys and nodes.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cordon_proto::v1 as pb;
+use cordon_proto::v1::control_client::ControlClient;
+use cordon_proto::v1::node_client::NodeClient;
+use cordon_server::{ControlPlane, Limits, ServeConfig, Server};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+pub use cordon_proto::v1;
+
+/// Sends `authorization: Bearer <token>` on every call.
+#[derive(Clone)]
+pub struct Bearer(pub MetadataValue<Ascii>);
+
+impl Bearer {
+    pub fn new(token: &str) -> Bearer {
+        Bearer(format!("Bearer {token}").parse().expect("tokens are ASCII"))
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+pub type Admin = ControlClient<InterceptedService<Channel, Bearer>>;
+pub type Nodes = NodeClient<Channel>;
+
+/// A server running in this process on a loopback port, over its own data directory.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub url: String,
+    pub admin_token: String,
+    pub data_dir: PathBuf,
+    pub control_plane: Arc<ControlPlane>,
+    /// Keeps a temporary data directory alive; `None` when the caller owns the directory.
+    _temp: Option<tempfile::TempDir>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    /// A server with default limits over a new temporary directory.
+    pub async fn start() -> TestServer {
+        Self::start_with(Limits::default()).await
+    }
+
+    pub async fn start_with(limits: Limits) -> TestServer {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let mut server = Self::start_in(temp.path(), limits).await;
+        server._temp = Some(temp);
+        server
+    }
+
+    /// A server over `dir`, which may hold a previous server's data.
+    pub async fn start_in(dir: &Path, limits: Limits) -> TestServer {
+        let mut config = ServeConfig::for_data_dir(dir);
+        config.limits = limits;
+        config.shutdown_grace = Duration::from_secs(5);
+        let server = Server::open(config).expect("server opens");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let admin_token = std::fs::read_to_string(dir.join("admin.token")).expect("admin token").trim().to_string();
+        let control_plane = server.control_plane.clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(listener, async move {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            addr,
+            url: format!("http://{addr}"),
+            admin_token,
+            data_dir: dir.to_path_buf(),
+            control_plane,
+            _temp: None,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url.clone()).expect("url").connect().await.expect("connect to test server")
+    }
+
+    pub async fn admin(&self) -> Admin {
+        ControlClient::with_interceptor(self.channel().await, Bearer::new(&self.admin_token))
+    }
+
+    pub async fn nodes(&self) -> Nodes {
+        NodeClient::new(self.channel().await)
+    }
+
+    /// Signals shutdown and waits for the server to drain.
+    pub async fn stop(mut self) {
+        self.shutdown().await;
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task").expect("server ran cleanly");
+        }
+    }
+
+    /// Stops and returns the data directory for a restart; the caller keeps `TempDir` alive.
+    pub async fn stop_keep_dir(mut self) -> (PathBuf, Option<tempfile::TempDir>) {
+        self.shutdown().await;
+        (self.data_dir.clone(), self._temp.take())
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A tailnet request with a unique-enough name and an owner.
+pub fn tailnet_request(name: &str) -> pb::CreateTailnetRequest {
+    pb::CreateTailnetRequest { name: name.into(), owner: "acme".into(), ..Default::default() }
+}
+
+pub async fn create_tailnet(admin: &mut Admin, name: &str) -> pb::Tailnet {
+    admin.create_tailnet(tailnet_request(name)).await.expect("create tailnet").into_inner()
+}
+
+/// Creates an auth key and returns it with its secret.
+pub async fn create_key(admin: &mut Admin, tailnet: &str, reusable: bool, ephemeral: bool) -> (pb::AuthKey, String) {
+    let r = admin
+        .create_auth_key(pb::CreateAuthKeyRequest {
+            tailnet_id: tailnet.into(),
+            reusable,
+            ephemeral,
+            tags: vec!["tag:ci".into()],
+            reason: "test".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create auth key")
+        .into_inner();
+    (r.key.expect("key"), r.secret)
+}
+
+/// 32 random bytes standing in for a WireGuard public key.
+pub fn wireguard_key() -> Vec<u8> {
+    let mut k = vec![0u8; 32];
+    rand::Rng::fill(&mut rand::rng(), &mut k[..]);
+    k
+}
+
+pub fn register_request(secret: &str, hostname: &str) -> pb::RegisterRequest {
+    pb::RegisterRequest {
+        credential: Some(pb::register_request::Credential::AuthKey(secret.into())),
+        wireguard_public_key: wireguard_key(),
+        hostname: hostname.into(),
+        requested_tags: vec![],
+    }
+}
+
+pub async fn register(nodes: &mut Nodes, secret: &str, hostname: &str) -> pb::RegisterResponse {
+    nodes.register(register_request(secret, hostname)).await.expect("register").into_inner()
+}
+
+/// A node's netmap stream.
+pub type NetMapStream = tonic::Streaming<pb::NetMap>;
+
+pub async fn watch(nodes: &mut Nodes, session_token: &str) -> NetMapStream {
+    nodes
+        .watch_net_map(pb::WatchNetMapRequest { session_token: session_token.into() })
+        .await
+        .expect("watch netmap")
+        .into_inner()
+}
+
+/// The next netmap message, failing the test if none arrives within 10 seconds.
+pub async fn next_netmap(stream: &mut NetMapStream) -> pb::NetMap {
+    tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("a netmap message within 10 s")
+        .expect("stream healthy")
+        .expect("stream still open")
+}
+
+/// Polls `check` until it returns `Some`, failing after `deadline`.
+pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < end, "timed out after {deadline:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Where the `cordon` binary is: `$CORDON_BIN`, or next to this test's target directory.
+pub fn cordon_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("CORDON_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join("cordon");
+    assert!(bin.exists(), "{} is missing: run `cargo build -p cordon-server --bins` first", bin.display());
+    bin
+}
+
+/// Reads the resident set size of this process in bytes.
+pub fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    pages * 4096
+}

@@ -80,13 +80,13 @@ struct ClientArgs {
     #[arg(long, global = true, env = "CORDON_SERVER", default_value_t = format!("http://{DEFAULT_LISTEN}"))]
     server: String,
     /// Admin token; default: read from <data-dir>/admin.token.
-    #[arg(long, env = "CORDON_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "CORDON_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// The server's data directory, to read the admin token from.
-    #[arg(long, env = "CORDON_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    #[arg(long, global = true, env = "CORDON_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
     /// CA certificate (PEM) to verify the server's TLS certificate.
-    #[arg(long, env = "CORDON_CA_CERT")]
+    #[arg(long, global = true, env = "CORDON_CA_CERT")]
     ca_cert: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]

@@ -38,8 +38,7 @@ impl AdminTokens {
                     .mode(0o600)
                     .open(&path)
                     .with_context(|| format!("cannot create {}", path.display()))?;
-                writeln!(file, "{}", token.expose())
-                    .with_context(|| format!("cannot write {}", path.display()))?;
+                writeln!(file, "{}", token.expose()).with_context(|| format!("cannot write {}", path.display()))?;
                 file.sync_all()?;
                 created = Some(path.clone());
                 token.into_exposed()
@@ -47,10 +46,7 @@ impl AdminTokens {
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
         if !token.starts_with(ADMIN_PREFIX) {
-            anyhow::bail!(
-                "{} does not hold a cordon admin token; delete it to have a new one made",
-                path.display()
-            );
+            anyhow::bail!("{} does not hold a cordon admin token; delete it to have a new one made", path.display());
         }
         Ok((AdminTokens::from_tokens([token.as_str()]), created))
     }
@@ -70,9 +66,6 @@ impl AdminTokens {
     pub fn authenticate(&self, token: &str) -> Option<Actor> {
         let h = secret::hash(token);
         // Comparing digests, not tokens, keeps the comparison independent of the secret's bytes.
-        self.tokens
-            .iter()
-            .find(|(known, _)| *known == h)
-            .map(|(_, actor)| actor.clone())
+        self.tokens.iter().find(|(known, _)| *known == h).map(|(_, actor)| actor.clone())
     }
 }

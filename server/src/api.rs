@@ -17,19 +17,13 @@ pub type BoxStream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + 
 
 /// The admin actor that the interceptor attached to the request.
 fn actor<T>(req: &Request<T>) -> Result<Actor, Status> {
-    req.extensions()
-        .get::<Actor>()
-        .cloned()
-        .ok_or_else(|| Status::unauthenticated("missing admin token"))
+    req.extensions().get::<Actor>().cloned().ok_or_else(|| Status::unauthenticated("missing admin token"))
 }
 
 /// The bearer token of a request, if any.
 pub fn bearer<T>(req: &Request<T>) -> Option<&str> {
     let value = req.metadata().get("authorization")?.to_str().ok()?;
-    value
-        .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "))
-        .map(str::trim)
+    value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")).map(str::trim)
 }
 
 /// Checks `authorization: Bearer <admin token>` and attaches the admin's [`Actor`].

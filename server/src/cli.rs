@@ -18,11 +18,7 @@ use crate::serve::Server;
 use crate::time::parse_duration;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "cordon",
-    version,
-    about = "Private networks on demand, each with its own AI gateway"
-)]
+#[command(name = "cordon", version, about = "Private networks on demand, each with its own AI gateway")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -202,17 +198,12 @@ enum AuditCommand {
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .ok_or_else(|| format!("{s:?} is not key=value"))
+    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("{s:?} is not key=value"))
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -234,11 +225,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tailnet { client, command } => tailnet(&client, command).await,
         Command::Key { client, command } => key(&client, command).await,
         Command::Node { client, command } => node(&client, command).await,
-        Command::Events {
-            client,
-            tailnet,
-            since_revision,
-        } => events(&client, tailnet, since_revision).await,
+        Command::Events { client, tailnet, since_revision } => events(&client, tailnet, since_revision).await,
         Command::Audit { client, command } => audit(&client, command).await,
     }
 }
@@ -255,23 +242,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listen = config.listen;
     let tls = config.tls.is_some();
     let server = Server::open(config)?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     let scheme = if tls { "https" } else { "http" };
     let token_path = server.config.data_dir.join(crate::admin::TOKEN_FILE);
     match &server.admin_token_created {
-        Some(path) => println!(
-            "cordon: wrote a new admin token to {} (mode 0600)",
-            path.display()
-        ),
+        Some(path) => println!("cordon: wrote a new admin token to {} (mode 0600)", path.display()),
         None => println!("cordon: admin token in {}", token_path.display()),
     }
-    println!(
-        "cordon: serving gRPC on {scheme}://{addr} (data in {})",
-        server.config.data_dir.display()
-    );
+    println!("cordon: serving gRPC on {scheme}://{addr} (data in {})", server.config.data_dir.display());
     server.serve(listener, shutdown_signal()).await
 }
 
@@ -304,44 +283,29 @@ impl ClientArgs {
                 let path = self.data_dir.join(crate::admin::TOKEN_FILE);
                 std::fs::read_to_string(&path)
                     .with_context(|| {
-                        format!(
-                            "cannot read the admin token from {} (give --token or --data-dir)",
-                            path.display()
-                        )
+                        format!("cannot read the admin token from {} (give --token or --data-dir)", path.display())
                     })?
                     .trim()
                     .to_string()
             }
         };
-        let header = MetadataValue::try_from(format!("Bearer {token}"))
-            .context("the admin token is not ASCII")?;
+        let header = MetadataValue::try_from(format!("Bearer {token}")).context("the admin token is not ASCII")?;
         let mut endpoint = Endpoint::from_shared(self.server.clone())
-            .with_context(|| {
-                format!(
-                    "{:?} is not a server URL like http://127.0.0.1:7443",
-                    self.server
-                )
-            })?
+            .with_context(|| format!("{:?} is not a server URL like http://127.0.0.1:7443", self.server))?
             .connect_timeout(Duration::from_secs(5));
         if self.server.starts_with("https://") {
             let mut tls = ClientTlsConfig::new();
             if let Some(ca) = &self.ca_cert {
-                let pem =
-                    std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
+                let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
                 tls = tls.ca_certificate(Certificate::from_pem(pem));
             }
             endpoint = endpoint.tls_config(tls)?;
         }
-        let channel = endpoint.connect().await.with_context(|| {
-            format!(
-                "cannot reach cordon at {} (is `cordon serve` running?)",
-                self.server
-            )
-        })?;
-        Ok(ControlClient::with_interceptor(
-            channel,
-            BearerToken(header),
-        ))
+        let channel = endpoint
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach cordon at {} (is `cordon serve` running?)", self.server))?;
+        Ok(ControlClient::with_interceptor(channel, BearerToken(header)))
     }
 }
 
@@ -365,11 +329,7 @@ fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
         }
     }
     let line = |cells: Vec<String>| {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         println!("{}", padded.join("  ").trim_end());
     };
     line(headers.iter().map(|h| h.to_string()).collect());
@@ -407,12 +367,7 @@ fn node_json(n: &pb::NodeInfo) -> Value {
 
 fn event_kind_name(kind: i32) -> String {
     pb::EventKind::try_from(kind)
-        .map(|k| {
-            k.as_str_name()
-                .trim_start_matches("EVENT_KIND_")
-                .to_ascii_lowercase()
-                .replace('_', ".")
-        })
+        .map(|k| k.as_str_name().trim_start_matches("EVENT_KIND_").to_ascii_lowercase().replace('_', "."))
         .unwrap_or_else(|_| kind.to_string())
 }
 
@@ -435,9 +390,7 @@ fn tailnet_rows(tailnets: &[pb::Tailnet]) -> Vec<Vec<String>> {
                 t.owner.clone(),
                 t.cidr.clone(),
                 t.node_count.to_string(),
-                t.expires_at
-                    .as_ref()
-                    .map_or("never".into(), |_| time(&t.expires_at)),
+                t.expires_at.as_ref().map_or("never".into(), |_| time(&t.expires_at)),
                 labels.join(","),
             ]
         })
@@ -449,13 +402,7 @@ const TAILNET_HEADERS: [&str; 7] = ["ID", "NAME", "OWNER", "CIDR", "NODES", "EXP
 async fn tailnet(client: &ClientArgs, command: TailnetCommand) -> anyhow::Result<()> {
     let mut admin = client.connect().await?;
     match command {
-        TailnetCommand::Create {
-            name,
-            owner,
-            ttl,
-            labels,
-            cidr,
-        } => {
+        TailnetCommand::Create { name, owner, ttl, labels, cidr } => {
             let t = admin
                 .create_tailnet(pb::CreateTailnetRequest {
                     name,
@@ -500,42 +447,23 @@ async fn tailnet(client: &ClientArgs, command: TailnetCommand) -> anyhow::Result
             }
         }
         TailnetCommand::Get { id } => {
-            let t = admin
-                .get_tailnet(pb::GetTailnetRequest { id })
-                .await
-                .map_err(status)?
-                .into_inner();
+            let t = admin.get_tailnet(pb::GetTailnetRequest { id }).await.map_err(status)?.into_inner();
             if client.json {
                 println!("{}", tailnet_json(&t));
             } else {
                 let v = tailnet_json(&t);
                 for (k, v) in v.as_object().expect("object") {
-                    println!(
-                        "{k:<16} {}",
-                        v.as_str().map_or_else(|| v.to_string(), str::to_string)
-                    );
+                    println!("{k:<16} {}", v.as_str().map_or_else(|| v.to_string(), str::to_string));
                 }
             }
         }
         TailnetCommand::Delete { id, reason } => {
-            let r = admin
-                .delete_tailnet(pb::DeleteTailnetRequest {
-                    id: id.clone(),
-                    reason,
-                })
-                .await
-                .map_err(status)?;
+            let r = admin.delete_tailnet(pb::DeleteTailnetRequest { id: id.clone(), reason }).await.map_err(status)?;
             let r = r.into_inner();
             if client.json {
-                println!(
-                    "{}",
-                    json!({"id": id, "nodes_revoked": r.nodes_revoked, "keys_deleted": r.keys_deleted})
-                );
+                println!("{}", json!({"id": id, "nodes_revoked": r.nodes_revoked, "keys_deleted": r.keys_deleted}));
             } else {
-                println!(
-                    "deleted tailnet {id}: {} nodes revoked, {} keys deleted",
-                    r.nodes_revoked, r.keys_deleted
-                );
+                println!("deleted tailnet {id}: {} nodes revoked, {} keys deleted", r.nodes_revoked, r.keys_deleted);
             }
         }
     }
@@ -547,20 +475,13 @@ async fn key(client: &ClientArgs, command: KeyCommand) -> anyhow::Result<()> {
     let key_rows = |keys: &[pb::AuthKey]| -> Vec<Vec<String>> {
         keys.iter()
             .map(|k| {
-                let uses = if k.max_uses == 0 {
-                    format!("{}/∞", k.uses)
-                } else {
-                    format!("{}/{}", k.uses, k.max_uses)
-                };
+                let uses =
+                    if k.max_uses == 0 { format!("{}/∞", k.uses) } else { format!("{}/{}", k.uses, k.max_uses) };
                 vec![
                     k.id.clone(),
                     k.state.clone(),
                     uses,
-                    if k.ephemeral {
-                        "yes".into()
-                    } else {
-                        "no".into()
-                    },
+                    if k.ephemeral { "yes".into() } else { "no".into() },
                     k.tags.join(","),
                     time(&k.expires_at),
                     k.reason.clone(),
@@ -568,26 +489,9 @@ async fn key(client: &ClientArgs, command: KeyCommand) -> anyhow::Result<()> {
             })
             .collect()
     };
-    let headers = [
-        "ID",
-        "STATE",
-        "USES",
-        "EPHEMERAL",
-        "TAGS",
-        "EXPIRES",
-        "REASON",
-    ];
+    let headers = ["ID", "STATE", "USES", "EPHEMERAL", "TAGS", "EXPIRES", "REASON"];
     match command {
-        KeyCommand::Create {
-            tailnet,
-            tags,
-            reusable,
-            ephemeral,
-            expires,
-            max_uses,
-            reason,
-            owner,
-        } => {
+        KeyCommand::Create { tailnet, tags, reusable, ephemeral, expires, max_uses, reason, owner } => {
             let r = admin
                 .create_auth_key(pb::CreateAuthKeyRequest {
                     tailnet_id: tailnet,
@@ -602,9 +506,7 @@ async fn key(client: &ClientArgs, command: KeyCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(status)?
                 .into_inner();
-            let Some(k) = r.key else {
-                bail!("the server returned no key")
-            };
+            let Some(k) = r.key else { bail!("the server returned no key") };
             if client.json {
                 let mut v = key_json(&k);
                 v["secret"] = Value::String(r.secret);
@@ -616,9 +518,7 @@ async fn key(client: &ClientArgs, command: KeyCommand) -> anyhow::Result<()> {
         }
         KeyCommand::List { tailnet } => {
             let keys = admin
-                .list_auth_keys(pb::ListAuthKeysRequest {
-                    tailnet_id: tailnet,
-                })
+                .list_auth_keys(pb::ListAuthKeysRequest { tailnet_id: tailnet })
                 .await
                 .map_err(status)?
                 .into_inner()
@@ -629,17 +529,9 @@ async fn key(client: &ClientArgs, command: KeyCommand) -> anyhow::Result<()> {
                 print_table(&headers, key_rows(&keys));
             }
         }
-        KeyCommand::Revoke {
-            id,
-            reason,
-            keep_nodes,
-        } => {
+        KeyCommand::Revoke { id, reason, keep_nodes } => {
             let r = admin
-                .revoke_auth_key(pb::RevokeAuthKeyRequest {
-                    id: id.clone(),
-                    reason,
-                    keep_nodes,
-                })
+                .revoke_auth_key(pb::RevokeAuthKeyRequest { id: id.clone(), reason, keep_nodes })
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -658,9 +550,7 @@ async fn node(client: &ClientArgs, command: NodeCommand) -> anyhow::Result<()> {
     match command {
         NodeCommand::List { tailnet } => {
             let nodes = admin
-                .list_nodes(pb::ListNodesRequest {
-                    tailnet_id: tailnet,
-                })
+                .list_nodes(pb::ListNodesRequest { tailnet_id: tailnet })
                 .await
                 .map_err(status)?
                 .into_inner()
@@ -675,43 +565,18 @@ async fn node(client: &ClientArgs, command: NodeCommand) -> anyhow::Result<()> {
                             n.id.clone(),
                             n.hostname.clone(),
                             n.addresses.join(","),
-                            if n.online {
-                                "online".into()
-                            } else {
-                                "offline".into()
-                            },
+                            if n.online { "online".into() } else { "offline".into() },
                             n.tags.join(","),
                             n.owner.clone(),
-                            if n.ephemeral {
-                                "yes".into()
-                            } else {
-                                "no".into()
-                            },
+                            if n.ephemeral { "yes".into() } else { "no".into() },
                         ]
                     })
                     .collect();
-                print_table(
-                    &[
-                        "ID",
-                        "HOSTNAME",
-                        "ADDRESS",
-                        "STATUS",
-                        "TAGS",
-                        "OWNER",
-                        "EPHEMERAL",
-                    ],
-                    rows,
-                );
+                print_table(&["ID", "HOSTNAME", "ADDRESS", "STATUS", "TAGS", "OWNER", "EPHEMERAL"], rows);
             }
         }
         NodeCommand::Delete { id, reason } => {
-            admin
-                .delete_node(pb::DeleteNodeRequest {
-                    id: id.clone(),
-                    reason,
-                })
-                .await
-                .map_err(status)?;
+            admin.delete_node(pb::DeleteNodeRequest { id: id.clone(), reason }).await.map_err(status)?;
             if client.json {
                 println!("{}", json!({"id": id, "deleted": true}));
             } else {
@@ -726,28 +591,14 @@ fn print_event(e: &pb::Event, as_json: bool) {
     if as_json {
         println!("{}", event_json(e));
     } else {
-        println!(
-            "{}  #{:<6} {:<16} {:<22} {}",
-            time(&e.time),
-            e.revision,
-            event_kind_name(e.kind),
-            e.actor,
-            e.summary
-        );
+        println!("{}  #{:<6} {:<16} {:<22} {}", time(&e.time), e.revision, event_kind_name(e.kind), e.actor, e.summary);
     }
 }
 
-async fn events(
-    client: &ClientArgs,
-    tailnet: Option<String>,
-    since_revision: u64,
-) -> anyhow::Result<()> {
+async fn events(client: &ClientArgs, tailnet: Option<String>, since_revision: u64) -> anyhow::Result<()> {
     let mut admin = client.connect().await?;
     let mut stream = admin
-        .watch_events(pb::WatchEventsRequest {
-            tailnet_id: tailnet.unwrap_or_default(),
-            since_revision,
-        })
+        .watch_events(pb::WatchEventsRequest { tailnet_id: tailnet.unwrap_or_default(), since_revision })
         .await
         .map_err(status)?
         .into_inner();

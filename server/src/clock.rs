@@ -15,10 +15,7 @@ pub struct Clock {
 
 impl Clock {
     pub fn new() -> Self {
-        Clock {
-            wall_base: SystemTime::now(),
-            base: Instant::now(),
-        }
+        Clock { wall_base: SystemTime::now(), base: Instant::now() }
     }
 
     pub fn now(&self) -> SystemTime {

@@ -110,18 +110,13 @@ impl ServeConfig {
             None => FileConfig::default(),
         };
         let file_duration = |name: &str, v: &Option<String>| -> anyhow::Result<Option<Duration>> {
-            v.as_deref()
-                .map(|s| parse_duration(s).map_err(|e| anyhow::anyhow!("config file: {name}: {e}")))
-                .transpose()
+            v.as_deref().map(|s| parse_duration(s).map_err(|e| anyhow::anyhow!("config file: {name}: {e}"))).transpose()
         };
         let defaults = Limits::default();
         let limits = Limits {
             ephemeral_node_timeout: args
                 .ephemeral_node_timeout
-                .or(file_duration(
-                    "ephemeral_node_timeout",
-                    &file.ephemeral_node_timeout,
-                )?)
+                .or(file_duration("ephemeral_node_timeout", &file.ephemeral_node_timeout)?)
                 .unwrap_or(defaults.ephemeral_node_timeout),
             node_lifetime: args
                 .node_lifetime
@@ -129,32 +124,20 @@ impl ServeConfig {
                 .unwrap_or(defaults.node_lifetime),
             max_auth_key_expiry: args
                 .max_auth_key_expiry
-                .or(file_duration(
-                    "max_auth_key_expiry",
-                    &file.max_auth_key_expiry,
-                )?)
+                .or(file_duration("max_auth_key_expiry", &file.max_auth_key_expiry)?)
                 .unwrap_or(defaults.max_auth_key_expiry),
-            cache_bytes: args
-                .cache_mb
-                .or(file.cache_mb)
-                .map_or(defaults.cache_bytes, |mb| mb << 20),
+            cache_bytes: args.cache_mb.or(file.cache_mb).map_or(defaults.cache_bytes, |mb| mb << 20),
             ..defaults
         };
         if limits.max_auth_key_expiry < limits.default_auth_key_expiry {
             bail!("max_auth_key_expiry must be at least the default auth key expiry (1h)");
         }
-        let tls = match (
-            args.tls_cert.or(file.tls_cert),
-            args.tls_key.or(file.tls_key),
-        ) {
+        let tls = match (args.tls_cert.or(file.tls_cert), args.tls_key.or(file.tls_key)) {
             (Some(cert), Some(key)) => Some(Tls { cert, key }),
             (None, None) => None,
             _ => bail!("TLS needs both tls_cert and tls_key"),
         };
-        let listen = args
-            .listen
-            .or(file.listen)
-            .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid"));
+        let listen = args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid"));
         let insecure = args.insecure_plaintext || file.insecure_plaintext.unwrap_or(false);
         if tls.is_none() && !listen.ip().is_loopback() && !insecure {
             bail!(
@@ -164,10 +147,7 @@ impl ServeConfig {
         }
         Ok(ServeConfig {
             listen,
-            data_dir: args
-                .data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             tls,
             shutdown_grace: args
                 .shutdown_grace
@@ -184,49 +164,27 @@ mod tests {
 
     #[test]
     fn refuses_plaintext_off_loopback() {
-        let args = ServeArgs {
-            listen: Some("0.0.0.0:7443".parse().unwrap()),
-            ..Default::default()
-        };
+        let args = ServeArgs { listen: Some("0.0.0.0:7443".parse().unwrap()), ..Default::default() };
         let err = ServeConfig::resolve(args.clone()).unwrap_err().to_string();
         assert!(err.contains("--insecure-plaintext"), "{err}");
-        assert!(
-            ServeConfig::resolve(ServeArgs {
-                insecure_plaintext: true,
-                ..args
-            })
-            .is_ok()
-        );
+        assert!(ServeConfig::resolve(ServeArgs { insecure_plaintext: true, ..args }).is_ok());
     }
 
     #[test]
     fn flags_override_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cordon.toml");
-        std::fs::write(
-            &path,
-            "listen = \"127.0.0.1:9000\"\nephemeral_node_timeout = \"2m\"\ndata_dir = \"/x\"\n",
-        )
-        .unwrap();
-        let args = ServeArgs {
-            config: Some(path.clone()),
-            data_dir: Some("/y".into()),
-            ..Default::default()
-        };
+        std::fs::write(&path, "listen = \"127.0.0.1:9000\"\nephemeral_node_timeout = \"2m\"\ndata_dir = \"/x\"\n")
+            .unwrap();
+        let args = ServeArgs { config: Some(path.clone()), data_dir: Some("/y".into()), ..Default::default() };
         let cfg = ServeConfig::resolve(args).unwrap();
         assert_eq!(cfg.listen.port(), 9000);
         assert_eq!(cfg.data_dir, PathBuf::from("/y"));
         assert_eq!(cfg.limits.ephemeral_node_timeout, Duration::from_secs(120));
 
         std::fs::write(&path, "listn = \"x\"\n").unwrap();
-        let err = format!(
-            "{:#}",
-            ServeConfig::resolve(ServeArgs {
-                config: Some(path),
-                ..Default::default()
-            })
-            .unwrap_err()
-        );
+        let err =
+            format!("{:#}", ServeConfig::resolve(ServeArgs { config: Some(path), ..Default::default() }).unwrap_err());
         assert!(err.contains("listn"), "{err}");
     }
 }

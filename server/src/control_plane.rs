@@ -11,8 +11,7 @@ use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::hub::Hub;
 use crate::model::{
-    Actor, AuthKey, AuthKeyId, AuthKeySpec, EndReason, Node, NodeId, Registration, Tailnet,
-    TailnetId, TailnetSpec,
+    Actor, AuthKey, AuthKeyId, AuthKeySpec, EndReason, Node, NodeId, Registration, Tailnet, TailnetId, TailnetSpec,
 };
 use crate::reaper::{Deadline, Reaper};
 use crate::secret::{AUTH_KEY_PREFIX, SESSION_PREFIX, Secret};
@@ -55,27 +54,12 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// Opens the store in `data_dir` and starts the reaper with every deadline the store holds.
     pub fn open(data_dir: &Path, limits: Limits) -> Result<Arc<ControlPlane>> {
-        let store = Store::open(
-            &data_dir.join("store"),
-            limits.cache_bytes,
-            Arc::new(Hub::default()),
-        )?;
+        let store = Store::open(&data_dir.join("store"), limits.cache_bytes, Arc::new(Hub::default()))?;
         let clock = Clock::new();
         let (shutdown, _) = watch::channel(false);
         let (reaper, reaper_rx) = Reaper::channel();
-        let cp = Arc::new(ControlPlane {
-            store,
-            clock,
-            limits,
-            reaper,
-            shutdown,
-        });
-        crate::reaper::spawn(
-            Arc::downgrade(&cp),
-            reaper_rx,
-            clock,
-            cp.shutdown.subscribe(),
-        );
+        let cp = Arc::new(ControlPlane { store, clock, limits, reaper, shutdown });
+        crate::reaper::spawn(Arc::downgrade(&cp), reaper_rx, clock, cp.shutdown.subscribe());
 
         let now = clock.now();
         for tailnet in cp.store.all_tailnets()? {
@@ -84,14 +68,10 @@ impl ControlPlane {
             }
         }
         for node in cp.store.all_nodes()? {
-            cp.reaper
-                .schedule(node.expires_at, Deadline::NodeExpiry(node.id));
+            cp.reaper.schedule(node.expires_at, Deadline::NodeExpiry(node.id));
             if node.ephemeral {
                 // No node holds a stream after a restart: each gets the full timeout to come back.
-                cp.reaper.schedule(
-                    now + cp.limits.ephemeral_node_timeout,
-                    Deadline::EphemeralIdle(node.id),
-                );
+                cp.reaper.schedule(now + cp.limits.ephemeral_node_timeout, Deadline::EphemeralIdle(node.id));
             }
         }
         Ok(cp)
@@ -111,10 +91,7 @@ impl ControlPlane {
     }
 
     pub async fn create_tailnet(&self, spec: TailnetSpec, actor: &Actor) -> Result<Tailnet> {
-        let tailnet = self
-            .store
-            .create_tailnet(spec, actor, self.clock.now())
-            .await?;
+        let tailnet = self.store.create_tailnet(spec, actor, self.clock.now()).await?;
         if let Some(at) = tailnet.expires_at {
             self.reaper.schedule(at, Deadline::TailnetTtl(tailnet.id));
         }
@@ -122,32 +99,16 @@ impl ControlPlane {
         Ok(tailnet)
     }
 
-    pub async fn delete_tailnet(
-        &self,
-        id: TailnetId,
-        reason: &str,
-        actor: &Actor,
-    ) -> Result<Removed> {
-        let removed = self
-            .store
-            .delete_tailnet(id, reason, actor, false, self.clock.now())
-            .await?;
+    pub async fn delete_tailnet(&self, id: TailnetId, reason: &str, actor: &Actor) -> Result<Removed> {
+        let removed = self.store.delete_tailnet(id, reason, actor, false, self.clock.now()).await?;
         self.forget_nodes(&removed.nodes);
         tracing::info!(tailnet = %id, nodes = removed.nodes.len(), actor = %actor.0, "tailnet deleted");
         Ok(removed)
     }
 
     pub(crate) async fn expire_tailnet(&self, id: TailnetId) -> Result<()> {
-        let removed = self
-            .store
-            .delete_tailnet(
-                id,
-                "ttl ran out",
-                &Actor::system("reaper"),
-                true,
-                self.clock.now(),
-            )
-            .await?;
+        let removed =
+            self.store.delete_tailnet(id, "ttl ran out", &Actor::system("reaper"), true, self.clock.now()).await?;
         if !removed.nodes.is_empty() || removed.keys > 0 {
             tracing::info!(tailnet = %id, nodes = removed.nodes.len(), "tailnet expired");
         }
@@ -162,11 +123,7 @@ impl ControlPlane {
     }
 
     /// Creates an auth key; the secret is returned here and never again.
-    pub async fn create_auth_key(
-        &self,
-        spec: AuthKeySpec,
-        actor: &Actor,
-    ) -> Result<(AuthKey, Secret)> {
+    pub async fn create_auth_key(&self, spec: AuthKeySpec, actor: &Actor) -> Result<(AuthKey, Secret)> {
         let expires_in = match spec.expires_in_seconds {
             0 => self.limits.default_auth_key_expiry,
             s => Duration::from_secs(s),
@@ -183,10 +140,7 @@ impl ControlPlane {
         }
         let secret = Secret::generate(AUTH_KEY_PREFIX);
         let now = self.clock.now();
-        let key = self
-            .store
-            .create_auth_key(spec, secret.hash(), now + expires_in, actor, now)
-            .await?;
+        let key = self.store.create_auth_key(spec, secret.hash(), now + expires_in, actor, now).await?;
         tracing::info!(key = %key.id, tailnet = %key.tailnet_id, actor = %actor.0, "auth key created");
         Ok((key, secret))
     }
@@ -198,10 +152,7 @@ impl ControlPlane {
         keep_nodes: bool,
         actor: &Actor,
     ) -> Result<Vec<NodeId>> {
-        let nodes = self
-            .store
-            .revoke_auth_key(id, reason, keep_nodes, actor, self.clock.now())
-            .await?;
+        let nodes = self.store.revoke_auth_key(id, reason, keep_nodes, actor, self.clock.now()).await?;
         self.forget_nodes(&nodes);
         tracing::info!(key = %id, nodes = nodes.len(), actor = %actor.0, "auth key revoked");
         Ok(nodes)
@@ -211,17 +162,10 @@ impl ControlPlane {
     pub async fn register(&self, reg: Registration) -> Result<(Node, Tailnet, Secret)> {
         let session = Secret::generate(SESSION_PREFIX);
         let now = self.clock.now();
-        let (node, tailnet) = self
-            .store
-            .register(reg, session.hash(), self.limits.node_lifetime, now)
-            .await?;
-        self.reaper
-            .schedule(node.expires_at, Deadline::NodeExpiry(node.id));
+        let (node, tailnet) = self.store.register(reg, session.hash(), self.limits.node_lifetime, now).await?;
+        self.reaper.schedule(node.expires_at, Deadline::NodeExpiry(node.id));
         if node.ephemeral {
-            self.reaper.schedule(
-                now + self.limits.ephemeral_node_timeout,
-                Deadline::EphemeralIdle(node.id),
-            );
+            self.reaper.schedule(now + self.limits.ephemeral_node_timeout, Deadline::EphemeralIdle(node.id));
         }
         tracing::info!(node = %node.id, tailnet = %tailnet.id, address = %node.address, "node registered");
         Ok((node, tailnet, session))
@@ -230,22 +174,13 @@ impl ControlPlane {
     /// The live node a session token belongs to.
     pub fn authenticate_session(&self, token: &str) -> Result<Node> {
         if token.is_empty() {
-            return Err(Error::Unauthenticated(
-                "session_token: missing; call Register first".into(),
-            ));
+            return Err(Error::Unauthenticated("session_token: missing; call Register first".into()));
         }
-        let node = self
-            .store
-            .node_by_session(&crate::secret::hash(token))?
-            .ok_or_else(|| {
-                Error::Unauthenticated(
-                    "session_token: unknown or revoked session; register again".into(),
-                )
-            })?;
+        let node = self.store.node_by_session(&crate::secret::hash(token))?.ok_or_else(|| {
+            Error::Unauthenticated("session_token: unknown or revoked session; register again".into())
+        })?;
         if node.expires_at <= self.clock.now() {
-            return Err(Error::Unauthenticated(
-                "session_token: the node has expired; register again".into(),
-            ));
+            return Err(Error::Unauthenticated("session_token: the node has expired; register again".into()));
         }
         Ok(node)
     }
@@ -274,15 +209,7 @@ impl ControlPlane {
         let reaper = Actor::system("reaper");
         let removed = self
             .store
-            .remove_node(
-                id,
-                EndReason::NodeExpired,
-                "node expired",
-                "",
-                &reaper,
-                |n| n.expires_at <= now,
-                now,
-            )
+            .remove_node(id, EndReason::NodeExpired, "node expired", "", &reaper, |n| n.expires_at <= now, now)
             .await?;
         if removed.is_some() {
             self.hub().forget(id);
@@ -299,18 +226,8 @@ impl ControlPlane {
         }
         let reaper = Actor::system("reaper");
         let why = "ephemeral node inactive";
-        let removed = self
-            .store
-            .remove_node(
-                id,
-                EndReason::NodeRemoved,
-                why,
-                "",
-                &reaper,
-                |n| n.ephemeral,
-                now,
-            )
-            .await?;
+        let removed =
+            self.store.remove_node(id, EndReason::NodeRemoved, why, "", &reaper, |n| n.ephemeral, now).await?;
         if removed.is_some() {
             self.hub().forget(id);
             tracing::info!(node = %id, "idle ephemeral node removed");
@@ -321,11 +238,7 @@ impl ControlPlane {
     /// Marks the node online until the guard drops.
     pub fn connect(self: &Arc<Self>, node: &Node) -> Presence {
         self.hub().connect(node.id, self.clock.now());
-        Presence {
-            cp: self.clone(),
-            node: node.id,
-            ephemeral: node.ephemeral,
-        }
+        Presence { cp: self.clone(), node: node.id, ephemeral: node.ephemeral }
     }
 
     pub(crate) fn now(&self) -> SystemTime {
@@ -346,10 +259,7 @@ impl Drop for Presence {
         let now = self.cp.clock.now();
         let remaining = self.cp.hub().disconnect(self.node, now);
         if remaining == 0 && self.ephemeral {
-            self.cp.reaper.schedule(
-                now + self.cp.limits.ephemeral_node_timeout,
-                Deadline::EphemeralIdle(self.node),
-            );
+            self.cp.reaper.schedule(now + self.cp.limits.ephemeral_node_timeout, Deadline::EphemeralIdle(self.node));
         }
     }
 }

@@ -26,17 +26,11 @@ pub enum Error {
 
 impl Error {
     pub fn invalid(field: impl Into<String>, rule: impl Into<String>) -> Self {
-        Error::Invalid {
-            field: field.into(),
-            rule: rule.into(),
-        }
+        Error::Invalid { field: field.into(), rule: rule.into() }
     }
 
     pub fn not_found(what: &'static str, id: impl ToString) -> Self {
-        Error::NotFound {
-            what,
-            id: id.to_string(),
-        }
+        Error::NotFound { what, id: id.to_string() }
     }
 }
 

@@ -20,15 +20,8 @@ const EVENT_CHANNEL: usize = 4096;
 pub enum NetChange {
     PeerAdded(Arc<Node>),
     PeerUpdated(Arc<Node>),
-    PeerRemoved {
-        node: NodeId,
-        reason: EndReason,
-        message: String,
-    },
-    TailnetGone {
-        reason: EndReason,
-        message: String,
-    },
+    PeerRemoved { node: NodeId, reason: EndReason, message: String },
+    TailnetGone { reason: EndReason, message: String },
 }
 
 #[derive(Debug)]
@@ -41,10 +34,7 @@ pub struct NetMapUpdate {
 #[derive(Debug)]
 pub enum Change {
     Event(Arc<Event>),
-    NetMap {
-        tailnet: TailnetId,
-        update: Arc<NetMapUpdate>,
-    },
+    NetMap { tailnet: TailnetId, update: Arc<NetMapUpdate> },
 }
 
 impl Change {
@@ -115,10 +105,7 @@ impl Hub {
 
     pub fn subscribe_tailnet(&self, tailnet: TailnetId) -> broadcast::Receiver<Arc<NetMapUpdate>> {
         let mut tailnets = self.tailnets.lock().unwrap();
-        tailnets
-            .entry(tailnet)
-            .or_insert_with(|| broadcast::channel(TAILNET_CHANNEL).0)
-            .subscribe()
+        tailnets.entry(tailnet).or_insert_with(|| broadcast::channel(TAILNET_CHANNEL).0).subscribe()
     }
 
     /// Records that `node` opened a netmap stream.
@@ -143,9 +130,7 @@ impl Hub {
     /// Whether the node holds a stream, and when it was last seen connecting or disconnecting.
     pub fn presence(&self, node: NodeId) -> (bool, Option<SystemTime>) {
         let presence = self.presence.lock().unwrap();
-        presence
-            .get(&node)
-            .map_or((false, None), |p| (p.streams > 0, p.last_seen))
+        presence.get(&node).map_or((false, None), |p| (p.streams > 0, p.last_seen))
     }
 
     pub fn forget(&self, node: NodeId) {

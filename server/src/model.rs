@@ -73,10 +73,7 @@ pub struct Ipv4Cidr {
 }
 
 impl Ipv4Cidr {
-    pub const DEFAULT: Ipv4Cidr = Ipv4Cidr {
-        network: Ipv4Addr::new(100, 64, 0, 0),
-        prefix: 10,
-    };
+    pub const DEFAULT: Ipv4Cidr = Ipv4Cidr { network: Ipv4Addr::new(100, 64, 0, 0), prefix: 10 };
 
     fn size(&self) -> u64 {
         1u64 << (32 - self.prefix)
@@ -122,6 +119,9 @@ pub struct Tailnet {
     pub expires_at: Option<SystemTime>,
     pub ttl_seconds: u64,
     pub created_by: String,
+    /// Kept in the record (updated in the same batch as each join and removal) so reads need no scan.
+    #[serde(default)]
+    pub node_count: u32,
 }
 
 /// What a caller supplies to create a tailnet; validated by [`crate::validate`].

@@ -39,12 +39,7 @@ impl Reaper {
     }
 }
 
-pub fn spawn(
-    cp: Weak<ControlPlane>,
-    mut rx: ReaperQueue,
-    clock: Clock,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub fn spawn(cp: Weak<ControlPlane>, mut rx: ReaperQueue, clock: Clock, mut shutdown: watch::Receiver<bool>) {
     tokio::spawn(async move {
         let mut queue: BTreeSet<(SystemTime, Deadline)> = BTreeSet::new();
         loop {

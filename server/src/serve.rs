@@ -37,12 +37,7 @@ impl Server {
         let (admin_tokens, admin_token_created) = AdminTokens::load_or_create(&config.data_dir)?;
         let control_plane = ControlPlane::open(&config.data_dir, config.limits.clone())
             .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
-        Ok(Server {
-            config,
-            control_plane,
-            admin_tokens: Arc::new(admin_tokens),
-            admin_token_created,
-        })
+        Ok(Server { config, control_plane, admin_tokens: Arc::new(admin_tokens), admin_token_created })
     }
 
     /// Serves gRPC on `listener` until `signal` completes, then ends every watch stream with a reason
@@ -54,12 +49,8 @@ impl Server {
     ) -> anyhow::Result<()> {
         let cp = self.control_plane.clone();
         let (health_reporter, health) = tonic_health::server::health_reporter();
-        health_reporter
-            .set_serving::<pb::control_server::ControlServer<ControlApi>>()
-            .await;
-        health_reporter
-            .set_serving::<pb::node_server::NodeServer<NodeApi>>()
-            .await;
+        health_reporter.set_serving::<pb::control_server::ControlServer<ControlApi>>().await;
+        health_reporter.set_serving::<pb::node_server::NodeServer<NodeApi>>().await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -68,43 +59,40 @@ impl Server {
 
         let control = pb::control_server::ControlServer::new(ControlApi::new(cp.clone()))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
-        let control =
-            InterceptedService::new(control, admin_interceptor(self.admin_tokens.clone()));
-        let node = pb::node_server::NodeServer::new(NodeApi::new(cp.clone()))
-            .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let control = InterceptedService::new(control, admin_interceptor(self.admin_tokens.clone()));
+        let node =
+            pb::node_server::NodeServer::new(NodeApi::new(cp.clone())).max_decoding_message_size(MAX_REQUEST_BYTES);
 
         let mut builder = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .max_frame_size(Some(64 * 1024));
         if let Some(tls) = &self.config.tls {
-            let cert = std::fs::read(&tls.cert)
-                .with_context(|| format!("cannot read {}", tls.cert.display()))?;
-            let key = std::fs::read(&tls.key)
-                .with_context(|| format!("cannot read {}", tls.key.display()))?;
+            let cert = std::fs::read(&tls.cert).with_context(|| format!("cannot read {}", tls.cert.display()))?;
+            let key = std::fs::read(&tls.key).with_context(|| format!("cannot read {}", tls.key.display()))?;
             builder = builder
                 .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
                 .context("TLS certificate or key")?;
         }
-        let router = builder
-            .add_service(health)
-            .add_service(reflection)
-            .add_service(control)
-            .add_service(node);
+        let router = builder.add_service(health).add_service(reflection).add_service(control).add_service(node);
 
         let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
         let drain_cp = cp.clone();
         let shutdown = async move {
             signal.await;
             tracing::info!("shutting down: ending watch streams and draining calls");
-            health_reporter
-                .set_not_serving::<pb::node_server::NodeServer<NodeApi>>()
-                .await;
+            health_reporter.set_not_serving::<pb::node_server::NodeServer<NodeApi>>().await;
             drain_cp.begin_shutdown();
             let _ = fired_tx.send(());
         };
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // tonic applies its own TCP_NODELAY only to listeners it binds; without it, Nagle's algorithm
+        // holds small netmap deltas back for a delayed ACK (~40 ms).
+        let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |conn| {
+            if let Ok(conn) = &conn {
+                let _ = conn.set_nodelay(true);
+            }
+            conn
+        });
         let serve = router.serve_with_incoming_shutdown(incoming, shutdown);
         let grace = self.config.shutdown_grace;
         let deadline = async move {

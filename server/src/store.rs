@@ -4,7 +4,7 @@
 //! Keys are a short prefix and fixed-width binary ids, so a prefix scan lists one tailnet's nodes, keys or
 //! addresses in order. Every change takes the next revision; the revision is stored in the same batch.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -16,8 +16,8 @@ use serde::de::DeserializeOwned;
 use crate::error::{Error, Result};
 use crate::hub::{Change, Hub, NetChange, NetMapUpdate};
 use crate::model::{
-    Actor, AuthKey, AuthKeyId, AuthKeySpec, EndReason, Event, EventKind, KeyState, Node, NodeId,
-    Registration, SecretHash, Tailnet, TailnetId, TailnetSpec,
+    Actor, AuthKey, AuthKeyId, AuthKeySpec, EndReason, Event, EventKind, KeyState, Node, NodeId, Registration,
+    SecretHash, Tailnet, TailnetId, TailnetSpec,
 };
 use crate::validate::LabelRequirement;
 
@@ -97,27 +97,19 @@ mod key {
 
     /// The id in the last 16 bytes of an index key.
     pub fn trailing_uuid(k: &[u8]) -> uuid::Uuid {
-        let b: [u8; 16] = k[k.len() - 16..]
-            .try_into()
-            .expect("index keys end with a 16-byte id");
+        let b: [u8; 16] = k[k.len() - 16..].try_into().expect("index keys end with a 16-byte id");
         uuid::Uuid::from_bytes(b)
     }
 
     /// The revision in the last 8 bytes of an event key.
     pub fn trailing_revision(k: &[u8]) -> u64 {
-        u64::from_be_bytes(
-            k[k.len() - 8..]
-                .try_into()
-                .expect("event keys end with a revision"),
-        )
+        u64::from_be_bytes(k[k.len() - 8..].try_into().expect("event keys end with a revision"))
     }
 }
 
 fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T> {
-    serde_json::from_slice(bytes).map_err(|e| Error::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
-        detail: e.to_string(),
-    })
+    serde_json::from_slice(bytes)
+        .map_err(|e| Error::Corrupt { key: String::from_utf8_lossy(key).into_owned(), detail: e.to_string() })
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -153,6 +145,8 @@ pub struct Removed {
 
 struct Writer {
     revision: u64,
+    /// Per tailnet, an address below which every node address is taken.
+    address_hints: HashMap<TailnetId, u32>,
 }
 
 /// The one handle the server uses for persistent state.
@@ -167,22 +161,20 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the store in `dir`, migrating it to [`SCHEMA_VERSION`].
     pub fn open(dir: &Path, cache_bytes: u64, hub: Arc<Hub>) -> Result<Store> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_bytes)
-            .open()?;
+        let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).open()?;
         migrate(&db)?;
         let revision = match db.get(key::REVISION)? {
-            Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| Error::Corrupt {
-                key: "m/revision".into(),
-                detail: "not 8 bytes".into(),
-            })?),
+            Some(v) => u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| Error::Corrupt { key: "m/revision".into(), detail: "not 8 bytes".into() })?,
+            ),
             None => 0,
         };
         hub.set_published(revision);
         Ok(Store {
             db,
-            writer: Mutex::new(Writer { revision }),
+            writer: Mutex::new(Writer { revision, address_hints: HashMap::new() }),
             pending: Mutex::default(),
             hub,
         })
@@ -196,19 +188,16 @@ impl Store {
     /// the store is at afterwards. Nothing is durable or visible to watchers until [`Store::commit`].
     fn write<T>(&self, f: impl FnOnce(&mut WriteCtx<'_>) -> Result<T>) -> Result<(T, u64)> {
         let mut writer = self.writer.lock().unwrap();
+        let writer = &mut *writer;
         let mut ctx = WriteCtx {
             db: &self.db,
             batch: sled::Batch::default(),
             revision: writer.revision,
             changes: vec![],
+            address_hints: &mut writer.address_hints,
         };
         let out = f(&mut ctx)?;
-        let WriteCtx {
-            mut batch,
-            revision,
-            changes,
-            ..
-        } = ctx;
+        let WriteCtx { mut batch, revision, changes, .. } = ctx;
         batch.insert(key::REVISION, &revision.to_be_bytes());
         self.db.apply_batch(batch)?;
         writer.revision = revision;
@@ -249,12 +238,7 @@ impl Store {
     // -------------------------------------------------------------------------------------------------
     // Tailnets
 
-    pub async fn create_tailnet(
-        &self,
-        spec: TailnetSpec,
-        actor: &Actor,
-        now: SystemTime,
-    ) -> Result<Tailnet> {
+    pub async fn create_tailnet(&self, spec: TailnetSpec, actor: &Actor, now: SystemTime) -> Result<Tailnet> {
         let tailnet = Tailnet {
             id: TailnetId::generate(),
             name: spec.name,
@@ -265,6 +249,7 @@ impl Store {
             expires_at: (spec.ttl_seconds > 0).then(|| now + Duration::from_secs(spec.ttl_seconds)),
             ttl_seconds: spec.ttl_seconds,
             created_by: actor.0.clone(),
+            node_count: 0,
         };
         self.write_durable(|w| {
             w.put(&key::tailnet(tailnet.id), &tailnet);
@@ -272,10 +257,7 @@ impl Store {
                 kind: EventKind::TailnetCreated,
                 tailnet: Some(tailnet.id),
                 actor,
-                summary: format!(
-                    "tailnet {} ({}) created for {}",
-                    tailnet.name, tailnet.cidr, tailnet.owner
-                ),
+                summary: format!("tailnet {} ({}) created for {}", tailnet.name, tailnet.cidr, tailnet.owner),
                 ..EventDraft::at(now)
             });
             Ok(())
@@ -285,8 +267,7 @@ impl Store {
     }
 
     pub fn get_tailnet(&self, id: TailnetId) -> Result<Tailnet> {
-        self.get(&key::tailnet(id))?
-            .ok_or_else(|| Error::not_found("tailnet", id))
+        self.get(&key::tailnet(id))?.ok_or_else(|| Error::not_found("tailnet", id))
     }
 
     /// Tailnets in creation order after `after`, filtered; returns the page and whether more follow.
@@ -312,8 +293,7 @@ impl Store {
                 break;
             }
             let t: Tailnet = decode(&k, &v)?;
-            if owner.is_some_and(|o| o != t.owner) || !selector.iter().all(|r| r.matches(&t.labels))
-            {
+            if owner.is_some_and(|o| o != t.owner) || !selector.iter().all(|r| r.matches(&t.labels)) {
                 continue;
             }
             if out.len() == limit {
@@ -322,15 +302,6 @@ impl Store {
             out.push(t);
         }
         Ok((out, false))
-    }
-
-    pub fn node_count(&self, tailnet: TailnetId) -> Result<u32> {
-        let mut n = 0;
-        for item in self.db.scan_prefix(key::tailnet_nodes(tailnet)) {
-            item?;
-            n += 1;
-        }
-        Ok(n)
     }
 
     /// Deletes a tailnet with its nodes and keys; the audit log stays. `expired` picks the event kind.
@@ -343,24 +314,14 @@ impl Store {
         now: SystemTime,
     ) -> Result<Removed> {
         self.write_durable(|w| {
-            let tailnet: Tailnet = w
-                .get(&key::tailnet(id))?
-                .ok_or_else(|| Error::not_found("tailnet", id))?;
+            let tailnet: Tailnet = w.get(&key::tailnet(id))?.ok_or_else(|| Error::not_found("tailnet", id))?;
             if expired && tailnet.expires_at.is_none_or(|at| at > now) {
                 return Ok(Removed::default());
             }
             let (kind, end, what) = if expired {
-                (
-                    EventKind::TailnetExpired,
-                    EndReason::TailnetExpired,
-                    "expired",
-                )
+                (EventKind::TailnetExpired, EndReason::TailnetExpired, "expired")
             } else {
-                (
-                    EventKind::TailnetDeleted,
-                    EndReason::TailnetDeleted,
-                    "deleted",
-                )
+                (EventKind::TailnetDeleted, EndReason::TailnetDeleted, "deleted")
             };
             let mut removed = Removed::default();
             for node in w.tailnet_nodes(id)? {
@@ -387,6 +348,7 @@ impl Store {
                 removed.keys += 1;
             }
             w.del(&key::tailnet(id));
+            w.address_hints.remove(&id);
             w.event(EventDraft {
                 kind,
                 tailnet: Some(id),
@@ -400,18 +362,9 @@ impl Store {
                 ),
                 ..EventDraft::at(now)
             });
-            let message = if reason.is_empty() {
-                format!("tailnet {what}")
-            } else {
-                format!("tailnet {what}: {reason}")
-            };
-            w.netmap(
-                id,
-                NetChange::TailnetGone {
-                    reason: end,
-                    message,
-                },
-            );
+            let message =
+                if reason.is_empty() { format!("tailnet {what}") } else { format!("tailnet {what}: {reason}") };
+            w.netmap(id, NetChange::TailnetGone { reason: end, message });
             Ok(removed)
         })
         .await
@@ -429,9 +382,8 @@ impl Store {
         now: SystemTime,
     ) -> Result<AuthKey> {
         self.write_durable(|w| {
-            let tailnet: Tailnet = w
-                .get(&key::tailnet(spec.tailnet_id))?
-                .ok_or_else(|| Error::not_found("tailnet", spec.tailnet_id))?;
+            let tailnet: Tailnet =
+                w.get(&key::tailnet(spec.tailnet_id))?.ok_or_else(|| Error::not_found("tailnet", spec.tailnet_id))?;
             let auth_key = AuthKey {
                 id: AuthKeyId::generate(),
                 tailnet_id: tailnet.id,
@@ -439,11 +391,7 @@ impl Store {
                 tags: spec.tags,
                 reusable: spec.reusable,
                 ephemeral: spec.ephemeral,
-                max_uses: if !spec.reusable && spec.max_uses == 0 {
-                    1
-                } else {
-                    spec.max_uses
-                },
+                max_uses: if !spec.reusable && spec.max_uses == 0 { 1 } else { spec.max_uses },
                 uses: 0,
                 created_at: now,
                 expires_at,
@@ -468,11 +416,7 @@ impl Store {
                 reason: &auth_key.reason,
                 summary: format!(
                     "auth key created: {uses}{}, tags [{}]",
-                    if auth_key.ephemeral {
-                        ", ephemeral"
-                    } else {
-                        ""
-                    },
+                    if auth_key.ephemeral { ", ephemeral" } else { "" },
                     auth_key.tags.join(", ")
                 ),
                 ..EventDraft::at(now)
@@ -504,9 +448,7 @@ impl Store {
         now: SystemTime,
     ) -> Result<Vec<NodeId>> {
         self.write_durable(|w| {
-            let mut auth_key: AuthKey = w
-                .get(&key::auth_key(id))?
-                .ok_or_else(|| Error::not_found("auth key", id))?;
+            let mut auth_key: AuthKey = w.get(&key::auth_key(id))?.ok_or_else(|| Error::not_found("auth key", id))?;
             if auth_key.revoked_at.is_none() {
                 auth_key.revoked_at = Some(now);
                 w.put(&key::auth_key(id), &auth_key);
@@ -522,9 +464,13 @@ impl Store {
             }
             let mut revoked = Vec::new();
             if !keep_nodes {
+                let mut tailnet: Tailnet = w
+                    .get(&key::tailnet(auth_key.tailnet_id))?
+                    .ok_or_else(|| Error::not_found("tailnet", auth_key.tailnet_id))?;
                 for node in w.tailnet_nodes(auth_key.tailnet_id)? {
                     if node.auth_key_id == Some(id) {
                         w.remove_node(
+                            &mut tailnet,
                             &node,
                             EndReason::KeyRevoked,
                             "its auth key was revoked",
@@ -535,6 +481,7 @@ impl Store {
                         revoked.push(node.id);
                     }
                 }
+                w.put(&key::tailnet(tailnet.id), &tailnet);
             }
             Ok(revoked)
         })
@@ -576,7 +523,7 @@ impl Store {
                     )));
                 }
             }
-            let tailnet: Tailnet = w
+            let mut tailnet: Tailnet = w
                 .get(&key::tailnet(auth_key.tailnet_id))?
                 .ok_or_else(|| Error::Unauthenticated("auth_key: its tailnet no longer exists".into()))?;
             let tags = if reg.requested_tags.is_empty() {
@@ -630,6 +577,8 @@ impl Store {
                     w.put_raw(&key::address(tailnet.id, node.address), node.id.as_bytes());
                     w.put_raw(&key::hostname(tailnet.id, &node.hostname), node.id.as_bytes());
                     w.put_raw(&key::wireguard_key(tailnet.id, &node.wireguard_public_key), node.id.as_bytes());
+                    tailnet.node_count += 1;
+                    w.put(&key::tailnet(tailnet.id), &tailnet);
                     let summary = format!("node {} joined at {}", node.hostname, node.address);
                     (node.clone(), NetChange::PeerAdded(Arc::new(node)), summary)
                 }
@@ -652,8 +601,7 @@ impl Store {
     }
 
     pub fn get_node(&self, id: NodeId) -> Result<Node> {
-        self.get(&key::node(id))?
-            .ok_or_else(|| Error::not_found("node", id))
+        self.get(&key::node(id))?.ok_or_else(|| Error::not_found("node", id))
     }
 
     pub fn node_by_session(&self, session_hash: &SecretHash) -> Result<Option<Node>> {
@@ -670,10 +618,7 @@ impl Store {
 
     /// Every node of every tailnet (for the reaper at start).
     pub fn all_nodes(&self) -> Result<Vec<Node>> {
-        self.db
-            .scan_prefix(b"n/")
-            .map(|item| item.map_err(Error::from).and_then(|(k, v)| decode(&k, &v)))
-            .collect()
+        self.db.scan_prefix(b"n/").map(|item| item.map_err(Error::from).and_then(|(k, v)| decode(&k, &v))).collect()
     }
 
     /// Every tailnet (for the reaper at start).
@@ -684,7 +629,7 @@ impl Store {
             .collect()
     }
 
-    /// Removes a node at once. With `expected_expiry`, only if the node is expired by `now`.
+    /// Removes a node at once, if `only_if` holds for it.
     #[allow(clippy::too_many_arguments)]
     pub async fn remove_node(
         &self,
@@ -697,13 +642,14 @@ impl Store {
         now: SystemTime,
     ) -> Result<Option<Node>> {
         self.write_durable(|w| {
-            let node: Node = w
-                .get(&key::node(id))?
-                .ok_or_else(|| Error::not_found("node", id))?;
+            let node: Node = w.get(&key::node(id))?.ok_or_else(|| Error::not_found("node", id))?;
             if !only_if(&node) {
                 return Ok(None);
             }
-            w.remove_node(&node, end, why, reason, actor, now);
+            let mut tailnet: Tailnet =
+                w.get(&key::tailnet(node.tailnet_id))?.ok_or_else(|| Error::not_found("tailnet", node.tailnet_id))?;
+            w.remove_node(&mut tailnet, &node, end, why, reason, actor, now);
+            w.put(&key::tailnet(tailnet.id), &tailnet);
             Ok(Some(node))
         })
         .await
@@ -714,23 +660,11 @@ impl Store {
         // Under the writer lock, so that the revision matches exactly what the scan saw.
         let writer = self.writer.lock().unwrap();
         let read = ReadCtx(&self.db);
-        let node: Node = read
-            .get(&key::node(node))?
-            .ok_or_else(|| Error::not_found("node", node))?;
-        let tailnet: Tailnet = read
-            .get(&key::tailnet(node.tailnet_id))?
-            .ok_or_else(|| Error::not_found("tailnet", node.tailnet_id))?;
-        let peers = read
-            .tailnet_nodes(tailnet.id)?
-            .into_iter()
-            .filter(|p| p.id != node.id)
-            .collect();
-        Ok(Snapshot {
-            revision: writer.revision,
-            node,
-            tailnet,
-            peers,
-        })
+        let node: Node = read.get(&key::node(node))?.ok_or_else(|| Error::not_found("node", node))?;
+        let tailnet: Tailnet =
+            read.get(&key::tailnet(node.tailnet_id))?.ok_or_else(|| Error::not_found("tailnet", node.tailnet_id))?;
+        let peers = read.tailnet_nodes(tailnet.id)?.into_iter().filter(|p| p.id != node.id).collect();
+        Ok(Snapshot { revision: writer.revision, node, tailnet, peers })
     }
 
     // -------------------------------------------------------------------------------------------------
@@ -785,10 +719,11 @@ impl Store {
 
 fn migrate(db: &sled::Db) -> Result<()> {
     let stored = match db.get(key::SCHEMA)? {
-        Some(v) => u32::from_be_bytes(v.as_ref().try_into().map_err(|_| Error::Corrupt {
-            key: "m/schema".into(),
-            detail: "not 4 bytes".into(),
-        })?),
+        Some(v) => u32::from_be_bytes(
+            v.as_ref()
+                .try_into()
+                .map_err(|_| Error::Corrupt { key: "m/schema".into(), detail: "not 4 bytes".into() })?,
+        ),
         None => 0,
     };
     if stored > SCHEMA_VERSION {
@@ -874,6 +809,7 @@ struct WriteCtx<'a> {
     batch: sled::Batch,
     revision: u64,
     changes: Vec<Change>,
+    address_hints: &'a mut HashMap<TailnetId, u32>,
 }
 
 impl WriteCtx<'_> {
@@ -923,10 +859,7 @@ impl WriteCtx<'_> {
 
     fn netmap(&mut self, tailnet: TailnetId, change: NetChange) {
         self.revision += 1;
-        let update = Arc::new(NetMapUpdate {
-            revision: self.revision,
-            change,
-        });
+        let update = Arc::new(NetMapUpdate { revision: self.revision, change });
         self.changes.push(Change::NetMap { tailnet, update });
     }
 
@@ -935,16 +868,16 @@ impl WriteCtx<'_> {
         self.del(&key::tailnet_node(node.tailnet_id, node.id));
         self.del(&key::address(node.tailnet_id, node.address));
         self.del(&key::hostname(node.tailnet_id, &node.hostname));
-        self.del(&key::wireguard_key(
-            node.tailnet_id,
-            &node.wireguard_public_key,
-        ));
+        self.del(&key::wireguard_key(node.tailnet_id, &node.wireguard_public_key));
         self.del(&key::session(&node.session_hash));
     }
 
-    /// Removes a node, records why, and tells its peers (and its own stream, which ends).
+    /// Removes a node, records why, and tells its peers (and its own stream, which ends). The caller
+    /// stores `tailnet`, whose node count this lowers.
+    #[allow(clippy::too_many_arguments)]
     fn remove_node(
         &mut self,
+        tailnet: &mut Tailnet,
         node: &Node,
         end: EndReason,
         why: &str,
@@ -953,6 +886,10 @@ impl WriteCtx<'_> {
         now: SystemTime,
     ) {
         self.remove_node_records(node);
+        tailnet.node_count = tailnet.node_count.saturating_sub(1);
+        if let Some(hint) = self.address_hints.get_mut(&node.tailnet_id) {
+            *hint = (*hint).min(u32::from(node.address));
+        }
         self.event(EventDraft {
             kind: EventKind::NodeLeft,
             tailnet: Some(node.tailnet_id),
@@ -963,36 +900,27 @@ impl WriteCtx<'_> {
             summary: format!("node {} ({}) removed: {why}", node.hostname, node.address),
             ..EventDraft::at(now)
         });
-        let message = if reason.is_empty() {
-            why.to_string()
-        } else {
-            format!("{why}: {reason}")
-        };
-        self.netmap(
-            node.tailnet_id,
-            NetChange::PeerRemoved {
-                node: node.id,
-                reason: end,
-                message,
-            },
-        );
+        let message = if reason.is_empty() { why.to_string() } else { format!("{why}: {reason}") };
+        self.netmap(node.tailnet_id, NetChange::PeerRemoved { node: node.id, reason: end, message });
     }
 
     /// The lowest address of the range that no node holds.
-    fn free_address(&self, tailnet: &Tailnet) -> Result<Ipv4Addr> {
-        let mut want = tailnet.cidr.first_node_address();
-        for item in self.db.scan_prefix(key::addresses(tailnet.id)) {
+    fn free_address(&mut self, tailnet: &Tailnet) -> Result<Ipv4Addr> {
+        let first = tailnet.cidr.first_node_address();
+        let mut want = self.address_hints.get(&tailnet.id).map_or(first, |h| (*h).max(first));
+        let prefix = key::addresses(tailnet.id);
+        for item in self.db.range(key::address(tailnet.id, Ipv4Addr::from(want))..) {
             let (k, _) = item?;
-            let held = u32::from_be_bytes(
-                k[k.len() - 4..]
-                    .try_into()
-                    .expect("address keys end with 4 bytes"),
-            );
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let held = u32::from_be_bytes(k[k.len() - 4..].try_into().expect("address keys end with 4 bytes"));
             if held != want {
                 break;
             }
             want += 1;
         }
+        self.address_hints.insert(tailnet.id, want + 1);
         if want > tailnet.cidr.last_node_address() {
             return Err(Error::ResourceExhausted(format!(
                 "tailnet {} has no free address left in {}",

@@ -7,12 +7,7 @@ pub fn rfc3339(t: SystemTime) -> String {
     let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 /// Days since 1970-01-01 to (year, month, day), after Howard Hinnant's civil calendar algorithm.
@@ -30,22 +25,13 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 pub fn to_timestamp(t: SystemTime) -> prost_types::Timestamp {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    prost_types::Timestamp {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
-    }
+    prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
 }
 
 /// A wire timestamp as a time; `field` names it in the error.
-pub fn from_timestamp(
-    field: &str,
-    ts: &prost_types::Timestamp,
-) -> Result<SystemTime, crate::error::Error> {
+pub fn from_timestamp(field: &str, ts: &prost_types::Timestamp) -> Result<SystemTime, crate::error::Error> {
     if ts.seconds < 0 || !(0..1_000_000_000).contains(&ts.nanos) {
-        return Err(crate::error::Error::invalid(
-            field,
-            "must be a time after 1970 with nanos in 0..1e9",
-        ));
+        return Err(crate::error::Error::invalid(field, "must be a time after 1970 with nanos in 0..1e9"));
     }
     Ok(UNIX_EPOCH + Duration::new(ts.seconds as u64, ts.nanos as u32))
 }
@@ -55,9 +41,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 30s, 15m, 2h or 7d"))?;
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 30s, 15m, 2h or 7d"))?;
     let mult = match unit {
         "" | "s" => 1,
         "m" => 60,
@@ -75,14 +59,8 @@ mod tests {
     #[test]
     fn formats_utc() {
         assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
-        assert_eq!(
-            rfc3339(UNIX_EPOCH + Duration::from_secs(1_795_302_245)),
-            "2026-11-21T23:04:05Z"
-        );
-        assert_eq!(
-            rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)),
-            "2000-02-29T00:00:00Z"
-        );
+        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(1_795_302_245)), "2026-11-21T23:04:05Z");
+        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00Z");
     }
 
     #[test]

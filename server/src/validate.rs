@@ -20,25 +20,13 @@ pub fn dns_label(field: &str, s: &str) -> Result<()> {
         return Err(Error::invalid(field, "is required"));
     }
     if s.len() > 63 {
-        return Err(Error::invalid(
-            field,
-            format!("is {} characters; a DNS label has at most 63", s.len()),
-        ));
+        return Err(Error::invalid(field, format!("is {} characters; a DNS label has at most 63", s.len())));
     }
-    if let Some(c) = s
-        .chars()
-        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
-    {
-        return Err(Error::invalid(
-            field,
-            format!("{s:?} contains {c:?}; use only lowercase letters, digits and '-'"),
-        ));
+    if let Some(c) = s.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')) {
+        return Err(Error::invalid(field, format!("{s:?} contains {c:?}; use only lowercase letters, digits and '-'")));
     }
     if s.starts_with('-') || s.ends_with('-') {
-        return Err(Error::invalid(
-            field,
-            format!("{s:?} must not start or end with '-'"),
-        ));
+        return Err(Error::invalid(field, format!("{s:?} must not start or end with '-'")));
     }
     Ok(())
 }
@@ -52,10 +40,7 @@ pub fn owner(field: &str, s: &str) -> Result<()> {
         return Err(Error::invalid(field, "is longer than 128 characters"));
     }
     if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(Error::invalid(
-            field,
-            "must not contain spaces or control characters",
-        ));
+        return Err(Error::invalid(field, "must not contain spaces or control characters"));
     }
     Ok(())
 }
@@ -65,9 +50,7 @@ pub fn ttl(field: &str, ttl: u64) -> Result<()> {
     if ttl != 0 && !(TTL_MIN..=TTL_MAX).contains(&ttl) {
         return Err(Error::invalid(
             field,
-            format!(
-                "{ttl} is out of range; use 0 (persistent) or {TTL_MIN} to {TTL_MAX} seconds (30 days)"
-            ),
+            format!("{ttl} is out of range; use 0 (persistent) or {TTL_MIN} to {TTL_MAX} seconds (30 days)"),
         ));
     }
     Ok(())
@@ -77,25 +60,16 @@ fn label_key_ok(k: &str) -> bool {
     !k.is_empty()
         && k.len() <= 63
         && k.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && k.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+        && k.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
 }
 
 fn label_value_ok(v: &str) -> bool {
-    v.len() <= 63
-        && v.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    v.len() <= 63 && v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 pub fn labels(field: &str, labels: &BTreeMap<String, String>) -> Result<()> {
     if labels.len() > MAX_LABELS {
-        return Err(Error::invalid(
-            field,
-            format!(
-                "has {} labels; at most {MAX_LABELS} are allowed",
-                labels.len()
-            ),
-        ));
+        return Err(Error::invalid(field, format!("has {} labels; at most {MAX_LABELS} are allowed", labels.len())));
     }
     for (k, v) in labels {
         if !label_key_ok(k) {
@@ -119,28 +93,17 @@ pub fn cidr(field: &str, s: &str) -> Result<Ipv4Cidr> {
     if s.is_empty() {
         return Ok(Ipv4Cidr::DEFAULT);
     }
-    let bad = || {
-        Error::invalid(
-            field,
-            format!("{s:?} is not an IPv4 range like 100.64.0.0/10"),
-        )
-    };
+    let bad = || Error::invalid(field, format!("{s:?} is not an IPv4 range like 100.64.0.0/10"));
     let (addr, prefix) = s.split_once('/').ok_or_else(bad)?;
     let network: Ipv4Addr = addr.parse().map_err(|_| bad())?;
     let prefix: u8 = prefix.parse().map_err(|_| bad())?;
     if !(8..=28).contains(&prefix) {
-        return Err(Error::invalid(
-            field,
-            format!("prefix /{prefix} is out of range; use /8 to /28"),
-        ));
+        return Err(Error::invalid(field, format!("prefix /{prefix} is out of range; use /8 to /28")));
     }
     let mask = u32::MAX << (32 - prefix);
     if u32::from(network) & !mask != 0 {
         let net = Ipv4Addr::from(u32::from(network) & mask);
-        return Err(Error::invalid(
-            field,
-            format!("{s:?} has host bits set; did you mean {net}/{prefix}?"),
-        ));
+        return Err(Error::invalid(field, format!("{s:?} has host bits set; did you mean {net}/{prefix}?")));
     }
     Ok(Ipv4Cidr { network, prefix })
 }
@@ -148,24 +111,16 @@ pub fn cidr(field: &str, s: &str) -> Result<Ipv4Cidr> {
 /// Tags in `tag:name` form; returns them sorted and without duplicates.
 pub fn tags(field: &str, tags: &[String]) -> Result<Vec<String>> {
     if tags.len() > MAX_TAGS {
-        return Err(Error::invalid(
-            field,
-            format!("has {} tags; at most {MAX_TAGS} are allowed", tags.len()),
-        ));
+        return Err(Error::invalid(field, format!("has {} tags; at most {MAX_TAGS} are allowed", tags.len())));
     }
     for (i, t) in tags.iter().enumerate() {
-        let name = t.strip_prefix("tag:").ok_or_else(|| {
-            Error::invalid(
-                format!("{field}[{i}]"),
-                format!("{t:?} must have the form tag:name"),
-            )
-        })?;
+        let name = t
+            .strip_prefix("tag:")
+            .ok_or_else(|| Error::invalid(format!("{field}[{i}]"), format!("{t:?} must have the form tag:name")))?;
         dns_label(&format!("{field}[{i}]"), name).map_err(|_| {
             Error::invalid(
                 format!("{field}[{i}]"),
-                format!(
-                    "{t:?}: the name after 'tag:' is 1-63 of lowercase letters, digits and '-'"
-                ),
+                format!("{t:?}: the name after 'tag:' is 1-63 of lowercase letters, digits and '-'"),
             )
         })?;
     }
@@ -177,10 +132,7 @@ pub fn tags(field: &str, tags: &[String]) -> Result<Vec<String>> {
 
 pub fn reason(field: &str, s: &str) -> Result<()> {
     if s.len() > MAX_REASON {
-        return Err(Error::invalid(
-            field,
-            format!("is longer than {MAX_REASON} characters"),
-        ));
+        return Err(Error::invalid(field, format!("is longer than {MAX_REASON} characters")));
     }
     if s.chars().any(|c| c.is_control() && c != '\t') {
         return Err(Error::invalid(field, "must not contain control characters"));
@@ -199,12 +151,9 @@ pub fn hostname(field: &str, s: &str) -> Result<String> {
 }
 
 pub fn wireguard_key(field: &str, key: &[u8]) -> Result<[u8; 32]> {
-    let key: [u8; 32] = key.try_into().map_err(|_| {
-        Error::invalid(
-            field,
-            format!("is {} bytes; a Curve25519 public key is 32", key.len()),
-        )
-    })?;
+    let key: [u8; 32] = key
+        .try_into()
+        .map_err(|_| Error::invalid(field, format!("is {} bytes; a Curve25519 public key is 32", key.len())))?;
     if key == [0; 32] {
         return Err(Error::invalid(field, "is all zeros"));
     }
@@ -214,10 +163,7 @@ pub fn wireguard_key(field: &str, key: &[u8]) -> Result<[u8; 32]> {
 pub fn page_size(field: &str, n: u32) -> Result<usize> {
     match n {
         0 => Ok(DEFAULT_PAGE_SIZE as usize),
-        n if n > MAX_PAGE_SIZE => Err(Error::invalid(
-            field,
-            format!("{n} is more than {MAX_PAGE_SIZE}"),
-        )),
+        n if n > MAX_PAGE_SIZE => Err(Error::invalid(field, format!("{n} is more than {MAX_PAGE_SIZE}"))),
         n => Ok(n as usize),
     }
 }
@@ -247,10 +193,7 @@ pub fn label_selector(field: &str, s: &str) -> Result<Vec<LabelRequirement>> {
     let mut out = Vec::new();
     for term in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
         let bad_key = |k: &str| {
-            Error::invalid(
-                field,
-                format!("{term:?}: {k:?} is not a label key (letters, digits, '-', '_', '.', '/')"),
-            )
+            Error::invalid(field, format!("{term:?}: {k:?} is not a label key (letters, digits, '-', '_', '.', '/')"))
         };
         let req = if let Some((k, v)) = term.split_once("!=") {
             LabelRequirement::NotEquals(k.trim().to_string(), v.trim().to_string())
@@ -271,10 +214,7 @@ pub fn label_selector(field: &str, s: &str) -> Result<Vec<LabelRequirement>> {
         }
         if let LabelRequirement::Equals(_, v) | LabelRequirement::NotEquals(_, v) = &req {
             if !label_value_ok(v) {
-                return Err(Error::invalid(
-                    field,
-                    format!("{term:?}: {v:?} is not a label value"),
-                ));
+                return Err(Error::invalid(field, format!("{term:?}: {v:?} is not a label value")));
             }
         }
         out.push(req);
@@ -289,19 +229,9 @@ mod tests {
     #[test]
     fn dns_labels() {
         assert!(dns_label("name", "run-42").is_ok());
-        assert!(
-            dns_label("name", "")
-                .unwrap_err()
-                .to_string()
-                .contains("required")
-        );
+        assert!(dns_label("name", "").unwrap_err().to_string().contains("required"));
         assert!(dns_label("name", "-a").is_err());
-        assert!(
-            dns_label("name", "Run")
-                .unwrap_err()
-                .to_string()
-                .contains("lowercase")
-        );
+        assert!(dns_label("name", "Run").unwrap_err().to_string().contains("lowercase"));
         assert!(dns_label("name", &"a".repeat(64)).is_err());
     }
 
@@ -310,16 +240,8 @@ mod tests {
         assert_eq!(cidr("cidr", "").unwrap(), Ipv4Cidr::DEFAULT);
         let c = cidr("cidr", "10.1.0.0/24").unwrap();
         assert_eq!(c.gateway(), Ipv4Addr::new(10, 1, 0, 1));
-        assert_eq!(
-            Ipv4Addr::from(c.last_node_address()),
-            Ipv4Addr::new(10, 1, 0, 254)
-        );
-        assert!(
-            cidr("cidr", "10.1.0.1/24")
-                .unwrap_err()
-                .to_string()
-                .contains("10.1.0.0/24")
-        );
+        assert_eq!(Ipv4Addr::from(c.last_node_address()), Ipv4Addr::new(10, 1, 0, 254));
+        assert!(cidr("cidr", "10.1.0.1/24").unwrap_err().to_string().contains("10.1.0.0/24"));
         assert!(cidr("cidr", "10.0.0.0/30").is_err());
         assert!(cidr("cidr", "banana").is_err());
     }
@@ -328,11 +250,8 @@ mod tests {
     fn selectors() {
         let reqs = label_selector("label_selector", "env=prod, team!=ml,gpu,!spot").unwrap();
         assert_eq!(reqs.len(), 4);
-        let labels: BTreeMap<_, _> = [
-            ("env".to_string(), "prod".to_string()),
-            ("gpu".to_string(), "1".to_string()),
-        ]
-        .into();
+        let labels: BTreeMap<_, _> =
+            [("env".to_string(), "prod".to_string()), ("gpu".to_string(), "1".to_string())].into();
         assert!(reqs.iter().all(|r| r.matches(&labels)));
         assert!(label_selector("label_selector", "=x").is_err());
         assert!(label_selector("label_selector", "a=b c").is_err());
@@ -340,16 +259,8 @@ mod tests {
 
     #[test]
     fn tag_rules() {
-        assert_eq!(
-            tags("tags", &["tag:b".into(), "tag:a".into(), "tag:b".into()]).unwrap(),
-            ["tag:a", "tag:b"]
-        );
-        assert!(
-            tags("tags", &["ci".into()])
-                .unwrap_err()
-                .to_string()
-                .starts_with("tags[0]")
-        );
+        assert_eq!(tags("tags", &["tag:b".into(), "tag:a".into(), "tag:b".into()]).unwrap(), ["tag:a", "tag:b"]);
+        assert!(tags("tags", &["ci".into()]).unwrap_err().to_string().starts_with("tags[0]"));
         assert!(tags("tags", &["tag:".into()]).is_err());
     }
 }

@@ -70,14 +70,9 @@ impl TestServer {
         config.limits = limits;
         config.shutdown_grace = Duration::from_secs(5);
         let server = Server::open(config).expect("server opens");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind loopback");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
-        let admin_token = std::fs::read_to_string(dir.join("admin.token"))
-            .expect("admin token")
-            .trim()
-            .to_string();
+        let admin_token = std::fs::read_to_string(dir.join("admin.token")).expect("admin token").trim().to_string();
         let control_plane = server.control_plane.clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(listener, async move {
@@ -96,11 +91,7 @@ impl TestServer {
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url.clone())
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect to test server")
+        Channel::from_shared(self.url.clone()).expect("url").connect().await.expect("connect to test server")
     }
 
     pub async fn admin(&self) -> Admin {
@@ -121,9 +112,7 @@ impl TestServer {
             let _ = stop.send(());
         }
         if let Some(task) = self.task.take() {
-            task.await
-                .expect("server task")
-                .expect("server ran cleanly");
+            task.await.expect("server task").expect("server ran cleanly");
         }
     }
 
@@ -144,28 +133,15 @@ impl Drop for TestServer {
 
 /// A tailnet request with a unique-enough name and an owner.
 pub fn tailnet_request(name: &str) -> pb::CreateTailnetRequest {
-    pb::CreateTailnetRequest {
-        name: name.into(),
-        owner: "acme".into(),
-        ..Default::default()
-    }
+    pb::CreateTailnetRequest { name: name.into(), owner: "acme".into(), ..Default::default() }
 }
 
 pub async fn create_tailnet(admin: &mut Admin, name: &str) -> pb::Tailnet {
-    admin
-        .create_tailnet(tailnet_request(name))
-        .await
-        .expect("create tailnet")
-        .into_inner()
+    admin.create_tailnet(tailnet_request(name)).await.expect("create tailnet").into_inner()
 }
 
 /// Creates an auth key and returns it with its secret.
-pub async fn create_key(
-    admin: &mut Admin,
-    tailnet: &str,
-    reusable: bool,
-    ephemeral: bool,
-) -> (pb::AuthKey, String) {
+pub async fn create_key(admin: &mut Admin, tailnet: &str, reusable: bool, ephemeral: bool) -> (pb::AuthKey, String) {
     let r = admin
         .create_auth_key(pb::CreateAuthKeyRequest {
             tailnet_id: tailnet.into(),
@@ -198,11 +174,7 @@ pub fn register_request(secret: &str, hostname: &str) -> pb::RegisterRequest {
 }
 
 pub async fn register(nodes: &mut Nodes, secret: &str, hostname: &str) -> pb::RegisterResponse {
-    nodes
-        .register(register_request(secret, hostname))
-        .await
-        .expect("register")
-        .into_inner()
+    nodes.register(register_request(secret, hostname)).await.expect("register").into_inner()
 }
 
 /// A node's netmap stream.
@@ -210,9 +182,7 @@ pub type NetMapStream = tonic::Streaming<pb::NetMap>;
 
 pub async fn watch(nodes: &mut Nodes, session_token: &str) -> NetMapStream {
     nodes
-        .watch_net_map(pb::WatchNetMapRequest {
-            session_token: session_token.into(),
-        })
+        .watch_net_map(pb::WatchNetMapRequest { session_token: session_token.into() })
         .await
         .expect("watch netmap")
         .into_inner()
@@ -238,10 +208,7 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(
-            tokio::time::Instant::now() < end,
-            "timed out after {deadline:?} waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < end, "timed out after {deadline:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -257,21 +224,13 @@ pub fn cordon_bin() -> PathBuf {
         dir.pop();
     }
     let bin = dir.join("cordon");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build -p cordon-server --bins` first",
-        bin.display()
-    );
+    assert!(bin.exists(), "{} is missing: run `cargo build -p cordon-server --bins` first", bin.display());
     bin
 }
 
 /// Reads the resident set size of this process in bytes.
 pub fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0);
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
     pages * 4096
 }

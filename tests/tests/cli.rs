@@ -22,8 +22,11 @@ fn stdout(o: &Output) -> String {
 async fn cli_round_trip() {
     let server = TestServer::start().await;
     let created: Value = serde_json::from_str(&stdout(
-        &cordon(&server, &["tailnet", "create", "run-7", "--owner", "acme", "--ttl", "2h", "--label", "env=ci", "--json"])
-            .await,
+        &cordon(
+            &server,
+            &["tailnet", "create", "run-7", "--owner", "acme", "--ttl", "2h", "--label", "env=ci", "--json"],
+        )
+        .await,
     ))
     .unwrap();
     let id = created["id"].as_str().unwrap().to_string();
@@ -45,7 +48,8 @@ async fn cli_round_trip() {
 
     let mut nodes = server.nodes().await;
     let node = register(&mut nodes, &secret, "worker").await.node.unwrap();
-    let listed: Value = serde_json::from_str(&stdout(&cordon(&server, &["node", "list", "--tailnet", &id, "--json"]).await)).unwrap();
+    let listed: Value =
+        serde_json::from_str(&stdout(&cordon(&server, &["node", "list", "--tailnet", &id, "--json"]).await)).unwrap();
     assert_eq!(listed[0]["hostname"], "worker");
     assert_eq!(listed[0]["addresses"][0], "100.64.0.2");
     stdout(&cordon(&server, &["node", "delete", &node.id, "--reason", "done"]).await);

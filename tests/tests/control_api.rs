@@ -7,11 +7,7 @@ use tonic::Code;
 fn assert_status<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, needle: &str) {
     let status = result.expect_err("call should fail");
     assert_eq!(status.code(), code, "{status:?}");
-    assert!(
-        status.message().contains(needle),
-        "message {:?} should contain {needle:?}",
-        status.message()
-    );
+    assert!(status.message().contains(needle), "message {:?} should contain {needle:?}", status.message());
 }
 
 #[tokio::test]
@@ -30,13 +26,7 @@ async fn tailnet_lifecycle() {
     assert!(created.created_by.starts_with("admin:"));
     uuid_v7(&created.id);
 
-    let got = admin
-        .get_tailnet(pb::GetTailnetRequest {
-            id: created.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = admin.get_tailnet(pb::GetTailnetRequest { id: created.id.clone() }).await.unwrap().into_inner();
     assert_eq!(got, created);
 
     let mut other = tailnet_request("other");
@@ -50,81 +40,39 @@ async fn tailnet_lifecycle() {
         label_selector: selector.into(),
         ..Default::default()
     };
-    let by_owner = admin
-        .list_tailnets(list("globex", ""))
-        .await
-        .unwrap()
-        .into_inner()
-        .tailnets;
-    assert_eq!(
-        by_owner.iter().map(|t| &t.id).collect::<Vec<_>>(),
-        [&other.id]
-    );
-    let by_label = admin
-        .list_tailnets(list("", "env=ci"))
-        .await
-        .unwrap()
-        .into_inner()
-        .tailnets;
-    assert_eq!(
-        by_label.iter().map(|t| &t.id).collect::<Vec<_>>(),
-        [&created.id]
-    );
-    let without = admin
-        .list_tailnets(list("", "!env"))
-        .await
-        .unwrap()
-        .into_inner()
-        .tailnets;
-    assert_eq!(
-        without.iter().map(|t| &t.id).collect::<Vec<_>>(),
-        [&other.id]
-    );
+    let by_owner = admin.list_tailnets(list("globex", "")).await.unwrap().into_inner().tailnets;
+    assert_eq!(by_owner.iter().map(|t| &t.id).collect::<Vec<_>>(), [&other.id]);
+    let by_label = admin.list_tailnets(list("", "env=ci")).await.unwrap().into_inner().tailnets;
+    assert_eq!(by_label.iter().map(|t| &t.id).collect::<Vec<_>>(), [&created.id]);
+    let without = admin.list_tailnets(list("", "!env")).await.unwrap().into_inner().tailnets;
+    assert_eq!(without.iter().map(|t| &t.id).collect::<Vec<_>>(), [&other.id]);
 
     let deleted = admin
-        .delete_tailnet(pb::DeleteTailnetRequest {
-            id: created.id.clone(),
-            reason: "done".into(),
-        })
+        .delete_tailnet(pb::DeleteTailnetRequest { id: created.id.clone(), reason: "done".into() })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(deleted.nodes_revoked, 0);
     assert_status(
-        admin
-            .get_tailnet(pb::GetTailnetRequest {
-                id: created.id.clone(),
-            })
-            .await,
+        admin.get_tailnet(pb::GetTailnetRequest { id: created.id.clone() }).await,
         Code::NotFound,
         "not found",
     );
     assert_status(
-        admin
-            .delete_tailnet(pb::DeleteTailnetRequest {
-                id: created.id.clone(),
-                reason: String::new(),
-            })
-            .await,
+        admin.delete_tailnet(pb::DeleteTailnetRequest { id: created.id.clone(), reason: String::new() }).await,
         Code::NotFound,
         &created.id,
     );
 
     // The audit log outlives the tailnet.
     let events = admin
-        .list_audit_events(pb::ListAuditEventsRequest {
-            tailnet_id: created.id.clone(),
-            ..Default::default()
-        })
+        .list_audit_events(pb::ListAuditEventsRequest { tailnet_id: created.id.clone(), ..Default::default() })
         .await
         .unwrap()
         .into_inner()
         .events;
     let kinds: Vec<_> = events.iter().map(|e| e.kind()).collect();
-    assert_eq!(
-        kinds,
-        [pb::EventKind::TailnetCreated, pb::EventKind::TailnetDeleted]
-    );
+    assert_eq!(kinds, [pb::EventKind::TailnetCreated, pb::EventKind::TailnetDeleted]);
     assert_eq!(events[1].reason, "done");
     assert!(events[1].actor.starts_with("admin:"));
 }
@@ -146,11 +94,7 @@ async fn list_tailnets_paginates() {
     let mut page_token = String::new();
     loop {
         let page = admin
-            .list_tailnets(pb::ListTailnetsRequest {
-                page_size: 3,
-                page_token,
-                ..Default::default()
-            })
+            .list_tailnets(pb::ListTailnetsRequest { page_size: 3, page_token, ..Default::default() })
             .await
             .unwrap()
             .into_inner();
@@ -163,12 +107,7 @@ async fn list_tailnets_paginates() {
     }
     assert_eq!(seen, made, "every tailnet once, in creation order");
     assert_status(
-        admin
-            .list_tailnets(pb::ListTailnetsRequest {
-                page_token: "garbage".into(),
-                ..Default::default()
-            })
-            .await,
+        admin.list_tailnets(pb::ListTailnetsRequest { page_token: "garbage".into(), ..Default::default() }).await,
         Code::InvalidArgument,
         "page_token",
     );
@@ -183,10 +122,7 @@ async fn auth_keys_and_nodes_lifecycle() {
 
     let (key, secret) = create_key(&mut admin, &tailnet.id, true, false).await;
     assert!(secret.starts_with("cordon-auth-"));
-    assert!(
-        secret.len() >= "cordon-auth-".len() + 43,
-        "at least 256 bits of randomness"
-    );
+    assert!(secret.len() >= "cordon-auth-".len() + 43, "at least 256 bits of randomness");
     assert_eq!(key.state, "valid");
     let expiry = key.expires_at.unwrap().seconds - key.created_at.unwrap().seconds;
     assert_eq!(expiry, 3600, "default expiry is one hour");
@@ -204,98 +140,43 @@ async fn auth_keys_and_nodes_lifecycle() {
     assert!(a.session_token.starts_with("cordon-session-"));
     uuid_v7(&a_node.id);
 
-    let keys = admin
-        .list_auth_keys(pb::ListAuthKeysRequest {
-            tailnet_id: tailnet.id.clone(),
-        })
-        .await
-        .unwrap();
+    let keys = admin.list_auth_keys(pb::ListAuthKeysRequest { tailnet_id: tailnet.id.clone() }).await.unwrap();
     let listed = format!("{:?}", keys.get_ref());
-    assert!(
-        !listed.contains(&secret[12..]),
-        "ListAuthKeys never shows a secret"
-    );
+    assert!(!listed.contains(&secret[12..]), "ListAuthKeys never shows a secret");
     assert_eq!(keys.into_inner().keys[0].uses, 2);
 
-    let listed = admin
-        .list_nodes(pb::ListNodesRequest {
-            tailnet_id: tailnet.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let listed = admin.list_nodes(pb::ListNodesRequest { tailnet_id: tailnet.id.clone() }).await.unwrap().into_inner();
     assert_eq!(listed.nodes.len(), 2);
-    assert!(
-        !format!("{listed:?}").contains(&a.session_token[15..]),
-        "no session token in ListNodes"
-    );
+    assert!(!format!("{listed:?}").contains(&a.session_token[15..]), "no session token in ListNodes");
 
     // Leave frees the address; the next node gets it back.
-    nodes
-        .leave(pb::LeaveRequest {
-            session_token: a.session_token.clone(),
-        })
-        .await
-        .unwrap();
+    nodes.leave(pb::LeaveRequest { session_token: a.session_token.clone() }).await.unwrap();
     let c = register(&mut nodes, &secret, "ci").await.node.unwrap();
     assert_eq!(c.addresses, ["100.64.0.2"], "freed addresses are reused");
     assert_status(
-        nodes
-            .leave(pb::LeaveRequest {
-                session_token: a.session_token.clone(),
-            })
-            .await,
+        nodes.leave(pb::LeaveRequest { session_token: a.session_token.clone() }).await,
         Code::Unauthenticated,
         "session_token",
     );
 
-    admin
-        .delete_node(pb::DeleteNodeRequest {
-            id: b_node.id.clone(),
-            reason: "decommissioned".into(),
-        })
-        .await
-        .unwrap();
+    admin.delete_node(pb::DeleteNodeRequest { id: b_node.id.clone(), reason: "decommissioned".into() }).await.unwrap();
     assert_status(
-        admin
-            .delete_node(pb::DeleteNodeRequest {
-                id: b_node.id.clone(),
-                reason: String::new(),
-            })
-            .await,
+        admin.delete_node(pb::DeleteNodeRequest { id: b_node.id.clone(), reason: String::new() }).await,
         Code::NotFound,
         "node",
     );
 
     // Revoking the key revokes the nodes it admitted, and the key admits no more.
     let revoked = admin
-        .revoke_auth_key(pb::RevokeAuthKeyRequest {
-            id: key.id.clone(),
-            reason: "leaked".into(),
-            keep_nodes: false,
-        })
+        .revoke_auth_key(pb::RevokeAuthKeyRequest { id: key.id.clone(), reason: "leaked".into(), keep_nodes: false })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(revoked.nodes_revoked, 1);
-    assert_status(
-        nodes.register(register_request(&secret, "x")).await,
-        Code::Unauthenticated,
-        "revoked",
-    );
-    let keys = admin
-        .list_auth_keys(pb::ListAuthKeysRequest {
-            tailnet_id: tailnet.id.clone(),
-        })
-        .await
-        .unwrap();
+    assert_status(nodes.register(register_request(&secret, "x")).await, Code::Unauthenticated, "revoked");
+    let keys = admin.list_auth_keys(pb::ListAuthKeysRequest { tailnet_id: tailnet.id.clone() }).await.unwrap();
     assert_eq!(keys.into_inner().keys[0].state, "revoked");
-    let left = admin
-        .list_nodes(pb::ListNodesRequest {
-            tailnet_id: tailnet.id.clone(),
-        })
-        .await
-        .unwrap();
+    let left = admin.list_nodes(pb::ListNodesRequest { tailnet_id: tailnet.id.clone() }).await.unwrap();
     assert!(left.into_inner().nodes.is_empty());
     let _ = c;
 }
@@ -310,20 +191,10 @@ async fn same_wireguard_key_reauthenticates_the_same_node() {
     let req = register_request(&secret, "box");
     let first = nodes.register(req.clone()).await.unwrap().into_inner();
     let second = nodes.register(req).await.unwrap().into_inner();
-    assert_eq!(
-        first.node.as_ref().unwrap().id,
-        second.node.as_ref().unwrap().id
-    );
-    assert_eq!(
-        first.node.unwrap().addresses,
-        second.node.unwrap().addresses
-    );
+    assert_eq!(first.node.as_ref().unwrap().id, second.node.as_ref().unwrap().id);
+    assert_eq!(first.node.unwrap().addresses, second.node.unwrap().addresses);
     assert_status(
-        nodes
-            .leave(pb::LeaveRequest {
-                session_token: first.session_token,
-            })
-            .await,
+        nodes.leave(pb::LeaveRequest { session_token: first.session_token }).await,
         Code::Unauthenticated,
         "session",
     );
@@ -338,11 +209,7 @@ async fn auth_key_failures_say_which() {
 
     let (_, single) = create_key(&mut admin, &tailnet.id, false, false).await;
     register(&mut nodes, &single, "one").await;
-    assert_status(
-        nodes.register(register_request(&single, "two")).await,
-        Code::Unauthenticated,
-        "exhausted",
-    );
+    assert_status(nodes.register(register_request(&single, "two")).await, Code::Unauthenticated, "exhausted");
 
     let limited = admin
         .create_auth_key(pb::CreateAuthKeyRequest {
@@ -356,48 +223,24 @@ async fn auth_key_failures_say_which() {
         .into_inner();
     register(&mut nodes, &limited.secret, "a").await;
     register(&mut nodes, &limited.secret, "b").await;
-    assert_status(
-        nodes.register(register_request(&limited.secret, "c")).await,
-        Code::Unauthenticated,
-        "2 of 2",
-    );
+    assert_status(nodes.register(register_request(&limited.secret, "c")).await, Code::Unauthenticated, "2 of 2");
 
     let unknown = format!("cordon-auth-{}", "A".repeat(43));
-    assert_status(
-        nodes.register(register_request(&unknown, "x")).await,
-        Code::Unauthenticated,
-        "unknown key",
-    );
+    assert_status(nodes.register(register_request(&unknown, "x")).await, Code::Unauthenticated, "unknown key");
 
     let (key, revoked) = create_key(&mut admin, &tailnet.id, true, false).await;
-    admin
-        .revoke_auth_key(pb::RevokeAuthKeyRequest {
-            id: key.id,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let status = nodes
-        .register(register_request(&revoked, "x"))
-        .await
-        .unwrap_err();
+    admin.revoke_auth_key(pb::RevokeAuthKeyRequest { id: key.id, ..Default::default() }).await.unwrap();
+    let status = nodes.register(register_request(&revoked, "x")).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
     assert!(status.message().contains("revoked"));
-    assert!(
-        !status.message().contains(&revoked[12..]),
-        "errors never echo the secret"
-    );
+    assert!(!status.message().contains(&revoked[12..]), "errors never echo the secret");
 
     // Requested tags must be among the key's.
     let mut req = register_request(&limited.secret, "x");
     req.requested_tags = vec!["tag:admin".into()];
     let (_, reusable) = create_key(&mut admin, &tailnet.id, true, false).await;
     req.credential = Some(pb::register_request::Credential::AuthKey(reusable));
-    assert_status(
-        nodes.register(req).await,
-        Code::PermissionDenied,
-        "requested_tags[0]",
-    );
+    assert_status(nodes.register(req).await, Code::PermissionDenied, "requested_tags[0]");
 }
 
 #[tokio::test]
@@ -418,26 +261,17 @@ async fn expired_key_is_refused_with_its_expiry() {
         .into_inner();
     assert!(r.key.unwrap().expires_at.is_some());
     // Poll with a deadline rather than sleeping a guessed time.
-    eventually(
-        std::time::Duration::from_secs(5),
-        "the key to expire",
-        || {
-            let mut nodes = nodes.clone();
-            let secret = r.secret.clone();
-            async move {
-                match nodes.register(register_request(&secret, "late")).await {
-                    Err(s)
-                        if s.code() == Code::Unauthenticated
-                            && s.message().contains("auth_key: expired at") =>
-                    {
-                        Some(())
-                    }
-                    Err(s) => panic!("unexpected error {s:?}"),
-                    Ok(_) => None,
-                }
+    eventually(std::time::Duration::from_secs(5), "the key to expire", || {
+        let mut nodes = nodes.clone();
+        let secret = r.secret.clone();
+        async move {
+            match nodes.register(register_request(&secret, "late")).await {
+                Err(s) if s.code() == Code::Unauthenticated && s.message().contains("auth_key: expired at") => Some(()),
+                Err(s) => panic!("unexpected error {s:?}"),
+                Ok(_) => None,
             }
-        },
-    )
+        }
+    })
     .await;
 }
 
@@ -446,19 +280,10 @@ async fn admin_calls_need_the_admin_token() {
     let server = TestServer::start().await;
     let channel = server.channel().await;
     let mut anonymous = pb::control_client::ControlClient::new(channel.clone());
+    assert_status(anonymous.create_tailnet(tailnet_request("x")).await, Code::Unauthenticated, "admin token");
+    let mut wrong = pb::control_client::ControlClient::with_interceptor(channel, Bearer::new("cordon-admin-nope"));
     assert_status(
-        anonymous.create_tailnet(tailnet_request("x")).await,
-        Code::Unauthenticated,
-        "admin token",
-    );
-    let mut wrong = pb::control_client::ControlClient::with_interceptor(
-        channel,
-        Bearer::new("cordon-admin-nope"),
-    );
-    assert_status(
-        wrong
-            .list_tailnets(pb::ListTailnetsRequest::default())
-            .await,
+        wrong.list_tailnets(pb::ListTailnetsRequest::default()).await,
         Code::Unauthenticated,
         "not recognised",
     );
@@ -472,59 +297,14 @@ async fn every_bad_field_is_named() {
     let tailnet = create_tailnet(&mut admin, "valid").await;
 
     let bad_tailnets: Vec<(pb::CreateTailnetRequest, &str)> = vec![
+        (pb::CreateTailnetRequest { owner: "a".into(), ..Default::default() }, "name: is required"),
+        (pb::CreateTailnetRequest { name: "Has Caps".into(), owner: "a".into(), ..Default::default() }, "name:"),
+        (pb::CreateTailnetRequest { name: "-x".into(), owner: "a".into(), ..Default::default() }, "name:"),
+        (pb::CreateTailnetRequest { name: "x".repeat(64), owner: "a".into(), ..Default::default() }, "name:"),
+        (pb::CreateTailnetRequest { name: "x".into(), ..Default::default() }, "owner: is required"),
+        (pb::CreateTailnetRequest { name: "x".into(), owner: "a b".into(), ..Default::default() }, "owner:"),
         (
-            pb::CreateTailnetRequest {
-                owner: "a".into(),
-                ..Default::default()
-            },
-            "name: is required",
-        ),
-        (
-            pb::CreateTailnetRequest {
-                name: "Has Caps".into(),
-                owner: "a".into(),
-                ..Default::default()
-            },
-            "name:",
-        ),
-        (
-            pb::CreateTailnetRequest {
-                name: "-x".into(),
-                owner: "a".into(),
-                ..Default::default()
-            },
-            "name:",
-        ),
-        (
-            pb::CreateTailnetRequest {
-                name: "x".repeat(64),
-                owner: "a".into(),
-                ..Default::default()
-            },
-            "name:",
-        ),
-        (
-            pb::CreateTailnetRequest {
-                name: "x".into(),
-                ..Default::default()
-            },
-            "owner: is required",
-        ),
-        (
-            pb::CreateTailnetRequest {
-                name: "x".into(),
-                owner: "a b".into(),
-                ..Default::default()
-            },
-            "owner:",
-        ),
-        (
-            pb::CreateTailnetRequest {
-                name: "x".into(),
-                owner: "a".into(),
-                ttl_seconds: 59,
-                ..Default::default()
-            },
+            pb::CreateTailnetRequest { name: "x".into(), owner: "a".into(), ttl_seconds: 59, ..Default::default() },
             "ttl_seconds:",
         ),
         (
@@ -574,158 +354,70 @@ async fn every_bad_field_is_named() {
         ),
     ];
     for (req, needle) in bad_tailnets {
-        assert_status(
-            admin.create_tailnet(req).await,
-            Code::InvalidArgument,
-            needle,
-        );
+        assert_status(admin.create_tailnet(req).await, Code::InvalidArgument, needle);
     }
+    assert_status(admin.get_tailnet(pb::GetTailnetRequest { id: "nope".into() }).await, Code::InvalidArgument, "id:");
     assert_status(
-        admin
-            .get_tailnet(pb::GetTailnetRequest { id: "nope".into() })
-            .await,
-        Code::InvalidArgument,
-        "id:",
-    );
-    assert_status(
-        admin
-            .get_tailnet(pb::GetTailnetRequest { id: String::new() })
-            .await,
+        admin.get_tailnet(pb::GetTailnetRequest { id: String::new() }).await,
         Code::InvalidArgument,
         "id: is required",
     );
+    assert_status(admin.get_tailnet(pb::GetTailnetRequest { id: uuid_string() }).await, Code::NotFound, "tailnet");
     assert_status(
-        admin
-            .get_tailnet(pb::GetTailnetRequest { id: uuid_string() })
-            .await,
-        Code::NotFound,
-        "tailnet",
-    );
-    assert_status(
-        admin
-            .list_tailnets(pb::ListTailnetsRequest {
-                page_size: 1001,
-                ..Default::default()
-            })
-            .await,
+        admin.list_tailnets(pb::ListTailnetsRequest { page_size: 1001, ..Default::default() }).await,
         Code::InvalidArgument,
         "page_size",
     );
     assert_status(
-        admin
-            .list_tailnets(pb::ListTailnetsRequest {
-                label_selector: "a=b=c!".into(),
-                ..Default::default()
-            })
-            .await,
+        admin.list_tailnets(pb::ListTailnetsRequest { label_selector: "a=b=c!".into(), ..Default::default() }).await,
         Code::InvalidArgument,
         "label_selector",
     );
     assert_status(
-        admin
-            .delete_tailnet(pb::DeleteTailnetRequest {
-                id: tailnet.id.clone(),
-                reason: "x".repeat(513),
-            })
-            .await,
+        admin.delete_tailnet(pb::DeleteTailnetRequest { id: tailnet.id.clone(), reason: "x".repeat(513) }).await,
         Code::InvalidArgument,
         "reason:",
     );
 
     let key = |f: fn(&mut pb::CreateAuthKeyRequest)| {
-        let mut r = pb::CreateAuthKeyRequest {
-            tailnet_id: tailnet.id.clone(),
-            ..Default::default()
-        };
+        let mut r = pb::CreateAuthKeyRequest { tailnet_id: tailnet.id.clone(), ..Default::default() };
         f(&mut r);
         r
     };
     let bad_keys: Vec<(pb::CreateAuthKeyRequest, Code, &str)> = vec![
-        (
-            key(|r| r.tailnet_id = String::new()),
-            Code::InvalidArgument,
-            "tailnet_id: is required",
-        ),
-        (
-            key(|r| r.tailnet_id = "x".into()),
-            Code::InvalidArgument,
-            "tailnet_id:",
-        ),
-        (
-            key(|r| r.tailnet_id = uuid_string()),
-            Code::NotFound,
-            "tailnet",
-        ),
-        (
-            key(|r| r.tags = vec!["ci".into()]),
-            Code::InvalidArgument,
-            "tags[0]",
-        ),
-        (
-            key(|r| r.tags = vec!["tag:Bad!".into()]),
-            Code::InvalidArgument,
-            "tags[0]",
-        ),
+        (key(|r| r.tailnet_id = String::new()), Code::InvalidArgument, "tailnet_id: is required"),
+        (key(|r| r.tailnet_id = "x".into()), Code::InvalidArgument, "tailnet_id:"),
+        (key(|r| r.tailnet_id = uuid_string()), Code::NotFound, "tailnet"),
+        (key(|r| r.tags = vec!["ci".into()]), Code::InvalidArgument, "tags[0]"),
+        (key(|r| r.tags = vec!["tag:Bad!".into()]), Code::InvalidArgument, "tags[0]"),
         (key(|r| r.max_uses = 5), Code::InvalidArgument, "max_uses"),
-        (
-            key(|r| r.expires_in_seconds = 91 * 86400),
-            Code::InvalidArgument,
-            "expires_in_seconds",
-        ),
-        (
-            key(|r| r.reason = "\u{7}".into()),
-            Code::InvalidArgument,
-            "reason",
-        ),
-        (
-            key(|r| r.owner = "has space".into()),
-            Code::InvalidArgument,
-            "owner",
-        ),
+        (key(|r| r.expires_in_seconds = 91 * 86400), Code::InvalidArgument, "expires_in_seconds"),
+        (key(|r| r.reason = "\u{7}".into()), Code::InvalidArgument, "reason"),
+        (key(|r| r.owner = "has space".into()), Code::InvalidArgument, "owner"),
     ];
     for (req, code, needle) in bad_keys {
         assert_status(admin.create_auth_key(req).await, code, needle);
     }
     assert_status(
-        admin
-            .revoke_auth_key(pb::RevokeAuthKeyRequest {
-                id: uuid_string(),
-                ..Default::default()
-            })
-            .await,
+        admin.revoke_auth_key(pb::RevokeAuthKeyRequest { id: uuid_string(), ..Default::default() }).await,
         Code::NotFound,
         "auth key",
     );
     assert_status(
-        admin
-            .list_nodes(pb::ListNodesRequest {
-                tailnet_id: uuid_string(),
-            })
-            .await,
+        admin.list_nodes(pb::ListNodesRequest { tailnet_id: uuid_string() }).await,
         Code::NotFound,
         "tailnet",
     );
     assert_status(
-        admin
-            .delete_node(pb::DeleteNodeRequest {
-                id: "1".into(),
-                ..Default::default()
-            })
-            .await,
+        admin.delete_node(pb::DeleteNodeRequest { id: "1".into(), ..Default::default() }).await,
         Code::InvalidArgument,
         "id:",
     );
     assert_status(
         admin
             .list_audit_events(pb::ListAuditEventsRequest {
-                since: Some(prost_types::Timestamp {
-                    seconds: 10,
-                    nanos: 0,
-                }),
-                until: Some(prost_types::Timestamp {
-                    seconds: 5,
-                    nanos: 0,
-                }),
+                since: Some(prost_types::Timestamp { seconds: 10, nanos: 0 }),
+                until: Some(prost_types::Timestamp { seconds: 5, nanos: 0 }),
                 ..Default::default()
             })
             .await,
@@ -741,47 +433,20 @@ async fn every_bad_field_is_named() {
     };
     let bad_regs: Vec<(pb::RegisterRequest, &str)> = vec![
         (reg(|r| r.credential = None), "credential: is required"),
-        (
-            reg(|r| {
-                r.credential = Some(pb::register_request::Credential::AuthKey(
-                    "sk-live-123".into(),
-                ))
-            }),
-            "auth_key:",
-        ),
-        (
-            reg(|r| r.wireguard_public_key = vec![1; 31]),
-            "wireguard_public_key: is 31 bytes",
-        ),
-        (
-            reg(|r| r.wireguard_public_key = vec![0; 32]),
-            "wireguard_public_key: is all zeros",
-        ),
+        (reg(|r| r.credential = Some(pb::register_request::Credential::AuthKey("sk-live-123".into()))), "auth_key:"),
+        (reg(|r| r.wireguard_public_key = vec![1; 31]), "wireguard_public_key: is 31 bytes"),
+        (reg(|r| r.wireguard_public_key = vec![0; 32]), "wireguard_public_key: is all zeros"),
         (reg(|r| r.hostname = "no_underscores".into()), "hostname:"),
-        (
-            reg(|r| r.requested_tags = vec!["ci".into()]),
-            "requested_tags[0]",
-        ),
+        (reg(|r| r.requested_tags = vec!["ci".into()]), "requested_tags[0]"),
     ];
     for (req, needle) in bad_regs {
         let status = nodes.register(req).await.unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-        assert!(
-            status.message().contains(needle),
-            "{:?} should contain {needle:?}",
-            status.message()
-        );
-        assert!(
-            !status.message().contains("sk-live-123"),
-            "a pasted secret is never echoed"
-        );
+        assert!(status.message().contains(needle), "{:?} should contain {needle:?}", status.message());
+        assert!(!status.message().contains("sk-live-123"), "a pasted secret is never echoed");
     }
     assert_status(
-        nodes
-            .watch_net_map(pb::WatchNetMapRequest {
-                session_token: String::new(),
-            })
-            .await,
+        nodes.watch_net_map(pb::WatchNetMapRequest { session_token: String::new() }).await,
         Code::Unauthenticated,
         "session_token",
     );
@@ -816,18 +481,9 @@ async fn health_and_reflection_are_served() {
     let channel = server.channel().await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     for service in ["", "cordon.v1.Control", "cordon.v1.Node"] {
-        let r = health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(
-            r.status(),
-            tonic_health::pb::health_check_response::ServingStatus::Serving,
-            "{service:?}"
-        );
+        let r =
+            health.check(tonic_health::pb::HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
+        assert_eq!(r.status(), tonic_health::pb::health_check_response::ServingStatus::Serving, "{service:?}");
     }
 
     use tonic_reflection::pb::v1::{
@@ -839,25 +495,14 @@ async fn health_and_reflection_are_served() {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
     };
-    let mut responses = reflection
-        .server_reflection_info(tokio_stream::once(request))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut responses = reflection.server_reflection_info(tokio_stream::once(request)).await.unwrap().into_inner();
     let Some(MessageResponse::ListServicesResponse(list)) =
         responses.message().await.unwrap().unwrap().message_response
     else {
         panic!("expected a service list");
     };
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
-    for wanted in [
-        "cordon.v1.Control",
-        "cordon.v1.Node",
-        "grpc.health.v1.Health",
-    ] {
-        assert!(
-            names.iter().any(|n| n == wanted),
-            "{wanted} missing from {names:?}"
-        );
+    for wanted in ["cordon.v1.Control", "cordon.v1.Node", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == wanted), "{wanted} missing from {names:?}");
     }
 }

@@ -21,11 +21,7 @@ struct Process {
 
 /// Starts `cordon serve` on an OS-chosen loopback port and waits for it to say where it listens.
 async fn spawn_server(data_dir: &Path, log: &Path) -> Process {
-    let stderr = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
+    let stderr = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     let mut child = Command::new(cordon_bin())
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
@@ -42,26 +38,15 @@ async fn spawn_server(data_dir: &Path, log: &Path) -> Process {
                 return rest.split_whitespace().next().unwrap().to_string();
             }
         }
-        panic!(
-            "cordon serve exited before listening; see {}",
-            log.display()
-        );
+        panic!("cordon serve exited before listening; see {}", log.display());
     })
     .await
     .expect("cordon serve starts within 30 s");
-    Process {
-        child,
-        url,
-        log: log.to_path_buf(),
-    }
+    Process { child, url, log: log.to_path_buf() }
 }
 
 async fn connect(url: &str, token: &str) -> (Admin, Nodes) {
-    let channel = tonic::transport::Channel::from_shared(url.to_string())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = tonic::transport::Channel::from_shared(url.to_string()).unwrap().connect().await.unwrap();
     (
         pb::control_client::ControlClient::with_interceptor(channel.clone(), Bearer::new(token)),
         pb::node_client::NodeClient::new(channel),
@@ -81,10 +66,7 @@ async fn acknowledged_registrations_survive_kill_9() {
     let data = dir.path().join("data");
     let log = dir.path().join("server.log");
     let mut server = spawn_server(&data, &log).await;
-    let token = std::fs::read_to_string(data.join("admin.token"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let token = std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_string();
     let (mut admin, _) = connect(&server.url, &token).await;
     let tailnet = create_tailnet(&mut admin, "crash").await;
     let (key, secret) = create_key(&mut admin, &tailnet.id, true, false).await;
@@ -100,10 +82,7 @@ async fn acknowledged_registrations_survive_kill_9() {
             let secret = secret.clone();
             loops.push(tokio::spawn(async move {
                 for i in 0.. {
-                    match nodes
-                        .register(register_request(&secret, &format!("r{round}w{w}n{i}")))
-                        .await
-                    {
+                    match nodes.register(register_request(&secret, &format!("r{round}w{w}n{i}"))).await {
                         Ok(r) => {
                             let r = r.into_inner();
                             let node = r.node.unwrap();
@@ -119,14 +98,10 @@ async fn acknowledged_registrations_survive_kill_9() {
             }));
         }
         let target = (round + 1) * 120;
-        eventually(
-            Duration::from_secs(60),
-            "registrations to be acknowledged",
-            || {
-                let n = acked.lock().unwrap().len();
-                async move { (n >= target).then_some(()) }
-            },
-        )
+        eventually(Duration::from_secs(60), "registrations to be acknowledged", || {
+            let n = acked.lock().unwrap().len();
+            async move { (n >= target).then_some(()) }
+        })
         .await;
         server.child.start_kill().unwrap(); // SIGKILL
         server.child.wait().await.unwrap();
@@ -136,44 +111,25 @@ async fn acknowledged_registrations_survive_kill_9() {
 
         server = spawn_server(&data, &log).await;
         let (mut admin, mut nodes) = connect(&server.url, &token).await;
-        let listed = admin
-            .list_nodes(pb::ListNodesRequest {
-                tailnet_id: tailnet.id.clone(),
-            })
-            .await
-            .unwrap();
+        let listed = admin.list_nodes(pb::ListNodesRequest { tailnet_id: tailnet.id.clone() }).await.unwrap();
         let listed = listed.into_inner().nodes;
         let addresses: HashSet<_> = listed.iter().map(|n| n.addresses[0].clone()).collect();
         assert_eq!(addresses.len(), listed.len(), "no address is held twice");
         let acked = acked.lock().unwrap().clone();
         for a in &acked {
             let node = listed.iter().find(|n| n.id == a.id);
-            let node =
-                node.unwrap_or_else(|| panic!("acknowledged node {} lost after kill -9", a.id));
+            let node = node.unwrap_or_else(|| panic!("acknowledged node {} lost after kill -9", a.id));
             assert_eq!(node.addresses[0], a.address);
         }
         // No half-state: the key's use count matches the nodes it admitted, acknowledged or not.
-        let keys = admin
-            .list_auth_keys(pb::ListAuthKeysRequest {
-                tailnet_id: tailnet.id.clone(),
-            })
-            .await
-            .unwrap();
-        let uses = keys
-            .into_inner()
-            .keys
-            .iter()
-            .find(|k| k.id == key.id)
-            .unwrap()
-            .uses;
+        let keys = admin.list_auth_keys(pb::ListAuthKeysRequest { tailnet_id: tailnet.id.clone() }).await.unwrap();
+        let uses = keys.into_inner().keys.iter().find(|k| k.id == key.id).unwrap().uses;
         assert_eq!(uses as usize, listed.len(), "key uses and nodes agree");
         // Sessions of acknowledged nodes still work.
         for a in acked.iter().step_by(17) {
             let mut stream = watch(&mut nodes, &a.session).await;
             let map = next_netmap(&mut stream).await;
-            let Some(pb::net_map::Update::Full(full)) = map.update else {
-                panic!("expected a full map")
-            };
+            let Some(pb::net_map::Update::Full(full)) = map.update else { panic!("expected a full map") };
             assert_eq!(full.self_.unwrap().id, a.id);
             assert_eq!(full.peers.len(), listed.len() - 1);
         }
@@ -185,13 +141,7 @@ async fn acknowledged_registrations_survive_kill_9() {
     let log_text = std::fs::read_to_string(&server.log).unwrap();
     assert!(log_text.contains("node registered"), "the log was captured");
     for s in &secrets {
-        assert!(
-            !log_text.contains(s.as_str()),
-            "a secret reached the server log"
-        );
+        assert!(!log_text.contains(s.as_str()), "a secret reached the server log");
     }
-    assert!(
-        !log_text.contains(&token),
-        "the admin token reached the server log"
-    );
+    assert!(!log_text.contains(&token), "the admin token reached the server log");
 }

@@ -30,13 +30,8 @@ fn ended(m: pb::NetMap) -> pb::StreamEnded {
 
 /// After an `ended` message the server closes the stream.
 async fn assert_closed(stream: &mut NetMapStream) {
-    let next = tokio::time::timeout(std::time::Duration::from_secs(10), stream.message())
-        .await
-        .expect("closes");
-    assert!(
-        matches!(next, Ok(None)),
-        "stream should be closed, got {next:?}"
-    );
+    let next = tokio::time::timeout(std::time::Duration::from_secs(10), stream.message()).await.expect("closes");
+    assert!(matches!(next, Ok(None)), "stream should be closed, got {next:?}");
 }
 
 #[tokio::test]
@@ -52,10 +47,7 @@ async fn peers_see_joins_leaves_and_deletions_in_order() {
     let mut stream = watch(&mut nodes, &a.session_token).await;
     let map = full(next_netmap(&mut stream).await);
     assert_eq!(map.self_.as_ref().unwrap().id, a.node.as_ref().unwrap().id);
-    assert_eq!(
-        map.peers.iter().map(|p| p.id.clone()).collect::<Vec<_>>(),
-        [b.node.as_ref().unwrap().id.clone()]
-    );
+    assert_eq!(map.peers.iter().map(|p| p.id.clone()).collect::<Vec<_>>(), [b.node.as_ref().unwrap().id.clone()]);
     assert_eq!(map.gateway_address, "100.64.0.1");
     assert_eq!(map.tailnet_name, "watch");
     assert!(map.self_.unwrap().online);
@@ -63,18 +55,10 @@ async fn peers_see_joins_leaves_and_deletions_in_order() {
     let c = register(&mut nodes, &secret, "c").await;
     let d = register(&mut nodes, &secret, "d").await;
     admin
-        .delete_node(pb::DeleteNodeRequest {
-            id: b.node.as_ref().unwrap().id.clone(),
-            reason: "gone".into(),
-        })
+        .delete_node(pb::DeleteNodeRequest { id: b.node.as_ref().unwrap().id.clone(), reason: "gone".into() })
         .await
         .unwrap();
-    nodes
-        .leave(pb::LeaveRequest {
-            session_token: c.session_token.clone(),
-        })
-        .await
-        .unwrap();
+    nodes.leave(pb::LeaveRequest { session_token: c.session_token.clone() }).await.unwrap();
 
     let mut revisions = Vec::new();
     let mut seen = Vec::new();
@@ -91,19 +75,8 @@ async fn peers_see_joins_leaves_and_deletions_in_order() {
     }
     let b_id = b.node.unwrap().id;
     let c_id = c.node.unwrap().id;
-    assert_eq!(
-        seen,
-        [
-            "+c".to_string(),
-            "+d".into(),
-            format!("-{b_id}"),
-            format!("-{c_id}")
-        ]
-    );
-    assert!(
-        revisions.windows(2).all(|w| w[0] < w[1]),
-        "revisions increase: {revisions:?}"
-    );
+    assert_eq!(seen, ["+c".to_string(), "+d".into(), format!("-{b_id}"), format!("-{c_id}")]);
+    assert!(revisions.windows(2).all(|w| w[0] < w[1]), "revisions increase: {revisions:?}");
 
     // The other stream of `d` starts with the current map: a and d only.
     let mut d_stream = watch(&mut nodes, &d.session_token).await;
@@ -124,13 +97,7 @@ async fn own_deletion_ends_the_stream_with_the_reason() {
     let mut stream = watch(&mut nodes, &a.session_token).await;
     full(next_netmap(&mut stream).await);
 
-    admin
-        .delete_node(pb::DeleteNodeRequest {
-            id: a.node.unwrap().id,
-            reason: "compromised".into(),
-        })
-        .await
-        .unwrap();
+    admin.delete_node(pb::DeleteNodeRequest { id: a.node.unwrap().id, reason: "compromised".into() }).await.unwrap();
     let end = ended(next_netmap(&mut stream).await);
     assert_eq!(end.reason(), Reason::NodeRemoved);
     assert!(end.message.contains("compromised"), "{end:?}");
@@ -138,9 +105,7 @@ async fn own_deletion_ends_the_stream_with_the_reason() {
     assert_closed(&mut stream).await;
 
     let status = nodes
-        .watch_net_map(pb::WatchNetMapRequest {
-            session_token: a.session_token,
-        })
+        .watch_net_map(pb::WatchNetMapRequest { session_token: a.session_token })
         .await
         .expect_err("a revoked session cannot watch");
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
@@ -195,16 +160,10 @@ async fn tailnet_deletion_cuts_every_node_off() {
     let bystander = register(&mut nodes, &other_secret, "bystander").await;
     let mut bystander_stream = watch(&mut nodes, &bystander.session_token).await;
     let bystander_map = full(next_netmap(&mut bystander_stream).await);
-    assert!(
-        bystander_map.peers.is_empty(),
-        "nodes of other tailnets are never peers"
-    );
+    assert!(bystander_map.peers.is_empty(), "nodes of other tailnets are never peers");
 
     let r = admin
-        .delete_tailnet(pb::DeleteTailnetRequest {
-            id: tailnet.id.clone(),
-            reason: "run finished".into(),
-        })
+        .delete_tailnet(pb::DeleteTailnetRequest { id: tailnet.id.clone(), reason: "run finished".into() })
         .await
         .unwrap()
         .into_inner();
@@ -223,38 +182,16 @@ async fn tailnet_deletion_cuts_every_node_off() {
         assert_eq!(end.reason(), Reason::TailnetDeleted);
         assert!(end.message.contains("run finished"));
         assert_closed(&mut s).await;
-        let status = nodes
-            .watch_net_map(pb::WatchNetMapRequest {
-                session_token: token,
-            })
-            .await
-            .unwrap_err();
+        let status = nodes.watch_net_map(pb::WatchNetMapRequest { session_token: token }).await.unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unauthenticated);
     }
-    let status = nodes
-        .register(register_request(&secret, "late"))
-        .await
-        .unwrap_err();
-    assert_eq!(
-        status.code(),
-        tonic::Code::Unauthenticated,
-        "the tailnet's keys are gone"
-    );
+    let status = nodes.register(register_request(&secret, "late")).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "the tailnet's keys are gone");
 
     // The other tailnet's node heard nothing and is still registered.
-    let listed = admin
-        .list_nodes(pb::ListNodesRequest {
-            tailnet_id: other.id,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let listed = admin.list_nodes(pb::ListNodesRequest { tailnet_id: other.id }).await.unwrap().into_inner();
     assert_eq!(listed.nodes.len(), 1);
-    let quiet = tokio::time::timeout(
-        std::time::Duration::from_millis(200),
-        bystander_stream.message(),
-    )
-    .await;
+    let quiet = tokio::time::timeout(std::time::Duration::from_millis(200), bystander_stream.message()).await;
     assert!(quiet.is_err(), "the bystander's stream got {quiet:?}");
 }
 
@@ -268,25 +205,15 @@ async fn shutdown_ends_streams_with_a_retryable_reason() {
     let a = register(&mut nodes, &secret, "a").await;
     let mut stream = watch(&mut nodes, &a.session_token).await;
     full(next_netmap(&mut stream).await);
-    let mut events = admin
-        .watch_events(pb::WatchEventsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let mut events = admin.watch_events(pb::WatchEventsRequest::default()).await.unwrap().into_inner();
 
     let stop = tokio::spawn(server.stop());
     let end = ended(next_netmap(&mut stream).await);
     assert_eq!(end.reason(), Reason::ServerShutdown);
     assert!(end.retry);
-    let status = events
-        .message()
-        .await
-        .expect_err("event stream ends with a status");
+    let status = events.message().await.expect_err("event stream ends with a status");
     assert_eq!(status.code(), tonic::Code::Unavailable);
-    tokio::time::timeout(std::time::Duration::from_secs(10), stop)
-        .await
-        .expect("drains in time")
-        .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), stop).await.expect("drains in time").unwrap();
 }
 
 #[tokio::test]
@@ -294,11 +221,7 @@ async fn watch_events_streams_and_resumes() {
     let server = TestServer::start().await;
     let mut admin = server.admin().await;
     let mut nodes = server.nodes().await;
-    let mut live = admin
-        .watch_events(pb::WatchEventsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let mut live = admin.watch_events(pb::WatchEventsRequest::default()).await.unwrap().into_inner();
     let tailnet = create_tailnet(&mut admin, "events").await;
     let (key, secret) = create_key(&mut admin, &tailnet.id, false, false).await;
     let node = register(&mut nodes, &secret, "n").await.node.unwrap();
@@ -306,11 +229,8 @@ async fn watch_events_streams_and_resumes() {
     let mut kinds = Vec::new();
     let mut revisions = Vec::new();
     for _ in 0..3 {
-        let e = tokio::time::timeout(std::time::Duration::from_secs(10), live.message())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let e =
+            tokio::time::timeout(std::time::Duration::from_secs(10), live.message()).await.unwrap().unwrap().unwrap();
         kinds.push(e.kind());
         revisions.push(e.revision);
         if e.kind() == pb::EventKind::NodeJoined {
@@ -321,21 +241,11 @@ async fn watch_events_streams_and_resumes() {
             assert!(e.actor.starts_with("admin:"), "{e:?}");
         }
     }
-    assert_eq!(
-        kinds,
-        [
-            pb::EventKind::TailnetCreated,
-            pb::EventKind::KeyCreated,
-            pb::EventKind::NodeJoined
-        ]
-    );
+    assert_eq!(kinds, [pb::EventKind::TailnetCreated, pb::EventKind::KeyCreated, pb::EventKind::NodeJoined]);
 
     // A watcher that resumes after the first event gets the other two from the store.
     let mut resumed = admin
-        .watch_events(pb::WatchEventsRequest {
-            since_revision: revisions[0],
-            tailnet_id: tailnet.id.clone(),
-        })
+        .watch_events(pb::WatchEventsRequest { since_revision: revisions[0], tailnet_id: tailnet.id.clone() })
         .await
         .unwrap()
         .into_inner();
@@ -345,10 +255,7 @@ async fn watch_events_streams_and_resumes() {
     }
     // Filtered by node.
     let by_node = admin
-        .list_audit_events(pb::ListAuditEventsRequest {
-            node_id: node.id.clone(),
-            ..Default::default()
-        })
+        .list_audit_events(pb::ListAuditEventsRequest { node_id: node.id.clone(), ..Default::default() })
         .await
         .unwrap()
         .into_inner()

@@ -18,11 +18,7 @@ async fn fifty_racers_one_single_use_key_one_winner() {
         // Separate connections, so the registrations really arrive concurrently.
         let mut nodes = server.nodes().await;
         let secret = secret.clone();
-        racers.push(tokio::spawn(async move {
-            nodes
-                .register(register_request(&secret, &format!("r{i}")))
-                .await
-        }));
+        racers.push(tokio::spawn(async move { nodes.register(register_request(&secret, &format!("r{i}"))).await }));
     }
     let mut winners = 0;
     for r in racers {
@@ -35,21 +31,9 @@ async fn fifty_racers_one_single_use_key_one_winner() {
         }
     }
     assert_eq!(winners, 1);
-    let listed = admin
-        .list_nodes(pb::ListNodesRequest {
-            tailnet_id: tailnet.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let listed = admin.list_nodes(pb::ListNodesRequest { tailnet_id: tailnet.id.clone() }).await.unwrap().into_inner();
     assert_eq!(listed.nodes.len(), 1);
-    let keys = admin
-        .list_auth_keys(pb::ListAuthKeysRequest {
-            tailnet_id: tailnet.id,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let keys = admin.list_auth_keys(pb::ListAuthKeysRequest { tailnet_id: tailnet.id }).await.unwrap().into_inner();
     let key = keys.keys.into_iter().find(|k| k.id == key.id).unwrap();
     assert_eq!((key.uses, key.state.as_str()), (1, "exhausted"));
 }
@@ -66,38 +50,19 @@ async fn two_hundred_racers_get_two_hundred_addresses() {
     for i in 0..200 {
         let mut nodes = pb::node_client::NodeClient::new(channels[i % channels.len()].clone());
         let secret = secret.clone();
-        racers.push(tokio::spawn(async move {
-            register(&mut nodes, &secret, &format!("n{i}")).await
-        }));
+        racers.push(tokio::spawn(async move { register(&mut nodes, &secret, &format!("n{i}")).await }));
     }
     let mut addresses = HashSet::new();
     let mut ids = HashSet::new();
     for r in racers {
         let node = r.await.unwrap().node.unwrap();
-        assert!(
-            addresses.insert(node.addresses[0].clone()),
-            "address {} handed out twice",
-            node.addresses[0]
-        );
+        assert!(addresses.insert(node.addresses[0].clone()), "address {} handed out twice", node.addresses[0]);
         assert!(ids.insert(node.id));
     }
     assert_eq!(addresses.len(), 200);
-    assert!(
-        !addresses.contains("100.64.0.1"),
-        "the gateway address is reserved"
-    );
-    let listed = admin
-        .list_nodes(pb::ListNodesRequest {
-            tailnet_id: tailnet.id,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let listed: HashSet<_> = listed
-        .nodes
-        .into_iter()
-        .map(|n| n.addresses[0].clone())
-        .collect();
+    assert!(!addresses.contains("100.64.0.1"), "the gateway address is reserved");
+    let listed = admin.list_nodes(pb::ListNodesRequest { tailnet_id: tailnet.id }).await.unwrap().into_inner();
+    let listed: HashSet<_> = listed.nodes.into_iter().map(|n| n.addresses[0].clone()).collect();
     assert_eq!(listed, addresses);
 }
 

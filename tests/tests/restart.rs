@@ -19,11 +19,7 @@ async fn everything_is_there_after_a_restart() {
     let (key, secret) = create_key(&mut admin, &tailnet.id, true, false).await;
     let a = register(&mut nodes, &secret, "a").await;
     let b = register(&mut nodes, &secret, "b").await;
-    let events_before = admin
-        .list_audit_events(pb::ListAuditEventsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let events_before = admin.list_audit_events(pb::ListAuditEventsRequest::default()).await.unwrap().into_inner();
     let token = server.admin_token.clone();
     let (dir, temp) = server.stop_keep_dir().await;
 
@@ -31,69 +27,28 @@ async fn everything_is_there_after_a_restart() {
     assert_eq!(server.admin_token, token, "the admin token is kept");
     let mut admin = server.admin().await;
     let mut nodes = server.nodes().await;
-    let got = admin
-        .get_tailnet(pb::GetTailnetRequest {
-            id: tailnet.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        (got.name.as_str(), got.expires_at, got.labels),
-        ("persist", tailnet.expires_at, tailnet.labels)
-    );
+    let got = admin.get_tailnet(pb::GetTailnetRequest { id: tailnet.id.clone() }).await.unwrap().into_inner();
+    assert_eq!((got.name.as_str(), got.expires_at, got.labels), ("persist", tailnet.expires_at, tailnet.labels));
     assert_eq!(got.node_count, 2);
-    let keys = admin
-        .list_auth_keys(pb::ListAuthKeysRequest {
-            tailnet_id: tailnet.id.clone(),
-        })
-        .await
-        .unwrap();
-    let k = keys
-        .into_inner()
-        .keys
-        .into_iter()
-        .find(|k| k.id == key.id)
-        .unwrap();
+    let keys = admin.list_auth_keys(pb::ListAuthKeysRequest { tailnet_id: tailnet.id.clone() }).await.unwrap();
+    let k = keys.into_inner().keys.into_iter().find(|k| k.id == key.id).unwrap();
     assert_eq!(k.uses, 2);
 
-    let listed = admin
-        .list_nodes(pb::ListNodesRequest {
-            tailnet_id: tailnet.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut addrs: Vec<_> = listed
-        .nodes
-        .iter()
-        .map(|n| n.addresses[0].clone())
-        .collect();
+    let listed = admin.list_nodes(pb::ListNodesRequest { tailnet_id: tailnet.id.clone() }).await.unwrap().into_inner();
+    let mut addrs: Vec<_> = listed.nodes.iter().map(|n| n.addresses[0].clone()).collect();
     addrs.sort();
     assert_eq!(addrs, ["100.64.0.2", "100.64.0.3"]);
 
     let mut stream = watch(&mut nodes, &a.session_token).await;
-    let Some(pb::net_map::Update::Full(map)) = next_netmap(&mut stream).await.update else {
-        panic!("full map")
-    };
+    let Some(pb::net_map::Update::Full(map)) = next_netmap(&mut stream).await.update else { panic!("full map") };
     assert_eq!(map.peers[0].id, b.node.unwrap().id);
 
     // The key still works and the next address is fresh.
     let c = register(&mut nodes, &secret, "c").await;
     assert_eq!(c.node.unwrap().addresses, ["100.64.0.4"]);
-    let events_after = admin
-        .list_audit_events(pb::ListAuditEventsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        &events_after.events[..events_before.events.len()],
-        &events_before.events[..]
-    );
-    assert!(
-        events_after.events.last().unwrap().revision
-            > events_before.events.last().unwrap().revision
-    );
+    let events_after = admin.list_audit_events(pb::ListAuditEventsRequest::default()).await.unwrap().into_inner();
+    assert_eq!(&events_after.events[..events_before.events.len()], &events_before.events[..]);
+    assert!(events_after.events.last().unwrap().revision > events_before.events.last().unwrap().revision);
     drop(temp);
 }
 
@@ -121,8 +76,5 @@ async fn deadlines_survive_a_restart() {
     .await;
     assert!(cp.store.get_tailnet(tailnet.id).is_ok());
     tokio::time::sleep(Duration::from_secs(301)).await;
-    assert!(
-        cp.store.get_tailnet(tailnet.id).is_err(),
-        "the reopened server expired the tailnet on time"
-    );
+    assert!(cp.store.get_tailnet(tailnet.id).is_err(), "the reopened server expired the tailnet on time");
 }

@@ -24,26 +24,20 @@ impl ControlApi {
     }
 
     fn tailnet_message(&self, t: &crate::model::Tailnet) -> Result<pb::Tailnet, Error> {
-        Ok(convert::tailnet(t, self.cp.store.node_count(t.id)?))
+        Ok(convert::tailnet(t))
     }
 }
 
 #[tonic::async_trait]
 impl pb::control_server::Control for ControlApi {
-    async fn create_tailnet(
-        &self,
-        req: Request<pb::CreateTailnetRequest>,
-    ) -> Result<Response<pb::Tailnet>, Status> {
+    async fn create_tailnet(&self, req: Request<pb::CreateTailnetRequest>) -> Result<Response<pb::Tailnet>, Status> {
         let actor = actor(&req)?;
         let spec = convert::tailnet_spec(req.into_inner())?;
         let tailnet = self.cp.create_tailnet(spec, &actor).await?;
-        Ok(Response::new(convert::tailnet(&tailnet, 0)))
+        Ok(Response::new(convert::tailnet(&tailnet)))
     }
 
-    async fn get_tailnet(
-        &self,
-        req: Request<pb::GetTailnetRequest>,
-    ) -> Result<Response<pb::Tailnet>, Status> {
+    async fn get_tailnet(&self, req: Request<pb::GetTailnetRequest>) -> Result<Response<pb::Tailnet>, Status> {
         let id = TailnetId::parse("id", &req.get_ref().id)?;
         let tailnet = self.cp.store.get_tailnet(id)?;
         Ok(Response::new(self.tailnet_message(&tailnet)?))
@@ -62,25 +56,14 @@ impl pb::control_server::Control for ControlApi {
         };
         let selector = validate::label_selector("label_selector", &req.label_selector)?;
         let limit = validate::page_size("page_size", req.page_size)?;
-        let after = convert::page_token("page_token", &req.page_token, |t| {
-            TailnetId::parse("", t).ok()
-        })?;
-        let (tailnets, more) = self
-            .cp
-            .store
-            .list_tailnets(owner, &selector, after, limit)?;
+        let after = convert::page_token("page_token", &req.page_token, |t| TailnetId::parse("", t).ok())?;
+        let (tailnets, more) = self.cp.store.list_tailnets(owner, &selector, after, limit)?;
         let next_page_token = match (more, tailnets.last()) {
             (true, Some(last)) => last.id.to_string(),
             _ => String::new(),
         };
-        let tailnets = tailnets
-            .iter()
-            .map(|t| self.tailnet_message(t))
-            .collect::<Result<_, _>>()?;
-        Ok(Response::new(pb::ListTailnetsResponse {
-            tailnets,
-            next_page_token,
-        }))
+        let tailnets = tailnets.iter().map(|t| self.tailnet_message(t)).collect::<Result<_, _>>()?;
+        Ok(Response::new(pb::ListTailnetsResponse { tailnets, next_page_token }))
     }
 
     async fn delete_tailnet(
@@ -117,13 +100,7 @@ impl pb::control_server::Control for ControlApi {
     ) -> Result<Response<pb::ListAuthKeysResponse>, Status> {
         let tailnet = TailnetId::parse("tailnet_id", &req.get_ref().tailnet_id)?;
         let now = self.cp.now();
-        let keys = self
-            .cp
-            .store
-            .list_auth_keys(tailnet)?
-            .iter()
-            .map(|k| convert::auth_key(k, now))
-            .collect();
+        let keys = self.cp.store.list_auth_keys(tailnet)?.iter().map(|k| convert::auth_key(k, now)).collect();
         Ok(Response::new(pb::ListAuthKeysResponse { keys }))
     }
 
@@ -135,28 +112,14 @@ impl pb::control_server::Control for ControlApi {
         let req = req.into_inner();
         let id = AuthKeyId::parse("id", &req.id)?;
         validate::reason("reason", &req.reason)?;
-        let nodes = self
-            .cp
-            .revoke_auth_key(id, &req.reason, req.keep_nodes, &actor)
-            .await?;
-        Ok(Response::new(pb::RevokeAuthKeyResponse {
-            nodes_revoked: nodes.len() as u32,
-        }))
+        let nodes = self.cp.revoke_auth_key(id, &req.reason, req.keep_nodes, &actor).await?;
+        Ok(Response::new(pb::RevokeAuthKeyResponse { nodes_revoked: nodes.len() as u32 }))
     }
 
-    async fn list_nodes(
-        &self,
-        req: Request<pb::ListNodesRequest>,
-    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+    async fn list_nodes(&self, req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
         let tailnet = TailnetId::parse("tailnet_id", &req.get_ref().tailnet_id)?;
         let hub = self.cp.hub();
-        let nodes = self
-            .cp
-            .store
-            .list_nodes(tailnet)?
-            .iter()
-            .map(|n| convert::node(n, hub))
-            .collect();
+        let nodes = self.cp.store.list_nodes(tailnet)?.iter().map(|n| convert::node(n, hub)).collect();
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 
@@ -168,15 +131,7 @@ impl pb::control_server::Control for ControlApi {
         let req = req.into_inner();
         let id = NodeId::parse("id", &req.id)?;
         validate::reason("reason", &req.reason)?;
-        self.cp
-            .remove_node(
-                id,
-                crate::model::EndReason::NodeRemoved,
-                "node deleted",
-                &req.reason,
-                &actor,
-            )
-            .await?;
+        self.cp.remove_node(id, crate::model::EndReason::NodeRemoved, "node deleted", &req.reason, &actor).await?;
         Ok(Response::new(pb::DeleteNodeResponse {}))
     }
 
@@ -188,18 +143,9 @@ impl pb::control_server::Control for ControlApi {
         let filter = EventFilter {
             tailnet: optional_id(&req.tailnet_id, |s| TailnetId::parse("tailnet_id", s))?,
             node: optional_id(&req.node_id, |s| NodeId::parse("node_id", s))?,
-            since: req
-                .since
-                .as_ref()
-                .map(|t| from_timestamp("since", t))
-                .transpose()?,
-            until: req
-                .until
-                .as_ref()
-                .map(|t| from_timestamp("until", t))
-                .transpose()?,
-            after_revision: convert::page_token("page_token", &req.page_token, |t| t.parse().ok())?
-                .unwrap_or(0),
+            since: req.since.as_ref().map(|t| from_timestamp("since", t)).transpose()?,
+            until: req.until.as_ref().map(|t| from_timestamp("until", t)).transpose()?,
+            after_revision: convert::page_token("page_token", &req.page_token, |t| t.parse().ok())?.unwrap_or(0),
             limit: validate::page_size("page_size", req.page_size)?,
         };
         if let (Some(since), Some(until)) = (filter.since, filter.until) {
@@ -213,10 +159,7 @@ impl pb::control_server::Control for ControlApi {
             _ => String::new(),
         };
         let events = events.iter().map(convert::event).collect();
-        Ok(Response::new(pb::ListAuditEventsResponse {
-            events,
-            next_page_token,
-        }))
+        Ok(Response::new(pb::ListAuditEventsResponse { events, next_page_token }))
     }
 
     type WatchEventsStream = BoxStream<pb::Event>;
@@ -231,22 +174,13 @@ impl pb::control_server::Control for ControlApi {
         let mut live = self.cp.hub().subscribe_events();
         let mut shutdown = self.cp.shutdown_signal();
         let cp = self.cp.clone();
-        let mut last = if req.since_revision > 0 {
-            req.since_revision
-        } else {
-            cp.hub().published_revision()
-        };
+        let mut last = if req.since_revision > 0 { req.since_revision } else { cp.hub().published_revision() };
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
             let replay = |last: &mut u64| -> Result<Vec<pb::Event>, Error> {
                 let mut out = Vec::new();
                 loop {
-                    let filter = EventFilter {
-                        tailnet,
-                        after_revision: *last,
-                        limit: 1000,
-                        ..Default::default()
-                    };
+                    let filter = EventFilter { tailnet, after_revision: *last, limit: 1000, ..Default::default() };
                     let (events, more) = cp.store.list_events(&filter)?;
                     for e in &events {
                         *last = e.revision;
@@ -297,19 +231,10 @@ impl pb::control_server::Control for ControlApi {
                 }
             }
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 }
 
-fn optional_id<T>(
-    s: &str,
-    parse: impl FnOnce(&str) -> Result<T, Error>,
-) -> Result<Option<T>, Error> {
-    if s.is_empty() {
-        Ok(None)
-    } else {
-        parse(s).map(Some)
-    }
+fn optional_id<T>(s: &str, parse: impl FnOnce(&str) -> Result<T, Error>) -> Result<Option<T>, Error> {
+    if s.is_empty() { Ok(None) } else { parse(s).map(Some) }
 }

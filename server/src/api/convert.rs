@@ -9,8 +9,7 @@ use cordon_proto::v1 as pb;
 use crate::error::{Error, Result};
 use crate::hub::Hub;
 use crate::model::{
-    AuthKey, AuthKeySpec, EndReason, Event, EventKind, Node, Registration, Tailnet, TailnetId,
-    TailnetSpec,
+    AuthKey, AuthKeySpec, EndReason, Event, EventKind, Node, Registration, Tailnet, TailnetId, TailnetSpec,
 };
 use crate::secret::AUTH_KEY_PREFIX;
 use crate::time::to_timestamp;
@@ -23,13 +22,7 @@ pub fn tailnet_spec(req: pb::CreateTailnetRequest) -> Result<TailnetSpec> {
     let labels: BTreeMap<String, String> = req.labels.into_iter().collect();
     validate::labels("labels", &labels)?;
     let cidr = validate::cidr("cidr", &req.cidr)?;
-    Ok(TailnetSpec {
-        name: req.name,
-        owner: req.owner,
-        ttl_seconds: req.ttl_seconds,
-        labels,
-        cidr,
-    })
+    Ok(TailnetSpec { name: req.name, owner: req.owner, ttl_seconds: req.ttl_seconds, labels, cidr })
 }
 
 pub fn auth_key_spec(req: pb::CreateAuthKeyRequest) -> Result<AuthKeySpec> {
@@ -38,10 +31,7 @@ pub fn auth_key_spec(req: pb::CreateAuthKeyRequest) -> Result<AuthKeySpec> {
     if !req.reusable && req.max_uses > 1 {
         return Err(Error::invalid(
             "max_uses",
-            format!(
-                "a single-use key (reusable=false) admits one node; set reusable=true for {}",
-                req.max_uses
-            ),
+            format!("a single-use key (reusable=false) admits one node; set reusable=true for {}", req.max_uses),
         ));
     }
     validate::reason("reason", &req.reason)?;
@@ -75,23 +65,17 @@ pub fn registration(req: pb::RegisterRequest) -> Result<Registration> {
             format!("is not a Cordon auth key (they start with {AUTH_KEY_PREFIX})"),
         ));
     }
-    let wireguard_public_key =
-        validate::wireguard_key("wireguard_public_key", &req.wireguard_public_key)?;
+    let wireguard_public_key = validate::wireguard_key("wireguard_public_key", &req.wireguard_public_key)?;
     let hostname = validate::hostname("hostname", &req.hostname)?;
     let requested_tags = validate::tags("requested_tags", &req.requested_tags)?;
-    Ok(Registration {
-        auth_key_hash: crate::secret::hash(&auth_key),
-        wireguard_public_key,
-        hostname,
-        requested_tags,
-    })
+    Ok(Registration { auth_key_hash: crate::secret::hash(&auth_key), wireguard_public_key, hostname, requested_tags })
 }
 
 fn ts(t: SystemTime) -> Option<prost_types::Timestamp> {
     Some(to_timestamp(t))
 }
 
-pub fn tailnet(t: &Tailnet, node_count: u32) -> pb::Tailnet {
+pub fn tailnet(t: &Tailnet) -> pb::Tailnet {
     pb::Tailnet {
         id: t.id.to_string(),
         name: t.name.clone(),
@@ -103,7 +87,7 @@ pub fn tailnet(t: &Tailnet, node_count: u32) -> pb::Tailnet {
         expires_at: t.expires_at.map(to_timestamp),
         ttl_seconds: t.ttl_seconds,
         created_by: t.created_by.clone(),
-        node_count,
+        node_count: t.node_count,
     }
 }
 
@@ -117,9 +101,7 @@ pub fn node(n: &Node, hub: &Hub) -> pb::NodeInfo {
         addresses: vec![n.address.to_string()],
         tags: n.tags.clone(),
         owner: n.owner.clone(),
-        admission: Some(pb::Admission {
-            auth_key_id: n.auth_key_id.map(|k| k.to_string()).unwrap_or_default(),
-        }),
+        admission: Some(pb::Admission { auth_key_id: n.auth_key_id.map(|k| k.to_string()).unwrap_or_default() }),
         ephemeral: n.ephemeral,
         created_at: ts(n.created_at),
         last_seen: last_seen.map(to_timestamp),
@@ -187,18 +169,11 @@ pub fn end_reason(r: EndReason) -> pb::stream_ended::Reason {
 }
 
 /// A page token is the id or revision of the last item of the previous page.
-pub fn page_token<T>(
-    field: &str,
-    token: &str,
-    parse: impl FnOnce(&str) -> Option<T>,
-) -> Result<Option<T>> {
+pub fn page_token<T>(field: &str, token: &str, parse: impl FnOnce(&str) -> Option<T>) -> Result<Option<T>> {
     if token.is_empty() {
         return Ok(None);
     }
-    parse(token).map(Some).ok_or_else(|| {
-        Error::invalid(
-            field,
-            "is not a token this server issued; pass next_page_token unchanged",
-        )
-    })
+    parse(token)
+        .map(Some)
+        .ok_or_else(|| Error::invalid(field, "is not a token this server issued; pass next_page_token unchanged"))
 }

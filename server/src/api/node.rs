@@ -29,11 +29,7 @@ fn full(snapshot: &Snapshot, cp: &ControlPlane) -> pb::NetMap {
         revision: snapshot.revision,
         update: Some(pb::net_map::Update::Full(pb::FullNetMap {
             self_: Some(convert::node(&snapshot.node, hub)),
-            peers: snapshot
-                .peers
-                .iter()
-                .map(|p| convert::node(p, hub))
-                .collect(),
+            peers: snapshot.peers.iter().map(|p| convert::node(p, hub)).collect(),
             tailnet_id: snapshot.tailnet.id.to_string(),
             tailnet_name: snapshot.tailnet.name.clone(),
             cidr: snapshot.tailnet.cidr.to_string(),
@@ -56,64 +52,38 @@ fn ended(revision: u64, reason: EndReason, message: String) -> pb::NetMap {
 /// What one netmap change means for the node `me`: a message to send, and whether the stream ends.
 fn translate(me: NodeId, update: &NetMapUpdate, cp: &ControlPlane) -> (Option<pb::NetMap>, bool) {
     let hub = cp.hub();
-    let delta = |d: pb::NetMapDelta| pb::NetMap {
-        revision: update.revision,
-        update: Some(pb::net_map::Update::Delta(d)),
-    };
+    let delta =
+        |d: pb::NetMapDelta| pb::NetMap { revision: update.revision, update: Some(pb::net_map::Update::Delta(d)) };
     match &update.change {
-        NetChange::PeerAdded(n) if n.id != me => (
-            Some(delta(pb::NetMapDelta {
-                peers_added: vec![convert::node(n, hub)],
-                ..Default::default()
-            })),
-            false,
-        ),
+        NetChange::PeerAdded(n) if n.id != me => {
+            (Some(delta(pb::NetMapDelta { peers_added: vec![convert::node(n, hub)], ..Default::default() })), false)
+        }
         NetChange::PeerAdded(_) => (None, false),
-        NetChange::PeerUpdated(n) if n.id == me => (
-            Some(delta(pb::NetMapDelta {
-                self_: Some(convert::node(n, hub)),
-                ..Default::default()
-            })),
-            false,
-        ),
-        NetChange::PeerUpdated(n) => (
-            Some(delta(pb::NetMapDelta {
-                peers_updated: vec![convert::node(n, hub)],
-                ..Default::default()
-            })),
-            false,
-        ),
-        NetChange::PeerRemoved {
-            node,
-            reason,
-            message,
-        } if *node == me => (Some(ended(update.revision, *reason, message.clone())), true),
-        NetChange::PeerRemoved { node, .. } => (
-            Some(delta(pb::NetMapDelta {
-                peers_removed: vec![node.to_string()],
-                ..Default::default()
-            })),
-            false,
-        ),
-        NetChange::TailnetGone { reason, message } => {
+        NetChange::PeerUpdated(n) if n.id == me => {
+            (Some(delta(pb::NetMapDelta { self_: Some(convert::node(n, hub)), ..Default::default() })), false)
+        }
+        NetChange::PeerUpdated(n) => {
+            (Some(delta(pb::NetMapDelta { peers_updated: vec![convert::node(n, hub)], ..Default::default() })), false)
+        }
+        NetChange::PeerRemoved { node, reason, message } if *node == me => {
             (Some(ended(update.revision, *reason, message.clone())), true)
         }
+        NetChange::PeerRemoved { node, .. } => {
+            (Some(delta(pb::NetMapDelta { peers_removed: vec![node.to_string()], ..Default::default() })), false)
+        }
+        NetChange::TailnetGone { reason, message } => (Some(ended(update.revision, *reason, message.clone())), true),
     }
 }
 
 #[tonic::async_trait]
 impl pb::node_server::Node for NodeApi {
-    async fn register(
-        &self,
-        req: Request<pb::RegisterRequest>,
-    ) -> Result<Response<pb::RegisterResponse>, Status> {
+    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
         let reg = convert::registration(req.into_inner())?;
         let (node, tailnet, session) = self.cp.register(reg).await?;
-        let node_count = self.cp.store.node_count(tailnet.id)?;
         Ok(Response::new(pb::RegisterResponse {
             node: Some(convert::node(&node, self.cp.hub())),
             session_token: session.into_exposed(),
-            tailnet: Some(convert::tailnet(&tailnet, node_count)),
+            tailnet: Some(convert::tailnet(&tailnet)),
         }))
     }
 
@@ -126,9 +96,7 @@ impl pb::node_server::Node for NodeApi {
         let node = self.cp.authenticate_session(&req.get_ref().session_token)?;
         let mut shutdown = self.cp.shutdown_signal();
         if *shutdown.borrow() {
-            return Err(
-                Error::Unavailable("server shutting down; reconnect shortly".into()).into(),
-            );
+            return Err(Error::Unavailable("server shutting down; reconnect shortly".into()).into());
         }
         // Subscribe before the snapshot: a change lands either in the snapshot or on the channel.
         let mut changes = self.cp.hub().subscribe_tailnet(node.tailnet_id);
@@ -187,25 +155,12 @@ impl pb::node_server::Node for NodeApi {
                 }
             }
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
-    async fn leave(
-        &self,
-        req: Request<pb::LeaveRequest>,
-    ) -> Result<Response<pb::LeaveResponse>, Status> {
+    async fn leave(&self, req: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveResponse>, Status> {
         let node = self.cp.authenticate_session(&req.get_ref().session_token)?;
-        self.cp
-            .remove_node(
-                node.id,
-                EndReason::NodeRemoved,
-                "node left",
-                "",
-                &Actor::node(node.id),
-            )
-            .await?;
+        self.cp.remove_node(node.id, EndReason::NodeRemoved, "node left", "", &Actor::node(node.id)).await?;
         Ok(Response::new(pb::LeaveResponse {}))
     }
 }

@@ -152,6 +152,8 @@ pub struct Node {
     pub created_at: SystemTime,
     pub expires_at: SystemTime,
     pub session_hash: SecretHash,
+    #[serde(default)]
+    pub endpoints: Vec<std::net::SocketAddr>,
 }
 
 impl fmt::Debug for Node {
@@ -175,6 +177,7 @@ pub struct Registration {
     pub wireguard_public_key: [u8; 32],
     pub hostname: String,
     pub requested_tags: Vec<String>,
+    pub endpoints: Vec<std::net::SocketAddr>,
 }
 
 /// Admits nodes to one tailnet. The secret itself is never stored.

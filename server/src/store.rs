@@ -555,6 +555,7 @@ impl Store {
                     node.ephemeral = auth_key.ephemeral;
                     node.owner = auth_key.owner.clone();
                     node.expires_at = now + node_lifetime;
+                    node.endpoints = reg.endpoints.clone();
                     let summary = format!("node {} re-authenticated at {}", node.hostname, node.address);
                     (node.clone(), NetChange::PeerUpdated(Arc::new(node)), summary)
                 }
@@ -572,6 +573,7 @@ impl Store {
                         created_at: now,
                         expires_at: now + node_lifetime,
                         session_hash,
+                        endpoints: reg.endpoints.clone(),
                     };
                     w.put_raw(&key::tailnet_node(tailnet.id, node.id), &[]);
                     w.put_raw(&key::address(tailnet.id, node.address), node.id.as_bytes());
@@ -596,6 +598,21 @@ impl Store {
             });
             w.netmap(tailnet.id, change);
             Ok((node, tailnet))
+        })
+        .await
+    }
+
+    /// Replaces the node's endpoints and tells its peers.
+    pub async fn set_endpoints(&self, id: NodeId, endpoints: Vec<std::net::SocketAddr>) -> Result<()> {
+        self.write_durable(|w| {
+            let mut node: Node = w.get(&key::node(id))?.ok_or_else(|| Error::not_found("node", id))?;
+            if node.endpoints == endpoints {
+                return Ok(());
+            }
+            node.endpoints = endpoints;
+            w.put(&key::node(id), &node);
+            w.netmap(node.tailnet_id, NetChange::PeerUpdated(Arc::new(node)));
+            Ok(())
         })
         .await
     }

@@ -160,6 +160,30 @@ pub fn wireguard_key(field: &str, key: &[u8]) -> Result<[u8; 32]> {
     Ok(key)
 }
 
+pub const MAX_ENDPOINTS: usize = 16;
+
+/// `ip:port` UDP endpoints, at most 16.
+pub fn endpoints(field: &str, endpoints: &[String]) -> Result<Vec<std::net::SocketAddr>> {
+    if endpoints.len() > MAX_ENDPOINTS {
+        return Err(Error::invalid(field, format!("has {} endpoints; at most {MAX_ENDPOINTS}", endpoints.len())));
+    }
+    endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let addr: std::net::SocketAddr =
+                e.parse().map_err(|_| Error::invalid(format!("{field}[{i}]"), format!("{e:?} is not ip:port")))?;
+            if addr.port() == 0 || addr.ip().is_unspecified() {
+                return Err(Error::invalid(
+                    format!("{field}[{i}]"),
+                    format!("{e:?} needs a specific address and port"),
+                ));
+            }
+            Ok(addr)
+        })
+        .collect()
+}
+
 pub fn page_size(field: &str, n: u32) -> Result<usize> {
     match n {
         0 => Ok(DEFAULT_PAGE_SIZE as usize),

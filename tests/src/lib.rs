@@ -170,6 +170,7 @@ pub fn register_request(secret: &str, hostname: &str) -> pb::RegisterRequest {
         wireguard_public_key: wireguard_key(),
         hostname: hostname.into(),
         requested_tags: vec![],
+        endpoints: vec![],
     }
 }
 

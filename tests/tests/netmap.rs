@@ -263,3 +263,41 @@ async fn watch_events_streams_and_resumes() {
     assert_eq!(by_node.len(), 1);
     assert_eq!(by_node[0].kind(), pb::EventKind::NodeJoined);
 }
+
+#[tokio::test]
+async fn reported_endpoints_reach_peers() {
+    let server = TestServer::start().await;
+    let mut admin = server.admin().await;
+    let mut nodes = server.nodes().await;
+    let tailnet = create_tailnet(&mut admin, "endpoints").await;
+    let (_, secret) = create_key(&mut admin, &tailnet.id, true, false).await;
+    let mut req = register_request(&secret, "a");
+    req.endpoints = vec!["127.0.0.1:41641".into()];
+    let a = nodes.register(req).await.unwrap().into_inner();
+    let b = register(&mut nodes, &secret, "b").await;
+    let mut stream = watch(&mut nodes, &b.session_token).await;
+    let map = full(next_netmap(&mut stream).await);
+    assert_eq!(map.peers[0].endpoints, ["127.0.0.1:41641"]);
+
+    nodes
+        .report_endpoints(pb::ReportEndpointsRequest {
+            session_token: a.session_token.clone(),
+            endpoints: vec!["127.0.0.1:5000".into(), "[::1]:5000".into()],
+        })
+        .await
+        .unwrap();
+    let updated = delta(&next_netmap(&mut stream).await);
+    assert_eq!(updated.peers_updated[0].endpoints, ["127.0.0.1:5000", "[::1]:5000"]);
+
+    for (bad, needle) in [("nope", "endpoints[0]"), ("0.0.0.0:1", "endpoints[0]"), ("127.0.0.1:0", "endpoints[0]")] {
+        let status = nodes
+            .report_endpoints(pb::ReportEndpointsRequest {
+                session_token: a.session_token.clone(),
+                endpoints: vec![bad.into()],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains(needle), "{status:?}");
+    }
+}

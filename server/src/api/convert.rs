@@ -68,7 +68,14 @@ pub fn registration(req: pb::RegisterRequest) -> Result<Registration> {
     let wireguard_public_key = validate::wireguard_key("wireguard_public_key", &req.wireguard_public_key)?;
     let hostname = validate::hostname("hostname", &req.hostname)?;
     let requested_tags = validate::tags("requested_tags", &req.requested_tags)?;
-    Ok(Registration { auth_key_hash: crate::secret::hash(&auth_key), wireguard_public_key, hostname, requested_tags })
+    let endpoints = validate::endpoints("endpoints", &req.endpoints)?;
+    Ok(Registration {
+        auth_key_hash: crate::secret::hash(&auth_key),
+        wireguard_public_key,
+        hostname,
+        requested_tags,
+        endpoints,
+    })
 }
 
 fn ts(t: SystemTime) -> Option<prost_types::Timestamp> {
@@ -107,6 +114,7 @@ pub fn node(n: &Node, hub: &Hub) -> pb::NodeInfo {
         last_seen: last_seen.map(to_timestamp),
         expires_at: ts(n.expires_at),
         online,
+        endpoints: n.endpoints.iter().map(|e| e.to_string()).collect(),
     }
 }
 

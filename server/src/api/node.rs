@@ -158,6 +158,17 @@ impl pb::node_server::Node for NodeApi {
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
+    async fn report_endpoints(
+        &self,
+        req: Request<pb::ReportEndpointsRequest>,
+    ) -> Result<Response<pb::ReportEndpointsResponse>, Status> {
+        let req = req.into_inner();
+        let node = self.cp.authenticate_session(&req.session_token)?;
+        let endpoints = crate::validate::endpoints("endpoints", &req.endpoints)?;
+        self.cp.store.set_endpoints(node.id, endpoints).await?;
+        Ok(Response::new(pb::ReportEndpointsResponse {}))
+    }
+
     async fn leave(&self, req: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveResponse>, Status> {
         let node = self.cp.authenticate_session(&req.get_ref().session_token)?;
         self.cp.remove_node(node.id, EndReason::NodeRemoved, "node left", "", &Actor::node(node.id)).await?;

@@ -1,0 +1,180 @@
+//! The control client: register (or resume a saved session), then follow the netmap stream, reconnecting
+//! with jittered backoff until the server says the identity is gone.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cordon_proto::v1 as pb;
+use cordon_proto::v1::node_client::NodeClient;
+use tokio::sync::{mpsc, watch};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::dataplane::Command;
+use crate::error::Error;
+use crate::netmap::NetMap;
+
+pub type Client = NodeClient<Channel>;
+pub type NetMapStream = tonic::Streaming<pb::NetMap>;
+
+/// Why the node's session ended for good.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ended {
+    pub reason: pb::stream_ended::Reason,
+    pub message: String,
+}
+
+pub async fn connect(server: &str) -> Result<Client, Error> {
+    let bad = || Error::BadServerUrl(server.to_string());
+    if !(server.starts_with("http://") || server.starts_with("https://")) {
+        return Err(bad());
+    }
+    let mut endpoint = Endpoint::from_shared(server.to_string())
+        .map_err(|_| bad())?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    if server.starts_with("https://") {
+        endpoint = endpoint
+            .tls_config(tonic::transport::ClientTlsConfig::new())
+            .map_err(|e| Error::Unreachable { server: server.into(), detail: e.to_string() })?;
+    }
+    let channel =
+        endpoint.connect().await.map_err(|e| Error::Unreachable { server: server.into(), detail: source_chain(&e) })?;
+    Ok(NodeClient::new(channel).max_decoding_message_size(64 << 20))
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+/// A refusal is final for the credential; anything else may pass.
+pub fn rejected(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unauthenticated
+            | tonic::Code::InvalidArgument
+            | tonic::Code::PermissionDenied
+            | tonic::Code::NotFound
+    )
+}
+
+pub async fn watch(client: &mut Client, session_token: &str) -> Result<NetMapStream, tonic::Status> {
+    client
+        .watch_net_map(pb::WatchNetMapRequest { session_token: session_token.to_string() })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// The first message of a stream: the full map.
+pub async fn first_netmap(stream: &mut NetMapStream) -> Result<NetMap, Error> {
+    let message = tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await
+        .map_err(|_| Error::Protocol("nothing within 30 s".into()))?
+        .map_err(|s| Error::Rejected(s.message().to_string()))?
+        .ok_or_else(|| Error::Protocol("an empty stream".into()))?;
+    match message.update {
+        Some(pb::net_map::Update::Full(full)) => NetMap::from_full(message.revision, &full),
+        Some(pb::net_map::Update::Ended(e)) => Err(Error::Revoked(e.message)),
+        other => Err(Error::Protocol(format!("{other:?}"))),
+    }
+}
+
+/// Everything the follow loop updates.
+pub struct Follow {
+    pub client: Client,
+    pub session_token: String,
+    pub netmap: watch::Sender<Arc<NetMap>>,
+    pub ended: watch::Sender<Option<Ended>>,
+    pub commands: mpsc::UnboundedSender<Command>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Follows the netmap until the identity ends or the node shuts down; reconnects in between.
+pub async fn follow(mut f: Follow, mut stream: NetMapStream) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        // Read until the stream fails or ends.
+        loop {
+            let message = tokio::select! {
+                _ = crate::stopped(&mut f.shutdown) => return,
+                m = stream.message() => m,
+            };
+            match message {
+                Ok(Some(m)) => {
+                    backoff = Duration::from_millis(250);
+                    if let Some(ended) = apply(&f, m) {
+                        if ended.1 {
+                            tracing::info!(reason = ?ended.0.reason, message = %ended.0.message, "server ended the session; will reconnect");
+                            break;
+                        }
+                        tracing::warn!(reason = ?ended.0.reason, message = %ended.0.message, "this node was revoked");
+                        f.ended.send_replace(Some(ended.0));
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(status) => {
+                    tracing::info!(error = %status.message(), "netmap stream broke; reconnecting");
+                    break;
+                }
+            }
+        }
+        // Reconnect with jittered exponential backoff.
+        stream = loop {
+            let jitter = rand::random::<f64>() * 0.5 + 0.75;
+            let wait = backoff.mul_f64(jitter);
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+            tokio::select! {
+                _ = crate::stopped(&mut f.shutdown) => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            match watch(&mut f.client, &f.session_token).await {
+                Ok(s) => break s,
+                Err(status) if status.code() == tonic::Code::Unauthenticated => {
+                    let ended = Ended {
+                        reason: pb::stream_ended::Reason::NodeRemoved,
+                        message: format!("the server no longer knows this node ({})", status.message()),
+                    };
+                    tracing::warn!(message = %ended.message, "this node was revoked");
+                    f.ended.send_replace(Some(ended));
+                    return;
+                }
+                Err(status) => tracing::debug!(error = %status.message(), ?wait, "reconnect failed"),
+            }
+        };
+    }
+}
+
+/// Applies one message; returns `(ended, retry)` when it ends the stream.
+fn apply(f: &Follow, m: pb::NetMap) -> Option<(Ended, bool)> {
+    match m.update {
+        Some(pb::net_map::Update::Full(full)) => match NetMap::from_full(m.revision, &full) {
+            Ok(map) => publish(f, map),
+            Err(e) => tracing::warn!(error = %e, "ignoring a bad netmap"),
+        },
+        Some(pb::net_map::Update::Delta(delta)) => {
+            let mut map = (**f.netmap.borrow()).clone();
+            map.apply(m.revision, &delta);
+            publish(f, map);
+        }
+        Some(pb::net_map::Update::Ended(e)) => {
+            let retry = e.retry;
+            return Some((Ended { reason: e.reason(), message: e.message }, retry));
+        }
+        None => {}
+    }
+    None
+}
+
+fn publish(f: &Follow, map: NetMap) {
+    let _ = f.commands.send(Command::SetPeers(map.peer_configs()));
+    f.netmap.send_replace(Arc::new(map));
+}

@@ -1,0 +1,153 @@
+//! The data plane's IO shell: one task per node that owns the UDP socket and the WireGuard engine and
+//! moves packets between them and the local side (the userspace stack or a TUN device).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::filter::PacketFilter;
+use crate::stack::Stack;
+use crate::tun::Tun;
+use crate::wg::{Drops, Engine, Event, Key, PeerConfig, PeerStats};
+
+/// How many datagrams one wakeup reads before the stack runs.
+const RECV_BATCH: usize = 64;
+
+/// Where decrypted packets go and outbound packets come from.
+pub enum Local {
+    Stack(Arc<Stack>),
+    Tun(Tun),
+}
+
+pub enum Command {
+    SetPeers(Vec<PeerConfig>),
+    SetFilter(PacketFilter),
+    Stats(oneshot::Sender<(Drops, Vec<(Key, PeerStats)>)>),
+}
+
+/// Runs until `shutdown` turns true.
+pub async fn run(
+    socket: Arc<UdpSocket>,
+    mut engine: Engine,
+    local: Local,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 65_536];
+    let mut tun_buf = vec![0u8; 65_536];
+    let mut outbound: Vec<Vec<u8>> = Vec::new();
+    let mut next_tick = Instant::now() + Duration::from_millis(100);
+    loop {
+        let now = Instant::now();
+        // The stack first: what it wants to send goes through the engine.
+        let stack_delay = match &local {
+            Local::Stack(stack) => stack.poll(&mut outbound),
+            Local::Tun(_) => None,
+        };
+        for packet in outbound.drain(..) {
+            engine.send(&packet, now.into_std());
+        }
+        flush(&socket, &mut engine).await;
+        while let Some(event) = engine.poll_event() {
+            match event {
+                Event::HandshakeCompleted { peer } => tracing::debug!(peer = %short(&peer), "handshake completed"),
+                Event::HandshakeFailed { peer } => tracing::info!(peer = %short(&peer), "no handshake answer for 90 s"),
+                Event::PeerExpired { peer } => tracing::debug!(peer = %short(&peer), "silent peer expired"),
+            }
+        }
+        let deadline = stack_delay.map_or(next_tick, |d| next_tick.min(now + d));
+        tokio::select! {
+            biased;
+            _ = crate::stopped(&mut shutdown) => return,
+            command = commands.recv() => match command {
+                Some(Command::SetPeers(peers)) => engine.set_peers(peers),
+                Some(Command::SetFilter(filter)) => engine.set_filter(filter),
+                Some(Command::Stats(reply)) => {
+                    let peers = engine_peers(&engine);
+                    let _ = reply.send((engine.drops(), peers));
+                }
+                None => return,
+            },
+            received = socket.recv_from(&mut buf) => {
+                let now = Instant::now().into_std();
+                if let Ok((n, from)) = received {
+                    engine.receive(from, &buf[..n], now);
+                }
+                for _ in 1..RECV_BATCH {
+                    match socket.try_recv_from(&mut buf) {
+                        Ok((n, from)) => engine.receive(from, &buf[..n], now),
+                        Err(_) => break,
+                    }
+                }
+                deliver(&local, &mut engine).await;
+            }
+            read = read_tun(&local, &mut tun_buf) => {
+                if let Some(n) = read {
+                    engine.send(&tun_buf[..n], Instant::now().into_std());
+                }
+            }
+            _ = wake(&local) => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                let now = Instant::now();
+                if now >= next_tick {
+                    engine.handle_timeout(now.into_std());
+                    next_tick = now + Duration::from_millis(100);
+                }
+            }
+        }
+    }
+}
+
+fn engine_peers(engine: &Engine) -> Vec<(Key, PeerStats)> {
+    engine.peer_keys().into_iter().filter_map(|k| engine.peer_stats(&k).map(|s| (k, s))).collect()
+}
+
+async fn flush(socket: &UdpSocket, engine: &mut Engine) {
+    while let Some(t) = engine.poll_transmit() {
+        send(socket, t.dst, &t.payload).await;
+    }
+}
+
+async fn send(socket: &UdpSocket, dst: SocketAddr, payload: &[u8]) {
+    match socket.try_send_to(payload, dst) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            let _ = socket.send_to(payload, dst).await;
+        }
+        Err(e) => tracing::trace!(%dst, error = %e, "send failed"),
+    }
+}
+
+async fn deliver(local: &Local, engine: &mut Engine) {
+    match local {
+        Local::Stack(stack) => stack.deliver(std::iter::from_fn(|| engine.poll_local())),
+        Local::Tun(tun) => {
+            while let Some(packet) = engine.poll_local() {
+                tun.send(&packet).await;
+            }
+        }
+    }
+}
+
+async fn read_tun(local: &Local, buf: &mut [u8]) -> Option<usize> {
+    match local {
+        Local::Tun(tun) => tun.recv(buf).await,
+        Local::Stack(_) => std::future::pending().await,
+    }
+}
+
+async fn wake(local: &Local) {
+    match local {
+        Local::Stack(stack) => stack.wake.notified().await,
+        Local::Tun(_) => std::future::pending().await,
+    }
+}
+
+pub fn short(key: &Key) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(key)[..8].to_string()
+}

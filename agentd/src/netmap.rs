@@ -1,0 +1,122 @@
+//! The node's view of its tailnet, kept current from the server's full maps and deltas.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+
+use cordon_proto::v1 as pb;
+
+use crate::error::Error;
+use crate::wg::{Key, PeerConfig};
+
+/// One node of the tailnet as this node knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub id: String,
+    pub hostname: String,
+    pub key: Key,
+    pub addresses: Vec<Ipv4Addr>,
+    pub endpoints: Vec<SocketAddr>,
+    pub tags: Vec<String>,
+    pub owner: String,
+    pub online: bool,
+}
+
+impl Peer {
+    fn from_proto(n: &pb::NodeInfo) -> Option<Peer> {
+        Some(Peer {
+            id: n.id.clone(),
+            hostname: n.hostname.clone(),
+            key: n.wireguard_public_key.as_slice().try_into().ok()?,
+            addresses: n.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
+            endpoints: n.endpoints.iter().filter_map(|e| e.parse().ok()).collect(),
+            tags: n.tags.clone(),
+            owner: n.owner.clone(),
+            online: n.online,
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct NetMap {
+    pub revision: u64,
+    pub me: Peer,
+    pub peers: BTreeMap<String, Peer>,
+    pub tailnet_id: String,
+    pub tailnet_name: String,
+    pub network: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Ipv4Addr,
+}
+
+impl NetMap {
+    pub fn from_full(revision: u64, full: &pb::FullNetMap) -> Result<NetMap, Error> {
+        let me =
+            full.self_.as_ref().and_then(Peer::from_proto).ok_or_else(|| Error::Protocol("no self node".into()))?;
+        let (network, prefix) = full
+            .cidr
+            .split_once('/')
+            .and_then(|(a, p)| Some((a.parse().ok()?, p.parse().ok()?)))
+            .ok_or_else(|| Error::Protocol(format!("a bad range {:?}", full.cidr)))?;
+        let gateway = full.gateway_address.parse().map_err(|_| Error::Protocol("a bad gateway address".into()))?;
+        let peers = full.peers.iter().filter_map(Peer::from_proto).map(|p| (p.id.clone(), p)).collect();
+        Ok(NetMap {
+            revision,
+            me,
+            peers,
+            tailnet_id: full.tailnet_id.clone(),
+            tailnet_name: full.tailnet_name.clone(),
+            network,
+            prefix,
+            gateway,
+        })
+    }
+
+    pub fn apply(&mut self, revision: u64, delta: &pb::NetMapDelta) {
+        self.revision = revision;
+        for p in delta.peers_added.iter().chain(&delta.peers_updated).filter_map(Peer::from_proto) {
+            self.peers.insert(p.id.clone(), p);
+        }
+        for id in &delta.peers_removed {
+            self.peers.remove(id);
+        }
+        if let Some(me) = delta.self_.as_ref().and_then(Peer::from_proto) {
+            self.me = me;
+        }
+    }
+
+    pub fn address(&self) -> Ipv4Addr {
+        self.me.addresses.first().copied().unwrap_or(Ipv4Addr::UNSPECIFIED)
+    }
+
+    /// What the WireGuard engine should have: one entry per peer.
+    pub fn peer_configs(&self) -> Vec<PeerConfig> {
+        self.peers
+            .values()
+            .map(|p| PeerConfig {
+                key: p.key,
+                addresses: p.addresses.clone(),
+                endpoint: p.endpoints.first().copied(),
+                persistent_keepalive: None,
+            })
+            .collect()
+    }
+
+    /// A peer name (`laptop`, `laptop.<tailnet>`), `gateway`, or an IPv4 address.
+    pub fn resolve(&self, host: &str) -> Option<Ipv4Addr> {
+        if let Ok(ip) = host.parse() {
+            return Some(ip);
+        }
+        let name = host.strip_suffix(&format!(".{}", self.tailnet_name)).unwrap_or(host);
+        if name == "gateway" {
+            return Some(self.gateway);
+        }
+        if name == self.me.hostname {
+            return Some(self.address());
+        }
+        self.peers.values().find(|p| p.hostname == name).and_then(|p| p.addresses.first().copied())
+    }
+
+    pub fn peer_by_address(&self, ip: Ipv4Addr) -> Option<&Peer> {
+        self.peers.values().find(|p| p.addresses.contains(&ip))
+    }
+}

@@ -1,0 +1,371 @@
+//! `Node`: a tailnet member in this process. Many can live in one process (the server hosts one per
+//! tailnet for its gateway); each has its own key, UDP socket, WireGuard engine and stack.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket as StdUdpSocket};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use boringtun::x25519::PublicKey;
+use cordon_proto::v1 as pb;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::control::{self, Client, Ended, Follow};
+use crate::dataplane::{self, Command, Local};
+use crate::error::Error;
+use crate::netmap::{NetMap, Peer};
+use crate::stack::{Listener, Stack, TcpStream};
+use crate::state::{Session, StateDir};
+use crate::tun::Tun;
+use crate::wg::{Drops, Engine};
+
+/// How the node meets the operating system.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// A userspace stack inside the process; no root needed.
+    Userspace,
+    /// A kernel TUN interface of this name; needs root.
+    Tun { name: String },
+}
+
+#[derive(Clone)]
+pub struct NodeConfig {
+    /// `http://host:port` or `https://host:port`.
+    pub server: String,
+    /// `cordon-auth-...`; needed on first start and whenever the saved session is no longer valid.
+    pub auth_key: Option<String>,
+    pub state_dir: PathBuf,
+    pub hostname: String,
+    pub mode: Mode,
+    /// UDP port for WireGuard; 0 picks one.
+    pub listen_port: u16,
+    /// Endpoints to advertise instead of the one derived from the route to the server.
+    pub advertise: Vec<SocketAddr>,
+}
+
+impl std::fmt::Debug for NodeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeConfig")
+            .field("server", &self.server)
+            .field("auth_key", &self.auth_key.as_ref().map(|_| "<redacted>"))
+            .field("state_dir", &self.state_dir)
+            .field("hostname", &self.hostname)
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeConfig {
+    pub fn new(server: impl Into<String>, state_dir: impl Into<PathBuf>) -> NodeConfig {
+        NodeConfig {
+            server: server.into(),
+            auth_key: None,
+            state_dir: state_dir.into(),
+            hostname: "node".into(),
+            mode: Mode::Userspace,
+            listen_port: 0,
+            advertise: Vec::new(),
+        }
+    }
+}
+
+/// What `status` reports about one peer.
+#[derive(Clone, Debug)]
+pub struct PeerStatus {
+    pub peer: Peer,
+    pub endpoint: Option<SocketAddr>,
+    /// Seconds since the last completed handshake.
+    pub last_handshake: Option<u64>,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Status {
+    pub node_id: String,
+    pub hostname: String,
+    pub address: Ipv4Addr,
+    pub tailnet: String,
+    pub endpoint: SocketAddr,
+    pub peers: Vec<PeerStatus>,
+    pub drops: Drops,
+    pub ended: Option<Ended>,
+}
+
+pub struct Node {
+    session: Session,
+    client: Client,
+    state: StateDir,
+    stack: Option<Arc<Stack>>,
+    netmap: watch::Receiver<Arc<NetMap>>,
+    ended: watch::Receiver<Option<Ended>>,
+    commands: mpsc::UnboundedSender<Command>,
+    shutdown: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    endpoint: SocketAddr,
+}
+
+impl Node {
+    /// Joins the tailnet: loads or makes the key, resumes the saved session or registers, waits for the
+    /// first netmap, and brings the tunnels up.
+    pub async fn start(config: NodeConfig) -> Result<Node, Error> {
+        let state = StateDir::open(&config.state_dir)?;
+        let secret = state.key()?;
+        let public = PublicKey::from(&secret).to_bytes();
+        let mut client = control::connect(&config.server).await?;
+
+        let socket = StdUdpSocket::bind(("0.0.0.0", config.listen_port))
+            .map_err(|e| Error::io(format!("cannot bind UDP port {}", config.listen_port), e))?;
+        socket.set_nonblocking(true).map_err(|e| Error::io("UDP socket", e))?;
+        let port = socket.local_addr().map_err(|e| Error::io("UDP socket", e))?.port();
+        let socket = Arc::new(UdpSocket::from_std(socket).map_err(|e| Error::io("UDP socket", e))?);
+        let endpoints = if config.advertise.is_empty() {
+            vec![SocketAddr::new(route_source(&config.server), port)]
+        } else {
+            config.advertise.clone()
+        };
+        let endpoint = endpoints[0];
+
+        let (session, mut stream) = resume_or_register(&mut client, &state, &config, public, &endpoints).await?;
+        let netmap = control::first_netmap(&mut stream).await?;
+
+        let mut engine = Engine::new(secret);
+        engine.set_peers(netmap.peer_configs());
+        let (stack, local) = match &config.mode {
+            Mode::Userspace => {
+                let stack = Stack::new(netmap.address(), netmap.prefix);
+                (Some(stack.clone()), Local::Stack(stack))
+            }
+            Mode::Tun { name } => {
+                let tun = Tun::create(name, netmap.address(), netmap.prefix).map_err(|e| Error::io("TUN", e))?;
+                (None, Local::Tun(tun))
+            }
+        };
+        tracing::info!(node = %session.node_id, address = %netmap.address(), %endpoint, peers = netmap.peers.len(), "joined tailnet {}", netmap.tailnet_name);
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let (netmap_tx, netmap_rx) = watch::channel(Arc::new(netmap));
+        let (ended_tx, ended_rx) = watch::channel(None);
+        let plane = tokio::spawn(dataplane::run(socket, engine, local, commands_rx, shutdown_rx.clone()));
+        let follow = Follow {
+            client: client.clone(),
+            session_token: session.session_token.clone(),
+            netmap: netmap_tx,
+            ended: ended_tx,
+            commands: commands.clone(),
+            shutdown: shutdown_rx,
+        };
+        let follower = tokio::spawn(control::follow(follow, stream));
+        let node = Node {
+            session,
+            client,
+            state,
+            stack,
+            netmap: netmap_rx,
+            ended: ended_rx,
+            commands,
+            shutdown,
+            tasks: Mutex::new(vec![plane, follower]),
+            endpoint,
+        };
+        node.take_down_when_revoked();
+        Ok(node)
+    }
+
+    /// When the server ends the identity, stop the data plane: no tunnel outlives a revoked node.
+    fn take_down_when_revoked(&self) {
+        let mut ended = self.ended.clone();
+        let shutdown = self.shutdown.clone();
+        let state_dir = self.state.path().to_path_buf();
+        self.tasks.lock().unwrap().push(tokio::spawn(async move {
+            if ended.wait_for(Option::is_some).await.is_ok() {
+                shutdown.send_replace(true);
+                if let Ok(state) = StateDir::open(&state_dir) {
+                    let _ = state.clear_session();
+                }
+            }
+        }));
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.session.node_id
+    }
+
+    pub fn address(&self) -> Ipv4Addr {
+        self.netmap.borrow().address()
+    }
+
+    /// The current netmap, and a way to wait for the next.
+    pub fn netmap(&self) -> watch::Receiver<Arc<NetMap>> {
+        self.netmap.clone()
+    }
+
+    /// Becomes `Some` when the server ends this node's identity.
+    pub fn ended(&self) -> watch::Receiver<Option<Ended>> {
+        self.ended.clone()
+    }
+
+    fn stack(&self) -> Result<&Arc<Stack>, Error> {
+        self.stack.as_ref().ok_or_else(|| {
+            Error::io("listen/dial", std::io::Error::other("TUN mode uses the kernel's sockets, not the node's"))
+        })
+    }
+
+    pub async fn listen(&self, port: u16) -> Result<Listener, Error> {
+        self.stack()?.listen(port).map_err(|e| Error::io(format!("listen on port {port}"), e))
+    }
+
+    pub async fn dial(&self, addr: SocketAddr) -> Result<TcpStream, Error> {
+        let SocketAddr::V4(v4) = addr else {
+            return Err(Error::UnknownHost(addr.to_string()));
+        };
+        self.stack()?.dial(v4).await.map_err(|e| Error::io(format!("dial {addr}"), e))
+    }
+
+    /// Dials a peer by name (`laptop`, `gateway`) or address.
+    pub async fn dial_host(&self, host: &str, port: u16) -> Result<TcpStream, Error> {
+        let ip = self.netmap.borrow().resolve(host).ok_or_else(|| Error::UnknownHost(host.to_string()))?;
+        self.dial(SocketAddr::V4(SocketAddrV4::new(ip, port))).await
+    }
+
+    /// Who is behind a tunnel address, from the netmap (no round trip).
+    pub fn whois(&self, ip: Ipv4Addr) -> Option<Peer> {
+        let map = self.netmap.borrow();
+        if map.me.addresses.contains(&ip) {
+            return Some(map.me.clone());
+        }
+        map.peer_by_address(ip).cloned()
+    }
+
+    pub async fn status(&self) -> Status {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.commands.send(Command::Stats(tx));
+        let (drops, stats) = rx.await.unwrap_or_default();
+        let map = self.netmap.borrow().clone();
+        let now = Instant::now();
+        let peers = map
+            .peers
+            .values()
+            .map(|p| {
+                let s = stats.iter().find(|(k, _)| *k == p.key).map(|(_, s)| s.clone()).unwrap_or_default();
+                PeerStatus {
+                    peer: p.clone(),
+                    endpoint: s.endpoint,
+                    last_handshake: s.last_handshake.map(|t| now.duration_since(t).as_secs()),
+                    tx_bytes: s.tx_bytes,
+                    rx_bytes: s.rx_bytes,
+                }
+            })
+            .collect();
+        Status {
+            node_id: self.session.node_id.clone(),
+            hostname: map.me.hostname.clone(),
+            address: map.address(),
+            tailnet: map.tailnet_name.clone(),
+            endpoint: self.endpoint,
+            peers,
+            drops,
+            ended: self.ended.borrow().clone(),
+        }
+    }
+
+    /// Stops the tunnels and the control stream; the node stays registered and can resume.
+    pub async fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+        let tasks: Vec<_> = std::mem::take(&mut *self.tasks.lock().unwrap());
+        for t in tasks {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+
+    /// Leaves the tailnet for good: the server removes the node at once.
+    pub async fn leave(&self) -> Result<(), Error> {
+        let mut client = self.client.clone();
+        let result = client.leave(pb::LeaveRequest { session_token: self.session.session_token.clone() }).await;
+        self.shutdown().await;
+        self.state.clear_session()?;
+        result.map(|_| ()).map_err(|s| Error::Rejected(s.message().to_string()))
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.shutdown.send_replace(true);
+    }
+}
+
+async fn resume_or_register(
+    client: &mut Client,
+    state: &StateDir,
+    config: &NodeConfig,
+    public: [u8; 32],
+    endpoints: &[SocketAddr],
+) -> Result<(Session, control::NetMapStream), Error> {
+    if let Some(session) = state.session()? {
+        if session.server == config.server {
+            match control::watch(client, &session.session_token).await {
+                Ok(stream) => {
+                    report_endpoints(client, &session.session_token, endpoints).await;
+                    tracing::info!(node = %session.node_id, "resumed saved session");
+                    return Ok((session, stream));
+                }
+                Err(status) if status.code() == tonic::Code::Unauthenticated => {
+                    tracing::info!(reason = %status.message(), "saved session is no longer valid; registering anew");
+                    state.clear_session()?;
+                }
+                Err(status) => {
+                    return Err(Error::Unreachable { server: config.server.clone(), detail: status.message().into() });
+                }
+            }
+        }
+    }
+    let auth_key = config.auth_key.clone().ok_or(Error::NoCredential)?;
+    let request = pb::RegisterRequest {
+        credential: Some(pb::register_request::Credential::AuthKey(auth_key)),
+        wireguard_public_key: public.to_vec(),
+        hostname: config.hostname.clone(),
+        requested_tags: vec![],
+        endpoints: endpoints.iter().map(ToString::to_string).collect(),
+    };
+    let response = client.register(request).await.map_err(|s| {
+        if control::rejected(&s) {
+            Error::Rejected(s.message().to_string())
+        } else {
+            Error::Unreachable { server: config.server.clone(), detail: s.message().to_string() }
+        }
+    })?;
+    let response = response.into_inner();
+    let node_id = response.node.map(|n| n.id).unwrap_or_default();
+    let session = Session { server: config.server.clone(), node_id, session_token: response.session_token };
+    state.save_session(&session)?;
+    let stream =
+        control::watch(client, &session.session_token).await.map_err(|s| Error::Rejected(s.message().to_string()))?;
+    Ok((session, stream))
+}
+
+async fn report_endpoints(client: &mut Client, token: &str, endpoints: &[SocketAddr]) {
+    let request = pb::ReportEndpointsRequest {
+        session_token: token.to_string(),
+        endpoints: endpoints.iter().map(ToString::to_string).collect(),
+    };
+    if let Err(status) = client.report_endpoints(request).await {
+        tracing::warn!(error = %status.message(), "could not report endpoints");
+    }
+}
+
+/// The local address this host uses to reach the server: the address peers on the same path can reach.
+fn route_source(server: &str) -> IpAddr {
+    let host_port = server.split("://").nth(1).unwrap_or(server).split('/').next().unwrap_or("");
+    let target = std::net::ToSocketAddrs::to_socket_addrs(host_port).ok().and_then(|mut a| a.find(SocketAddr::is_ipv4));
+    let probe = StdUdpSocket::bind("0.0.0.0:0").ok();
+    match (target, probe) {
+        (Some(target), Some(probe)) if probe.connect(target).is_ok() => {
+            probe.local_addr().map(|a| a.ip()).unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
+        }
+        _ => IpAddr::V4(Ipv4Addr::LOCALHOST),
+    }
+}

@@ -1,0 +1,386 @@
+//! The userspace network stack: smoltcp at the node's tunnel address, and TCP streams and listeners
+//! on it that implement tokio's `AsyncRead`/`AsyncWrite`.
+//!
+//! The stack is shared between the data plane task, which feeds it decrypted packets and polls it, and
+//! the streams, which read and write socket buffers directly under a short lock and then wake the data
+//! plane. No packet or byte crosses a channel between them.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{Device, DeviceCapabilities, Medium};
+use smoltcp::socket::tcp;
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{Notify, mpsc};
+
+/// Tunnel MTU: WireGuard over IPv4 leaves 1420 bytes of a 1500-byte path.
+pub const MTU: usize = 1420;
+const TCP_BUFFER: usize = 512 * 1024;
+/// Listening sockets kept per port, so that connections arriving together are all accepted.
+const SPARE_LISTENERS: usize = 4;
+
+/// Packets between the stack and the tunnel.
+#[derive(Default)]
+struct Queues {
+    rx: VecDeque<Vec<u8>>,
+    tx: VecDeque<Vec<u8>>,
+}
+
+impl Device for Queues {
+    type RxToken<'a> = RxToken;
+    type TxToken<'a> = TxToken<'a>;
+
+    fn receive(&mut self, _: smoltcp::time::Instant) -> Option<(RxToken, TxToken<'_>)> {
+        let packet = self.rx.pop_front()?;
+        Some((RxToken(packet), TxToken(&mut self.tx)))
+    }
+
+    fn transmit(&mut self, _: smoltcp::time::Instant) -> Option<TxToken<'_>> {
+        Some(TxToken(&mut self.tx))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ip;
+        caps.max_transmission_unit = MTU;
+        caps
+    }
+}
+
+struct RxToken(Vec<u8>);
+
+impl smoltcp::phy::RxToken for RxToken {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+struct TxToken<'a>(&'a mut VecDeque<Vec<u8>>);
+
+impl smoltcp::phy::TxToken for TxToken<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut packet = vec![0; len];
+        let r = f(&mut packet);
+        self.0.push_back(packet);
+        r
+    }
+}
+
+struct Listening {
+    sockets: Vec<SocketHandle>,
+    accepted: mpsc::UnboundedSender<SocketHandle>,
+}
+
+pub(crate) struct Inner {
+    iface: Interface,
+    device: Queues,
+    sockets: SocketSet<'static>,
+    listeners: HashMap<u16, Listening>,
+    /// Sockets whose stream was dropped; removed once closed.
+    orphans: Vec<SocketHandle>,
+    address: Ipv4Addr,
+    next_port: u16,
+}
+
+/// The stack of one node.
+pub struct Stack {
+    inner: Mutex<Inner>,
+    /// Wakes the data plane after a stream read or wrote.
+    pub(crate) wake: Notify,
+    epoch: std::time::Instant,
+}
+
+impl Stack {
+    pub fn new(address: Ipv4Addr, prefix: u8) -> Arc<Stack> {
+        let mut device = Queues::default();
+        let epoch = std::time::Instant::now();
+        let mut config = Config::new(HardwareAddress::Ip);
+        config.random_seed = rand::random();
+        let mut iface = Interface::new(config, &mut device, smoltcp::time::Instant::from_millis(0));
+        iface.update_ip_addrs(|addrs| {
+            addrs.push(IpCidr::new(IpAddress::Ipv4(address), prefix)).expect("one address fits");
+        });
+        Arc::new(Stack {
+            inner: Mutex::new(Inner {
+                iface,
+                device,
+                sockets: SocketSet::new(Vec::new()),
+                listeners: HashMap::new(),
+                orphans: Vec::new(),
+                address,
+                next_port: 49152 + rand::random::<u16>() % 16_000,
+            }),
+            wake: Notify::new(),
+            epoch,
+        })
+    }
+
+    fn now(&self) -> smoltcp::time::Instant {
+        smoltcp::time::Instant::from_micros(self.epoch.elapsed().as_micros() as i64)
+    }
+
+    /// Hands the stack packets that arrived through the tunnel.
+    pub(crate) fn deliver(&self, packets: impl IntoIterator<Item = Vec<u8>>) {
+        self.inner.lock().unwrap().device.rx.extend(packets);
+    }
+
+    /// Runs the stack; returns the packets it wants sent and how long until it needs polling again.
+    pub(crate) fn poll(&self, out: &mut Vec<Vec<u8>>) -> Option<Duration> {
+        let now = self.now();
+        let mut guard = self.inner.lock().unwrap();
+        let inner = &mut *guard;
+        inner.iface.poll(now, &mut inner.device, &mut inner.sockets);
+        inner.accept_ready();
+        inner.reap_orphans();
+        out.extend(inner.device.tx.drain(..));
+        inner.iface.poll_delay(now, &inner.sockets).map(|d| Duration::from_micros(d.total_micros()))
+    }
+
+    pub fn listen(self: &Arc<Self>, port: u16) -> io::Result<Listener> {
+        let mut inner = self.inner.lock().unwrap();
+        if inner.listeners.contains_key(&port) {
+            return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("port {port} is already listening")));
+        }
+        let (accepted, rx) = mpsc::unbounded_channel();
+        let mut sockets = Vec::new();
+        for _ in 0..SPARE_LISTENERS {
+            sockets.push(inner.listening_socket(port)?);
+        }
+        inner.listeners.insert(port, Listening { sockets, accepted });
+        Ok(Listener { stack: self.clone(), port, accepted: rx })
+    }
+
+    pub async fn dial(self: &Arc<Self>, remote: SocketAddrV4) -> io::Result<TcpStream> {
+        let handle = {
+            let mut guard = self.inner.lock().unwrap();
+            let inner = &mut *guard;
+            let mut socket = new_socket();
+            let local_port = inner.ephemeral_port();
+            let remote_ep = IpEndpoint::new(IpAddress::Ipv4(*remote.ip()), remote.port());
+            socket
+                .connect(inner.iface.context(), remote_ep, local_port)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("connect to {remote}: {e}")))?;
+            inner.sockets.add(socket)
+        };
+        self.wake.notify_one();
+        let stream = TcpStream { stack: self.clone(), handle, peer: SocketAddr::V4(remote) };
+        let established = std::future::poll_fn(|cx| {
+            let mut inner = self.inner.lock().unwrap();
+            let socket = inner.sockets.get_mut::<tcp::Socket>(handle);
+            match socket.state() {
+                tcp::State::Established | tcp::State::CloseWait => Poll::Ready(Ok(())),
+                tcp::State::Closed | tcp::State::TimeWait | tcp::State::Closing | tcp::State::LastAck => {
+                    Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionRefused, format!("{remote} refused"))))
+                }
+                _ => {
+                    socket.register_send_waker(cx.waker());
+                    socket.register_recv_waker(cx.waker());
+                    Poll::Pending
+                }
+            }
+        });
+        match tokio::time::timeout(Duration::from_secs(15), established).await {
+            Ok(Ok(())) => Ok(stream),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("no answer from {remote} in 15 s"))),
+        }
+    }
+
+    pub fn address(&self) -> Ipv4Addr {
+        self.inner.lock().unwrap().address
+    }
+}
+
+fn new_socket() -> tcp::Socket<'static> {
+    let mut socket =
+        tcp::Socket::new(tcp::SocketBuffer::new(vec![0; TCP_BUFFER]), tcp::SocketBuffer::new(vec![0; TCP_BUFFER]));
+    socket.set_nagle_enabled(false);
+    socket.set_congestion_control(tcp::CongestionControl::Cubic);
+    socket.set_keep_alive(Some(smoltcp::time::Duration::from_secs(30)));
+    socket.set_timeout(Some(smoltcp::time::Duration::from_secs(120)));
+    socket
+}
+
+impl Inner {
+    fn listening_socket(&mut self, port: u16) -> io::Result<SocketHandle> {
+        let mut socket = new_socket();
+        socket.set_timeout(None);
+        socket.set_keep_alive(None);
+        socket.listen(port).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("listen {port}: {e}")))?;
+        Ok(self.sockets.add(socket))
+    }
+
+    fn ephemeral_port(&mut self) -> u16 {
+        self.next_port = if self.next_port >= 65_000 { 49152 } else { self.next_port + 1 };
+        self.next_port
+    }
+
+    /// Moves listening sockets that received a connection to their listener, and replaces them.
+    fn accept_ready(&mut self) {
+        let ports: Vec<u16> = self.listeners.keys().copied().collect();
+        for port in ports {
+            let mut ready = Vec::new();
+            let listening = self.listeners.get(&port).expect("port listed");
+            for &handle in &listening.sockets {
+                let state = self.sockets.get::<tcp::Socket>(handle).state();
+                if state != tcp::State::Listen && state != tcp::State::SynReceived {
+                    ready.push(handle);
+                }
+            }
+            for handle in ready {
+                let fresh = match self.listening_socket(port) {
+                    Ok(h) => h,
+                    Err(_) => continue,
+                };
+                let listening = self.listeners.get_mut(&port).expect("port listed");
+                listening.sockets.retain(|h| *h != handle);
+                listening.sockets.push(fresh);
+                {
+                    let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+                    socket.set_timeout(Some(smoltcp::time::Duration::from_secs(120)));
+                    socket.set_keep_alive(Some(smoltcp::time::Duration::from_secs(30)));
+                }
+                if listening.accepted.send(handle).is_err() {
+                    self.orphans.push(handle);
+                }
+            }
+        }
+    }
+
+    fn reap_orphans(&mut self) {
+        let sockets = &mut self.sockets;
+        self.orphans.retain(|&handle| {
+            let closed = sockets.get::<tcp::Socket>(handle).state() == tcp::State::Closed;
+            if closed {
+                sockets.remove(handle);
+            }
+            !closed
+        });
+    }
+}
+
+/// Accepts TCP connections on one port of the node's address.
+pub struct Listener {
+    stack: Arc<Stack>,
+    port: u16,
+    accepted: mpsc::UnboundedReceiver<SocketHandle>,
+}
+
+impl Listener {
+    pub async fn accept(&mut self) -> io::Result<(TcpStream, SocketAddr)> {
+        let handle = self
+            .accepted
+            .recv()
+            .await
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "the node shut down"))?;
+        let peer = {
+            let inner = self.stack.inner.lock().unwrap();
+            inner.sockets.get::<tcp::Socket>(handle).remote_endpoint()
+        };
+        let peer = match peer {
+            Some(IpEndpoint { addr: IpAddress::Ipv4(ip), port }) => SocketAddr::from((ip, port)),
+            _ => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        };
+        Ok((TcpStream { stack: self.stack.clone(), handle, peer }, peer))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let mut inner = self.stack.inner.lock().unwrap();
+        if let Some(listening) = inner.listeners.remove(&self.port) {
+            for handle in listening.sockets {
+                inner.sockets.remove(handle);
+            }
+        }
+    }
+}
+
+/// A TCP connection through the tunnel.
+pub struct TcpStream {
+    stack: Arc<Stack>,
+    handle: SocketHandle,
+    peer: SocketAddr,
+}
+
+impl TcpStream {
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+}
+
+impl AsyncRead for TcpStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let mut inner = self.stack.inner.lock().unwrap();
+        let socket = inner.sockets.get_mut::<tcp::Socket>(self.handle);
+        if socket.can_recv() {
+            let n = socket
+                .recv_slice(buf.initialize_unfilled())
+                .map_err(|e| io::Error::new(io::ErrorKind::ConnectionReset, e.to_string()))?;
+            buf.advance(n);
+            drop(inner);
+            // A read opens the window: let the data plane tell the peer.
+            self.stack.wake.notify_one();
+            return Poll::Ready(Ok(()));
+        }
+        if !socket.may_recv() {
+            return match socket.state() {
+                tcp::State::Closed if socket.remote_endpoint().is_none() => {
+                    Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionReset, "connection reset")))
+                }
+                _ => Poll::Ready(Ok(())),
+            };
+        }
+        socket.register_recv_waker(cx.waker());
+        Poll::Pending
+    }
+}
+
+impl AsyncWrite for TcpStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let mut inner = self.stack.inner.lock().unwrap();
+        let socket = inner.sockets.get_mut::<tcp::Socket>(self.handle);
+        if !socket.may_send() {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "connection closed")));
+        }
+        if socket.can_send() {
+            let n = socket.send_slice(data).map_err(|e| io::Error::new(io::ErrorKind::BrokenPipe, e.to_string()))?;
+            drop(inner);
+            self.stack.wake.notify_one();
+            return Poll::Ready(Ok(n));
+        }
+        socket.register_send_waker(cx.waker());
+        Poll::Pending
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.stack.inner.lock().unwrap().sockets.get_mut::<tcp::Socket>(self.handle).close();
+        self.stack.wake.notify_one();
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for TcpStream {
+    fn drop(&mut self) {
+        let mut inner = self.stack.inner.lock().unwrap();
+        inner.sockets.get_mut::<tcp::Socket>(self.handle).close();
+        inner.orphans.push(self.handle);
+        drop(inner);
+        self.stack.wake.notify_one();
+    }
+}

@@ -1,0 +1,566 @@
+//! The WireGuard core, sans-IO: datagrams, outbound IP packets and `now` go in; datagrams to send,
+//! decrypted packets for the local stack and events come out. It never reads a clock or touches a
+//! socket, so a test drives it with a fake clock.
+//!
+//! Each peer has a `boringtun::noise::Tunn` for the cryptography. The WireGuard timers (handshake
+//! retransmission, rekey, keepalive, giving up, expiry of a silent peer) live here rather than in
+//! `Tunn::update_timers`, whose clock is internal.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+
+use crate::filter::PacketFilter;
+
+pub const REKEY_AFTER_TIME: Duration = Duration::from_secs(120);
+pub const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
+pub const REKEY_ATTEMPT_TIME: Duration = Duration::from_secs(90);
+pub const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// With no new session for this long, a peer's keys are dropped.
+pub const SILENT_PEER_EXPIRY: Duration = Duration::from_secs(540);
+/// Handshakes per second before the shared rate limiter answers with cookies.
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// The largest datagram the engine produces: an inner packet of up to 65535 bytes plus overhead.
+const MAX_DATAGRAM: usize = 65_535 + 32;
+
+/// A WireGuard public key.
+pub type Key = [u8; 32];
+
+/// What the netmap says about one peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub key: Key,
+    /// The tunnel addresses the peer owns; packets from it must come from one of them.
+    pub addresses: Vec<Ipv4Addr>,
+    pub endpoint: Option<SocketAddr>,
+    pub persistent_keepalive: Option<Duration>,
+}
+
+/// A datagram to send.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Transmit {
+    pub dst: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    HandshakeCompleted {
+        peer: Key,
+    },
+    /// No handshake answer within 90 s; queued packets were dropped.
+    HandshakeFailed {
+        peer: Key,
+    },
+    /// Nothing but silence for 540 s: the session keys are gone.
+    PeerExpired {
+        peer: Key,
+    },
+}
+
+/// Why inbound traffic was dropped, counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Drops {
+    pub malformed: u64,
+    pub unknown_peer: u64,
+    pub bad_source: u64,
+    pub filtered: u64,
+    pub replayed: u64,
+    pub undecryptable: u64,
+    pub no_route: u64,
+    pub no_endpoint: u64,
+}
+
+/// What `status` shows for one peer.
+#[derive(Clone, Debug, Default)]
+pub struct PeerStats {
+    pub endpoint: Option<SocketAddr>,
+    pub last_handshake: Option<Instant>,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+}
+
+struct Peer {
+    tunn: Tunn,
+    index: u32,
+    config: PeerConfig,
+    /// When the current handshake attempt series began, and when its last initiation went out.
+    handshake_started: Option<Instant>,
+    handshake_sent: Option<Instant>,
+    /// When the newest session was established, and whether we initiated it.
+    session_at: Option<Instant>,
+    initiator: bool,
+    last_sent: Option<Instant>,
+    last_received: Option<Instant>,
+    last_data_received: Option<Instant>,
+    /// Packets held while no usable session exists (beyond what `Tunn` queues itself).
+    queue: VecDeque<Vec<u8>>,
+    /// Set when we answered a handshake and wait for the initiator's first data packet.
+    responder_pending: Option<Instant>,
+    expired: bool,
+    tx_bytes: u64,
+    rx_bytes: u64,
+}
+
+pub struct Engine {
+    secret: StaticSecret,
+    public: PublicKey,
+    rate_limiter: Arc<RateLimiter>,
+    rate_reset_at: Option<Instant>,
+    peers: HashMap<Key, Peer>,
+    by_index: HashMap<u32, Key>,
+    by_address: HashMap<Ipv4Addr, Key>,
+    next_index: u32,
+    filter: PacketFilter,
+    transmits: VecDeque<Transmit>,
+    to_local: VecDeque<Vec<u8>>,
+    events: VecDeque<Event>,
+    drops: Drops,
+    buf: Vec<u8>,
+}
+
+fn message_type(datagram: &[u8]) -> u8 {
+    datagram.first().copied().unwrap_or(0)
+}
+
+const HANDSHAKE_INIT: u8 = 1;
+const HANDSHAKE_RESPONSE: u8 = 2;
+const DATA: u8 = 4;
+const MAX_QUEUE: usize = 256;
+
+impl Engine {
+    pub fn new(secret: StaticSecret) -> Engine {
+        let public = PublicKey::from(&secret);
+        Engine {
+            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            secret,
+            public,
+            rate_reset_at: None,
+            peers: HashMap::new(),
+            by_index: HashMap::new(),
+            by_address: HashMap::new(),
+            next_index: 1,
+            filter: PacketFilter::default(),
+            transmits: VecDeque::new(),
+            to_local: VecDeque::new(),
+            events: VecDeque::new(),
+            drops: Drops::default(),
+            buf: vec![0; MAX_DATAGRAM],
+        }
+    }
+
+    pub fn public_key(&self) -> Key {
+        self.public.to_bytes()
+    }
+
+    pub fn drops(&self) -> Drops {
+        self.drops
+    }
+
+    pub fn set_filter(&mut self, filter: PacketFilter) {
+        self.filter = filter;
+    }
+
+    pub fn peer_keys(&self) -> Vec<Key> {
+        self.peers.keys().copied().collect()
+    }
+
+    pub fn peer_stats(&self, key: &Key) -> Option<PeerStats> {
+        self.peers.get(key).map(|p| PeerStats {
+            endpoint: p.config.endpoint,
+            last_handshake: p.session_at,
+            tx_bytes: p.tx_bytes,
+            rx_bytes: p.rx_bytes,
+        })
+    }
+
+    /// Brings the peer set to `wanted`: adds and removes peers, and updates the addresses and endpoints
+    /// of the others without touching their sessions.
+    pub fn set_peers(&mut self, wanted: Vec<PeerConfig>) {
+        let wanted: HashMap<Key, PeerConfig> = wanted.into_iter().map(|p| (p.key, p)).collect();
+        let gone: Vec<Key> = self.peers.keys().filter(|k| !wanted.contains_key(*k)).copied().collect();
+        for key in gone {
+            if let Some(peer) = self.peers.remove(&key) {
+                self.by_index.remove(&peer.index);
+            }
+        }
+        for (key, config) in wanted {
+            match self.peers.get_mut(&key) {
+                Some(peer) => peer.config = config,
+                None => {
+                    let index = self.allocate_index();
+                    let tunn = Tunn::new(
+                        self.secret.clone(),
+                        PublicKey::from(key),
+                        None,
+                        None,
+                        index,
+                        Some(self.rate_limiter.clone()),
+                    );
+                    self.by_index.insert(index, key);
+                    self.peers.insert(key, Peer::new(tunn, index, config));
+                }
+            }
+        }
+        self.by_address =
+            self.peers.iter().flat_map(|(k, p)| p.config.addresses.iter().map(move |a| (*a, *k))).collect();
+    }
+
+    /// Indices are unique per engine and below 2^24 (boringtun shifts them left by 8).
+    fn allocate_index(&mut self) -> u32 {
+        loop {
+            let index = self.next_index;
+            self.next_index = if self.next_index >= (1 << 24) - 1 { 1 } else { self.next_index + 1 };
+            if !self.by_index.contains_key(&index) {
+                return index;
+            }
+        }
+    }
+
+    /// An IP packet from the local stack, to the peer that owns its destination.
+    pub fn send(&mut self, packet: &[u8], now: Instant) {
+        let Some(dst) = ipv4_destination(packet) else {
+            self.drops.no_route += 1;
+            return;
+        };
+        let Some(key) = self.by_address.get(&dst).copied() else {
+            self.drops.no_route += 1;
+            return;
+        };
+        let peer = self.peers.get_mut(&key).expect("indexed peers exist");
+        peer.send(packet, now, &mut self.buf, &mut self.transmits, &mut self.drops);
+    }
+
+    /// A datagram from the network.
+    pub fn receive(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
+        let key = match Tunn::parse_incoming_packet(datagram) {
+            Err(_) => {
+                self.drops.malformed += 1;
+                return;
+            }
+            Ok(Packet::HandshakeInit(init)) => match parse_handshake_anon(&self.secret, &self.public, &init) {
+                Ok(half) => half.peer_static_public,
+                Err(_) => {
+                    self.drops.undecryptable += 1;
+                    return;
+                }
+            },
+            Ok(Packet::HandshakeResponse(p)) => match self.by_index.get(&(p.receiver_idx >> 8)) {
+                Some(k) => *k,
+                None => {
+                    self.drops.unknown_peer += 1;
+                    return;
+                }
+            },
+            Ok(Packet::PacketCookieReply(p)) => match self.by_index.get(&(p.receiver_idx >> 8)) {
+                Some(k) => *k,
+                None => {
+                    self.drops.unknown_peer += 1;
+                    return;
+                }
+            },
+            Ok(Packet::PacketData(p)) => match self.by_index.get(&(p.receiver_idx >> 8)) {
+                Some(k) => *k,
+                None => {
+                    self.drops.unknown_peer += 1;
+                    return;
+                }
+            },
+        };
+        let Some(peer) = self.peers.get_mut(&key) else {
+            self.drops.unknown_peer += 1;
+            return;
+        };
+        let kind = message_type(datagram);
+        let mut delivered = Vec::new();
+        let result = peer.tunn.decapsulate(Some(from.ip()), datagram, &mut self.buf);
+        let ok = match result {
+            TunnResult::Done => true,
+            TunnResult::WriteToNetwork(out) => {
+                self.transmits.push_back(Transmit { dst: from, payload: out.to_vec() });
+                // Flush what Tunn queued while it had no session.
+                while let TunnResult::WriteToNetwork(out) = peer.tunn.decapsulate(None, &[], &mut self.buf) {
+                    self.transmits.push_back(Transmit { dst: from, payload: out.to_vec() });
+                }
+                true
+            }
+            TunnResult::WriteToTunnelV4(packet, source) => {
+                if peer.config.addresses.contains(&source) {
+                    delivered.push(packet.to_vec());
+                } else {
+                    self.drops.bad_source += 1;
+                }
+                true
+            }
+            TunnResult::WriteToTunnelV6(..) => {
+                self.drops.bad_source += 1;
+                true
+            }
+            TunnResult::Err(WireGuardError::DuplicateCounter) => {
+                self.drops.replayed += 1;
+                false
+            }
+            TunnResult::Err(_) => {
+                self.drops.undecryptable += 1;
+                false
+            }
+        };
+        if !ok {
+            return;
+        }
+        // An authenticated packet: the peer is at `from` now (WireGuard roaming).
+        peer.config.endpoint = Some(from);
+        peer.last_received = Some(now);
+        peer.rx_bytes += datagram.len() as u64;
+        peer.expired = false;
+        if !delivered.is_empty() {
+            peer.last_data_received = Some(now);
+        }
+        match kind {
+            HANDSHAKE_RESPONSE => {
+                peer.session_at = Some(now);
+                peer.initiator = true;
+                peer.handshake_started = None;
+                peer.handshake_sent = None;
+                peer.last_sent = Some(now);
+                self.events.push_back(Event::HandshakeCompleted { peer: key });
+                peer.flush_queue(now, &mut self.buf, &mut self.transmits, &mut self.drops);
+            }
+            HANDSHAKE_INIT => {
+                // The new session becomes current when the initiator's first data packet arrives.
+                peer.responder_pending = Some(now);
+                peer.handshake_started = None;
+                peer.handshake_sent = None;
+                peer.last_sent = Some(now);
+            }
+            DATA if peer.responder_pending.is_some() => {
+                peer.responder_pending = None;
+                peer.session_at = Some(now);
+                peer.initiator = false;
+                self.events.push_back(Event::HandshakeCompleted { peer: key });
+                peer.flush_queue(now, &mut self.buf, &mut self.transmits, &mut self.drops);
+            }
+            _ => {}
+        }
+        for packet in delivered {
+            if self.filter.allows_inbound(&packet) {
+                self.to_local.push_back(packet);
+            } else {
+                self.drops.filtered += 1;
+            }
+        }
+    }
+
+    /// Runs the timers; call every ~100 ms (see [`Engine::next_timeout`]).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.rate_reset_at.is_none_or(|at| now >= at) {
+            self.rate_limiter.reset_count();
+            self.rate_reset_at = Some(now + Duration::from_secs(1));
+        }
+        for (key, peer) in self.peers.iter_mut() {
+            let event = peer.handle_timeout(*key, now, &mut self.buf, &mut self.transmits, &mut self.drops);
+            if let Some(Event::PeerExpired { .. }) = event {
+                // Drop the session keys by replacing the tunnel; the next packet starts a fresh handshake.
+                let public = PublicKey::from(*key);
+                let limiter = Some(self.rate_limiter.clone());
+                peer.tunn = Tunn::new(self.secret.clone(), public, None, None, peer.index, limiter);
+            }
+            if let Some(event) = event {
+                self.events.push_back(event);
+            }
+        }
+    }
+
+    /// When `handle_timeout` should next run.
+    pub fn next_timeout(&self, now: Instant) -> Instant {
+        now + Duration::from_millis(100)
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next decrypted packet for the local stack.
+    pub fn poll_local(&mut self) -> Option<Vec<u8>> {
+        self.to_local.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+}
+
+impl Peer {
+    fn new(tunn: Tunn, index: u32, config: PeerConfig) -> Peer {
+        Peer {
+            tunn,
+            index,
+            config,
+            handshake_started: None,
+            handshake_sent: None,
+            session_at: None,
+            initiator: false,
+            last_sent: None,
+            last_received: None,
+            last_data_received: None,
+            queue: VecDeque::new(),
+            responder_pending: None,
+            expired: false,
+            tx_bytes: 0,
+            rx_bytes: 0,
+        }
+    }
+
+    fn session_usable(&self, now: Instant) -> bool {
+        self.session_at.is_some_and(|at| now.duration_since(at) < REJECT_AFTER_TIME)
+    }
+
+    fn push(
+        &mut self,
+        dst: Option<SocketAddr>,
+        payload: &[u8],
+        now: Instant,
+        out: &mut VecDeque<Transmit>,
+        drops: &mut Drops,
+    ) {
+        match dst {
+            Some(dst) => {
+                self.last_sent = Some(now);
+                self.tx_bytes += payload.len() as u64;
+                out.push_back(Transmit { dst, payload: payload.to_vec() });
+            }
+            None => drops.no_endpoint += 1,
+        }
+    }
+
+    fn send(&mut self, packet: &[u8], now: Instant, buf: &mut [u8], out: &mut VecDeque<Transmit>, drops: &mut Drops) {
+        if !self.session_usable(now) {
+            if self.queue.len() >= MAX_QUEUE {
+                self.queue.pop_front();
+            }
+            self.queue.push_back(packet.to_vec());
+            let answering = self.responder_pending.is_some_and(|at| now.duration_since(at) < REKEY_TIMEOUT);
+            if self.handshake_started.is_none() && !answering {
+                self.start_handshake(now, buf, out, drops);
+            }
+            return;
+        }
+        let endpoint = self.config.endpoint;
+        match self.tunn.encapsulate(packet, buf) {
+            TunnResult::WriteToNetwork(datagram) => {
+                let is_handshake = message_type(datagram) == HANDSHAKE_INIT;
+                let datagram = datagram.to_vec();
+                self.push(endpoint, &datagram, now, out, drops);
+                if is_handshake {
+                    self.handshake_started.get_or_insert(now);
+                    self.handshake_sent = Some(now);
+                }
+            }
+            TunnResult::Done => {}
+            _ => drops.undecryptable += 1,
+        }
+        // Rekey ahead of expiry while traffic flows: the initiator after 120 s, the responder later.
+        let age = self.session_at.map(|at| now.duration_since(at)).unwrap_or_default();
+        let due = if self.initiator { REKEY_AFTER_TIME } else { REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT };
+        if age >= due && self.handshake_started.is_none() {
+            self.start_handshake(now, buf, out, drops);
+        }
+    }
+
+    fn start_handshake(&mut self, now: Instant, buf: &mut [u8], out: &mut VecDeque<Transmit>, drops: &mut Drops) {
+        self.handshake_started = Some(now);
+        self.send_initiation(now, buf, out, drops);
+    }
+
+    fn send_initiation(&mut self, now: Instant, buf: &mut [u8], out: &mut VecDeque<Transmit>, drops: &mut Drops) {
+        let endpoint = self.config.endpoint;
+        if let TunnResult::WriteToNetwork(datagram) = self.tunn.format_handshake_initiation(buf, true) {
+            let datagram = datagram.to_vec();
+            self.push(endpoint, &datagram, now, out, drops);
+        }
+        self.handshake_sent = Some(now);
+    }
+
+    fn flush_queue(&mut self, now: Instant, buf: &mut [u8], out: &mut VecDeque<Transmit>, drops: &mut Drops) {
+        while let Some(packet) = self.queue.pop_front() {
+            self.send(&packet, now, buf, out, drops);
+        }
+    }
+
+    fn handle_timeout(
+        &mut self,
+        key: Key,
+        now: Instant,
+        buf: &mut [u8],
+        out: &mut VecDeque<Transmit>,
+        drops: &mut Drops,
+    ) -> Option<Event> {
+        if let (Some(started), Some(sent)) = (self.handshake_started, self.handshake_sent) {
+            if now.duration_since(started) >= REKEY_ATTEMPT_TIME {
+                self.handshake_started = None;
+                self.handshake_sent = None;
+                self.queue.clear();
+                return Some(Event::HandshakeFailed { peer: key });
+            }
+            if now.duration_since(sent) >= REKEY_TIMEOUT {
+                self.send_initiation(now, buf, out, drops);
+            }
+            return None;
+        }
+        let last_session = self.session_at?;
+        if !self.expired && now.duration_since(last_session) >= SILENT_PEER_EXPIRY {
+            self.expired = true;
+            self.session_at = None;
+            return Some(Event::PeerExpired { peer: key });
+        }
+        if !self.session_usable(now) {
+            return None;
+        }
+        // Passive keepalive: we received data and have sent nothing since, for 10 s.
+        if let Some(received) = self.last_data_received {
+            let sent_since = self.last_sent.is_some_and(|s| s >= received);
+            if !sent_since && now.duration_since(received) >= KEEPALIVE_TIMEOUT {
+                self.keepalive(now, buf, out, drops);
+                return None;
+            }
+        }
+        if let Some(interval) = self.config.persistent_keepalive {
+            if self.last_sent.is_none_or(|s| now.duration_since(s) >= interval) {
+                self.keepalive(now, buf, out, drops);
+            }
+        }
+        None
+    }
+
+    fn keepalive(&mut self, now: Instant, buf: &mut [u8], out: &mut VecDeque<Transmit>, drops: &mut Drops) {
+        let endpoint = self.config.endpoint;
+        if let TunnResult::WriteToNetwork(datagram) = self.tunn.encapsulate(&[], buf) {
+            let datagram = datagram.to_vec();
+            self.push(endpoint, &datagram, now, out, drops);
+        }
+    }
+}
+
+/// The destination of an IPv4 packet.
+pub fn ipv4_destination(packet: &[u8]) -> Option<Ipv4Addr> {
+    if packet.len() < 20 || packet[0] >> 4 != 4 {
+        return None;
+    }
+    Some(Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]))
+}
+
+/// The source of an IPv4 packet.
+pub fn ipv4_source(packet: &[u8]) -> Option<Ipv4Addr> {
+    if packet.len() < 20 || packet[0] >> 4 != 4 {
+        return None;
+    }
+    Some(Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]))
+}

@@ -1,0 +1,148 @@
+//! Two userspace `agentd::Node`s and a server in one process, over real WireGuard on loopback UDP.
+
+use std::time::Duration;
+
+use agentd::{Node, NodeConfig};
+use cordon_tests::v1 as pb;
+use cordon_tests::*;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn join(server: &TestServer, secret: &str, dir: &std::path::Path, hostname: &str) -> Node {
+    let mut config = NodeConfig::new(&server.url, dir);
+    config.auth_key = Some(secret.to_string());
+    config.hostname = hostname.into();
+    Node::start(config).await.expect("node starts")
+}
+
+/// Waits until `node` has `count` peers in its netmap.
+async fn peers(node: &Node, count: usize) {
+    let mut netmap = node.netmap();
+    tokio::time::timeout(Duration::from_secs(10), netmap.wait_for(|m| m.peers.len() == count))
+        .await
+        .expect("netmap converges")
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_mib_across_the_tunnel() {
+    let server = TestServer::start().await;
+    let mut admin = server.admin().await;
+    let tailnet = create_tailnet(&mut admin, "data").await;
+    let (_, secret) = create_key(&mut admin, &tailnet.id, true, false).await;
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = join(&server, &secret, dirs.0.path(), "alpha").await;
+    let b = join(&server, &secret, dirs.1.path(), "beta").await;
+    peers(&a, 1).await;
+    peers(&b, 1).await;
+
+    let mut listener = b.listen(9000).await.unwrap();
+    let data: Vec<u8> = (0..16u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let want = Sha256::digest(&data);
+    let receiver = tokio::spawn(async move {
+        let (mut stream, peer) = listener.accept().await.unwrap();
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).await.unwrap();
+        (got.len(), Sha256::digest(&got), peer)
+    });
+    let mut stream = a.dial_host("beta", 9000).await.unwrap();
+    stream.write_all(&data).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let (len, got, peer) = tokio::time::timeout(Duration::from_secs(60), receiver).await.unwrap().unwrap();
+    assert_eq!(len, data.len());
+    assert_eq!(got, want, "checksum of 16 MiB matches");
+    assert_eq!(peer.ip(), std::net::IpAddr::V4(a.address()));
+
+    // whois answers from the netmap.
+    let who = b.whois(a.address()).unwrap();
+    assert_eq!(who.hostname, "alpha");
+    assert_eq!(who.id, a.node_id());
+    assert_eq!(who.tags, ["tag:ci"]);
+    let status = a.status().await;
+    let beta = status.peers.iter().find(|p| p.peer.hostname == "beta").unwrap();
+    assert!(beta.last_handshake.is_some() && beta.tx_bytes > 16 << 20, "{beta:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_peer_can_no_longer_reach_the_other() {
+    let server = TestServer::start().await;
+    let mut admin = server.admin().await;
+    let tailnet = create_tailnet(&mut admin, "cut").await;
+    let (_, secret) = create_key(&mut admin, &tailnet.id, true, false).await;
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = join(&server, &secret, dirs.0.path(), "alpha").await;
+    let b = join(&server, &secret, dirs.1.path(), "beta").await;
+    peers(&a, 1).await;
+    peers(&b, 1).await;
+    let mut listener = b.listen(7000).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let mut s = a.dial_host("beta", 7000).await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+
+    admin.delete_node(pb::DeleteNodeRequest { id: a.node_id().into(), reason: "test".into() }).await.unwrap();
+    let mut ended = a.ended();
+    tokio::time::timeout(Duration::from_secs(10), ended.wait_for(Option::is_some)).await.unwrap().unwrap();
+    assert_eq!(ended.borrow().as_ref().unwrap().reason, pb::stream_ended::Reason::NodeRemoved);
+    peers(&b, 0).await;
+
+    // The removed node's tunnels are down, and b no longer has it as a peer: nothing gets through.
+    let beta = b.address();
+    let attempt = tokio::time::timeout(Duration::from_secs(3), a.dial(std::net::SocketAddr::from((beta, 7000)))).await;
+    assert!(!matches!(attempt, Ok(Ok(_))), "a removed node must not connect");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_keeps_its_identity_and_address() {
+    let server = TestServer::start().await;
+    let mut admin = server.admin().await;
+    let tailnet = create_tailnet(&mut admin, "restart").await;
+    let (_, secret) = create_key(&mut admin, &tailnet.id, false, false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let first = join(&server, &secret, dir.path(), "sensor").await;
+    let (id, address) = (first.node_id().to_string(), first.address());
+    first.shutdown().await;
+    drop(first);
+
+    // The single-use key is spent: the restart must resume the saved session, not register again.
+    let mut config = NodeConfig::new(&server.url, dir.path());
+    config.hostname = "sensor".into();
+    let second = Node::start(config).await.expect("resumes with the saved session and key");
+    assert_eq!(second.node_id(), id);
+    assert_eq!(second.address(), address);
+    let listed = admin.list_nodes(pb::ListNodesRequest { tailnet_id: tailnet.id }).await.unwrap().into_inner();
+    assert_eq!(listed.nodes.len(), 1);
+}
+
+#[tokio::test]
+async fn start_errors_say_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad_url = Node::start(NodeConfig::new("cordon.example", dir.path())).await.err().unwrap();
+    assert!(bad_url.to_string().contains("not a server URL"), "{bad_url}");
+    let unreachable = Node::start(NodeConfig::new("http://127.0.0.1:1", dir.path())).await.err().unwrap();
+    assert!(unreachable.to_string().contains("cannot reach"), "{unreachable}");
+
+    let server = TestServer::start().await;
+    let mut config = NodeConfig::new(&server.url, dir.path());
+    config.auth_key = Some(format!("cordon-auth-{}", "x".repeat(43)));
+    let rejected = Node::start(config).await.err().unwrap();
+    assert!(rejected.to_string().contains("unknown key"), "{rejected}");
+    assert_eq!(rejected.exit_code(), 4);
+
+    std::fs::write(dir.path().join("wireguard.key"), "not a key").unwrap();
+    let corrupt = Node::start(NodeConfig::new(&server.url, dir.path())).await.err().unwrap();
+    assert!(corrupt.to_string().contains("wireguard.key") && corrupt.to_string().contains("move it away"), "{corrupt}");
+}

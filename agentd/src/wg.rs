@@ -526,7 +526,7 @@ impl Peer {
         }
         // Passive keepalive: we received data and have sent nothing since, for 10 s.
         if let Some(received) = self.last_data_received {
-            let sent_since = self.last_sent.is_some_and(|s| s >= received);
+            let sent_since = self.last_sent.is_some_and(|s| s > received);
             if !sent_since && now.duration_since(received) >= KEEPALIVE_TIMEOUT {
                 self.keepalive(now, buf, out, drops);
                 return None;
@@ -563,4 +563,243 @@ pub fn ipv4_source(packet: &[u8]) -> Option<Ipv4Addr> {
         return None;
     }
     Some(Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The core on a simulated network under a fake clock: no sockets, no sleeping.
+
+    use super::*;
+
+    const A_ADDR: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
+    const B_ADDR: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 3);
+
+    fn endpoint(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    /// A minimal IPv4 packet from `src` to `dst` carrying `payload`.
+    fn packet(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; 20];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+        p[8] = 64;
+        p[9] = 17;
+        p[12..16].copy_from_slice(&src.octets());
+        p[16..20].copy_from_slice(&dst.octets());
+        p.extend_from_slice(payload);
+        p
+    }
+
+    struct Pair {
+        a: Engine,
+        b: Engine,
+        now: Instant,
+    }
+
+    fn pair() -> Pair {
+        let a_secret = StaticSecret::from([1u8; 32]);
+        let b_secret = StaticSecret::from([2u8; 32]);
+        let mut a = Engine::new(a_secret);
+        let mut b = Engine::new(b_secret);
+        let a_key = a.public_key();
+        let b_key = b.public_key();
+        a.set_peers(vec![PeerConfig {
+            key: b_key,
+            addresses: vec![B_ADDR],
+            endpoint: Some(endpoint(2)),
+            persistent_keepalive: None,
+        }]);
+        b.set_peers(vec![PeerConfig {
+            key: a_key,
+            addresses: vec![A_ADDR],
+            endpoint: Some(endpoint(1)),
+            persistent_keepalive: None,
+        }]);
+        Pair { a, b, now: Instant::now() }
+    }
+
+    impl Pair {
+        /// Delivers everything in flight both ways until the network is quiet; returns datagrams moved.
+        fn settle(&mut self) -> usize {
+            let mut moved = 0;
+            loop {
+                let mut any = false;
+                while let Some(t) = self.a.poll_transmit() {
+                    assert_eq!(t.dst, endpoint(2));
+                    self.b.receive(endpoint(1), &t.payload, self.now);
+                    any = true;
+                    moved += 1;
+                }
+                while let Some(t) = self.b.poll_transmit() {
+                    assert_eq!(t.dst, endpoint(1));
+                    self.a.receive(endpoint(2), &t.payload, self.now);
+                    any = true;
+                    moved += 1;
+                }
+                if !any {
+                    return moved;
+                }
+            }
+        }
+
+        fn advance(&mut self, by: Duration) {
+            // Tick like the IO shell does, every 100 ms.
+            let end = self.now + by;
+            while self.now < end {
+                self.now = (self.now + Duration::from_millis(100)).min(end);
+                self.a.handle_timeout(self.now);
+                self.b.handle_timeout(self.now);
+            }
+        }
+
+        fn events(engine: &mut Engine) -> Vec<Event> {
+            std::iter::from_fn(|| engine.poll_event()).collect()
+        }
+    }
+
+    #[test]
+    fn handshake_then_data_both_ways() {
+        let mut p = pair();
+        p.a.send(&packet(A_ADDR, B_ADDR, b"hello"), p.now);
+        let first = p.a.poll_transmit().expect("a handshake initiation");
+        assert_eq!(first.payload[0], HANDSHAKE_INIT);
+        p.b.receive(endpoint(1), &first.payload, p.now);
+        p.settle();
+        assert_eq!(Pair::events(&mut p.a), [Event::HandshakeCompleted { peer: p.b.public_key() }]);
+        let delivered = p.b.poll_local().expect("the queued packet arrives after the handshake");
+        assert_eq!(&delivered[20..], b"hello");
+        assert_eq!(Pair::events(&mut p.b), [Event::HandshakeCompleted { peer: p.a.public_key() }]);
+
+        p.b.send(&packet(B_ADDR, A_ADDR, b"world"), p.now);
+        p.settle();
+        assert_eq!(&p.a.poll_local().unwrap()[20..], b"world");
+    }
+
+    #[test]
+    fn rekey_after_two_minutes_of_traffic() {
+        let mut p = pair();
+        p.a.send(&packet(A_ADDR, B_ADDR, b"x"), p.now);
+        p.settle();
+        Pair::events(&mut p.a);
+        Pair::events(&mut p.b);
+        while p.b.poll_local().is_some() {}
+
+        p.advance(REKEY_AFTER_TIME - Duration::from_secs(1));
+        p.a.send(&packet(A_ADDR, B_ADDR, b"before"), p.now);
+        p.settle();
+        assert!(Pair::events(&mut p.a).is_empty(), "no rekey before 120 s");
+
+        p.advance(Duration::from_secs(2));
+        p.a.send(&packet(A_ADDR, B_ADDR, b"after"), p.now);
+        p.settle();
+        assert_eq!(Pair::events(&mut p.a), [Event::HandshakeCompleted { peer: p.b.public_key() }], "rekeyed");
+        let got: Vec<Vec<u8>> = std::iter::from_fn(|| p.b.poll_local()).collect();
+        assert_eq!(got.iter().map(|g| &g[20..]).collect::<Vec<_>>(), [&b"before"[..], b"after"]);
+    }
+
+    #[test]
+    fn passive_keepalive_ten_seconds_after_receiving() {
+        let mut p = pair();
+        p.a.send(&packet(A_ADDR, B_ADDR, b"x"), p.now);
+        p.settle();
+        p.b.poll_local();
+        p.advance(Duration::from_secs(9));
+        assert!(p.b.poll_transmit().is_none(), "nothing to send yet");
+        p.advance(Duration::from_secs(2));
+        let keepalive = p.b.poll_transmit().expect("a keepalive after 10 s");
+        assert_eq!(keepalive.payload[0], 4, "a data message");
+        assert_eq!(keepalive.payload.len(), 32, "with an empty payload");
+        p.a.receive(endpoint(2), &keepalive.payload, p.now);
+        assert!(p.a.poll_local().is_none(), "keepalives are not delivered");
+    }
+
+    #[test]
+    fn a_silent_peer_expires_and_a_dead_one_gives_up() {
+        let mut p = pair();
+        p.a.send(&packet(A_ADDR, B_ADDR, b"x"), p.now);
+        p.settle();
+        Pair::events(&mut p.a);
+        p.advance(SILENT_PEER_EXPIRY - Duration::from_secs(1));
+        p.settle();
+        assert!(Pair::events(&mut p.a).is_empty());
+        p.advance(Duration::from_secs(2));
+        assert_eq!(Pair::events(&mut p.a), [Event::PeerExpired { peer: p.b.public_key() }]);
+
+        // After expiry a new packet starts a fresh handshake; with B gone it is retried every 5 s and
+        // abandoned after 90 s.
+        p.a.send(&packet(A_ADDR, B_ADDR, b"y"), p.now);
+        let mut initiations = 0;
+        let start = p.now;
+        while p.now.duration_since(start) < REKEY_ATTEMPT_TIME + Duration::from_secs(1) {
+            while let Some(t) = p.a.poll_transmit() {
+                assert_eq!(t.payload[0], HANDSHAKE_INIT);
+                initiations += 1;
+            }
+            p.advance(Duration::from_secs(1));
+        }
+        assert!((17..=19).contains(&initiations), "{initiations} initiations in 90 s");
+        assert_eq!(Pair::events(&mut p.a), [Event::HandshakeFailed { peer: p.b.public_key() }]);
+    }
+
+    #[test]
+    fn bad_datagrams_are_dropped_and_counted() {
+        let mut p = pair();
+        p.a.send(&packet(A_ADDR, B_ADDR, b"x"), p.now);
+        p.settle();
+        p.b.poll_local();
+
+        p.b.receive(endpoint(9), &[1, 2, 3], p.now);
+        p.b.receive(endpoint(9), &[4, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0], p.now);
+        assert_eq!(p.b.drops().malformed, 2, "{:?}", p.b.drops());
+
+        // A replayed data packet is refused.
+        p.a.send(&packet(A_ADDR, B_ADDR, b"once"), p.now);
+        let datagram = p.a.poll_transmit().unwrap().payload;
+        p.b.receive(endpoint(1), &datagram, p.now);
+        p.b.receive(endpoint(1), &datagram, p.now);
+        assert_eq!(std::iter::from_fn(|| p.b.poll_local()).count(), 1);
+        assert_eq!(p.b.drops().replayed, 1);
+
+        // A peer may only send from its own addresses.
+        p.a.send(&packet(Ipv4Addr::new(100, 64, 0, 99), B_ADDR, b"spoof"), p.now);
+        p.settle();
+        assert!(p.b.poll_local().is_none());
+        assert_eq!(p.b.drops().bad_source, 1);
+
+        // A handshake from a key that is not a peer gets nowhere.
+        let mut stranger = Engine::new(StaticSecret::from([3u8; 32]));
+        stranger.set_peers(vec![PeerConfig {
+            key: p.b.public_key(),
+            addresses: vec![B_ADDR],
+            endpoint: Some(endpoint(2)),
+            persistent_keepalive: None,
+        }]);
+        stranger.send(&packet(A_ADDR, B_ADDR, b"let me in"), p.now);
+        let init = stranger.poll_transmit().unwrap();
+        p.b.receive(endpoint(7), &init.payload, p.now);
+        assert!(p.b.poll_transmit().is_none());
+        assert_eq!(p.b.drops().unknown_peer, 1);
+    }
+
+    #[test]
+    fn removing_a_peer_keeps_the_others_sessions() {
+        let mut p = pair();
+        p.a.send(&packet(A_ADDR, B_ADDR, b"x"), p.now);
+        p.settle();
+        let b_key = p.b.public_key();
+        let c = PeerConfig {
+            key: [9u8; 32],
+            addresses: vec![Ipv4Addr::new(100, 64, 0, 4)],
+            endpoint: Some(endpoint(3)),
+            persistent_keepalive: None,
+        };
+        let b =
+            PeerConfig { key: b_key, addresses: vec![B_ADDR], endpoint: Some(endpoint(2)), persistent_keepalive: None };
+        p.a.set_peers(vec![b.clone(), c]);
+        p.a.set_peers(vec![b]);
+        p.a.send(&packet(A_ADDR, B_ADDR, b"still"), p.now);
+        let t = p.a.poll_transmit().unwrap();
+        assert_eq!(t.payload[0], 4, "the existing session carries it: no new handshake");
+    }
 }

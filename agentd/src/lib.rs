@@ -6,12 +6,14 @@
 //! - [`dataplane`]: the IO shell that runs both on one UDP socket.
 //! - [`control`]: registration and the netmap stream.
 
+pub mod cli;
 pub mod control;
 pub mod dataplane;
 pub mod error;
 pub mod filter;
 pub mod netmap;
 pub mod node;
+pub mod proxy;
 pub mod stack;
 pub mod state;
 pub mod tun;

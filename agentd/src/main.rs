@@ -1,6 +1,5 @@
-//! The `agentd` daemon. Until the data-plane issue lands it only says so.
+//! `agentd`: join a Cordon tailnet. See `agentd --help`; exit codes are documented in `agentd::cli`.
 
-fn main() {
-    eprintln!("agentd: the data plane is not built yet; see the README");
-    std::process::exit(2);
+fn main() -> std::process::ExitCode {
+    agentd::cli::main()
 }

@@ -214,9 +214,18 @@ where
     }
 }
 
-/// Where the `cordon` binary is: `$CORDON_BIN`, or next to this test's target directory.
+/// Where the `cordon` binary is: `$CORDON_BIN`, or in this test's target directory.
 pub fn cordon_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("CORDON_BIN") {
+    workspace_bin("cordon", "CORDON_BIN")
+}
+
+/// Where the `agentd` binary is: `$AGENTD_BIN`, or in this test's target directory.
+pub fn agentd_bin() -> PathBuf {
+    workspace_bin("agentd", "AGENTD_BIN")
+}
+
+fn workspace_bin(name: &str, env: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("current exe");
@@ -224,8 +233,8 @@ pub fn cordon_bin() -> PathBuf {
     if dir.ends_with("deps") {
         dir.pop();
     }
-    let bin = dir.join("cordon");
-    assert!(bin.exists(), "{} is missing: run `cargo build -p cordon-server --bins` first", bin.display());
+    let bin = dir.join(name);
+    assert!(bin.exists(), "{} is missing: run `cargo build --workspace --bins` first", bin.display());
     bin
 }
 

@@ -1,0 +1,343 @@
+//! The `agentd` command line: `up` runs the daemon (userspace proxies and forwards, or a TUN
+//! interface); `status`, `whois` and `down` talk to it over a Unix socket in its state directory.
+//!
+//! Exit codes: 0 done; 1 a local failure (state directory, sockets); 2 bad usage or URL; 3 the node was
+//! revoked (deleted, its key revoked, its tailnet deleted or expired): it does not retry; 4 the server
+//! refused the credential; 5 the server could not be reached.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+
+use crate::error::Error;
+use crate::node::{Mode, Node, NodeConfig, Status};
+use crate::proxy::Kind;
+
+const SOCKET: &str = "agentd.sock";
+
+#[derive(Debug, Parser)]
+#[command(name = "agentd", version, about = "Join a Cordon tailnet over WireGuard")]
+struct Cli {
+    /// Where the node keeps its key and session.
+    #[arg(long, global = true, env = "AGENTD_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Join the tailnet and stay up until stopped or revoked.
+    Up(Box<UpArgs>),
+    /// Show this node and its peers.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Who is behind a tailnet address.
+    Whois { address: Ipv4Addr },
+    /// Stop the running agentd (the node stays registered).
+    Down,
+}
+
+#[derive(Debug, clap::Args)]
+struct UpArgs {
+    /// The Cordon server, e.g. http://cordon.example:7443.
+    #[arg(long, env = "AGENTD_SERVER")]
+    server: String,
+    /// Auth key (`cordon-auth-...`); needed on first start.
+    #[arg(long, env = "AGENTD_AUTH_KEY", hide_env_values = true, conflicts_with = "auth_key_file")]
+    auth_key: Option<String>,
+    /// Read the auth key from this file.
+    #[arg(long, env = "AGENTD_AUTH_KEY_FILE")]
+    auth_key_file: Option<PathBuf>,
+    /// This node's name in the tailnet [default: the host name].
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Use a kernel TUN interface of this name instead of the userspace stack (needs root).
+    #[arg(long)]
+    tun: Option<String>,
+    /// SOCKS5 proxy into the tailnet (userspace mode), e.g. 127.0.0.1:1055.
+    #[arg(long)]
+    socks5: Option<SocketAddr>,
+    /// HTTP proxy (CONNECT and absolute URLs) into the tailnet, e.g. 127.0.0.1:8081.
+    #[arg(long)]
+    http_proxy: Option<SocketAddr>,
+    /// Forward a local port to a tailnet host: 127.0.0.1:8080=gateway:80 (repeatable).
+    #[arg(long = "forward", value_parser = parse_forward)]
+    forwards: Vec<(SocketAddr, String, u16)>,
+    /// UDP port for WireGuard [default: any free port].
+    #[arg(long, default_value_t = 0)]
+    listen_port: u16,
+    /// Advertise this endpoint to peers instead of the address that routes to the server.
+    #[arg(long)]
+    advertise: Vec<SocketAddr>,
+}
+
+fn parse_forward(s: &str) -> Result<(SocketAddr, String, u16), String> {
+    let usage = || format!("{s:?} is not LOCAL=HOST:PORT, e.g. 127.0.0.1:8080=gateway:80");
+    let (local, remote) = s.split_once('=').ok_or_else(usage)?;
+    let local: SocketAddr = local.parse().map_err(|_| usage())?;
+    let (host, port) = remote.rsplit_once(':').ok_or_else(usage)?;
+    Ok((local, host.to_string(), port.parse().map_err(|_| usage())?))
+}
+
+fn default_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME") {
+        return PathBuf::from(dir).join("agentd");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) if !nix_is_root() => PathBuf::from(home).join(".local/state/agentd"),
+        _ => PathBuf::from("/var/lib/agentd"),
+    }
+}
+
+fn nix_is_root() -> bool {
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+}
+
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AGENTD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("agentd: cannot start the async runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    let state_dir = cli.state_dir.clone().unwrap_or_else(default_state_dir);
+    let code = runtime.block_on(async move {
+        match cli.command {
+            Command::Up(args) => up(*args, &state_dir).await,
+            Command::Status { json } => client(&state_dir, "status", json).await,
+            Command::Whois { address } => client(&state_dir, &format!("whois {address}"), true).await,
+            Command::Down => client(&state_dir, "down", false).await,
+        }
+    });
+    std::process::ExitCode::from(code as u8)
+}
+
+fn fail(e: &Error) -> i32 {
+    eprintln!("agentd: {e}");
+    e.exit_code()
+}
+
+async fn up(args: UpArgs, state_dir: &Path) -> i32 {
+    let auth_key = match (&args.auth_key, &args.auth_key_file) {
+        (Some(k), _) => Some(k.trim().to_string()),
+        (None, Some(path)) => match std::fs::read_to_string(path) {
+            Ok(k) => Some(k.trim().to_string()),
+            Err(e) => {
+                eprintln!("agentd: cannot read the auth key file {}: {e}", path.display());
+                return 2;
+            }
+        },
+        (None, None) => None,
+    };
+    let hostname = args.hostname.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_lowercase()).unwrap_or_else(|_| "node".into())
+    });
+    let config = NodeConfig {
+        server: args.server.clone(),
+        auth_key,
+        state_dir: state_dir.to_path_buf(),
+        hostname,
+        mode: args.tun.clone().map_or(Mode::Userspace, |name| Mode::Tun { name }),
+        listen_port: args.listen_port,
+        advertise: args.advertise.clone(),
+    };
+    let node = match Node::start(config).await {
+        Ok(node) => Arc::new(node),
+        Err(e) => return fail(&e),
+    };
+    let status = node.status().await;
+    println!(
+        "agentd: up as {} ({}) in tailnet {}, node {}",
+        status.hostname, status.address, status.tailnet, status.node_id
+    );
+
+    let userspace = args.tun.is_none();
+    let mut servers = Vec::new();
+    if let Some(addr) = args.socks5 {
+        match bind(addr, "SOCKS5 proxy").await {
+            Ok(l) => servers.push(tokio::spawn(serve_proxy(node.clone(), l, userspace, Kind::Socks5))),
+            Err(code) => return code,
+        }
+    }
+    if let Some(addr) = args.http_proxy {
+        match bind(addr, "HTTP proxy").await {
+            Ok(l) => servers.push(tokio::spawn(serve_proxy(node.clone(), l, userspace, Kind::Http))),
+            Err(code) => return code,
+        }
+    }
+    for (local, host, port) in args.forwards {
+        match bind(local, "forward").await {
+            Ok(l) => {
+                println!("agentd: forwarding {local} to {host}:{port}");
+                servers.push(tokio::spawn(serve_proxy(node.clone(), l, userspace, Kind::Forward(host, port))));
+            }
+            Err(code) => return code,
+        }
+    }
+    let socket_path = state_dir.join(SOCKET);
+    let _ = std::fs::remove_file(&socket_path);
+    let control = match UnixListener::bind(&socket_path) {
+        Ok(l) => l,
+        Err(e) => return fail(&Error::io(format!("cannot create {}", socket_path.display()), e)),
+    };
+    let (down_tx, mut down_rx) = tokio::sync::mpsc::channel::<()>(1);
+    servers.push(tokio::spawn(serve_control(node.clone(), control, down_tx)));
+
+    let mut ended = node.ended();
+    let code = tokio::select! {
+        _ = shutdown_signal() => { println!("agentd: stopping"); 0 }
+        _ = down_rx.recv() => { println!("agentd: stopping (agentd down)"); 0 }
+        why = async { ended.wait_for(Option::is_some).await.ok().and_then(|e| e.clone()).map(|e| e.message) } => {
+            let why = why.unwrap_or_default();
+            eprintln!("agentd: this node was revoked: {why}; tunnels are down, not retrying");
+            3
+        }
+    };
+    for s in servers {
+        s.abort();
+    }
+    node.shutdown().await;
+    let _ = std::fs::remove_file(&socket_path);
+    code
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, i32> {
+    TcpListener::bind(addr).await.map_err(|e| fail(&Error::io(format!("cannot listen for the {what} on {addr}"), e)))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn serve_proxy(node: Arc<Node>, listener: TcpListener, userspace: bool, kind: Kind) {
+    loop {
+        let Ok((client, _)) = listener.accept().await else { continue };
+        let _ = client.set_nodelay(true);
+        let node = node.clone();
+        let kind = kind.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::proxy::handle(&node, client, userspace, &kind).await {
+                tracing::debug!(error = %e, "proxied connection ended");
+            }
+        });
+    }
+}
+
+fn status_json(s: &Status) -> serde_json::Value {
+    json!({
+        "node_id": s.node_id, "hostname": s.hostname, "address": s.address.to_string(), "tailnet": s.tailnet,
+        "endpoint": s.endpoint.to_string(),
+        "peers": s.peers.iter().map(|p| json!({
+            "id": p.peer.id, "hostname": p.peer.hostname,
+            "addresses": p.peer.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "tags": p.peer.tags, "owner": p.peer.owner, "online": p.peer.online,
+            "path": p.endpoint.map(|e| format!("direct {e}")).unwrap_or_else(|| "none".into()),
+            "last_handshake_seconds_ago": p.last_handshake, "tx_bytes": p.tx_bytes, "rx_bytes": p.rx_bytes,
+        })).collect::<Vec<_>>(),
+        "dropped": {
+            "malformed": s.drops.malformed, "unknown_peer": s.drops.unknown_peer, "bad_source": s.drops.bad_source,
+            "filtered": s.drops.filtered, "replayed": s.drops.replayed, "undecryptable": s.drops.undecryptable,
+        },
+    })
+}
+
+async fn serve_control(node: Arc<Node>, listener: UnixListener, down: tokio::sync::mpsc::Sender<()>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let node = node.clone();
+        let down = down.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            if BufReader::new(read).read_line(&mut line).await.is_err() {
+                return;
+            }
+            let reply = match line.trim().split_once(' ').unwrap_or((line.trim(), "")) {
+                ("status", _) => status_json(&node.status().await),
+                ("whois", ip) => match ip.parse::<Ipv4Addr>().ok().and_then(|ip| node.whois(ip)) {
+                    Some(p) => json!({"id": p.id, "hostname": p.hostname, "tags": p.tags, "owner": p.owner,
+                        "addresses": p.addresses.iter().map(ToString::to_string).collect::<Vec<_>>()}),
+                    None => json!({"error": format!("no node has address {ip}")}),
+                },
+                ("down", _) => {
+                    let _ = down.send(()).await;
+                    json!({"ok": true})
+                }
+                (other, _) => json!({"error": format!("unknown command {other:?}")}),
+            };
+            let _ = write.write_all(format!("{reply}\n").as_bytes()).await;
+        });
+    }
+}
+
+async fn client(state_dir: &Path, command: &str, raw_json: bool) -> i32 {
+    let path = state_dir.join(SOCKET);
+    let mut stream = match UnixStream::connect(&path).await {
+        Ok(s) => s,
+        Err(_) => {
+            eprintln!(
+                "agentd: no agentd is running with state directory {} (start one with `agentd up`)",
+                state_dir.display()
+            );
+            return 1;
+        }
+    };
+    if stream.write_all(format!("{command}\n").as_bytes()).await.is_err() {
+        return 1;
+    }
+    let mut reply = String::new();
+    if stream.read_to_string(&mut reply).await.is_err() {
+        return 1;
+    }
+    let value: serde_json::Value = serde_json::from_str(reply.trim()).unwrap_or_default();
+    if let Some(err) = value.get("error") {
+        eprintln!("agentd: {}", err.as_str().unwrap_or_default());
+        return 1;
+    }
+    if raw_json || command != "status" {
+        if command != "down" {
+            println!("{value:#}");
+        }
+        return 0;
+    }
+    println!(
+        "{} {} in {} (node {}, endpoint {})",
+        value["hostname"], value["address"], value["tailnet"], value["node_id"], value["endpoint"]
+    );
+    println!("{:<20} {:<15} {:<28} {:>10} {:>12} {:>12}", "PEER", "ADDRESS", "PATH", "HANDSHAKE", "TX", "RX");
+    for p in value["peers"].as_array().into_iter().flatten() {
+        let handshake = p["last_handshake_seconds_ago"].as_u64().map_or("-".into(), |s| format!("{s}s ago"));
+        println!(
+            "{:<20} {:<15} {:<28} {:>10} {:>12} {:>12}",
+            p["hostname"].as_str().unwrap_or(""),
+            p["addresses"][0].as_str().unwrap_or(""),
+            p["path"].as_str().unwrap_or(""),
+            handshake,
+            p["tx_bytes"],
+            p["rx_bytes"]
+        );
+    }
+    0
+}

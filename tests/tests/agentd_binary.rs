@@ -1,0 +1,168 @@
+//! The `agentd` binary in userspace mode: port forwards, SOCKS5 and HTTP proxies into the tailnet,
+//! `status` and `whois` over its control socket, and a clean exit with code 3 when it is revoked.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use agentd::{Node, NodeConfig};
+use cordon_tests::v1 as pb;
+use cordon_tests::*;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::Command;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A peer that answers every connection on `port` with `hello from <name>` and closes.
+async fn greeter(node: &Node, port: u16, name: &'static str) {
+    let mut listener = node.listen(port).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let request = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let body = format!("hello from {name}; you sent {}", request.lines().next().unwrap_or(""));
+                let _ = s
+                    .write_all(
+                        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
+                            .as_bytes(),
+                    )
+                    .await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+}
+
+async fn agentd(args: &[&str], state: &std::path::Path) -> std::process::Output {
+    Command::new(agentd_bin()).args(args).arg("--state-dir").arg(state).output().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_proxies_status_and_revocation() {
+    let server = TestServer::start().await;
+    let mut admin = server.admin().await;
+    let tailnet = create_tailnet(&mut admin, "bin").await;
+    let (_, secret) = create_key(&mut admin, &tailnet.id, true, false).await;
+    let peer_dir = tempfile::tempdir().unwrap();
+    let mut config = NodeConfig::new(&server.url, peer_dir.path());
+    config.auth_key = Some(secret.clone());
+    config.hostname = "web".into();
+    let peer = Node::start(config).await.unwrap();
+    greeter(&peer, 80, "web").await;
+
+    let state = tempfile::tempdir().unwrap();
+    let (forward, socks, http) = (free_port(), free_port(), free_port());
+    let mut child = Command::new(agentd_bin())
+        .args(["up", "--server", &server.url, "--hostname", "laptop"])
+        .args(["--forward", &format!("127.0.0.1:{forward}=web:80")])
+        .args(["--socks5", &format!("127.0.0.1:{socks}"), "--http-proxy", &format!("127.0.0.1:{http}")])
+        .arg("--state-dir")
+        .arg(state.path())
+        .env("AGENTD_AUTH_KEY", &secret)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let up = tokio::time::timeout(Duration::from_secs(20), out.next_line()).await.unwrap().unwrap().unwrap();
+    assert!(up.contains("up as laptop"), "{up}");
+    let mut netmap = peer.netmap();
+    tokio::time::timeout(Duration::from_secs(10), netmap.wait_for(|m| m.peers.len() == 1)).await.unwrap().unwrap();
+
+    // The forward, once its listener is up.
+    let body = eventually(Duration::from_secs(10), "the forward to answer", || async move {
+        let mut s = TcpStream::connect(("127.0.0.1", forward)).await.ok()?;
+        s.write_all(b"GET /a HTTP/1.1\r\nhost: web\r\n\r\n").await.ok()?;
+        let mut r = String::new();
+        s.read_to_string(&mut r).await.ok()?;
+        Some(r)
+    })
+    .await;
+    assert!(body.ends_with("hello from web; you sent GET /a HTTP/1.1"), "{body}");
+
+    // SOCKS5 with a domain name.
+    let mut s = TcpStream::connect(("127.0.0.1", socks)).await.unwrap();
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    let mut greeting = [0u8; 2];
+    s.read_exact(&mut greeting).await.unwrap();
+    assert_eq!(greeting, [5, 0]);
+    s.write_all(&[5, 1, 0, 3, 3, b'w', b'e', b'b', 0, 80]).await.unwrap();
+    let mut reply = [0u8; 10];
+    s.read_exact(&mut reply).await.unwrap();
+    assert_eq!(reply[1], 0, "SOCKS5 connect succeeded");
+    s.write_all(b"GET /socks HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut r = String::new();
+    s.read_to_string(&mut r).await.unwrap();
+    assert!(r.ends_with("you sent GET /socks HTTP/1.1"), "{r}");
+
+    // HTTP proxy, absolute URL: the request line reaches the peer in origin form.
+    let mut s = TcpStream::connect(("127.0.0.1", http)).await.unwrap();
+    s.write_all(b"GET http://web/v1/models HTTP/1.1\r\nhost: web\r\nproxy-connection: keep-alive\r\n\r\n")
+        .await
+        .unwrap();
+    let mut r = String::new();
+    s.read_to_string(&mut r).await.unwrap();
+    assert!(r.ends_with("you sent GET /v1/models HTTP/1.1"), "{r}");
+    // And an unknown host is a 502 that says why.
+    let mut s = TcpStream::connect(("127.0.0.1", http)).await.unwrap();
+    s.write_all(b"GET http://nowhere/ HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut r = String::new();
+    s.read_to_string(&mut r).await.unwrap();
+    assert!(r.starts_with("HTTP/1.1 502") && r.contains("unknown host"), "{r}");
+
+    // status and whois over the control socket.
+    let status = agentd(&["status", "--json"], state.path()).await;
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["hostname"], "laptop");
+    assert_eq!(status["peers"][0]["hostname"], "web");
+    assert!(status["peers"][0]["path"].as_str().unwrap().starts_with("direct 127.0.0.1:"), "{status}");
+    let whois = agentd(&["whois", &peer.address().to_string()], state.path()).await;
+    let whois: serde_json::Value = serde_json::from_slice(&whois.stdout).unwrap();
+    assert_eq!(whois["id"], peer.node_id());
+    let table = agentd(&["status"], state.path()).await;
+    assert!(String::from_utf8_lossy(&table.stdout).contains("PEER"), "{table:?}");
+
+    // Revoked: it takes the tunnels down, says why and exits 3 instead of retrying.
+    let laptop = status["node_id"].as_str().unwrap().to_string();
+    admin.delete_node(pb::DeleteNodeRequest { id: laptop, reason: "offboarded".into() }).await.unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.expect("exits").unwrap();
+    assert_eq!(exit.code(), Some(3));
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).await.unwrap();
+    assert!(err.contains("revoked") && err.contains("offboarded"), "{err}");
+    assert!(!err.contains(&secret), "the auth key never reaches the log");
+}
+
+#[tokio::test]
+async fn up_errors_are_one_line_with_an_exit_code() {
+    let state = tempfile::tempdir().unwrap();
+    let run = |args: Vec<String>| {
+        let state = state.path().to_path_buf();
+        async move { Command::new(agentd_bin()).args(args).arg("--state-dir").arg(state).output().await.unwrap() }
+    };
+    let bad_url = run(vec!["up".into(), "--server".into(), "cordon.example".into()]).await;
+    assert_eq!(bad_url.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad_url.stderr).contains("not a server URL"));
+    let down = run(vec!["up".into(), "--server".into(), "http://127.0.0.1:1".into()]).await;
+    assert_eq!(down.status.code(), Some(5));
+    let server = TestServer::start().await;
+    let rejected = run(vec![
+        "up".into(),
+        "--server".into(),
+        server.url.clone(),
+        "--auth-key".into(),
+        format!("cordon-auth-{}", "z".repeat(43)),
+    ])
+    .await;
+    assert_eq!(rejected.status.code(), Some(4));
+    let stderr = String::from_utf8_lossy(&rejected.stderr);
+    assert!(stderr.contains("refused") && !stderr.contains("zzzz"), "{stderr}");
+    let no_daemon = run(vec!["status".into()]).await;
+    assert_eq!(no_daemon.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&no_daemon.stderr).contains("no agentd is running"));
+}

@@ -18,6 +18,8 @@ use tonic::transport::Channel;
 
 pub use cordon_proto::v1;
 
+pub mod netns;
+
 /// Sends `authorization: Bearer <token>` on every call.
 #[derive(Clone)]
 pub struct Bearer(pub MetadataValue<Ascii>);
@@ -66,12 +68,27 @@ impl TestServer {
 
     /// A server over `dir`, which may hold a previous server's data.
     pub async fn start_in(dir: &Path, limits: Limits) -> TestServer {
+        Self::start_at(dir, limits, "127.0.0.1:0").await
+    }
+
+    /// A server on all addresses (for hosts in network namespaces), over a temporary directory.
+    pub async fn start_public() -> TestServer {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let mut server = Self::start_at(temp.path(), Limits::default(), "0.0.0.0:0").await;
+        server._temp = Some(temp);
+        server
+    }
+
+    async fn start_at(dir: &Path, limits: Limits, listen: &str) -> TestServer {
         let mut config = ServeConfig::for_data_dir(dir);
         config.limits = limits;
         config.shutdown_grace = Duration::from_secs(5);
         let server = Server::open(config).expect("server opens");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
-        let addr = listener.local_addr().expect("local addr");
+        let listener = tokio::net::TcpListener::bind(listen).await.expect("bind");
+        let mut addr = listener.local_addr().expect("local addr");
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
         let admin_token = std::fs::read_to_string(dir.join("admin.token")).expect("admin token").trim().to_string();
         let control_plane = server.control_plane.clone();
         let (stop, stopped) = oneshot::channel::<()>();

@@ -1,0 +1,113 @@
+//! Network namespaces and veth pairs made (and removed) by a test, for hosts that talk over real
+//! interfaces. Everything here needs root and iproute2.
+
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A short name unique to this process: interface names have at most 15 bytes.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{}x{}", std::process::id() % 100_000, NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Why the namespace tests cannot run here, if they cannot: not root, or a tool is missing.
+pub fn skip_reason(tools: &[&str]) -> Option<String> {
+    // SAFETY-free check: the effective uid of this process via /proc.
+    let root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false);
+    if !root {
+        return Some("needs root (network namespaces, TUN)".into());
+    }
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        return Some("/dev/net/tun is missing".into());
+    }
+    for tool in tools {
+        let found =
+            Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success());
+        if !found {
+            return Some(format!("{tool} is not installed (./scripts/test.sh installs it when run as root)"));
+        }
+    }
+    None
+}
+
+/// Prints why a test is skipped, in a form a person scanning the log will see.
+pub fn skip(test: &str, reason: &str) {
+    eprintln!("SKIPPED {test}: {reason}");
+    println!("SKIPPED {test}: {reason}");
+}
+
+pub fn run(args: &[&str]) -> Output {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// A network namespace, deleted on drop (with everything in it).
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        let name = unique(&format!("cordon-{tag}-"));
+        run(&["ip", "netns", "add", &name]);
+        run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        Netns { name }
+    }
+
+    /// A command run inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    pub fn tokio_command(&self, program: &str) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c.kill_on_drop(true);
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        let out = self.command(args[0]).args(&args[1..]).stdin(Stdio::null()).output().expect("ip netns exec");
+        assert!(out.status.success(), "{args:?} in {} failed: {}", self.name, String::from_utf8_lossy(&out.stderr));
+        out
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Kill what still runs inside, then remove the namespace (its interfaces go with it).
+        let _ = Command::new("ip").args(["netns", "pids", &self.name]).output().map(|o| {
+            for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        });
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// A veth pair between `a` and `b` (`None` = this process's namespace), with addresses in a /24.
+pub fn veth(a: &Netns, a_addr: &str, b: Option<&Netns>, b_addr: &str) {
+    let (a_if, b_if) = (unique("va"), unique("vb"));
+    run(&["ip", "link", "add", &a_if, "type", "veth", "peer", "name", &b_if]);
+    run(&["ip", "link", "set", &a_if, "netns", &a.name]);
+    run(&["ip", "-n", &a.name, "addr", "add", &format!("{a_addr}/24"), "dev", &a_if]);
+    run(&["ip", "-n", &a.name, "link", "set", &a_if, "up"]);
+    match b {
+        Some(b) => {
+            run(&["ip", "link", "set", &b_if, "netns", &b.name]);
+            run(&["ip", "-n", &b.name, "addr", "add", &format!("{b_addr}/24"), "dev", &b_if]);
+            run(&["ip", "-n", &b.name, "link", "set", &b_if, "up"]);
+        }
+        None => {
+            run(&["ip", "addr", "add", &format!("{b_addr}/24"), "dev", &b_if]);
+            run(&["ip", "link", "set", &b_if, "up"]);
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! Hosts in network namespaces (root only; each test makes and removes its own): two `agentd` in TUN
+//! mode reach each other by ping and TCP, and `agentd` interoperates with Debian's `wireguard-go`
+//! configured with `wg` from a node record registered through the Node API.
+//!
+//! Topology per test: namespaces A and B, each with a veth to this process's namespace (where the
+//! server listens) and a veth between them that carries the WireGuard UDP traffic.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use cordon_tests::netns::{self, Netns};
+use cordon_tests::v1 as pb;
+use cordon_tests::*;
+use tokio::process::Child;
+
+const ECHO_SERVER: &str = "import socket,sys\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind((sys.argv[1],int(sys.argv[2])));s.listen(8)\nwhile True:\n c,_=s.accept();d=c.recv(65536);c.sendall(d[::-1]);c.close()\n";
+const ECHO_CLIENT: &str = "import socket,sys\nc=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=3)\nc.sendall(sys.argv[3].encode());print(c.recv(65536).decode())\n";
+
+struct Sites {
+    a: Netns,
+    b: Netns,
+    /// The server as seen from A and from B.
+    server_from_a: String,
+    server_from_b: String,
+    /// A's and B's addresses on the link between them.
+    a_link: String,
+    b_link: String,
+}
+
+fn sites(subnet: u8, port: u16) -> Sites {
+    let a = Netns::new("a");
+    let b = Netns::new("b");
+    netns::veth(&a, &format!("10.{subnet}.1.2"), None, &format!("10.{subnet}.1.1"));
+    netns::veth(&b, &format!("10.{subnet}.2.2"), None, &format!("10.{subnet}.2.1"));
+    netns::veth(&a, &format!("10.{subnet}.0.1"), Some(&b), &format!("10.{subnet}.0.2"));
+    Sites {
+        a,
+        b,
+        server_from_a: format!("http://10.{subnet}.1.1:{port}"),
+        server_from_b: format!("http://10.{subnet}.2.1:{port}"),
+        a_link: format!("10.{subnet}.0.1"),
+        b_link: format!("10.{subnet}.0.2"),
+    }
+}
+
+fn agentd_tun(ns: &Netns, server: &str, secret: &str, state: &std::path::Path, name: &str, advertise: &str) -> Child {
+    let tun = netns::unique("cd");
+    ns.tokio_command(agentd_bin().to_str().unwrap())
+        .args(["up", "--server", server, "--tun", &tun, "--hostname", name, "--listen-port", "51820"])
+        .args(["--advertise", &format!("{advertise}:51820")])
+        .arg("--state-dir")
+        .arg(state)
+        .env("AGENTD_AUTH_KEY", secret)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn agentd")
+}
+
+fn echo_server(ns: &Netns, addr: &str, port: u16) -> Child {
+    ns.tokio_command("python3")
+        .args(["-c", ECHO_SERVER, addr, &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn echo server")
+}
+
+/// Sends `text` over TCP from inside `ns` and expects it back reversed; retries until the tunnel is up.
+async fn tcp_round_trip(ns: &Netns, addr: &str, port: u16, text: &str) {
+    let reply = eventually(Duration::from_secs(20), &format!("TCP to {addr}:{port}"), || async {
+        let out =
+            ns.tokio_command("python3").args(["-c", ECHO_CLIENT, addr, &port.to_string(), text]).output().await.ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    })
+    .await;
+    assert_eq!(reply, text.chars().rev().collect::<String>());
+}
+
+async fn node_named(admin: &mut Admin, tailnet: &str, hostname: &str) -> pb::NodeInfo {
+    eventually(Duration::from_secs(20), &format!("{hostname} to register"), || {
+        let mut admin = admin.clone();
+        async move {
+            let nodes = admin.list_nodes(pb::ListNodesRequest { tailnet_id: tailnet.into() }).await.ok()?.into_inner();
+            nodes.nodes.into_iter().find(|n| n.hostname == hostname && n.online)
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agentd_in_tun_mode_ping_and_tcp() {
+    if let Some(reason) = netns::skip_reason(&["ip", "python3", "ping"]) {
+        return netns::skip("two_agentd_in_tun_mode_ping_and_tcp", &reason);
+    }
+    let server = TestServer::start_public().await;
+    let mut admin = server.admin().await;
+    let tailnet = create_tailnet(&mut admin, "tun").await;
+    let (_, secret) = create_key(&mut admin, &tailnet.id, true, false).await;
+    let s = sites(210, server.addr.port());
+    let (state_a, state_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let _agent_a = agentd_tun(&s.a, &s.server_from_a, &secret, state_a.path(), "alpha", &s.a_link);
+    let _agent_b = agentd_tun(&s.b, &s.server_from_b, &secret, state_b.path(), "beta", &s.b_link);
+    let a = node_named(&mut admin, &tailnet.id, "alpha").await;
+    let b = node_named(&mut admin, &tailnet.id, "beta").await;
+    let (a_addr, b_addr) = (a.addresses[0].clone(), b.addresses[0].clone());
+
+    eventually(Duration::from_secs(20), "ping over the tunnel", || async {
+        let out = s.a.tokio_command("ping").args(["-c", "1", "-W", "1", &b_addr]).output().await.ok()?;
+        out.status.success().then_some(())
+    })
+    .await;
+    let _server_b = echo_server(&s.b, &b_addr, 7000);
+    tcp_round_trip(&s.a, &b_addr, 7000, "through two agentd").await;
+    let _server_a = echo_server(&s.a, &a_addr, 7000);
+    tcp_round_trip(&s.b, &a_addr, 7000, "and back again").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agentd_interoperates_with_wireguard_go() {
+    if let Some(reason) = netns::skip_reason(&["ip", "python3", "wireguard-go", "wg"]) {
+        return netns::skip("agentd_interoperates_with_wireguard_go", &reason);
+    }
+    let server = TestServer::start_public().await;
+    let mut admin = server.admin().await;
+    let mut nodes = server.nodes().await;
+    let tailnet = create_tailnet(&mut admin, "interop").await;
+    let (_, secret) = create_key(&mut admin, &tailnet.id, true, false).await;
+    let s = sites(211, server.addr.port());
+
+    // wireguard-go's identity, registered through the Node API like any node.
+    let private = String::from_utf8(netns::run(&["wg", "genkey"]).stdout).unwrap().trim().to_string();
+    let mut pubkey = std::process::Command::new("wg")
+        .arg("pubkey")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(pubkey.stdin.as_mut().unwrap(), private.as_bytes()).unwrap();
+    let public = String::from_utf8(pubkey.wait_with_output().unwrap().stdout).unwrap().trim().to_string();
+    let mut req = register_request(&secret, "wggo");
+    req.wireguard_public_key = base64::engine::general_purpose::STANDARD.decode(&public).unwrap();
+    req.endpoints = vec![format!("{}:51821", s.b_link)];
+    let wg_node = nodes.register(req).await.unwrap().into_inner().node.unwrap();
+    let wg_addr = wg_node.addresses[0].clone();
+
+    let state = tempfile::tempdir().unwrap();
+    let _agent = agentd_tun(&s.a, &s.server_from_a, &secret, state.path(), "alpha", &s.a_link);
+    let agent = node_named(&mut admin, &tailnet.id, "alpha").await;
+    let agent_key = base64::engine::general_purpose::STANDARD.encode(&agent.wireguard_public_key);
+    let agent_addr = agent.addresses[0].clone();
+
+    // wireguard-go in B, configured with wg from the node records.
+    let iface = netns::unique("wg");
+    let _wireguard_go =
+        s.b.tokio_command("wireguard-go")
+            .args(["-f", &iface])
+            .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+    eventually(Duration::from_secs(10), "wireguard-go's interface", || async {
+        let out = s.b.tokio_command("ip").args(["link", "show", &iface]).output().await.ok()?;
+        out.status.success().then_some(())
+    })
+    .await;
+    let key_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(key_file.path(), &private).unwrap();
+    s.b.run(&[
+        "wg",
+        "set",
+        &iface,
+        "private-key",
+        key_file.path().to_str().unwrap(),
+        "listen-port",
+        "51821",
+        "peer",
+        &agent_key,
+        "allowed-ips",
+        &format!("{agent_addr}/32"),
+        "endpoint",
+        &format!("{}:51820", s.a_link),
+    ]);
+    s.b.run(&["ip", "addr", "add", &format!("{wg_addr}/10"), "dev", &iface]);
+    s.b.run(&["ip", "link", "set", &iface, "mtu", "1420", "up"]);
+
+    // TCP both ways.
+    let _server_b = echo_server(&s.b, &wg_addr, 7001);
+    tcp_round_trip(&s.a, &wg_addr, 7001, "agentd to wireguard-go").await;
+    let _server_a = echo_server(&s.a, &agent_addr, 7002);
+    tcp_round_trip(&s.b, &agent_addr, 7002, "wireguard-go to agentd").await;
+    let handshakes = String::from_utf8(s.b.run(&["wg", "show", &iface, "latest-handshakes"]).stdout).unwrap();
+    assert!(handshakes.contains(&agent_key), "{handshakes}");
+}

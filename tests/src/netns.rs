@@ -111,3 +111,19 @@ pub fn veth(a: &Netns, a_addr: &str, b: Option<&Netns>, b_addr: &str) {
         }
     }
 }
+
+/// wireguard-go's control socket, removed on drop: a killed wireguard-go leaves it behind, and the
+/// directory is shared by all namespaces.
+pub struct WireguardSocket(std::path::PathBuf);
+
+impl WireguardSocket {
+    pub fn new(iface: &str) -> WireguardSocket {
+        WireguardSocket(std::path::PathBuf::from(format!("/var/run/wireguard/{iface}.sock")))
+    }
+}
+
+impl Drop for WireguardSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

@@ -150,6 +150,7 @@ async fn agentd_interoperates_with_wireguard_go() {
 
     // wireguard-go in B, configured with wg from the node records.
     let iface = netns::unique("wg");
+    let _socket = netns::WireguardSocket::new(&iface);
     let _wireguard_go =
         s.b.tokio_command("wireguard-go")
             .args(["-f", &iface])

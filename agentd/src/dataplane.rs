@@ -1,7 +1,6 @@
 //! The data plane's IO shell: one task per node that owns the UDP socket and the WireGuard engine and
 //! moves packets between them and the local side (the userspace stack or a TUN device).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,10 +11,11 @@ use tokio::time::Instant;
 use crate::filter::PacketFilter;
 use crate::stack::Stack;
 use crate::tun::Tun;
+use crate::udp::Udp;
 use crate::wg::{Drops, Engine, Event, Key, PeerConfig, PeerStats};
 
-/// How many datagrams one wakeup reads before the stack runs.
-const RECV_BATCH: usize = 64;
+/// How many batched reads one wakeup makes before the stack runs.
+const RECV_ROUNDS: usize = 8;
 
 /// Where decrypted packets go and outbound packets come from.
 pub enum Local {
@@ -31,14 +31,20 @@ pub enum Command {
 
 /// Runs until `shutdown` turns true.
 pub async fn run(
-    socket: Arc<UdpSocket>,
+    socket: UdpSocket,
     mut engine: Engine,
     local: Local,
     mut commands: mpsc::UnboundedReceiver<Command>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut buf = vec![0u8; 65_536];
-    let mut tun_buf = vec![0u8; 65_536];
+    let mut udp = match Udp::new(socket) {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot set up the UDP socket");
+            return;
+        }
+    };
+    let mut tun_buf = if matches!(local, Local::Tun(_)) { vec![0u8; 65_536] } else { Vec::new() };
     let mut outbound: Vec<Vec<u8>> = Vec::new();
     let mut next_tick = Instant::now() + Duration::from_millis(100);
     loop {
@@ -51,7 +57,7 @@ pub async fn run(
         for packet in outbound.drain(..) {
             engine.send(&packet, now.into_std());
         }
-        flush(&socket, &mut engine).await;
+        udp.send_all(engine.transmits()).await;
         while let Some(event) = engine.poll_event() {
             match event {
                 Event::HandshakeCompleted { peer } => tracing::debug!(peer = %short(&peer), "handshake completed"),
@@ -72,15 +78,11 @@ pub async fn run(
                 }
                 None => return,
             },
-            received = socket.recv_from(&mut buf) => {
+            _ = udp.readable() => {
                 let now = Instant::now().into_std();
-                if let Ok((n, from)) = received {
-                    engine.receive(from, &buf[..n], now);
-                }
-                for _ in 1..RECV_BATCH {
-                    match socket.try_recv_from(&mut buf) {
-                        Ok((n, from)) => engine.receive(from, &buf[..n], now),
-                        Err(_) => break,
+                for _ in 0..RECV_ROUNDS {
+                    if udp.try_recv(|from, datagram| engine.receive(from, datagram, now)) == 0 {
+                        break;
                     }
                 }
                 deliver(&local, &mut engine).await;
@@ -104,22 +106,6 @@ pub async fn run(
 
 fn engine_peers(engine: &Engine) -> Vec<(Key, PeerStats)> {
     engine.peer_keys().into_iter().filter_map(|k| engine.peer_stats(&k).map(|s| (k, s))).collect()
-}
-
-async fn flush(socket: &UdpSocket, engine: &mut Engine) {
-    while let Some(t) = engine.poll_transmit() {
-        send(socket, t.dst, &t.payload).await;
-    }
-}
-
-async fn send(socket: &UdpSocket, dst: SocketAddr, payload: &[u8]) {
-    match socket.try_send_to(payload, dst) {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-            let _ = socket.send_to(payload, dst).await;
-        }
-        Err(e) => tracing::trace!(%dst, error = %e, "send failed"),
-    }
 }
 
 async fn deliver(local: &Local, engine: &mut Engine) {

@@ -17,6 +17,7 @@ pub mod proxy;
 pub mod stack;
 pub mod state;
 pub mod tun;
+pub mod udp;
 pub mod wg;
 
 pub use error::Error;

@@ -120,7 +120,7 @@ impl Node {
             .map_err(|e| Error::io(format!("cannot bind UDP port {}", config.listen_port), e))?;
         socket.set_nonblocking(true).map_err(|e| Error::io("UDP socket", e))?;
         let port = socket.local_addr().map_err(|e| Error::io("UDP socket", e))?.port();
-        let socket = Arc::new(UdpSocket::from_std(socket).map_err(|e| Error::io("UDP socket", e))?);
+        let socket = UdpSocket::from_std(socket).map_err(|e| Error::io("UDP socket", e))?;
         let endpoints = if config.advertise.is_empty() {
             vec![SocketAddr::new(route_source(&config.server), port)]
         } else {

@@ -388,6 +388,11 @@ impl Engine {
         self.transmits.pop_front()
     }
 
+    /// Everything waiting to be sent, in order (the IO shell sends it in batches).
+    pub fn transmits(&mut self) -> &mut VecDeque<Transmit> {
+        &mut self.transmits
+    }
+
     /// The next decrypted packet for the local stack.
     pub fn poll_local(&mut self) -> Option<Vec<u8>> {
         self.to_local.pop_front()

@@ -37,16 +37,22 @@ async fn main() {
 
 /// Runs iperf3 from A to `target` (a server started in B on that address) and returns bits/s.
 async fn iperf(a: &Netns, b: &Netns, target: &str) -> f64 {
-    let mut server =
-        b.tokio_command("iperf3").args(["-s", "-1", "-B", target]).stdout(std::process::Stdio::null()).spawn().unwrap();
-    let out = eventually(Duration::from_secs(20), "iperf3 to run", || async {
-        let out = a.tokio_command("iperf3").args(["-c", target, "-t", IPERF_SECONDS, "-J"]).output().await.ok()?;
-        out.status.success().then_some(out.stdout)
+    let mut server = b
+        .tokio_command("iperf3")
+        .args(["-s", "-B", target])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let bits = eventually(Duration::from_secs(60), "iperf3 to run", || async {
+        let client = a.tokio_command("iperf3").args(["-c", target, "-t", IPERF_SECONDS, "-J"]).output();
+        let out = tokio::time::timeout(Duration::from_secs(30), client).await.ok()?.ok()?;
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        json["end"]["sum_received"]["bits_per_second"].as_f64()
     })
     .await;
-    let _ = server.wait().await;
-    let json: serde_json::Value = serde_json::from_slice(&out).expect("iperf3 JSON");
-    json["end"]["sum_received"]["bits_per_second"].as_f64().expect("bits_per_second")
+    let _ = server.kill().await;
+    bits
 }
 
 async fn namespaces() {

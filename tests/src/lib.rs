@@ -79,7 +79,8 @@ impl TestServer {
         server
     }
 
-    async fn start_at(dir: &Path, limits: Limits, listen: &str) -> TestServer {
+    /// A server over `dir` listening on `listen` (e.g. the address a stopped server had).
+    pub async fn start_at(dir: &Path, limits: Limits, listen: &str) -> TestServer {
         let mut config = ServeConfig::for_data_dir(dir);
         config.limits = limits;
         config.shutdown_grace = Duration::from_secs(5);

@@ -146,3 +146,52 @@ async fn start_errors_say_what_to_do() {
     let corrupt = Node::start(NodeConfig::new(&server.url, dir.path())).await.err().unwrap();
     assert!(corrupt.to_string().contains("wireguard.key") && corrupt.to_string().contains("move it away"), "{corrupt}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restart_keeps_tunnels_up_and_nodes_reconnect() {
+    let server = TestServer::start().await;
+    let addr = server.addr;
+    let mut admin = server.admin().await;
+    let tailnet = create_tailnet(&mut admin, "restart").await;
+    let (_, secret) = create_key(&mut admin, &tailnet.id, true, false).await;
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = join(&server, &secret, dirs.0.path(), "alpha").await;
+    let b = join(&server, &secret, dirs.1.path(), "beta").await;
+    peers(&a, 1).await;
+    let mut listener = b.listen(7100).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 16];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let mut conn = a.dial_host("beta", 7100).await.unwrap();
+
+    // The server goes away: the established connection keeps working through the tunnel.
+    let (dir, temp) = server.stop_keep_dir().await;
+    for round in 0..3u8 {
+        conn.write_all(&[round]).await.unwrap();
+        let mut echo = [0u8; 1];
+        conn.read_exact(&mut echo).await.unwrap();
+        assert_eq!(echo, [round]);
+    }
+
+    // It comes back on the same address; both nodes reconnect and hear of a newcomer.
+    let server = TestServer::start_at(&dir, cordon_server::Limits::default(), &addr.to_string()).await;
+    let c_dir = tempfile::tempdir().unwrap();
+    let _c = join(&server, &secret, c_dir.path(), "gamma").await;
+    peers(&a, 2).await;
+    peers(&b, 2).await;
+    assert!(a.ended().borrow().is_none() && b.ended().borrow().is_none(), "a restart is not a revocation");
+    conn.write_all(b"z").await.unwrap();
+    let mut echo = [0u8; 1];
+    conn.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"z");
+    drop(temp);
+}

@@ -1,0 +1,723 @@
+//! Tailnet policy: who may reach whom on which ports, and which capabilities (`app`) each identity
+//! carries. A document is parsed from JSON with comments ([`jsonc`]), validated completely (every error
+//! names its JSON path and line/column), and its `tests` must pass before it is accepted. Deny by default.
+//!
+//! Selectors: `*`, `tag:name`, `group:name`, an owner (`alice@acme.com`), a node id, `gateway`. As in
+//! Tailscale, a tagged node is identified by its tags: owner and group selectors match untagged nodes only.
+
+pub mod jsonc;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use jsonc::{Node as J, Pos, Value as V};
+
+/// What a policy document may contain at the top level.
+const SECTIONS: [&str; 4] = ["groups", "tagOwners", "grants", "tests"];
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Selector {
+    Any,
+    Tag(String),
+    Group(String),
+    Owner(String),
+    Node(String),
+    Gateway,
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Selector::Any => f.write_str("*"),
+            Selector::Tag(t) | Selector::Group(t) | Selector::Owner(t) | Selector::Node(t) => f.write_str(t),
+            Selector::Gateway => f.write_str("gateway"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Proto {
+    Any,
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+/// A protocol and a port range (ICMP has no ports).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ports {
+    pub proto: Proto,
+    pub first: u16,
+    pub last: u16,
+}
+
+impl Ports {
+    fn allows(&self, proto: Proto, port: u16) -> bool {
+        (self.proto == Proto::Any || self.proto == proto)
+            && (proto == Proto::Icmp || (self.first..=self.last).contains(&port))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Grant {
+    pub src: Vec<Selector>,
+    pub dst: Vec<Selector>,
+    pub ip: Vec<Ports>,
+    pub app: BTreeMap<String, Vec<serde_json::Value>>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Target {
+    pub dst: Selector,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolicyTest {
+    pub src: Selector,
+    pub accept: Vec<(Target, String, Pos)>,
+    pub deny: Vec<(Target, String, Pos)>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy {
+    pub groups: BTreeMap<String, Vec<String>>,
+    pub tag_owners: BTreeMap<String, Vec<String>>,
+    pub grants: Vec<Grant>,
+    pub tests: Vec<PolicyTest>,
+    /// False for the default policy of a tailnet nobody set one for: everyone reaches everyone, any tag.
+    pub explicit: bool,
+}
+
+/// Why a document was refused: where, and what is wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyError {
+    pub path: String,
+    pub pos: Pos,
+    pub message: String,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{} ({})", self.message, self.pos)
+        } else {
+            write!(f, "{} ({}): {}", self.path, self.pos, self.message)
+        }
+    }
+}
+
+fn err(path: &str, pos: Pos, message: impl Into<String>) -> PolicyError {
+    PolicyError { path: path.to_string(), pos, message: message.into() }
+}
+
+/// Who a node is, for matching selectors.
+#[derive(Clone, Copy, Debug)]
+pub struct Subject<'a> {
+    pub id: &'a str,
+    pub tags: &'a [String],
+    pub owner: &'a str,
+    pub gateway: bool,
+}
+
+fn name_ok(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 63 && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+impl Policy {
+    /// The policy of a tailnet nobody set one for: every node may reach every other on any port.
+    pub fn allow_all() -> Policy {
+        Policy {
+            groups: BTreeMap::new(),
+            tag_owners: BTreeMap::new(),
+            grants: vec![Grant {
+                src: vec![Selector::Any],
+                dst: vec![Selector::Any],
+                ip: vec![Ports { proto: Proto::Any, first: 0, last: u16::MAX }],
+                app: BTreeMap::new(),
+            }],
+            tests: Vec::new(),
+            explicit: false,
+        }
+    }
+
+    /// Parses and validates a document and runs its tests.
+    pub fn parse(text: &str) -> Result<Policy, PolicyError> {
+        let doc = jsonc::parse(text).map_err(|e| err("", e.pos, e.message))?;
+        let V::Object(members) = &doc.value else {
+            return Err(err("", doc.pos, format!("the policy must be an object, not {}", doc.kind())));
+        };
+        for (key, pos, _) in members {
+            if !SECTIONS.contains(&key.as_str()) {
+                return Err(err(
+                    key,
+                    *pos,
+                    format!("unknown section {key:?}; expected one of {}", SECTIONS.join(", ")),
+                ));
+            }
+        }
+        let section = |name: &str| members.iter().find(|(k, _, _)| k == name).map(|(_, _, v)| v);
+        let mut policy = Policy {
+            groups: BTreeMap::new(),
+            tag_owners: BTreeMap::new(),
+            grants: Vec::new(),
+            tests: Vec::new(),
+            explicit: true,
+        };
+        if let Some(groups) = section("groups") {
+            for (name, pos, members) in object("groups", groups)? {
+                let path = format!("groups[{name:?}]");
+                if !name.strip_prefix("group:").is_some_and(name_ok) {
+                    return Err(err(&path, *pos, "a group is named group:<lowercase letters, digits, '-'>"));
+                }
+                let owners = strings(&path, members)?
+                    .into_iter()
+                    .map(|(i, s, pos)| {
+                        if s.starts_with("group:")
+                            || s.starts_with("tag:")
+                            || s.is_empty()
+                            || s.contains(char::is_whitespace)
+                        {
+                            Err(err(
+                                &format!("{path}[{i}]"),
+                                pos,
+                                format!("{s:?} is not an owner (groups hold owners, not groups or tags)"),
+                            ))
+                        } else {
+                            Ok(s)
+                        }
+                    })
+                    .collect::<Result<_, _>>()?;
+                policy.groups.insert(name.clone(), owners);
+            }
+        }
+        if let Some(tags) = section("tagOwners") {
+            for (name, pos, owners) in object("tagOwners", tags)? {
+                let path = format!("tagOwners[{name:?}]");
+                if !name.strip_prefix("tag:").is_some_and(name_ok) {
+                    return Err(err(&path, *pos, "a tag is named tag:<lowercase letters, digits, '-'>"));
+                }
+                let mut list = Vec::new();
+                for (i, owner, pos) in strings(&path, owners)? {
+                    if owner.starts_with("group:") && !policy.groups.contains_key(&owner) {
+                        return Err(err(&format!("{path}[{i}]"), pos, format!("{owner} is not defined in groups")));
+                    }
+                    list.push(owner);
+                }
+                policy.tag_owners.insert(name.clone(), list);
+            }
+        }
+        if let Some(grants) = section("grants") {
+            for (i, grant) in array("grants", grants)?.iter().enumerate() {
+                policy.grants.push(policy.grant(&format!("grants[{i}]"), grant)?);
+            }
+        }
+        if let Some(tests) = section("tests") {
+            for (i, test) in array("tests", tests)?.iter().enumerate() {
+                policy.tests.push(policy.test(&format!("tests[{i}]"), test)?);
+            }
+        }
+        policy.run_tests()?;
+        Ok(policy)
+    }
+
+    fn selector(&self, path: &str, pos: Pos, s: &str) -> Result<Selector, PolicyError> {
+        let sel = if s == "*" {
+            Selector::Any
+        } else if s == "gateway" {
+            Selector::Gateway
+        } else if let Some(name) = s.strip_prefix("tag:") {
+            if !name_ok(name) {
+                return Err(err(path, pos, format!("{s:?} is not a tag")));
+            }
+            if !self.tag_owners.contains_key(s) {
+                return Err(err(path, pos, format!("{s} is not defined in tagOwners")));
+            }
+            Selector::Tag(s.to_string())
+        } else if s.starts_with("group:") {
+            if !self.groups.contains_key(s) {
+                return Err(err(path, pos, format!("{s} is not defined in groups")));
+            }
+            Selector::Group(s.to_string())
+        } else if uuid::Uuid::parse_str(s).is_ok() {
+            Selector::Node(s.to_ascii_lowercase())
+        } else if s.is_empty() || s.contains(char::is_whitespace) || s.contains(':') {
+            return Err(err(
+                path,
+                pos,
+                format!("{s:?} is not a selector (*, tag:x, group:x, an owner, a node id, gateway)"),
+            ));
+        } else {
+            Selector::Owner(s.to_string())
+        };
+        Ok(sel)
+    }
+
+    fn grant(&self, path: &str, node: &J) -> Result<Grant, PolicyError> {
+        let members = object(path, node)?;
+        let mut grant = Grant { src: vec![], dst: vec![], ip: vec![], app: BTreeMap::new() };
+        let (mut has_src, mut has_dst) = (false, false);
+        for (key, pos, value) in members {
+            let field = format!("{path}.{key}");
+            match key.as_str() {
+                "src" | "dst" => {
+                    let list = strings(&field, value)?
+                        .into_iter()
+                        .map(|(i, s, pos)| self.selector(&format!("{field}[{i}]"), pos, &s))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    if list.is_empty() {
+                        return Err(err(&field, value.pos, "must name at least one selector"));
+                    }
+                    if key == "src" {
+                        has_src = true;
+                        grant.src = list;
+                    } else {
+                        has_dst = true;
+                        grant.dst = list;
+                    }
+                }
+                "ip" => {
+                    for (i, spec, pos) in strings(&field, value)? {
+                        grant.ip.push(ports(&format!("{field}[{i}]"), pos, &spec)?);
+                    }
+                }
+                "app" => {
+                    for (name, pos, values) in object(&field, value)? {
+                        let cap = format!("{field}[{name:?}]");
+                        if name.is_empty() || !name.contains('/') {
+                            return Err(err(&cap, *pos, "a capability is named like example.com/cap/name"));
+                        }
+                        grant.app.insert(name.clone(), array(&cap, values)?.iter().map(J::to_json).collect());
+                    }
+                }
+                _ => return Err(err(&field, *pos, format!("unknown key {key:?}; a grant has src, dst, ip and app"))),
+            }
+        }
+        if !has_src || !has_dst {
+            return Err(err(path, node.pos, "a grant needs both src and dst"));
+        }
+        if grant.ip.is_empty() && grant.app.is_empty() {
+            return Err(err(path, node.pos, "a grant needs ip, app or both"));
+        }
+        Ok(grant)
+    }
+
+    fn test(&self, path: &str, node: &J) -> Result<PolicyTest, PolicyError> {
+        let members = object(path, node)?;
+        let mut src = None;
+        let (mut accept, mut deny) = (Vec::new(), Vec::new());
+        for (key, pos, value) in members {
+            let field = format!("{path}.{key}");
+            match key.as_str() {
+                "src" => {
+                    let V::String(s) = &value.value else {
+                        return Err(err(&field, value.pos, format!("must be a string, not {}", value.kind())));
+                    };
+                    let sel = self.selector(&field, value.pos, s)?;
+                    if sel == Selector::Any {
+                        return Err(err(&field, value.pos, "a test's src names one identity, not *"));
+                    }
+                    src = Some(sel);
+                }
+                "accept" | "deny" => {
+                    for (i, target, pos) in strings(&field, value)? {
+                        let tpath = format!("{field}[{i}]");
+                        let (dst, port) =
+                            target.rsplit_once(':').and_then(|(d, p)| Some((d, p.parse::<u16>().ok()?))).ok_or_else(
+                                || err(&tpath, pos, format!("{target:?} is not destination:port, e.g. gateway:80")),
+                            )?;
+                        let dst = self.selector(&tpath, pos, dst)?;
+                        let entry = (Target { dst, port }, tpath, pos);
+                        if key == "accept" {
+                            accept.push(entry);
+                        } else {
+                            deny.push(entry);
+                        }
+                    }
+                }
+                _ => return Err(err(&field, *pos, format!("unknown key {key:?}; a test has src, accept and deny"))),
+            }
+        }
+        let src = src.ok_or_else(|| err(path, node.pos, "a test needs src"))?;
+        Ok(PolicyTest { src, accept, deny })
+    }
+
+    /// A stand-in node for a selector named in a test.
+    fn example(&self, sel: &Selector) -> (String, Vec<String>, String, bool) {
+        match sel {
+            Selector::Tag(t) => (String::new(), vec![t.clone()], String::new(), false),
+            Selector::Group(g) => (String::new(), vec![], self.groups[g].first().cloned().unwrap_or_default(), false),
+            Selector::Owner(o) => (String::new(), vec![], o.clone(), false),
+            Selector::Node(id) => (id.clone(), vec![], String::new(), false),
+            Selector::Gateway => (String::new(), vec!["tag:gateway".into()], String::new(), true),
+            Selector::Any => (String::new(), vec![], String::new(), false),
+        }
+    }
+
+    fn run_tests(&self) -> Result<(), PolicyError> {
+        for test in &self.tests {
+            let (id, tags, owner, gateway) = self.example(&test.src);
+            let src = Subject { id: &id, tags: &tags, owner: &owner, gateway };
+            for (target, path, pos) in &test.accept {
+                let (id, tags, owner, gateway) = self.example(&target.dst);
+                let dst = Subject { id: &id, tags: &tags, owner: &owner, gateway };
+                if !self.allows(&src, &dst, Proto::Tcp, target.port) {
+                    return Err(err(
+                        path,
+                        *pos,
+                        format!("test failed: {} cannot reach {}:{}", test.src, target.dst, target.port),
+                    ));
+                }
+            }
+            for (target, path, pos) in &test.deny {
+                let (id, tags, owner, gateway) = self.example(&target.dst);
+                let dst = Subject { id: &id, tags: &tags, owner: &owner, gateway };
+                if self.allows(&src, &dst, Proto::Tcp, target.port) {
+                    return Err(err(
+                        path,
+                        *pos,
+                        format!("test failed: {} can reach {}:{}", test.src, target.dst, target.port),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn matches(&self, sel: &Selector, s: &Subject<'_>) -> bool {
+        match sel {
+            Selector::Any => true,
+            Selector::Tag(t) => s.tags.iter().any(|x| x == t),
+            Selector::Group(g) => {
+                s.tags.is_empty() && self.groups.get(g).is_some_and(|m| m.iter().any(|o| o == s.owner))
+            }
+            Selector::Owner(o) => s.tags.is_empty() && o == s.owner,
+            Selector::Node(id) => id.eq_ignore_ascii_case(s.id),
+            Selector::Gateway => s.gateway,
+        }
+    }
+
+    fn any_matches(&self, sels: &[Selector], s: &Subject<'_>) -> bool {
+        sels.iter().any(|sel| self.matches(sel, s))
+    }
+
+    /// Whether `src` may open `proto`/`port` to `dst`.
+    pub fn allows(&self, src: &Subject<'_>, dst: &Subject<'_>, proto: Proto, port: u16) -> bool {
+        self.grants.iter().any(|g| {
+            self.any_matches(&g.src, src) && self.any_matches(&g.dst, dst) && g.ip.iter().any(|p| p.allows(proto, port))
+        })
+    }
+
+    /// The capability `name` that `src` has when it talks to `dst`: every value of every grant that
+    /// applies, in document order.
+    pub fn capabilities(&self, src: &Subject<'_>, dst: &Subject<'_>, name: &str) -> Vec<serde_json::Value> {
+        self.grants
+            .iter()
+            .filter(|g| self.any_matches(&g.src, src) && self.any_matches(&g.dst, dst))
+            .filter_map(|g| g.app.get(name))
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
+    /// Whether a tag may be handed out (by an auth key or a trust rule).
+    pub fn tag_defined(&self, tag: &str) -> bool {
+        !self.explicit || self.tag_owners.contains_key(tag)
+    }
+
+    /// What every node may see and accept, computed in one pass: per grant, the sets of nodes its `src`
+    /// and `dst` match (bitsets), then per node the union over the grants it is in.
+    pub fn compile(
+        &self,
+        nodes: &[CompileNode<'_>],
+        network: (Ipv4Addr, u8),
+        gateway: Ipv4Addr,
+    ) -> HashMap<String, View> {
+        let words = nodes.len().div_ceil(64);
+        let set = |sels: &[Selector]| -> Vec<u64> {
+            let mut bits = vec![0u64; words];
+            for (i, n) in nodes.iter().enumerate() {
+                if self.any_matches(sels, &n.subject) {
+                    bits[i / 64] |= 1 << (i % 64);
+                }
+            }
+            bits
+        };
+        let network_grants: Vec<(&Grant, Vec<u64>, Vec<u64>)> =
+            self.grants.iter().filter(|g| !g.ip.is_empty()).map(|g| (g, set(&g.src), set(&g.dst))).collect();
+        let has = |bits: &[u64], i: usize| bits[i / 64] & (1 << (i % 64)) != 0;
+        let mut views = HashMap::with_capacity(nodes.len());
+        for (i, me) in nodes.iter().enumerate() {
+            let mut visible = vec![0u64; words];
+            let mut filter = Vec::new();
+            for (grant, src, dst) in &network_grants {
+                if has(src, i) {
+                    for (w, d) in visible.iter_mut().zip(dst) {
+                        *w |= d;
+                    }
+                }
+                if has(dst, i) {
+                    for (w, s) in visible.iter_mut().zip(src) {
+                        *w |= s;
+                    }
+                    if self.explicit {
+                        let sources = if grant.src.contains(&Selector::Any) {
+                            vec![network]
+                        } else {
+                            let mut v: Vec<(Ipv4Addr, u8)> =
+                                (0..nodes.len()).filter(|&j| has(src, j)).map(|j| (nodes[j].address, 32)).collect();
+                            if grant.src.contains(&Selector::Gateway) {
+                                v.push((gateway, 32));
+                            }
+                            v
+                        };
+                        if !sources.is_empty() {
+                            for p in &grant.ip {
+                                filter.push(FilterRule { sources: sources.clone(), ports: *p });
+                            }
+                        }
+                    }
+                }
+            }
+            let peers = (0..nodes.len())
+                .filter(|&j| j != i && has(&visible, j))
+                .map(|j| nodes[j].subject.id.to_string())
+                .collect();
+            views.insert(me.subject.id.to_string(), View { peers, filter: self.explicit.then_some(filter) });
+        }
+        views
+    }
+
+    /// One line for the audit log: what changed from `old` to `self`.
+    pub fn diff_summary(&self, old: &Policy) -> String {
+        let key = |g: &Grant| format!("{g:?}");
+        let before: BTreeSet<String> = old.grants.iter().map(key).collect();
+        let after: BTreeSet<String> = self.grants.iter().map(key).collect();
+        let mut parts = vec![format!(
+            "{} grants (+{} -{})",
+            self.grants.len(),
+            after.difference(&before).count(),
+            before.difference(&after).count()
+        )];
+        let changed = |a: &BTreeMap<String, Vec<String>>, b: &BTreeMap<String, Vec<String>>| -> Vec<String> {
+            a.keys()
+                .chain(b.keys())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .filter(|k| a.get(*k) != b.get(*k))
+                .cloned()
+                .collect()
+        };
+        let groups = changed(&old.groups, &self.groups);
+        if !groups.is_empty() {
+            parts.push(format!("groups changed: {}", groups.join(", ")));
+        }
+        let tags = changed(&old.tag_owners, &self.tag_owners);
+        if !tags.is_empty() {
+            parts.push(format!("tagOwners changed: {}", tags.join(", ")));
+        }
+        parts.push(format!("{} tests", self.tests.len()));
+        parts.join("; ")
+    }
+}
+
+/// A node as the compiler sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct CompileNode<'a> {
+    pub subject: Subject<'a>,
+    pub address: Ipv4Addr,
+}
+
+/// One inbound rule of a node's packet filter.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct FilterRule {
+    pub sources: Vec<(Ipv4Addr, u8)>,
+    pub ports: Ports,
+}
+
+/// What one node is told: the peers it may see, and its filter (`None` = allow all).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct View {
+    pub peers: BTreeSet<String>,
+    pub filter: Option<Vec<FilterRule>>,
+}
+
+fn object<'a>(path: &str, node: &'a J) -> Result<&'a [(String, Pos, J)], PolicyError> {
+    match &node.value {
+        V::Object(m) => Ok(m),
+        _ => Err(err(path, node.pos, format!("must be an object, not {}", node.kind()))),
+    }
+}
+
+fn array<'a>(path: &str, node: &'a J) -> Result<&'a [J], PolicyError> {
+    match &node.value {
+        V::Array(items) => Ok(items),
+        _ => Err(err(path, node.pos, format!("must be an array, not {}", node.kind()))),
+    }
+}
+
+/// An array of strings, with each one's index and position.
+fn strings(path: &str, node: &J) -> Result<Vec<(usize, String, Pos)>, PolicyError> {
+    array(path, node)?
+        .iter()
+        .enumerate()
+        .map(|(i, item)| match &item.value {
+            V::String(s) => Ok((i, s.clone(), item.pos)),
+            _ => Err(err(&format!("{path}[{i}]"), item.pos, format!("must be a string, not {}", item.kind()))),
+        })
+        .collect()
+}
+
+/// `*`, `tcp:80`, `udp:53`, `tcp:8000-8999`, `tcp:*`, `icmp`, `443` (any protocol).
+fn ports(path: &str, pos: Pos, spec: &str) -> Result<Ports, PolicyError> {
+    let bad = |why: &str| err(path, pos, format!("{spec:?}: {why}; use *, tcp:80, udp:53, tcp:8000-8999, icmp or 443"));
+    if spec == "*" {
+        return Ok(Ports { proto: Proto::Any, first: 0, last: u16::MAX });
+    }
+    if spec == "icmp" {
+        return Ok(Ports { proto: Proto::Icmp, first: 0, last: 0 });
+    }
+    let (proto, range) = match spec.split_once(':') {
+        Some(("tcp", r)) => (Proto::Tcp, r),
+        Some(("udp", r)) => (Proto::Udp, r),
+        Some((p, _)) => return Err(bad(&format!("unknown protocol {p:?}"))),
+        None => (Proto::Any, spec),
+    };
+    if range == "*" {
+        return Ok(Ports { proto, first: 0, last: u16::MAX });
+    }
+    let (first, last) = match range.split_once('-') {
+        Some((a, b)) => (a, b),
+        None => (range, range),
+    };
+    let first: u16 = first.parse().map_err(|_| bad("not a port"))?;
+    let last: u16 = last.parse().map_err(|_| bad("not a port"))?;
+    if first == 0 || first > last {
+        return Err(bad("ports run from 1 to 65535, low-high"));
+    }
+    Ok(Ports { proto, first, last })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"{
+  // Who is who.
+  "groups": { "group:eng": ["alice@acme.com", "bob@acme.com"], },
+  "tagOwners": { "tag:ci": ["group:eng"], "tag:sensor": [], "tag:db": ["alice@acme.com"] },
+  "grants": [
+    { "src": ["tag:ci", "group:eng"], "dst": ["gateway"], "ip": ["tcp:80"],
+      "app": { "cordon.dev/cap/ai": [{ "models": ["openai/gpt-*"], "rpm": 60 }] } },
+    { "src": ["tag:sensor"], "dst": ["gateway"], "ip": ["tcp:80"] },
+    { "src": ["group:eng"], "dst": ["tag:db"], "ip": ["tcp:5432", "icmp"] },
+    { "src": ["tag:ci"], "dst": ["gateway"], "app": { "cordon.dev/cap/ai": [{ "tpm": 100000 }] } },
+  ],
+  "tests": [
+    { "src": "tag:ci", "accept": ["gateway:80"], "deny": ["tag:db:5432"] },
+    { "src": "alice@acme.com", "accept": ["tag:db:5432"] },
+  ],
+}"#;
+
+    fn subject<'a>(tags: &'a [String], owner: &'a str) -> Subject<'a> {
+        Subject { id: "", tags, owner, gateway: false }
+    }
+
+    #[test]
+    fn parses_validates_and_runs_tests() {
+        let p = Policy::parse(EXAMPLE).unwrap();
+        assert_eq!(p.grants.len(), 4);
+        let ci = ["tag:ci".to_string()];
+        let gateway = Subject { id: "", tags: &[], owner: "", gateway: true };
+        assert!(p.allows(&subject(&ci, ""), &gateway, Proto::Tcp, 80));
+        assert!(!p.allows(&subject(&ci, ""), &gateway, Proto::Tcp, 81));
+        let caps = p.capabilities(&subject(&ci, ""), &gateway, "cordon.dev/cap/ai");
+        assert_eq!(
+            caps,
+            [serde_json::json!({"models": ["openai/gpt-*"], "rpm": 60}), serde_json::json!({"tpm": 100000})]
+        );
+        let alice = p.capabilities(&subject(&[], "alice@acme.com"), &gateway, "cordon.dev/cap/ai");
+        assert_eq!(alice.len(), 1, "alice gets the first grant's capability only");
+        assert!(p.tag_defined("tag:sensor") && !p.tag_defined("tag:nope"));
+        assert!(Policy::allow_all().tag_defined("tag:anything"));
+    }
+
+    fn error_of(text: &str) -> PolicyError {
+        Policy::parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn errors_point_at_the_place() {
+        let e =
+            error_of("{\n  \"grants\": [\n    {\"src\": [\"group:ops\"], \"dst\": [\"*\"], \"ip\": [\"*\"]}\n  ]\n}");
+        assert_eq!(e.path, "grants[0].src[0]");
+        assert_eq!((e.pos.line, e.pos.col), (3, 14));
+        assert!(e.message.contains("group:ops is not defined"), "{e}");
+
+        let e = error_of("{\"acls\": []}");
+        assert_eq!(e.path, "acls");
+        assert!(e.message.contains("unknown section"));
+
+        let e = error_of("{\"grants\": [{\"src\": [\"*\"], \"dst\": [\"*\"], \"ip\": [\"tcp:0\"]}]}");
+        assert_eq!(e.path, "grants[0].ip[0]");
+        let e = error_of("{\"grants\": [{\"src\": [\"*\"], \"dst\": [\"*\"], \"ip\": [\"sctp:9\"]}]}");
+        assert!(e.message.contains("unknown protocol"), "{e}");
+        let e = error_of("{\"grants\": [{\"src\": [\"*\"], \"dst\": [\"tag:x\"], \"ip\": [\"*\"]}]}");
+        assert!(e.message.contains("tag:x is not defined in tagOwners"), "{e}");
+        let e = error_of("{\"grants\": [{\"src\": [\"*\"], \"dst\": [\"*\"], \"ip\": [\"*\"], \"via\": []}]}");
+        assert_eq!(e.path, "grants[0].via");
+        let e = error_of("{\"grants\": [{\"src\": [\"*\"], \"dst\": [\"*\"]}]}");
+        assert!(e.message.contains("needs ip, app or both"), "{e}");
+        let e = error_of("{\"grants\": [}");
+        assert!(e.path.is_empty() && e.pos.line == 1, "{e}");
+    }
+
+    #[test]
+    fn failing_tests_refuse_the_policy() {
+        let text = EXAMPLE.replace(r#""deny": ["tag:db:5432"]"#, r#""deny": ["gateway:80"]"#);
+        let e = error_of(&text);
+        assert_eq!(e.path, "tests[0].deny[0]");
+        assert!(e.message.contains("tag:ci can reach gateway:80"), "{e}");
+        let text = EXAMPLE.replace(r#""accept": ["tag:db:5432"]"#, r#""accept": ["tag:db:22"]"#);
+        assert!(error_of(&text).message.contains("cannot reach tag:db:22"));
+    }
+
+    #[test]
+    fn compile_gives_each_node_its_peers_and_filter() {
+        let p = Policy::parse(EXAMPLE).unwrap();
+        let sensor = ["tag:sensor".to_string()];
+        let db = ["tag:db".to_string()];
+        let nodes = [
+            CompileNode {
+                subject: Subject { id: "s1", tags: &sensor, owner: "", gateway: false },
+                address: Ipv4Addr::new(100, 64, 0, 2),
+            },
+            CompileNode {
+                subject: Subject { id: "s2", tags: &sensor, owner: "", gateway: false },
+                address: Ipv4Addr::new(100, 64, 0, 3),
+            },
+            CompileNode {
+                subject: Subject { id: "al", tags: &[], owner: "alice@acme.com", gateway: false },
+                address: Ipv4Addr::new(100, 64, 0, 4),
+            },
+            CompileNode {
+                subject: Subject { id: "db", tags: &db, owner: "", gateway: false },
+                address: Ipv4Addr::new(100, 64, 0, 5),
+            },
+        ];
+        let views = p.compile(&nodes, (Ipv4Addr::new(100, 64, 0, 0), 10), Ipv4Addr::new(100, 64, 0, 1));
+        assert!(views["s1"].peers.is_empty(), "sensors see no other sensor: {:?}", views["s1"]);
+        assert_eq!(views["al"].peers, BTreeSet::from(["db".to_string()]));
+        assert_eq!(views["db"].peers, BTreeSet::from(["al".to_string()]));
+        let db_filter = views["db"].filter.as_ref().unwrap();
+        assert_eq!(db_filter.len(), 2);
+        assert_eq!(db_filter[0].sources, [(Ipv4Addr::new(100, 64, 0, 4), 32)]);
+        assert_eq!(views["s1"].filter.as_deref(), Some(&[][..]), "a sensor accepts nothing");
+
+        let open =
+            Policy::allow_all().compile(&nodes, (Ipv4Addr::new(100, 64, 0, 0), 10), Ipv4Addr::new(100, 64, 0, 1));
+        assert_eq!(open["s1"].peers.len(), 3);
+        assert!(open["s1"].filter.is_none());
+    }
+}

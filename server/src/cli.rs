@@ -106,6 +106,9 @@ enum TailnetCommand {
         /// IPv4 range; default 100.64.0.0/10.
         #[arg(long)]
         cidr: Option<String>,
+        /// A policy file (JSON, comments allowed); default: every node may reach every other.
+        #[arg(long)]
+        policy: Option<PathBuf>,
     },
     /// List tailnets.
     List {
@@ -402,7 +405,7 @@ const TAILNET_HEADERS: [&str; 7] = ["ID", "NAME", "OWNER", "CIDR", "NODES", "EXP
 async fn tailnet(client: &ClientArgs, command: TailnetCommand) -> anyhow::Result<()> {
     let mut admin = client.connect().await?;
     match command {
-        TailnetCommand::Create { name, owner, ttl, labels, cidr } => {
+        TailnetCommand::Create { name, owner, ttl, labels, cidr, policy } => {
             let t = admin
                 .create_tailnet(pb::CreateTailnetRequest {
                     name,
@@ -410,6 +413,11 @@ async fn tailnet(client: &ClientArgs, command: TailnetCommand) -> anyhow::Result
                     ttl_seconds: ttl.map_or(0, |d| d.as_secs()),
                     labels: labels.into_iter().collect(),
                     cidr: cidr.unwrap_or_default(),
+                    policy_json: match &policy {
+                        Some(path) => std::fs::read_to_string(path)
+                            .with_context(|| format!("cannot read the policy file {}", path.display()))?,
+                        None => String::new(),
+                    },
                 })
                 .await
                 .map_err(status)?

@@ -1,8 +1,9 @@
 //! The control plane's state and operations, shared by the admin and node APIs: the store, the clock,
 //! the reaper's deadlines, who is online, and the shutdown signal.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
@@ -10,9 +11,11 @@ use tokio::sync::watch;
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::hub::Hub;
+use crate::model::PolicyRecord;
 use crate::model::{
     Actor, AuthKey, AuthKeyId, AuthKeySpec, EndReason, Node, NodeId, Registration, Tailnet, TailnetId, TailnetSpec,
 };
+use crate::policy::Policy;
 use crate::reaper::{Deadline, Reaper};
 use crate::secret::{AUTH_KEY_PREFIX, SESSION_PREFIX, Secret};
 use crate::store::{Removed, Store};
@@ -49,6 +52,9 @@ pub struct ControlPlane {
     pub limits: Limits,
     reaper: Reaper,
     shutdown: watch::Sender<bool>,
+    /// Parsed policies by tailnet, with the version they are.
+    policies: Mutex<HashMap<TailnetId, (u64, Arc<Policy>)>>,
+    allow_all: Arc<Policy>,
 }
 
 impl ControlPlane {
@@ -58,7 +64,15 @@ impl ControlPlane {
         let clock = Clock::new();
         let (shutdown, _) = watch::channel(false);
         let (reaper, reaper_rx) = Reaper::channel();
-        let cp = Arc::new(ControlPlane { store, clock, limits, reaper, shutdown });
+        let cp = Arc::new(ControlPlane {
+            store,
+            clock,
+            limits,
+            reaper,
+            shutdown,
+            policies: Mutex::default(),
+            allow_all: Arc::new(Policy::allow_all()),
+        });
         crate::reaper::spawn(Arc::downgrade(&cp), reaper_rx, clock, cp.shutdown.subscribe());
 
         let now = clock.now();
@@ -122,8 +136,75 @@ impl ControlPlane {
         }
     }
 
+    /// The policy a tailnet runs now.
+    pub fn policy(&self, tailnet: &Tailnet) -> Result<Arc<Policy>> {
+        if tailnet.policy_version == 0 {
+            return Ok(self.allow_all.clone());
+        }
+        if let Some((version, policy)) = self.policies.lock().unwrap().get(&tailnet.id) {
+            if *version == tailnet.policy_version {
+                return Ok(policy.clone());
+            }
+        }
+        let record = self
+            .store
+            .get_policy(tailnet.id, tailnet.policy_version)?
+            .ok_or_else(|| Error::Corrupt { key: format!("policy of {}", tailnet.id), detail: "missing".into() })?;
+        let policy = Arc::new(Policy::parse(&record.text).map_err(|e| Error::Corrupt {
+            key: format!("policy v{} of {}", record.version, tailnet.id),
+            detail: e.to_string(),
+        })?);
+        self.policies.lock().unwrap().insert(tailnet.id, (record.version, policy.clone()));
+        Ok(policy)
+    }
+
+    /// Validates and stores a new policy version.
+    pub async fn set_policy(
+        &self,
+        tailnet_id: TailnetId,
+        text: String,
+        author: String,
+        reason: String,
+        actor: &Actor,
+    ) -> Result<PolicyRecord> {
+        let policy = Arc::new(parse_policy(&text)?);
+        let tailnet = self.store.get_tailnet(tailnet_id)?;
+        let previous = self.policy(&tailnet)?;
+        let author = if author.is_empty() { actor.0.clone() } else { author };
+        let record = self
+            .store
+            .set_policy(tailnet_id, text, policy.clone(), &previous, author, reason, actor, self.clock.now())
+            .await?;
+        self.policies.lock().unwrap().insert(tailnet_id, (record.version, policy));
+        tracing::info!(tailnet = %tailnet_id, version = record.version, actor = %actor.0, "policy set");
+        Ok(record)
+    }
+
+    /// The values of capability `name` that `node` has towards `dst` under its tailnet's policy.
+    pub fn capabilities(
+        &self,
+        node: &Node,
+        dst: &crate::policy::Subject<'_>,
+        name: &str,
+    ) -> Result<Vec<serde_json::Value>> {
+        let tailnet = self.store.get_tailnet(node.tailnet_id)?;
+        let policy = self.policy(&tailnet)?;
+        let id = node.id.to_string();
+        let src = crate::policy::Subject { id: &id, tags: &node.tags, owner: &node.owner, gateway: false };
+        Ok(policy.capabilities(&src, dst, name))
+    }
+
     /// Creates an auth key; the secret is returned here and never again.
     pub async fn create_auth_key(&self, spec: AuthKeySpec, actor: &Actor) -> Result<(AuthKey, Secret)> {
+        let policy = self.policy(&self.store.get_tailnet(spec.tailnet_id)?)?;
+        for (i, tag) in spec.tags.iter().enumerate() {
+            if !policy.tag_defined(tag) {
+                return Err(Error::invalid(
+                    format!("tags[{i}]"),
+                    format!("{tag} is not declared in the tailnet policy's tagOwners"),
+                ));
+            }
+        }
         let expires_in = match spec.expires_in_seconds {
             0 => self.limits.default_auth_key_expiry,
             s => Duration::from_secs(s),
@@ -162,7 +243,9 @@ impl ControlPlane {
     pub async fn register(&self, reg: Registration) -> Result<(Node, Tailnet, Secret)> {
         let session = Secret::generate(SESSION_PREFIX);
         let now = self.clock.now();
-        let (node, tailnet) = self.store.register(reg, session.hash(), self.limits.node_lifetime, now).await?;
+        let policy_of = |t: &Tailnet| self.policy(t);
+        let (node, tailnet) =
+            self.store.register(reg, session.hash(), self.limits.node_lifetime, policy_of, now).await?;
         self.reaper.schedule(node.expires_at, Deadline::NodeExpiry(node.id));
         if node.ephemeral {
             self.reaper.schedule(now + self.limits.ephemeral_node_timeout, Deadline::EphemeralIdle(node.id));
@@ -262,6 +345,14 @@ impl Drop for Presence {
             self.cp.reaper.schedule(now + self.cp.limits.ephemeral_node_timeout, Deadline::EphemeralIdle(self.node));
         }
     }
+}
+
+/// Parses a policy document; a refusal is `INVALID_ARGUMENT` on `policy_json` with the path and position.
+pub fn parse_policy(text: &str) -> Result<Policy> {
+    if text.len() > 128 * 1024 {
+        return Err(Error::invalid("policy_json", "is larger than 128 KiB"));
+    }
+    Policy::parse(text).map_err(|e| Error::invalid("policy_json", e.to_string()))
 }
 
 /// Completes when shutdown begins (or the control plane is gone).

@@ -20,8 +20,20 @@ const EVENT_CHANNEL: usize = 4096;
 pub enum NetChange {
     PeerAdded(Arc<Node>),
     PeerUpdated(Arc<Node>),
-    PeerRemoved { node: NodeId, reason: EndReason, message: String },
-    TailnetGone { reason: EndReason, message: String },
+    PeerRemoved {
+        node: NodeId,
+        reason: EndReason,
+        message: String,
+    },
+    TailnetGone {
+        reason: EndReason,
+        message: String,
+    },
+    /// A new policy; `updated` are nodes whose records it changed (tags it no longer declares).
+    PolicyChanged {
+        policy: Arc<crate::policy::Policy>,
+        updated: Vec<Arc<Node>>,
+    },
 }
 
 #[derive(Debug)]

@@ -10,6 +10,7 @@ pub mod control_plane;
 pub mod error;
 pub mod hub;
 pub mod model;
+pub mod netview;
 pub mod policy;
 pub mod reaper;
 pub mod secret;

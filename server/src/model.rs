@@ -122,6 +122,9 @@ pub struct Tailnet {
     /// Kept in the record (updated in the same batch as each join and removal) so reads need no scan.
     #[serde(default)]
     pub node_count: u32,
+    /// 0 = the default allow-all policy.
+    #[serde(default)]
+    pub policy_version: u64,
 }
 
 /// What a caller supplies to create a tailnet; validated by [`crate::validate`].
@@ -132,6 +135,20 @@ pub struct TailnetSpec {
     pub ttl_seconds: u64,
     pub labels: BTreeMap<String, String>,
     pub cidr: Ipv4Cidr,
+    /// The first policy, already validated: its text and the parsed form.
+    pub policy: Option<(String, std::sync::Arc<crate::policy::Policy>)>,
+}
+
+/// One accepted version of a tailnet's policy.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    pub tailnet_id: TailnetId,
+    pub version: u64,
+    pub text: String,
+    pub author: String,
+    pub reason: String,
+    pub created_at: SystemTime,
+    pub summary: String,
 }
 
 /// A 32-byte secret hash (auth key secrets and session tokens are stored only as these).
@@ -270,6 +287,7 @@ pub enum EventKind {
     KeyRevoked,
     NodeJoined,
     NodeLeft,
+    PolicyChanged,
 }
 
 /// One entry of the audit log.

@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
 use crate::hub::{Change, Hub, NetChange, NetMapUpdate};
+use crate::model::PolicyRecord;
 use crate::model::{
     Actor, AuthKey, AuthKeyId, AuthKeySpec, EndReason, Event, EventKind, KeyState, Node, NodeId, Registration,
     SecretHash, Tailnet, TailnetId, TailnetSpec,
@@ -77,6 +78,12 @@ mod key {
     }
     pub fn tailnet_key(t: TailnetId, k: AuthKeyId) -> Vec<u8> {
         join(b"tk/", &[t.as_bytes(), k.as_bytes()])
+    }
+    pub fn policies(t: TailnetId) -> Vec<u8> {
+        join(b"p/", &[t.as_bytes()])
+    }
+    pub fn policy(t: TailnetId, version: u64) -> Vec<u8> {
+        join(b"p/", &[t.as_bytes(), &version.to_be_bytes()])
     }
     pub const EVENTS: &[u8] = b"e/";
     pub fn event(rev: u64) -> Vec<u8> {
@@ -250,9 +257,22 @@ impl Store {
             ttl_seconds: spec.ttl_seconds,
             created_by: actor.0.clone(),
             node_count: 0,
+            policy_version: u64::from(spec.policy.is_some()),
         };
         self.write_durable(|w| {
             w.put(&key::tailnet(tailnet.id), &tailnet);
+            if let Some((text, policy)) = &spec.policy {
+                let record = PolicyRecord {
+                    tailnet_id: tailnet.id,
+                    version: 1,
+                    text: text.clone(),
+                    author: actor.0.clone(),
+                    reason: "set at creation".into(),
+                    created_at: now,
+                    summary: policy.diff_summary(&crate::policy::Policy::allow_all()),
+                };
+                w.put(&key::policy(tailnet.id, 1), &record);
+            }
             w.event(EventDraft {
                 kind: EventKind::TailnetCreated,
                 tailnet: Some(tailnet.id),
@@ -347,6 +367,10 @@ impl Store {
                 w.del(&k);
                 removed.keys += 1;
             }
+            for item in w.db.scan_prefix(key::policies(id)) {
+                let (k, _) = item?;
+                w.del(&k);
+            }
             w.del(&key::tailnet(id));
             w.address_hints.remove(&id);
             w.event(EventDraft {
@@ -368,6 +392,75 @@ impl Store {
             Ok(removed)
         })
         .await
+    }
+
+    // -------------------------------------------------------------------------------------------------
+    // Policy
+
+    /// Stores `policy` as the tailnet's next version; strips tags the policy no longer declares from the
+    /// nodes that carry them; tells every watcher.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn set_policy(
+        &self,
+        tailnet_id: TailnetId,
+        text: String,
+        policy: Arc<crate::policy::Policy>,
+        previous: &crate::policy::Policy,
+        author: String,
+        reason: String,
+        actor: &Actor,
+        now: SystemTime,
+    ) -> Result<PolicyRecord> {
+        self.write_durable(|w| {
+            let mut tailnet: Tailnet =
+                w.get(&key::tailnet(tailnet_id))?.ok_or_else(|| Error::not_found("tailnet", tailnet_id))?;
+            tailnet.policy_version += 1;
+            let record = PolicyRecord {
+                tailnet_id,
+                version: tailnet.policy_version,
+                text,
+                author,
+                reason,
+                created_at: now,
+                summary: policy.diff_summary(previous),
+            };
+            w.put(&key::policy(tailnet_id, record.version), &record);
+            w.put(&key::tailnet(tailnet_id), &tailnet);
+            let mut updated = Vec::new();
+            for mut node in w.tailnet_nodes(tailnet_id)? {
+                let before = node.tags.len();
+                node.tags.retain(|t| policy.tag_defined(t));
+                if node.tags.len() != before {
+                    w.put(&key::node(node.id), &node);
+                    updated.push(Arc::new(node));
+                }
+            }
+            let stripped =
+                if updated.is_empty() { String::new() } else { format!("; tags removed from {} nodes", updated.len()) };
+            w.event(EventDraft {
+                kind: EventKind::PolicyChanged,
+                tailnet: Some(tailnet_id),
+                actor,
+                reason: &record.reason,
+                summary: format!("policy v{} by {}: {}{stripped}", record.version, record.author, record.summary),
+                ..EventDraft::at(now)
+            });
+            w.netmap(tailnet_id, NetChange::PolicyChanged { policy, updated });
+            Ok(record)
+        })
+        .await
+    }
+
+    /// A version of the tailnet's policy; 0 = the current one. `None` while it runs the default policy.
+    pub fn get_policy(&self, tailnet_id: TailnetId, version: u64) -> Result<Option<PolicyRecord>> {
+        let tailnet = self.get_tailnet(tailnet_id)?;
+        let version = if version == 0 { tailnet.policy_version } else { version };
+        if version == 0 {
+            return Ok(None);
+        }
+        self.get(&key::policy(tailnet_id, version))?
+            .map(Some)
+            .ok_or_else(|| Error::not_found("policy version", format!("{version} of tailnet {tailnet_id}")))
     }
 
     // -------------------------------------------------------------------------------------------------
@@ -498,6 +591,7 @@ impl Store {
         reg: Registration,
         session_hash: SecretHash,
         node_lifetime: Duration,
+        policy_of: impl FnOnce(&Tailnet) -> Result<Arc<crate::policy::Policy>>,
         now: SystemTime,
     ) -> Result<(Node, Tailnet)> {
         self.write_durable(|w| {
@@ -539,6 +633,9 @@ impl Store {
                 }
                 reg.requested_tags.clone()
             };
+            // A tag the policy stopped declaring after the key was made is not handed out.
+            let policy = policy_of(&tailnet)?;
+            let tags: Vec<String> = tags.into_iter().filter(|t| policy.tag_defined(t)).collect();
             auth_key.uses += 1;
             w.put(&key::auth_key(auth_key.id), &auth_key);
 

@@ -63,6 +63,7 @@ async fn deadlines_survive_a_restart() {
         ttl_seconds: 300,
         labels: Default::default(),
         cidr: cordon_server::model::Ipv4Cidr::DEFAULT,
+        policy: None,
     };
     let tailnet = cp.create_tailnet(spec, &actor).await.unwrap();
     cp.begin_shutdown();

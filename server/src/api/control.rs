@@ -116,6 +116,33 @@ impl pb::control_server::Control for ControlApi {
         Ok(Response::new(pb::RevokeAuthKeyResponse { nodes_revoked: nodes.len() as u32 }))
     }
 
+    async fn set_policy(&self, req: Request<pb::SetPolicyRequest>) -> Result<Response<pb::PolicyVersion>, Status> {
+        let actor = actor(&req)?;
+        let req = req.into_inner();
+        let tailnet = TailnetId::parse("tailnet_id", &req.tailnet_id)?;
+        validate::reason("reason", &req.reason)?;
+        validate::reason("author", &req.author)?;
+        if req.policy_json.trim().is_empty() {
+            return Err(Error::invalid("policy_json", "is required (an empty object {} denies everything)").into());
+        }
+        let record = self.cp.set_policy(tailnet, req.policy_json, req.author, req.reason, &actor).await?;
+        Ok(Response::new(convert::policy_version(&record)))
+    }
+
+    async fn get_policy(&self, req: Request<pb::GetPolicyRequest>) -> Result<Response<pb::PolicyVersion>, Status> {
+        let req = req.into_inner();
+        let tailnet = TailnetId::parse("tailnet_id", &req.tailnet_id)?;
+        let record = self.cp.store.get_policy(tailnet, req.version)?;
+        Ok(Response::new(match record {
+            Some(r) => convert::policy_version(&r),
+            None => pb::PolicyVersion {
+                tailnet_id: tailnet.to_string(),
+                summary: "default policy: every node may reach every other".into(),
+                ..Default::default()
+            },
+        }))
+    }
+
     async fn list_nodes(&self, req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
         let tailnet = TailnetId::parse("tailnet_id", &req.get_ref().tailnet_id)?;
         let hub = self.cp.hub();

@@ -22,7 +22,13 @@ pub fn tailnet_spec(req: pb::CreateTailnetRequest) -> Result<TailnetSpec> {
     let labels: BTreeMap<String, String> = req.labels.into_iter().collect();
     validate::labels("labels", &labels)?;
     let cidr = validate::cidr("cidr", &req.cidr)?;
-    Ok(TailnetSpec { name: req.name, owner: req.owner, ttl_seconds: req.ttl_seconds, labels, cidr })
+    let policy = if req.policy_json.trim().is_empty() {
+        None
+    } else {
+        let policy = crate::control_plane::parse_policy(&req.policy_json)?;
+        Some((req.policy_json, std::sync::Arc::new(policy)))
+    };
+    Ok(TailnetSpec { name: req.name, owner: req.owner, ttl_seconds: req.ttl_seconds, labels, cidr, policy })
 }
 
 pub fn auth_key_spec(req: pb::CreateAuthKeyRequest) -> Result<AuthKeySpec> {
@@ -95,6 +101,7 @@ pub fn tailnet(t: &Tailnet) -> pb::Tailnet {
         ttl_seconds: t.ttl_seconds,
         created_by: t.created_by.clone(),
         node_count: t.node_count,
+        policy_version: t.policy_version,
     }
 }
 
@@ -146,6 +153,7 @@ fn event_kind(kind: EventKind) -> pb::EventKind {
         EventKind::KeyRevoked => pb::EventKind::KeyRevoked,
         EventKind::NodeJoined => pb::EventKind::NodeJoined,
         EventKind::NodeLeft => pb::EventKind::NodeLeft,
+        EventKind::PolicyChanged => pb::EventKind::PolicyChanged,
     }
 }
 
@@ -162,6 +170,40 @@ pub fn event(e: &Event) -> pb::Event {
         reason: e.reason.clone(),
         summary: e.summary.clone(),
     }
+}
+
+pub fn policy_version(p: &crate::model::PolicyRecord) -> pb::PolicyVersion {
+    pb::PolicyVersion {
+        tailnet_id: p.tailnet_id.to_string(),
+        version: p.version,
+        policy_json: p.text.clone(),
+        author: p.author.clone(),
+        reason: p.reason.clone(),
+        created_at: ts(p.created_at),
+        summary: p.summary.clone(),
+    }
+}
+
+/// A node's packet filter as the netmap carries it.
+pub fn packet_filter(rules: Option<&[crate::policy::FilterRule]>) -> pb::PacketFilter {
+    use crate::policy::Proto;
+    let Some(rules) = rules else { return pb::PacketFilter { allow_all: true, rules: vec![] } };
+    let rules = rules
+        .iter()
+        .map(|r| pb::FilterRule {
+            sources: r.sources.iter().map(|(a, p)| format!("{a}/{p}")).collect(),
+            protocol: match r.ports.proto {
+                Proto::Any => "*",
+                Proto::Tcp => "tcp",
+                Proto::Udp => "udp",
+                Proto::Icmp => "icmp",
+            }
+            .into(),
+            first_port: r.ports.first.into(),
+            last_port: r.ports.last.into(),
+        })
+        .collect();
+    pb::PacketFilter { allow_all: false, rules }
 }
 
 pub fn end_reason(r: EndReason) -> pb::stream_ended::Reason {

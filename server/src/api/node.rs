@@ -10,7 +10,8 @@ use super::{BoxStream, convert};
 use crate::control_plane::ControlPlane;
 use crate::error::Error;
 use crate::hub::{NetChange, NetMapUpdate};
-use crate::model::{Actor, EndReason, NodeId};
+use crate::model::{Actor, EndReason, NodeId, Tailnet};
+use crate::netview::NetView;
 use crate::store::Snapshot;
 
 pub struct NodeApi {
@@ -23,17 +24,18 @@ impl NodeApi {
     }
 }
 
-fn full(snapshot: &Snapshot, cp: &ControlPlane) -> pb::NetMap {
+fn full(view: &NetView, tailnet: &Tailnet, revision: u64, cp: &ControlPlane) -> pb::NetMap {
     let hub = cp.hub();
     pb::NetMap {
-        revision: snapshot.revision,
+        revision,
         update: Some(pb::net_map::Update::Full(pb::FullNetMap {
-            self_: Some(convert::node(&snapshot.node, hub)),
-            peers: snapshot.peers.iter().map(|p| convert::node(p, hub)).collect(),
-            tailnet_id: snapshot.tailnet.id.to_string(),
-            tailnet_name: snapshot.tailnet.name.clone(),
-            cidr: snapshot.tailnet.cidr.to_string(),
-            gateway_address: snapshot.tailnet.cidr.gateway().to_string(),
+            self_: Some(convert::node(view.me(), hub)),
+            peers: view.peers().map(|p| convert::node(p, hub)).collect(),
+            tailnet_id: tailnet.id.to_string(),
+            tailnet_name: tailnet.name.clone(),
+            cidr: tailnet.cidr.to_string(),
+            gateway_address: tailnet.cidr.gateway().to_string(),
+            filter: Some(convert::packet_filter(view.filter().as_deref())),
         })),
     }
 }
@@ -49,30 +51,37 @@ fn ended(revision: u64, reason: EndReason, message: String) -> pb::NetMap {
     }
 }
 
-/// What one netmap change means for the node `me`: a message to send, and whether the stream ends.
-fn translate(me: NodeId, update: &NetMapUpdate, cp: &ControlPlane) -> (Option<pb::NetMap>, bool) {
-    let hub = cp.hub();
-    let delta =
-        |d: pb::NetMapDelta| pb::NetMap { revision: update.revision, update: Some(pb::net_map::Update::Delta(d)) };
+/// The view of `me` from the store, under its tailnet's current policy.
+fn load_view(cp: &ControlPlane, me: NodeId) -> Result<(NetView, Tailnet, u64), Error> {
+    let Snapshot { revision, node, tailnet, peers } = cp.store.snapshot(me)?;
+    let policy = cp.policy(&tailnet)?;
+    Ok((NetView::new(policy, node, peers, &tailnet), tailnet, revision))
+}
+
+/// What one netmap change means for this node: a message to send, and whether the stream ends.
+fn translate(view: &mut NetView, update: &NetMapUpdate, cp: &ControlPlane) -> (Option<pb::NetMap>, bool) {
     match &update.change {
-        NetChange::PeerAdded(n) if n.id != me => {
-            (Some(delta(pb::NetMapDelta { peers_added: vec![convert::node(n, hub)], ..Default::default() })), false)
+        NetChange::PeerRemoved { node, reason, message } if *node == view.me().id => {
+            return (Some(ended(update.revision, *reason, message.clone())), true);
         }
-        NetChange::PeerAdded(_) => (None, false),
-        NetChange::PeerUpdated(n) if n.id == me => {
-            (Some(delta(pb::NetMapDelta { self_: Some(convert::node(n, hub)), ..Default::default() })), false)
+        NetChange::TailnetGone { reason, message } => {
+            return (Some(ended(update.revision, *reason, message.clone())), true);
         }
-        NetChange::PeerUpdated(n) => {
-            (Some(delta(pb::NetMapDelta { peers_updated: vec![convert::node(n, hub)], ..Default::default() })), false)
-        }
-        NetChange::PeerRemoved { node, reason, message } if *node == me => {
-            (Some(ended(update.revision, *reason, message.clone())), true)
-        }
-        NetChange::PeerRemoved { node, .. } => {
-            (Some(delta(pb::NetMapDelta { peers_removed: vec![node.to_string()], ..Default::default() })), false)
-        }
-        NetChange::TailnetGone { reason, message } => (Some(ended(update.revision, *reason, message.clone())), true),
+        _ => {}
     }
+    let delta = view.apply(&update.change);
+    if delta.is_empty() {
+        return (None, false);
+    }
+    let hub = cp.hub();
+    let message = pb::NetMapDelta {
+        peers_added: delta.added.iter().map(|n| convert::node(n, hub)).collect(),
+        peers_updated: delta.updated.iter().map(|n| convert::node(n, hub)).collect(),
+        peers_removed: delta.removed.iter().map(ToString::to_string).collect(),
+        self_: delta.me.as_ref().map(|n| convert::node(n, hub)),
+        filter: delta.filter_changed.then(|| convert::packet_filter(view.filter().as_deref())),
+    };
+    (Some(pb::NetMap { revision: update.revision, update: Some(pb::net_map::Update::Delta(message)) }), false)
 }
 
 #[tonic::async_trait]
@@ -100,15 +109,14 @@ impl pb::node_server::Node for NodeApi {
         }
         // Subscribe before the snapshot: a change lands either in the snapshot or on the channel.
         let mut changes = self.cp.hub().subscribe_tailnet(node.tailnet_id);
-        let snapshot = self.cp.store.snapshot(node.id)?;
+        let (mut view, mut tailnet, mut revision) = load_view(&self.cp, node.id)?;
         let presence = self.cp.connect(&node);
         let cp = self.cp.clone();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             let _presence = presence;
             let me = node.id;
-            let mut revision = snapshot.revision;
-            if tx.send(Ok(full(&snapshot, &cp))).await.is_err() {
+            if tx.send(Ok(full(&view, &tailnet, revision, &cp))).await.is_err() {
                 return;
             }
             loop {
@@ -121,15 +129,15 @@ impl pb::node_server::Node for NodeApi {
                         Ok(update) if update.revision <= revision => (None, false),
                         Ok(update) => {
                             revision = update.revision;
-                            translate(me, &update, &cp)
+                            translate(&mut view, &update, &cp)
                         }
                         Err(broadcast::error::RecvError::Lagged(missed)) => {
                             tracing::debug!(node = %me, missed, "netmap watcher fell behind; resending the full map");
                             changes = changes.resubscribe();
-                            match cp.store.snapshot(me) {
-                                Ok(s) => {
-                                    revision = s.revision;
-                                    (Some(full(&s, &cp)), false)
+                            match load_view(&cp, me) {
+                                Ok(loaded) => {
+                                    (view, tailnet, revision) = loaded;
+                                    (Some(full(&view, &tailnet, revision, &cp)), false)
                                 }
                                 Err(Error::NotFound { .. }) => {
                                     (Some(ended(revision, EndReason::NodeRemoved, "node removed".into())), true)

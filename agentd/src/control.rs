@@ -176,5 +176,8 @@ fn apply(f: &Follow, m: pb::NetMap) -> Option<(Ended, bool)> {
 
 fn publish(f: &Follow, map: NetMap) {
     let _ = f.commands.send(Command::SetPeers(map.peer_configs()));
+    if f.netmap.borrow().filter != map.filter {
+        let _ = f.commands.send(Command::SetFilter(map.filter.clone()));
+    }
     f.netmap.send_replace(Arc::new(map));
 }

@@ -6,6 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use cordon_proto::v1 as pb;
 
 use crate::error::Error;
+use crate::filter::{PacketFilter, Protocol, Rule};
 use crate::wg::{Key, PeerConfig};
 
 /// One node of the tailnet as this node knows it.
@@ -46,6 +47,38 @@ pub struct NetMap {
     pub network: Ipv4Addr,
     pub prefix: u8,
     pub gateway: Ipv4Addr,
+    /// What this node accepts from its peers.
+    pub filter: PacketFilter,
+}
+
+/// The netmap's filter in the engine's terms; anything malformed is left out (so denied).
+fn filter_from(proto: Option<&pb::PacketFilter>) -> PacketFilter {
+    let Some(f) = proto else { return PacketFilter::allow_all() };
+    if f.allow_all {
+        return PacketFilter::allow_all();
+    }
+    let rules = f
+        .rules
+        .iter()
+        .map(|r| Rule {
+            sources: r
+                .sources
+                .iter()
+                .filter_map(|s| {
+                    let (a, p) = s.split_once('/')?;
+                    Some((a.parse().ok()?, p.parse().ok()?))
+                })
+                .collect(),
+            protocol: match r.protocol.as_str() {
+                "tcp" => Protocol::Tcp,
+                "udp" => Protocol::Udp,
+                "icmp" => Protocol::Icmp,
+                _ => Protocol::Any,
+            },
+            ports: (r.first_port.min(65535) as u16)..=(r.last_port.min(65535) as u16),
+        })
+        .collect();
+    PacketFilter::rules(rules)
 }
 
 impl NetMap {
@@ -68,6 +101,7 @@ impl NetMap {
             network,
             prefix,
             gateway,
+            filter: filter_from(full.filter.as_ref()),
         })
     }
 
@@ -81,6 +115,9 @@ impl NetMap {
         }
         if let Some(me) = delta.self_.as_ref().and_then(Peer::from_proto) {
             self.me = me;
+        }
+        if let Some(filter) = &delta.filter {
+            self.filter = filter_from(Some(filter));
         }
     }
 

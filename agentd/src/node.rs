@@ -133,6 +133,7 @@ impl Node {
 
         let mut engine = Engine::new(secret);
         engine.set_peers(netmap.peer_configs());
+        engine.set_filter(netmap.filter.clone());
         let (stack, local) = match &config.mode {
             Mode::Userspace => {
                 let stack = Stack::new(netmap.address(), netmap.prefix);

@@ -42,6 +42,13 @@ enum Command {
         #[command(subcommand)]
         command: KeyCommand,
     },
+    /// Set and read a tailnet's policy.
+    Policy {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// List and delete nodes.
     Node {
         #[command(flatten)]
@@ -170,6 +177,29 @@ enum KeyCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate and store a new version (JSON, comments allowed).
+    Set {
+        #[arg(long)]
+        tailnet: String,
+        /// The policy file.
+        file: PathBuf,
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Who wrote it; default the admin token's actor.
+        #[arg(long, default_value = "")]
+        author: String,
+    },
+    /// Print the current version, or `--version N`.
+    Get {
+        #[arg(long)]
+        tailnet: String,
+        #[arg(long, default_value_t = 0)]
+        version: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum NodeCommand {
     /// List a tailnet's nodes.
     List {
@@ -228,6 +258,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tailnet { client, command } => tailnet(&client, command).await,
         Command::Key { client, command } => key(&client, command).await,
         Command::Node { client, command } => node(&client, command).await,
+        Command::Policy { client, command } => policy(&client, command).await,
         Command::Events { client, tailnet, since_revision } => events(&client, tailnet, since_revision).await,
         Command::Audit { client, command } => audit(&client, command).await,
     }
@@ -549,6 +580,44 @@ async fn key(client: &ClientArgs, command: KeyCommand) -> anyhow::Result<()> {
                 println!("revoked key {id}: {} nodes revoked", r.nodes_revoked);
             }
         }
+    }
+    Ok(())
+}
+
+async fn policy(client: &ClientArgs, command: PolicyCommand) -> anyhow::Result<()> {
+    let mut admin = client.connect().await?;
+    let version = match command {
+        PolicyCommand::Set { tailnet, file, reason, author } => {
+            let policy_json =
+                std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            admin
+                .set_policy(pb::SetPolicyRequest { tailnet_id: tailnet, policy_json, author, reason })
+                .await
+                .map_err(status)?
+                .into_inner()
+        }
+        PolicyCommand::Get { tailnet, version } => {
+            admin.get_policy(pb::GetPolicyRequest { tailnet_id: tailnet, version }).await.map_err(status)?.into_inner()
+        }
+    };
+    if client.json {
+        println!(
+            "{}",
+            json!({"tailnet_id": version.tailnet_id, "version": version.version, "author": version.author,
+                "reason": version.reason, "created_at": time(&version.created_at), "summary": version.summary,
+                "policy_json": version.policy_json})
+        );
+    } else if version.version == 0 {
+        println!("{}", version.summary);
+    } else {
+        println!(
+            "# version {} by {} at {}: {}",
+            version.version,
+            version.author,
+            time(&version.created_at),
+            version.summary
+        );
+        println!("{}", version.policy_json);
     }
     Ok(())
 }

@@ -203,8 +203,8 @@ impl NetView {
                     if n.id == self.me.id {
                         self.me = n.clone();
                         delta.me = Some(n.clone());
-                    } else if self.others.contains_key(&n.id) {
-                        self.others.insert(n.id, (n.clone(), n.id.to_string()));
+                    } else if let Some(entry) = self.others.get_mut(&n.id) {
+                        *entry = (n.clone(), n.id.to_string());
                         if before.0.contains(&n.id) {
                             delta.updated.push(n.clone());
                         }

@@ -56,6 +56,12 @@ struct UpArgs {
     /// Read the auth key from this file.
     #[arg(long, env = "AGENTD_AUTH_KEY_FILE")]
     auth_key_file: Option<PathBuf>,
+    /// Join with the OIDC ID token in this file (a CI job's), accepted by a trust rule.
+    #[arg(long, env = "AGENTD_OIDC_TOKEN_FILE")]
+    oidc_token_file: Option<PathBuf>,
+    /// With --oidc-token-file: the tailnet whose trust rules to use.
+    #[arg(long, env = "AGENTD_TAILNET")]
+    tailnet: Option<String>,
     /// This node's name in the tailnet [default: the host name].
     #[arg(long)]
     hostname: Option<String>,
@@ -146,12 +152,24 @@ async fn up(args: UpArgs, state_dir: &Path) -> i32 {
         },
         (None, None) => None,
     };
+    let oidc_token = match &args.oidc_token_file {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(t) => Some(t.trim().to_string()),
+            Err(e) => {
+                eprintln!("agentd: cannot read the OIDC token file {}: {e}", path.display());
+                return 2;
+            }
+        },
+        None => None,
+    };
     let hostname = args.hostname.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_lowercase()).unwrap_or_else(|_| "node".into())
     });
     let config = NodeConfig {
         server: args.server.clone(),
         auth_key,
+        oidc_token,
+        tailnet_id: args.tailnet.clone(),
         state_dir: state_dir.to_path_buf(),
         hostname,
         mode: args.tun.clone().map_or(Mode::Userspace, |name| Mode::Tun { name }),

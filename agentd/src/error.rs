@@ -10,7 +10,7 @@ pub enum Error {
     Unreachable { server: String, detail: String },
     #[error("the server refused this node: {0}")]
     Rejected(String),
-    #[error("no auth key: the saved session is no longer valid; give --auth-key to register again")]
+    #[error("no credential: the saved session is no longer valid; give --auth-key or --oidc-token-file to register")]
     NoCredential,
     #[error("this node was revoked: {0}; it will not retry")]
     Revoked(String),

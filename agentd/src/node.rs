@@ -36,6 +36,10 @@ pub struct NodeConfig {
     pub server: String,
     /// `cordon-auth-...`; needed on first start and whenever the saved session is no longer valid.
     pub auth_key: Option<String>,
+    /// An OIDC ID token (a CI job's, say) that a trust rule accepts; used instead of an auth key.
+    pub oidc_token: Option<String>,
+    /// With `oidc_token`: the tailnet whose trust rules to use.
+    pub tailnet_id: Option<String>,
     pub state_dir: PathBuf,
     pub hostname: String,
     pub mode: Mode,
@@ -50,6 +54,7 @@ impl std::fmt::Debug for NodeConfig {
         f.debug_struct("NodeConfig")
             .field("server", &self.server)
             .field("auth_key", &self.auth_key.as_ref().map(|_| "<redacted>"))
+            .field("oidc_token", &self.oidc_token.as_ref().map(|_| "<redacted>"))
             .field("state_dir", &self.state_dir)
             .field("hostname", &self.hostname)
             .field("mode", &self.mode)
@@ -62,6 +67,8 @@ impl NodeConfig {
         NodeConfig {
             server: server.into(),
             auth_key: None,
+            oidc_token: None,
+            tailnet_id: None,
             state_dir: state_dir.into(),
             hostname: "node".into(),
             mode: Mode::Userspace,
@@ -324,9 +331,14 @@ async fn resume_or_register(
             }
         }
     }
-    let auth_key = config.auth_key.clone().ok_or(Error::NoCredential)?;
+    let credential = match (&config.oidc_token, &config.auth_key) {
+        (Some(token), _) => pb::register_request::Credential::OidcToken(token.clone()),
+        (None, Some(key)) => pb::register_request::Credential::AuthKey(key.clone()),
+        (None, None) => return Err(Error::NoCredential),
+    };
     let request = pb::RegisterRequest {
-        credential: Some(pb::register_request::Credential::AuthKey(auth_key)),
+        credential: Some(credential),
+        tailnet_id: config.tailnet_id.clone().unwrap_or_default(),
         wireguard_public_key: public.to_vec(),
         hostname: config.hostname.clone(),
         requested_tags: vec![],

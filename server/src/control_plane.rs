@@ -11,10 +11,11 @@ use tokio::sync::watch;
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::hub::Hub;
-use crate::model::PolicyRecord;
 use crate::model::{
     Actor, AuthKey, AuthKeyId, AuthKeySpec, EndReason, Node, NodeId, Registration, Tailnet, TailnetId, TailnetSpec,
 };
+use crate::model::{Credential, PolicyRecord, Presented, RegisterInput, TrustRule, TrustRuleId, TrustRuleSpec};
+use crate::oidc::{Oidc, Refusal};
 use crate::policy::Policy;
 use crate::reaper::{Deadline, Reaper};
 use crate::secret::{AUTH_KEY_PREFIX, SESSION_PREFIX, Secret};
@@ -55,6 +56,7 @@ pub struct ControlPlane {
     /// Parsed policies by tailnet, with the version they are.
     policies: Mutex<HashMap<TailnetId, (u64, Arc<Policy>)>>,
     allow_all: Arc<Policy>,
+    oidc: Oidc,
 }
 
 impl ControlPlane {
@@ -72,6 +74,7 @@ impl ControlPlane {
             shutdown,
             policies: Mutex::default(),
             allow_all: Arc::new(Policy::allow_all()),
+            oidc: Oidc::default(),
         });
         crate::reaper::spawn(Arc::downgrade(&cp), reaper_rx, clock, cp.shutdown.subscribe());
 
@@ -240,7 +243,21 @@ impl ControlPlane {
     }
 
     /// Admits a node; returns it with its tailnet and a new session token.
-    pub async fn register(&self, reg: Registration) -> Result<(Node, Tailnet, Secret)> {
+    pub async fn register(&self, input: RegisterInput) -> Result<(Node, Tailnet, Secret)> {
+        let credential = match input.presented {
+            Presented::AuthKey(hash) => Credential::AuthKey(hash),
+            Presented::OidcToken { token, tailnet } => {
+                let (rule, identity) = self.verify_oidc(token.expose(), tailnet).await?;
+                Credential::Federated { rule, identity }
+            }
+        };
+        let reg = Registration {
+            credential,
+            wireguard_public_key: input.wireguard_public_key,
+            hostname: input.hostname,
+            requested_tags: input.requested_tags,
+            endpoints: input.endpoints,
+        };
         let session = Secret::generate(SESSION_PREFIX);
         let now = self.clock.now();
         let policy_of = |t: &Tailnet| self.policy(t);
@@ -252,6 +269,75 @@ impl ControlPlane {
         }
         tracing::info!(node = %node.id, tailnet = %tailnet.id, address = %node.address, "node registered");
         Ok((node, tailnet, session))
+    }
+
+    /// Finds the trust rule that accepts `token` (newest first, or only `tailnet`'s).
+    async fn verify_oidc(
+        &self,
+        token: &str,
+        tailnet: Option<TailnetId>,
+    ) -> Result<(TrustRuleId, crate::model::RunIdentity)> {
+        let issuer = crate::oidc::unverified_issuer(token)?;
+        let rules: Vec<TrustRule> = self
+            .store
+            .trust_rules_for(&issuer)?
+            .into_iter()
+            .filter(|r| tailnet.is_none_or(|t| r.tailnet_id == t))
+            .collect();
+        if rules.is_empty() {
+            return Err(Error::Unauthenticated(format!(
+                "oidc_token: issuer unknown: no trust rule{} trusts {issuer}",
+                tailnet.map(|t| format!(" of tailnet {t}")).unwrap_or_default()
+            )));
+        }
+        let now = self.clock.now();
+        let mut refusal = String::new();
+        for rule in rules {
+            match self.oidc.verify(token, &rule, now).await {
+                Ok(verified) => {
+                    if let Some(jti) = &verified.jti {
+                        self.oidc.check_replay(&rule.issuer, jti, verified.expires, now)?;
+                    }
+                    tracing::info!(rule = %rule.id, issuer = %rule.issuer, subject = %verified.identity.subject, "OIDC token accepted");
+                    return Ok((rule.id, verified.identity));
+                }
+                Err(Refusal::Token(why)) => return Err(Error::Unauthenticated(format!("oidc_token: {why}"))),
+                Err(Refusal::Rule(why)) => refusal = why,
+            }
+        }
+        Err(Error::Unauthenticated(format!("oidc_token: {refusal}")))
+    }
+
+    pub async fn create_trust_rule(&self, spec: TrustRuleSpec, actor: &Actor) -> Result<TrustRule> {
+        let policy = self.policy(&self.store.get_tailnet(spec.tailnet_id)?)?;
+        for (i, tag) in spec.tags.iter().enumerate() {
+            if !policy.tag_defined(tag) {
+                return Err(Error::invalid(
+                    format!("tags[{i}]"),
+                    format!("{tag} is not declared in the tailnet policy's tagOwners"),
+                ));
+            }
+        }
+        let rule = TrustRule {
+            id: TrustRuleId::generate(),
+            tailnet_id: spec.tailnet_id,
+            issuer: spec.issuer,
+            audience: spec.audience,
+            conditions: spec.conditions,
+            tags: spec.tags,
+            max_node_lifetime_seconds: spec.max_node_lifetime_seconds,
+            ephemeral: spec.ephemeral,
+            reason: spec.reason,
+            created_by: actor.0.clone(),
+            created_at: self.clock.now(),
+        };
+        let rule = self.store.create_trust_rule(rule, actor).await?;
+        tracing::info!(rule = %rule.id, tailnet = %rule.tailnet_id, issuer = %rule.issuer, "trust rule created");
+        Ok(rule)
+    }
+
+    pub async fn delete_trust_rule(&self, id: TrustRuleId, actor: &Actor) -> Result<()> {
+        self.store.delete_trust_rule(id, actor, self.clock.now()).await
     }
 
     /// The live node a session token belongs to.

@@ -11,6 +11,7 @@ pub mod error;
 pub mod hub;
 pub mod model;
 pub mod netview;
+pub mod oidc;
 pub mod policy;
 pub mod reaper;
 pub mod secret;

@@ -64,6 +64,45 @@ id_type!(
     /// Identifies an auth key (not its secret).
     AuthKeyId
 );
+id_type!(
+    /// Identifies a trust rule.
+    TrustRuleId
+);
+
+/// Who a federated node is: issuer, subject, and the claims of the run that admitted it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunIdentity {
+    pub issuer: String,
+    pub subject: String,
+    pub claims: BTreeMap<String, String>,
+}
+
+/// Admits nodes that present an OIDC token from `issuer` for `audience` whose claims meet `conditions`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrustRule {
+    pub id: TrustRuleId,
+    pub tailnet_id: TailnetId,
+    pub issuer: String,
+    pub audience: String,
+    pub conditions: BTreeMap<String, String>,
+    pub tags: Vec<String>,
+    pub max_node_lifetime_seconds: u64,
+    pub ephemeral: bool,
+    pub reason: String,
+    pub created_by: String,
+    pub created_at: SystemTime,
+}
+
+/// How a registration proves itself.
+#[derive(Clone, Debug)]
+pub enum Credential {
+    AuthKey(SecretHash),
+    /// A token a trust rule accepted.
+    Federated {
+        rule: TrustRuleId,
+        identity: RunIdentity,
+    },
+}
 
 /// An IPv4 range in CIDR form.
 #[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,6 +210,10 @@ pub struct Node {
     pub session_hash: SecretHash,
     #[serde(default)]
     pub endpoints: Vec<std::net::SocketAddr>,
+    #[serde(default)]
+    pub trust_rule_id: Option<TrustRuleId>,
+    #[serde(default)]
+    pub identity: Option<RunIdentity>,
 }
 
 impl fmt::Debug for Node {
@@ -187,10 +230,27 @@ impl fmt::Debug for Node {
     }
 }
 
+/// A credential as presented, before it is checked.
+#[derive(Clone)]
+pub enum Presented {
+    AuthKey(SecretHash),
+    OidcToken { token: crate::secret::Secret, tailnet: Option<TailnetId> },
+}
+
+/// A registration request after field validation, before its credential is checked.
+#[derive(Clone)]
+pub struct RegisterInput {
+    pub presented: Presented,
+    pub wireguard_public_key: [u8; 32],
+    pub hostname: String,
+    pub requested_tags: Vec<String>,
+    pub endpoints: Vec<std::net::SocketAddr>,
+}
+
 /// What a registration asks for, after validation.
 #[derive(Clone, Debug)]
 pub struct Registration {
-    pub auth_key_hash: SecretHash,
+    pub credential: Credential,
     pub wireguard_public_key: [u8; 32],
     pub hostname: String,
     pub requested_tags: Vec<String>,
@@ -264,6 +324,19 @@ impl AuthKey {
     }
 }
 
+/// What a caller supplies to create a trust rule.
+#[derive(Clone, Debug)]
+pub struct TrustRuleSpec {
+    pub tailnet_id: TailnetId,
+    pub issuer: String,
+    pub audience: String,
+    pub conditions: BTreeMap<String, String>,
+    pub tags: Vec<String>,
+    pub max_node_lifetime_seconds: u64,
+    pub ephemeral: bool,
+    pub reason: String,
+}
+
 /// What a caller supplies to create an auth key.
 #[derive(Clone, Debug)]
 pub struct AuthKeySpec {
@@ -288,6 +361,8 @@ pub enum EventKind {
     NodeJoined,
     NodeLeft,
     PolicyChanged,
+    TrustRuleCreated,
+    TrustRuleDeleted,
 }
 
 /// One entry of the audit log.
@@ -303,6 +378,8 @@ pub struct Event {
     pub actor: String,
     pub reason: String,
     pub summary: String,
+    #[serde(default)]
+    pub run: Option<RunIdentity>,
 }
 
 /// Why a node's netmap stream ended.

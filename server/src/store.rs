@@ -15,10 +15,9 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
 use crate::hub::{Change, Hub, NetChange, NetMapUpdate};
-use crate::model::PolicyRecord;
 use crate::model::{
-    Actor, AuthKey, AuthKeyId, AuthKeySpec, EndReason, Event, EventKind, KeyState, Node, NodeId, Registration,
-    SecretHash, Tailnet, TailnetId, TailnetSpec,
+    Actor, AuthKey, AuthKeyId, AuthKeySpec, Credential, EndReason, Event, EventKind, KeyState, Node, NodeId,
+    PolicyRecord, Registration, RunIdentity, SecretHash, Tailnet, TailnetId, TailnetSpec, TrustRule, TrustRuleId,
 };
 use crate::validate::LabelRequirement;
 
@@ -78,6 +77,16 @@ mod key {
     }
     pub fn tailnet_key(t: TailnetId, k: AuthKeyId) -> Vec<u8> {
         join(b"tk/", &[t.as_bytes(), k.as_bytes()])
+    }
+    pub const TRUST_RULES: &[u8] = b"r/";
+    pub fn trust_rule(id: TrustRuleId) -> Vec<u8> {
+        join(TRUST_RULES, &[id.as_bytes()])
+    }
+    pub fn tailnet_rules(t: TailnetId) -> Vec<u8> {
+        join(b"tr/", &[t.as_bytes()])
+    }
+    pub fn tailnet_rule(t: TailnetId, r: TrustRuleId) -> Vec<u8> {
+        join(b"tr/", &[t.as_bytes(), r.as_bytes()])
     }
     pub fn policies(t: TailnetId) -> Vec<u8> {
         join(b"p/", &[t.as_bytes()])
@@ -353,6 +362,7 @@ impl Store {
                     actor,
                     reason,
                     summary: format!("node {} removed: tailnet {what}", node.hostname),
+                    run: node.identity.as_ref(),
                     ..EventDraft::at(now)
                 });
                 removed.nodes.push(node.id);
@@ -369,6 +379,11 @@ impl Store {
             }
             for item in w.db.scan_prefix(key::policies(id)) {
                 let (k, _) = item?;
+                w.del(&k);
+            }
+            for item in w.db.scan_prefix(key::tailnet_rules(id)) {
+                let (k, _) = item?;
+                w.del(&key::trust_rule(TrustRuleId(key::trailing_uuid(&k))));
                 w.del(&k);
             }
             w.del(&key::tailnet(id));
@@ -584,8 +599,8 @@ impl Store {
     // -------------------------------------------------------------------------------------------------
     // Nodes
 
-    /// Admits a node with an auth key, or re-authenticates the node that already has this WireGuard key
-    /// in the key's tailnet. Uses the key once.
+    /// Admits a node with an auth key or a trust rule's verdict, or re-authenticates the node that
+    /// already has this WireGuard key in the tailnet. Uses an auth key once.
     pub async fn register(
         &self,
         reg: Registration,
@@ -595,49 +610,33 @@ impl Store {
         now: SystemTime,
     ) -> Result<(Node, Tailnet)> {
         self.write_durable(|w| {
-            let unknown = || Error::Unauthenticated("auth_key: unknown key; create one with CreateAuthKey".into());
-            let key_id = w.db.get(key::auth_key_secret(&reg.auth_key_hash))?.ok_or_else(unknown)?;
-            let key_id = AuthKeyId(uuid::Uuid::from_slice(&key_id).map_err(|_| unknown())?);
-            let mut auth_key: AuthKey = w.get(&key::auth_key(key_id))?.ok_or_else(unknown)?;
-            match auth_key.state(now) {
-                KeyState::Valid => {}
-                KeyState::Expired => {
-                    return Err(Error::Unauthenticated(format!(
-                        "auth_key: expired at {}; create a new key",
-                        crate::time::rfc3339(auth_key.expires_at)
-                    )));
-                }
-                KeyState::Revoked => {
-                    return Err(Error::Unauthenticated("auth_key: revoked; create a new key".into()));
-                }
-                KeyState::Exhausted => {
-                    return Err(Error::Unauthenticated(format!(
-                        "auth_key: exhausted: it admitted {} of {} nodes; create a new key",
-                        auth_key.uses, auth_key.max_uses
-                    )));
-                }
-            }
+            let admission = w.admit(&reg.credential, now)?;
             let mut tailnet: Tailnet = w
-                .get(&key::tailnet(auth_key.tailnet_id))?
-                .ok_or_else(|| Error::Unauthenticated("auth_key: its tailnet no longer exists".into()))?;
+                .get(&key::tailnet(admission.tailnet))?
+                .ok_or_else(|| Error::Unauthenticated(format!("{}: its tailnet no longer exists", admission.field)))?;
             let tags = if reg.requested_tags.is_empty() {
-                auth_key.tags.clone()
+                admission.tags.clone()
             } else {
                 for (i, t) in reg.requested_tags.iter().enumerate() {
-                    if !auth_key.tags.contains(t) {
+                    if !admission.tags.contains(t) {
                         return Err(Error::PermissionDenied(format!(
-                            "requested_tags[{i}]: {t} is not granted by the auth key (it grants [{}])",
-                            auth_key.tags.join(", ")
+                            "requested_tags[{i}]: {t} is not granted by the {} (it grants [{}])",
+                            admission.field,
+                            admission.tags.join(", ")
                         )));
                     }
                 }
                 reg.requested_tags.clone()
             };
-            // A tag the policy stopped declaring after the key was made is not handed out.
+            // A tag the policy stopped declaring after the key or rule was made is not handed out.
             let policy = policy_of(&tailnet)?;
             let tags: Vec<String> = tags.into_iter().filter(|t| policy.tag_defined(t)).collect();
-            auth_key.uses += 1;
-            w.put(&key::auth_key(auth_key.id), &auth_key);
+            let owner = admission.owner.clone().unwrap_or_else(|| tailnet.owner.clone());
+            let expires_at = now + admission.lifetime.map_or(node_lifetime, |l| l.min(node_lifetime));
+            let (auth_key_id, trust_rule_id, identity) = match &reg.credential {
+                Credential::AuthKey(_) => (admission.auth_key, None, None),
+                Credential::Federated { rule, identity } => (None, Some(*rule), Some(identity.clone())),
+            };
 
             let existing = match w.db.get(key::wireguard_key(tailnet.id, &reg.wireguard_public_key))? {
                 Some(id) => w.get::<Node>(&key::node(NodeId(key::trailing_uuid(&id))))?,
@@ -648,10 +647,12 @@ impl Store {
                     w.del(&key::session(&node.session_hash));
                     node.session_hash = session_hash;
                     node.tags = tags;
-                    node.auth_key_id = Some(auth_key.id);
-                    node.ephemeral = auth_key.ephemeral;
-                    node.owner = auth_key.owner.clone();
-                    node.expires_at = now + node_lifetime;
+                    node.auth_key_id = auth_key_id;
+                    node.trust_rule_id = trust_rule_id;
+                    node.identity = identity;
+                    node.ephemeral = admission.ephemeral;
+                    node.owner = owner;
+                    node.expires_at = expires_at;
                     node.endpoints = reg.endpoints.clone();
                     let summary = format!("node {} re-authenticated at {}", node.hostname, node.address);
                     (node.clone(), NetChange::PeerUpdated(Arc::new(node)), summary)
@@ -664,13 +665,15 @@ impl Store {
                         wireguard_public_key: reg.wireguard_public_key,
                         address: w.free_address(&tailnet)?,
                         tags,
-                        owner: auth_key.owner.clone(),
-                        auth_key_id: Some(auth_key.id),
-                        ephemeral: auth_key.ephemeral,
+                        owner,
+                        auth_key_id,
+                        ephemeral: admission.ephemeral,
                         created_at: now,
-                        expires_at: now + node_lifetime,
+                        expires_at,
                         session_hash,
                         endpoints: reg.endpoints.clone(),
+                        trust_rule_id,
+                        identity,
                     };
                     w.put_raw(&key::tailnet_node(tailnet.id, node.id), &[]);
                     w.put_raw(&key::address(tailnet.id, node.address), node.id.as_bytes());
@@ -684,17 +687,92 @@ impl Store {
             };
             w.put(&key::node(node.id), &node);
             w.put_raw(&key::session(&session_hash), node.id.as_bytes());
+            let summary = match &node.identity {
+                Some(run) => format!("{summary} via trust rule ({} {})", run.issuer, run.subject),
+                None => summary,
+            };
             w.event(EventDraft {
                 kind: EventKind::NodeJoined,
                 tailnet: Some(tailnet.id),
                 node: Some(node.id),
-                auth_key: Some(auth_key.id),
+                auth_key: node.auth_key_id,
                 actor: &Actor::node(node.id),
                 summary,
+                run: node.identity.as_ref(),
                 ..EventDraft::at(now)
             });
             w.netmap(tailnet.id, change);
             Ok((node, tailnet))
+        })
+        .await
+    }
+
+    // -------------------------------------------------------------------------------------------------
+    // Trust rules
+
+    pub async fn create_trust_rule(&self, rule: TrustRule, actor: &Actor) -> Result<TrustRule> {
+        self.write_durable(|w| {
+            w.get::<Tailnet>(&key::tailnet(rule.tailnet_id))?
+                .ok_or_else(|| Error::not_found("tailnet", rule.tailnet_id))?;
+            w.put(&key::trust_rule(rule.id), &rule);
+            w.put_raw(&key::tailnet_rule(rule.tailnet_id, rule.id), &[]);
+            let conditions: Vec<String> = rule.conditions.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            w.event(EventDraft {
+                kind: EventKind::TrustRuleCreated,
+                tailnet: Some(rule.tailnet_id),
+                actor,
+                reason: &rule.reason,
+                summary: format!(
+                    "trust rule for {} (aud {}) where [{}] grants [{}]",
+                    rule.issuer,
+                    rule.audience,
+                    conditions.join(", "),
+                    rule.tags.join(", ")
+                ),
+                ..EventDraft::at(rule.created_at)
+            });
+            Ok(rule)
+        })
+        .await
+    }
+
+    pub fn list_trust_rules(&self, tailnet: TailnetId) -> Result<Vec<TrustRule>> {
+        self.get_tailnet(tailnet)?;
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(key::tailnet_rules(tailnet)) {
+            let (k, _) = item?;
+            if let Some(rule) = self.get(&key::trust_rule(TrustRuleId(key::trailing_uuid(&k))))? {
+                out.push(rule);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every rule trusting `issuer`, newest first.
+    pub fn trust_rules_for(&self, issuer: &str) -> Result<Vec<TrustRule>> {
+        let mut rules: Vec<TrustRule> = self
+            .db
+            .scan_prefix(key::TRUST_RULES)
+            .map(|item| item.map_err(Error::from).and_then(|(k, v)| decode::<TrustRule>(&k, &v)))
+            .filter(|r| r.as_ref().map_or(true, |r| r.issuer == issuer))
+            .collect::<Result<_>>()?;
+        rules.sort_by_key(|r| std::cmp::Reverse(r.id));
+        Ok(rules)
+    }
+
+    pub async fn delete_trust_rule(&self, id: TrustRuleId, actor: &Actor, now: SystemTime) -> Result<()> {
+        self.write_durable(|w| {
+            let rule: TrustRule = w.get(&key::trust_rule(id))?.ok_or_else(|| Error::not_found("trust rule", id))?;
+            w.del(&key::trust_rule(id));
+            w.del(&key::tailnet_rule(rule.tailnet_id, id));
+            w.event(EventDraft {
+                kind: EventKind::TrustRuleDeleted,
+                tailnet: Some(rule.tailnet_id),
+                actor,
+                summary: format!("trust rule for {} deleted", rule.issuer),
+                ..EventDraft::at(now)
+            });
+            Ok(())
         })
         .await
     }
@@ -888,6 +966,17 @@ impl ReadCtx<'_> {
     }
 }
 
+/// What a checked credential admits.
+struct Admitted {
+    field: &'static str,
+    tailnet: TailnetId,
+    tags: Vec<String>,
+    owner: Option<String>,
+    ephemeral: bool,
+    lifetime: Option<Duration>,
+    auth_key: Option<AuthKeyId>,
+}
+
 /// The fields of an event the writer fills in (id, revision).
 struct EventDraft<'a> {
     kind: EventKind,
@@ -898,6 +987,7 @@ struct EventDraft<'a> {
     actor: &'a Actor,
     reason: &'a str,
     summary: String,
+    run: Option<&'a RunIdentity>,
 }
 
 static SYSTEM: std::sync::LazyLock<Actor> = std::sync::LazyLock::new(|| Actor::system("store"));
@@ -913,6 +1003,7 @@ impl EventDraft<'_> {
             actor: &SYSTEM,
             reason: "",
             summary: String::new(),
+            run: None,
         }
     }
 }
@@ -960,6 +1051,7 @@ impl WriteCtx<'_> {
             actor: draft.actor.0.clone(),
             reason: draft.reason.to_string(),
             summary: draft.summary,
+            run: draft.run.cloned(),
         };
         self.put(&key::event(event.revision), &event);
         if let Some(t) = event.tailnet_id {
@@ -1012,10 +1104,66 @@ impl WriteCtx<'_> {
             actor,
             reason,
             summary: format!("node {} ({}) removed: {why}", node.hostname, node.address),
+            run: node.identity.as_ref(),
             ..EventDraft::at(now)
         });
         let message = if reason.is_empty() { why.to_string() } else { format!("{why}: {reason}") };
         self.netmap(node.tailnet_id, NetChange::PeerRemoved { node: node.id, reason: end, message });
+    }
+
+    /// Checks a credential; for an auth key, also counts the use.
+    fn admit(&mut self, credential: &Credential, now: SystemTime) -> Result<Admitted> {
+        match credential {
+            Credential::AuthKey(hash) => {
+                let unknown = || Error::Unauthenticated("auth_key: unknown key; create one with CreateAuthKey".into());
+                let key_id = self.db.get(key::auth_key_secret(hash))?.ok_or_else(unknown)?;
+                let key_id = AuthKeyId(uuid::Uuid::from_slice(&key_id).map_err(|_| unknown())?);
+                let mut auth_key: AuthKey = self.get(&key::auth_key(key_id))?.ok_or_else(unknown)?;
+                match auth_key.state(now) {
+                    KeyState::Valid => {}
+                    KeyState::Expired => {
+                        return Err(Error::Unauthenticated(format!(
+                            "auth_key: expired at {}; create a new key",
+                            crate::time::rfc3339(auth_key.expires_at)
+                        )));
+                    }
+                    KeyState::Revoked => {
+                        return Err(Error::Unauthenticated("auth_key: revoked; create a new key".into()));
+                    }
+                    KeyState::Exhausted => {
+                        return Err(Error::Unauthenticated(format!(
+                            "auth_key: exhausted: it admitted {} of {} nodes; create a new key",
+                            auth_key.uses, auth_key.max_uses
+                        )));
+                    }
+                }
+                auth_key.uses += 1;
+                self.put(&key::auth_key(auth_key.id), &auth_key);
+                Ok(Admitted {
+                    field: "auth key",
+                    tailnet: auth_key.tailnet_id,
+                    tags: auth_key.tags,
+                    owner: Some(auth_key.owner),
+                    ephemeral: auth_key.ephemeral,
+                    lifetime: None,
+                    auth_key: Some(auth_key.id),
+                })
+            }
+            Credential::Federated { rule, .. } => {
+                let rule: TrustRule = self
+                    .get(&key::trust_rule(*rule))?
+                    .ok_or_else(|| Error::Unauthenticated("oidc_token: the trust rule was deleted".into()))?;
+                Ok(Admitted {
+                    field: "trust rule",
+                    tailnet: rule.tailnet_id,
+                    tags: rule.tags,
+                    owner: None,
+                    ephemeral: rule.ephemeral,
+                    lifetime: Some(Duration::from_secs(rule.max_node_lifetime_seconds)),
+                    auth_key: None,
+                })
+            }
+        }
     }
 
     /// The lowest address of the range that no node holds.

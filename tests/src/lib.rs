@@ -19,6 +19,7 @@ use tonic::transport::Channel;
 pub use cordon_proto::v1;
 
 pub mod netns;
+pub mod oidc;
 
 /// Sends `authorization: Bearer <token>` on every call.
 #[derive(Clone)]
@@ -189,6 +190,7 @@ pub fn register_request(secret: &str, hostname: &str) -> pb::RegisterRequest {
         hostname: hostname.into(),
         requested_tags: vec![],
         endpoints: vec![],
+        tailnet_id: String::new(),
     }
 }
 

@@ -143,6 +143,35 @@ impl pb::control_server::Control for ControlApi {
         }))
     }
 
+    async fn create_trust_rule(
+        &self,
+        req: Request<pb::CreateTrustRuleRequest>,
+    ) -> Result<Response<pb::TrustRule>, Status> {
+        let actor = actor(&req)?;
+        let spec = convert::trust_rule_spec(req.into_inner())?;
+        let rule = self.cp.create_trust_rule(spec, &actor).await?;
+        Ok(Response::new(convert::trust_rule(&rule)))
+    }
+
+    async fn list_trust_rules(
+        &self,
+        req: Request<pb::ListTrustRulesRequest>,
+    ) -> Result<Response<pb::ListTrustRulesResponse>, Status> {
+        let tailnet = TailnetId::parse("tailnet_id", &req.get_ref().tailnet_id)?;
+        let rules = self.cp.store.list_trust_rules(tailnet)?.iter().map(convert::trust_rule).collect();
+        Ok(Response::new(pb::ListTrustRulesResponse { rules }))
+    }
+
+    async fn delete_trust_rule(
+        &self,
+        req: Request<pb::DeleteTrustRuleRequest>,
+    ) -> Result<Response<pb::DeleteTrustRuleResponse>, Status> {
+        let actor = actor(&req)?;
+        let id = crate::model::TrustRuleId::parse("id", &req.get_ref().id)?;
+        self.cp.delete_trust_rule(id, &actor).await?;
+        Ok(Response::new(pb::DeleteTrustRuleResponse {}))
+    }
+
     async fn list_nodes(&self, req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
         let tailnet = TailnetId::parse("tailnet_id", &req.get_ref().tailnet_id)?;
         let hub = self.cp.hub();

@@ -9,7 +9,8 @@ use cordon_proto::v1 as pb;
 use crate::error::{Error, Result};
 use crate::hub::Hub;
 use crate::model::{
-    AuthKey, AuthKeySpec, EndReason, Event, EventKind, Node, Registration, Tailnet, TailnetId, TailnetSpec,
+    AuthKey, AuthKeySpec, EndReason, Event, EventKind, Node, Presented, RegisterInput, RunIdentity, Tailnet, TailnetId,
+    TailnetSpec, TrustRule, TrustRuleSpec,
 };
 use crate::secret::AUTH_KEY_PREFIX;
 use crate::time::to_timestamp;
@@ -59,29 +60,123 @@ pub fn auth_key_spec(req: pb::CreateAuthKeyRequest) -> Result<AuthKeySpec> {
     })
 }
 
-pub fn registration(req: pb::RegisterRequest) -> Result<Registration> {
-    let auth_key = match req.credential {
-        Some(pb::register_request::Credential::AuthKey(k)) => k,
-        None => return Err(Error::invalid("credential", "is required: set auth_key")),
+pub fn registration(req: pb::RegisterRequest) -> Result<RegisterInput> {
+    let presented = match req.credential {
+        Some(pb::register_request::Credential::AuthKey(auth_key)) => {
+            if !auth_key.starts_with(AUTH_KEY_PREFIX) {
+                // Say nothing of the value: it may be some other secret pasted by mistake.
+                return Err(Error::invalid(
+                    "auth_key",
+                    format!("is not a Cordon auth key (they start with {AUTH_KEY_PREFIX})"),
+                ));
+            }
+            Presented::AuthKey(crate::secret::hash(&auth_key))
+        }
+        Some(pb::register_request::Credential::OidcToken(token)) => {
+            if token.len() > 16 * 1024 {
+                return Err(Error::invalid("oidc_token", "is longer than 16 KiB"));
+            }
+            let tailnet =
+                if req.tailnet_id.is_empty() { None } else { Some(TailnetId::parse("tailnet_id", &req.tailnet_id)?) };
+            Presented::OidcToken { token: crate::secret::Secret::from_string(token), tailnet }
+        }
+        None => return Err(Error::invalid("credential", "is required: set auth_key or oidc_token")),
     };
-    if !auth_key.starts_with(AUTH_KEY_PREFIX) {
-        // Say nothing of the value: it may be some other secret pasted by mistake.
+    Ok(RegisterInput {
+        presented,
+        wireguard_public_key: validate::wireguard_key("wireguard_public_key", &req.wireguard_public_key)?,
+        hostname: validate::hostname("hostname", &req.hostname)?,
+        requested_tags: validate::tags("requested_tags", &req.requested_tags)?,
+        endpoints: validate::endpoints("endpoints", &req.endpoints)?,
+    })
+}
+
+/// https URLs, or http for an issuer on this machine (tests, development).
+fn issuer_url(field: &str, s: &str) -> Result<()> {
+    let bad = || Error::invalid(field, format!("{s:?} is not an https:// issuer URL"));
+    let rest = s.strip_prefix("https://").or_else(|| s.strip_prefix("http://")).ok_or_else(bad)?;
+    let host = rest.split('/').next().unwrap_or("");
+    if host.is_empty() || s.len() > 512 || s.contains(char::is_whitespace) {
+        return Err(bad());
+    }
+    let hostname = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    let loopback = hostname == "localhost" || hostname.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if s.starts_with("http://") && !loopback {
         return Err(Error::invalid(
-            "auth_key",
-            format!("is not a Cordon auth key (they start with {AUTH_KEY_PREFIX})"),
+            field,
+            format!("{s:?}: plain http is only accepted for loopback issuers; use https"),
         ));
     }
-    let wireguard_public_key = validate::wireguard_key("wireguard_public_key", &req.wireguard_public_key)?;
-    let hostname = validate::hostname("hostname", &req.hostname)?;
-    let requested_tags = validate::tags("requested_tags", &req.requested_tags)?;
-    let endpoints = validate::endpoints("endpoints", &req.endpoints)?;
-    Ok(Registration {
-        auth_key_hash: crate::secret::hash(&auth_key),
-        wireguard_public_key,
-        hostname,
-        requested_tags,
-        endpoints,
+    Ok(())
+}
+
+pub fn trust_rule_spec(req: pb::CreateTrustRuleRequest) -> Result<TrustRuleSpec> {
+    let tailnet_id = TailnetId::parse("tailnet_id", &req.tailnet_id)?;
+    issuer_url("issuer", &req.issuer)?;
+    if req.audience.is_empty() || req.audience.len() > 256 {
+        return Err(Error::invalid("audience", "is required, at most 256 characters"));
+    }
+    if req.claim_conditions.len() > 16 {
+        return Err(Error::invalid("claim_conditions", "at most 16 conditions"));
+    }
+    for (claim, pattern) in &req.claim_conditions {
+        let field = format!("claim_conditions[{claim:?}]");
+        if claim.is_empty() || claim.len() > 64 || !claim.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(Error::invalid(field, "a claim name is 1-64 of letters, digits and '_'"));
+        }
+        if pattern.is_empty() || pattern.len() > 256 {
+            return Err(Error::invalid(field, "a pattern is 1-256 characters ('*' matches any run)"));
+        }
+    }
+    if req.claim_conditions.is_empty() {
+        return Err(Error::invalid(
+            "claim_conditions",
+            "name at least one condition (e.g. repository): without one, every token of the issuer would be admitted",
+        ));
+    }
+    let tags = validate::tags("tags", &req.tags)?;
+    let lifetime = match req.max_node_lifetime_seconds {
+        0 => 3600,
+        s if (60..=validate::TTL_MAX).contains(&s) => s,
+        s => {
+            return Err(Error::invalid("max_node_lifetime_seconds", format!("{s} is out of range; use 60 to 2592000")));
+        }
+    };
+    validate::reason("reason", &req.reason)?;
+    Ok(TrustRuleSpec {
+        tailnet_id,
+        issuer: req.issuer.trim_end_matches('/').to_string(),
+        audience: req.audience,
+        conditions: req.claim_conditions.into_iter().collect(),
+        tags,
+        max_node_lifetime_seconds: lifetime,
+        ephemeral: req.ephemeral,
+        reason: req.reason,
     })
+}
+
+pub fn trust_rule(r: &TrustRule) -> pb::TrustRule {
+    pb::TrustRule {
+        id: r.id.to_string(),
+        tailnet_id: r.tailnet_id.to_string(),
+        issuer: r.issuer.clone(),
+        audience: r.audience.clone(),
+        claim_conditions: r.conditions.clone().into_iter().collect(),
+        tags: r.tags.clone(),
+        max_node_lifetime_seconds: r.max_node_lifetime_seconds,
+        ephemeral: r.ephemeral,
+        reason: r.reason.clone(),
+        created_by: r.created_by.clone(),
+        created_at: ts(r.created_at),
+    }
+}
+
+fn run_identity(r: &RunIdentity) -> pb::RunIdentity {
+    pb::RunIdentity {
+        issuer: r.issuer.clone(),
+        subject: r.subject.clone(),
+        claims: r.claims.clone().into_iter().collect(),
+    }
 }
 
 fn ts(t: SystemTime) -> Option<prost_types::Timestamp> {
@@ -115,7 +210,11 @@ pub fn node(n: &Node, hub: &Hub) -> pb::NodeInfo {
         addresses: vec![n.address.to_string()],
         tags: n.tags.clone(),
         owner: n.owner.clone(),
-        admission: Some(pb::Admission { auth_key_id: n.auth_key_id.map(|k| k.to_string()).unwrap_or_default() }),
+        admission: Some(pb::Admission {
+            auth_key_id: n.auth_key_id.map(|k| k.to_string()).unwrap_or_default(),
+            trust_rule_id: n.trust_rule_id.map(|r| r.to_string()).unwrap_or_default(),
+            run: n.identity.as_ref().map(run_identity),
+        }),
         ephemeral: n.ephemeral,
         created_at: ts(n.created_at),
         last_seen: last_seen.map(to_timestamp),
@@ -154,6 +253,8 @@ fn event_kind(kind: EventKind) -> pb::EventKind {
         EventKind::NodeJoined => pb::EventKind::NodeJoined,
         EventKind::NodeLeft => pb::EventKind::NodeLeft,
         EventKind::PolicyChanged => pb::EventKind::PolicyChanged,
+        EventKind::TrustRuleCreated => pb::EventKind::TrustRuleCreated,
+        EventKind::TrustRuleDeleted => pb::EventKind::TrustRuleDeleted,
     }
 }
 
@@ -169,6 +270,7 @@ pub fn event(e: &Event) -> pb::Event {
         actor: e.actor.clone(),
         reason: e.reason.clone(),
         summary: e.summary.clone(),
+        run: e.run.as_ref().map(run_identity),
     }
 }
 

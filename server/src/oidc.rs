@@ -1,0 +1,297 @@
+//! Federated admission: OIDC ID tokens (GitHub Actions' and others) checked against trust rules.
+//!
+//! The issuer's keys come from its discovery document's `jwks_uri` (read directly: GitHub's document
+//! has no `authorization_endpoint`, which the openidconnect crate's discovery requires) and are cached;
+//! a token whose key id is unknown makes one refetch (key rotation). The openidconnect crate checks the
+//! signature (RS256, ES256), `iss`, `aud` and `exp`; this module adds `nbf` and `iat` with a small clock
+//! skew, the rule's claim conditions, and a `jti` replay cache. Errors say which check failed and never
+//! repeat the token.
+
+use std::collections::{BTreeMap, HashMap};
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use openidconnect::core::{
+    CoreGenderClaim, CoreJsonWebKeySet, CoreJweContentEncryptionAlgorithm, CoreJwsSigningAlgorithm,
+};
+use openidconnect::{AdditionalClaims, ClaimsVerificationError, ClientId, IdToken, IdTokenVerifier, IssuerUrl, Nonce};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::model::{RunIdentity, TrustRule};
+
+/// Tolerated clock difference between the issuer and this server.
+const SKEW: Duration = Duration::from_secs(60);
+/// The claims of a run that a node's identity records, where present.
+const RUN_CLAIMS: [&str; 12] = [
+    "repository",
+    "repository_id",
+    "repository_owner",
+    "repository_owner_id",
+    "workflow",
+    "run_id",
+    "run_attempt",
+    "actor",
+    "ref",
+    "sha",
+    "environment",
+    "job_workflow_ref",
+];
+const MAX_DOCUMENT: usize = 1 << 20;
+
+/// Every claim beyond the standard ones.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+struct OtherClaims {
+    #[serde(flatten)]
+    claims: HashMap<String, serde_json::Value>,
+}
+
+impl AdditionalClaims for OtherClaims {}
+
+type Token = IdToken<OtherClaims, CoreGenderClaim, CoreJweContentEncryptionAlgorithm, CoreJwsSigningAlgorithm>;
+
+/// Why a token was refused: for every rule (bad signature, expired) or for this rule (audience, a condition).
+#[derive(Debug)]
+pub enum Refusal {
+    Token(String),
+    Rule(String),
+}
+
+/// A token a rule accepted.
+#[derive(Debug)]
+pub struct Verified {
+    pub identity: RunIdentity,
+    pub jti: Option<String>,
+    pub expires: SystemTime,
+}
+
+struct IssuerKeys {
+    set: CoreJsonWebKeySet,
+    /// Key ids we refetched for, and when: an unknown key id refetches at most once a minute.
+    refetched_for: HashMap<String, Instant>,
+}
+
+type Https = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+
+pub struct Oidc {
+    http: Client<Https, Empty<bytes::Bytes>>,
+    keys: tokio::sync::Mutex<HashMap<String, IssuerKeys>>,
+    seen: Mutex<HashMap<(String, String), SystemTime>>,
+}
+
+impl Default for Oidc {
+    fn default() -> Self {
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+            .expect("ring provides TLS 1.2 and 1.3")
+            .https_or_http()
+            .enable_http1()
+            .build();
+        Oidc {
+            http: Client::builder(TokioExecutor::new()).build(https),
+            keys: tokio::sync::Mutex::default(),
+            seen: Mutex::default(),
+        }
+    }
+}
+
+fn segment_json(token: &str, index: usize) -> Option<serde_json::Value> {
+    let part = token.split('.').nth(index)?;
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part.trim_end_matches('=')).ok()?).ok()
+}
+
+/// Reads `iss` without verifying anything, to find the rules that may apply.
+pub fn unverified_issuer(token: &str) -> Result<String, Error> {
+    if token.split('.').count() != 3 {
+        return Err(Error::invalid("oidc_token", "is not a JWT (three dot-separated parts)"));
+    }
+    segment_json(token, 1)
+        .and_then(|claims| claims.get("iss").and_then(|v| v.as_str()).map(str::to_string))
+        .ok_or_else(|| Error::invalid("oidc_token", "has no readable iss claim"))
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+pub fn glob_match(pattern: &str, value: &str) -> bool {
+    let (p, v): (Vec<char>, Vec<char>) = (pattern.chars().collect(), value.chars().collect());
+    let (mut pi, mut vi, mut star, mut mark) = (0, 0, None, 0);
+    while vi < v.len() {
+        if pi < p.len() && p[pi] != '*' && p[pi] == v[vi] {
+            pi += 1;
+            vi += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = vi;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            vi = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+fn claim_string(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+impl Oidc {
+    async fn get_json(&self, url: &str) -> Result<serde_json::Value, String> {
+        let uri: hyper::Uri = url.parse().map_err(|_| format!("{url:?} is not a URL"))?;
+        let response = tokio::time::timeout(Duration::from_secs(10), self.http.get(uri))
+            .await
+            .map_err(|_| format!("{url} did not answer in 10 s"))?
+            .map_err(|e| format!("cannot fetch {url}: {e}"))?;
+        if !response.status().is_success() {
+            return Err(format!("{url} answered {}", response.status()));
+        }
+        let body = Limited::new(response.into_body(), MAX_DOCUMENT)
+            .collect()
+            .await
+            .map_err(|e| format!("reading {url}: {e}"))?
+            .to_bytes();
+        serde_json::from_slice(&body).map_err(|e| format!("{url} did not return JSON: {e}"))
+    }
+
+    async fn fetch_keys(&self, issuer: &str) -> Result<CoreJsonWebKeySet, String> {
+        let discovery = format!("{}/.well-known/openid-configuration", issuer.trim_end_matches('/'));
+        let doc = self.get_json(&discovery).await?;
+        let jwks_uri = doc
+            .get("jwks_uri")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| format!("{discovery} has no jwks_uri"))?
+            .to_string();
+        let jwks = self.get_json(&jwks_uri).await?;
+        serde_json::from_value(jwks).map_err(|e| format!("{jwks_uri} is not a JSON Web Key Set: {e}"))
+    }
+
+    /// The issuer's keys; refetched when `kid` is not among them (once a minute per key id).
+    async fn keys(&self, issuer: &str, kid: Option<&str>) -> Result<CoreJsonWebKeySet, String> {
+        let mut cache = self.keys.lock().await;
+        let has_kid = |set: &CoreJsonWebKeySet| {
+            kid.is_none_or(|kid| {
+                set.keys().iter().any(|k| openidconnect::JsonWebKey::key_id(k).is_some_and(|id| id.as_str() == kid))
+            })
+        };
+        if let Some(cached) = cache.get_mut(issuer) {
+            if has_kid(&cached.set) {
+                return Ok(cached.set.clone());
+            }
+            let kid = kid.unwrap_or_default().to_string();
+            if cached.refetched_for.get(&kid).is_some_and(|at| at.elapsed() < Duration::from_secs(60)) {
+                return Ok(cached.set.clone());
+            }
+            cached.refetched_for.insert(kid, Instant::now());
+        }
+        let set = self.fetch_keys(issuer).await?;
+        let refetched_for = cache.remove(issuer).map(|c| c.refetched_for).unwrap_or_default();
+        cache.insert(issuer.to_string(), IssuerKeys { set: set.clone(), refetched_for });
+        Ok(set)
+    }
+
+    /// Checks `token` against `rule` at time `now`.
+    pub async fn verify(&self, token: &str, rule: &TrustRule, now: SystemTime) -> Result<Verified, Refusal> {
+        let kid = segment_json(token, 0).and_then(|h| h.get("kid").and_then(|k| k.as_str()).map(str::to_string));
+        let keys =
+            self.keys(&rule.issuer, kid.as_deref()).await.map_err(|e| Refusal::Token(format!("issuer keys: {e}")))?;
+        let parsed = Token::from_str(token).map_err(|_| Refusal::Token("not a valid ID token".into()))?;
+        let issuer = IssuerUrl::new(rule.issuer.clone()).map_err(|_| Refusal::Rule("issuer: not a URL".into()))?;
+        let checked_at: chrono::DateTime<chrono::Utc> = (now - SKEW).into();
+        let latest_iat: chrono::DateTime<chrono::Utc> = (now + SKEW).into();
+        let verifier = IdTokenVerifier::new_public_client(ClientId::new(rule.audience.clone()), issuer, keys)
+            .set_allowed_algs([CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256, CoreJwsSigningAlgorithm::EcdsaP256Sha256])
+            .set_time_fn(move || checked_at)
+            .set_issue_time_verifier_fn(move |iat| {
+                if iat > latest_iat { Err("iat: issued in the future".into()) } else { Ok(()) }
+            });
+        let claims = parsed.claims(&verifier, |_: Option<&Nonce>| Ok(())).map_err(|e| match e {
+            ClaimsVerificationError::Expired(_) => Refusal::Token("expired".into()),
+            ClaimsVerificationError::InvalidAudience(_) => {
+                Refusal::Rule(format!("audience: the token is not for {:?}", rule.audience))
+            }
+            ClaimsVerificationError::InvalidIssuer(_) => Refusal::Rule("issuer: does not match the rule".into()),
+            ClaimsVerificationError::SignatureVerification(e) => Refusal::Token(format!("signature: {e}")),
+            other => Refusal::Token(other.to_string()),
+        })?;
+        let other = &claims.additional_claims().claims;
+        if let Some(nbf) = other.get("nbf").and_then(serde_json::Value::as_u64) {
+            if UNIX_EPOCH + Duration::from_secs(nbf) > now + SKEW {
+                return Err(Refusal::Token("not valid yet (nbf)".into()));
+            }
+        }
+        let subject = claims.subject().as_str().to_string();
+        let value_of = |claim: &str| -> Option<String> {
+            if claim == "sub" { Some(subject.clone()) } else { other.get(claim).and_then(claim_string) }
+        };
+        for (claim, pattern) in &rule.conditions {
+            match value_of(claim) {
+                Some(value) if glob_match(pattern, &value) => {}
+                Some(value) => {
+                    return Err(Refusal::Rule(format!("condition {claim}: {value:?} does not match {pattern:?}")));
+                }
+                None => return Err(Refusal::Rule(format!("condition {claim}: the token has no {claim} claim"))),
+            }
+        }
+        let run: BTreeMap<String, String> = RUN_CLAIMS
+            .iter()
+            .filter_map(|c| other.get(*c).and_then(claim_string).map(|v| (c.to_string(), v)))
+            .collect();
+        let expires: SystemTime = claims.expiration().into();
+        Ok(Verified {
+            identity: RunIdentity { issuer: rule.issuer.clone(), subject, claims: run },
+            jti: other.get("jti").and_then(claim_string),
+            expires,
+        })
+    }
+
+    /// Refuses a token id seen before (until it expires).
+    pub fn check_replay(&self, issuer: &str, jti: &str, expires: SystemTime, now: SystemTime) -> Result<(), Error> {
+        let mut seen = self.seen.lock().unwrap();
+        seen.retain(|_, exp| *exp + SKEW > now);
+        if seen.insert((issuer.to_string(), jti.to_string()), expires).is_some() {
+            return Err(Error::Unauthenticated(
+                "oidc_token: replayed: this token (jti) was used before; request a fresh one".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("refs/heads/*", "refs/heads/main"));
+        assert!(glob_match("acme/*", "acme/api"));
+        assert!(!glob_match("acme/*", "evil/acme/api"));
+        assert!(glob_match("*-deploy-*", "prod-deploy-7"));
+        assert!(glob_match("exact", "exact"));
+        assert!(!glob_match("exact", "exactly"));
+        assert!(glob_match("*", ""));
+    }
+
+    #[test]
+    fn issuer_is_read_without_trusting_it() {
+        let claims = URL_SAFE_NO_PAD.encode(br#"{"iss":"https://token.actions.githubusercontent.com"}"#);
+        assert_eq!(
+            unverified_issuer(&format!("e30.{claims}.sig")).unwrap(),
+            "https://token.actions.githubusercontent.com"
+        );
+        assert!(unverified_issuer("not-a-jwt").unwrap_err().to_string().starts_with("oidc_token:"));
+    }
+}

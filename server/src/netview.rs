@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::hub::NetChange;
 use crate::model::{Node, NodeId, Tailnet};
-use crate::policy::{FilterRule, Policy, Selector, Subject};
+use crate::policy::{FilterRule, Membership, Policy, Selector, Subject};
 
 /// The inbound rule a grant gives this node, with the sources it currently allows.
 #[derive(Clone, Debug, PartialEq)]
@@ -46,6 +46,7 @@ pub struct NetView {
     others: HashMap<NodeId, (Arc<Node>, String)>,
     visible: BTreeSet<NodeId>,
     rules: Vec<GrantRule>,
+    membership: Membership,
     network: (Ipv4Addr, u8),
     gateway: Ipv4Addr,
 }
@@ -65,6 +66,7 @@ impl NetView {
             others,
             visible: BTreeSet::new(),
             rules: Vec::new(),
+            membership: Membership { src: vec![], dst: vec![] },
             network: (tailnet.cidr.network, tailnet.cidr.prefix),
             gateway: tailnet.cidr.gateway(),
         };
@@ -103,22 +105,9 @@ impl NetView {
         Some(out)
     }
 
-    /// Whether `me` and `other` may talk under the policy (either direction).
-    fn sees(&self, other: &Node, other_id: &str) -> bool {
-        if !self.policy.explicit {
-            return true;
-        }
-        let (me, them) = (subject(&self.me, &self.me_id), subject(other, other_id));
-        self.policy.grants.iter().filter(|g| !g.ip.is_empty()).any(|g| {
-            let src_me = g.src.iter().any(|s| self.policy.matches(s, &me));
-            let dst_me = g.dst.iter().any(|s| self.policy.matches(s, &me));
-            (src_me && g.dst.iter().any(|s| self.policy.matches(s, &them)))
-                || (dst_me && g.src.iter().any(|s| self.policy.matches(s, &them)))
-        })
-    }
-
     fn recompute(&mut self) {
         let me = subject(&self.me, &self.me_id);
+        self.membership = self.policy.membership(&me);
         self.rules = self
             .policy
             .grants
@@ -137,14 +126,17 @@ impl NetView {
     /// Adds an already-stored node to the visible set and to the sources of the rules it matches.
     fn admit(&mut self, id: NodeId) -> bool {
         let Some((node, node_id)) = self.others.get(&id) else { return false };
-        let visible = self.sees(node, node_id);
-        if visible {
+        if !self.policy.explicit {
+            self.visible.insert(id);
+            return false;
+        }
+        let them = self.policy.membership_cached(&subject(node, node_id));
+        if self.membership.meets(&them) {
             self.visible.insert(id);
         }
-        let them = subject(node, node_id);
         let mut filter_changed = false;
         for rule in &mut self.rules {
-            if !rule.any && self.policy.grants[rule.grant].src.iter().any(|s| self.policy.matches(s, &them)) {
+            if !rule.any && them.in_src(rule.grant) {
                 filter_changed |= rule.sources.insert(node.address);
             }
         }

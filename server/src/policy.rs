@@ -88,6 +88,50 @@ pub struct Policy {
     pub tests: Vec<PolicyTest>,
     /// False for the default policy of a tailnet nobody set one for: everyone reaches everyone, any tag.
     pub explicit: bool,
+    /// Memberships computed so far, by node id: every watcher of a join asks about the same node.
+    recent: MembershipCache,
+}
+
+/// Which network grants (those with `ip`) a node is in, as `src` and as `dst`: one bit per grant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Membership {
+    pub src: Vec<u64>,
+    pub dst: Vec<u64>,
+}
+
+impl Membership {
+    pub fn in_src(&self, grant: usize) -> bool {
+        self.src[grant / 64] & (1 << (grant % 64)) != 0
+    }
+
+    /// Whether a node with membership `self` and one with `other` may talk (either direction).
+    pub fn meets(&self, other: &Membership) -> bool {
+        let cross = |a: &[u64], b: &[u64]| a.iter().zip(b).any(|(x, y)| x & y != 0);
+        cross(&self.src, &other.dst) || cross(&self.dst, &other.src)
+    }
+}
+
+type Cached = (Vec<String>, String, std::sync::Arc<Membership>);
+
+#[derive(Default)]
+struct MembershipCache(std::sync::Mutex<HashMap<String, Cached>>);
+
+impl Clone for MembershipCache {
+    fn clone(&self) -> Self {
+        MembershipCache::default()
+    }
+}
+
+impl PartialEq for MembershipCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl fmt::Debug for MembershipCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MembershipCache")
+    }
 }
 
 /// Why a document was refused: where, and what is wrong.
@@ -139,7 +183,39 @@ impl Policy {
             }],
             tests: Vec::new(),
             explicit: false,
+            recent: MembershipCache::default(),
         }
+    }
+
+    /// Which network grants `s` is in.
+    pub fn membership(&self, s: &Subject<'_>) -> Membership {
+        let words = self.grants.len().div_ceil(64);
+        let mut m = Membership { src: vec![0; words], dst: vec![0; words] };
+        for (i, g) in self.grants.iter().enumerate().filter(|(_, g)| !g.ip.is_empty()) {
+            if self.any_matches(&g.src, s) {
+                m.src[i / 64] |= 1 << (i % 64);
+            }
+            if self.any_matches(&g.dst, s) {
+                m.dst[i / 64] |= 1 << (i % 64);
+            }
+        }
+        m
+    }
+
+    /// [`Policy::membership`], remembered per node (and recomputed when its tags or owner change).
+    pub fn membership_cached(&self, s: &Subject<'_>) -> std::sync::Arc<Membership> {
+        let mut cache = self.recent.0.lock().unwrap();
+        if let Some((tags, owner, m)) = cache.get(s.id) {
+            if tags.as_slice() == s.tags && owner == s.owner {
+                return m.clone();
+            }
+        }
+        if cache.len() > 100_000 {
+            cache.clear();
+        }
+        let m = std::sync::Arc::new(self.membership(s));
+        cache.insert(s.id.to_string(), (s.tags.to_vec(), s.owner.to_string(), m.clone()));
+        m
     }
 
     /// Parses and validates a document and runs its tests.
@@ -164,6 +240,7 @@ impl Policy {
             grants: Vec::new(),
             tests: Vec::new(),
             explicit: true,
+            recent: MembershipCache::default(),
         };
         if let Some(groups) = section("groups") {
             for (name, pos, members) in object("groups", groups)? {

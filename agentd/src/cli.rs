@@ -296,7 +296,8 @@ async fn serve_control(node: Arc<Node>, listener: UnixListener, down: tokio::syn
                 ("status", _) => status_json(&node.status().await),
                 ("whois", ip) => match ip.parse::<Ipv4Addr>().ok().and_then(|ip| node.whois(ip)) {
                     Some(p) => json!({"id": p.id, "hostname": p.hostname, "tags": p.tags, "owner": p.owner,
-                        "addresses": p.addresses.iter().map(ToString::to_string).collect::<Vec<_>>()}),
+                        "addresses": p.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        "run": p.run.as_ref().map(|r| json!({"issuer": r.issuer, "subject": r.subject, "claims": r.claims}))}),
                     None => json!({"error": format!("no node has address {ip}")}),
                 },
                 ("down", _) => {

@@ -20,6 +20,15 @@ pub struct Peer {
     pub tags: Vec<String>,
     pub owner: String,
     pub online: bool,
+    /// For a node admitted by an OIDC token: issuer, subject and the run's claims.
+    pub run: Option<RunIdentity>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunIdentity {
+    pub issuer: String,
+    pub subject: String,
+    pub claims: BTreeMap<String, String>,
 }
 
 impl Peer {
@@ -33,6 +42,11 @@ impl Peer {
             tags: n.tags.clone(),
             owner: n.owner.clone(),
             online: n.online,
+            run: n.admission.as_ref().and_then(|a| a.run.as_ref()).map(|r| RunIdentity {
+                issuer: r.issuer.clone(),
+                subject: r.subject.clone(),
+                claims: r.claims.clone().into_iter().collect(),
+            }),
         })
     }
 }

@@ -90,6 +90,28 @@ pub struct Policy {
     pub explicit: bool,
     /// Memberships computed so far, by node id: every watcher of a join asks about the same node.
     recent: MembershipCache,
+    capability_cache: CapabilityCache,
+}
+
+#[derive(Default)]
+struct CapabilityCache(std::sync::Mutex<HashMap<String, std::sync::Arc<Vec<serde_json::Value>>>>);
+
+impl Clone for CapabilityCache {
+    fn clone(&self) -> Self {
+        CapabilityCache::default()
+    }
+}
+
+impl PartialEq for CapabilityCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl fmt::Debug for CapabilityCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CapabilityCache")
+    }
 }
 
 /// Which network grants (those with `ip`) a node is in, as `src` and as `dst`: one bit per grant.
@@ -184,6 +206,7 @@ impl Policy {
             tests: Vec::new(),
             explicit: false,
             recent: MembershipCache::default(),
+            capability_cache: CapabilityCache::default(),
         }
     }
 
@@ -241,6 +264,7 @@ impl Policy {
             tests: Vec::new(),
             explicit: true,
             recent: MembershipCache::default(),
+            capability_cache: CapabilityCache::default(),
         };
         if let Some(groups) = section("groups") {
             for (name, pos, members) in object("groups", groups)? {
@@ -496,6 +520,26 @@ impl Policy {
             .flatten()
             .cloned()
             .collect()
+    }
+
+    /// [`Policy::capabilities`], remembered for this policy version per (source, destination, name).
+    pub fn capabilities_cached(
+        &self,
+        src: &Subject<'_>,
+        dst: &Subject<'_>,
+        name: &str,
+    ) -> std::sync::Arc<Vec<serde_json::Value>> {
+        let key = format!("{}|{}|{}|{}|{}|{}", src.id, src.tags.join(","), src.owner, dst.id, dst.gateway, name);
+        let mut cache = self.capability_cache.0.lock().unwrap();
+        if let Some(v) = cache.get(&key) {
+            return v.clone();
+        }
+        if cache.len() > 100_000 {
+            cache.clear();
+        }
+        let v = std::sync::Arc::new(self.capabilities(src, dst, name));
+        cache.insert(key, v.clone());
+        v
     }
 
     /// Whether a tag may be handed out (by an auth key or a trust rule).

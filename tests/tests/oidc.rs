@@ -200,3 +200,35 @@ async fn trust_rules_are_validated_listed_and_deleted() {
     let gone = admin.delete_trust_rule(pb::DeleteTrustRuleRequest { id: created.id }).await.unwrap_err();
     assert_eq!(gone.code(), Code::NotFound);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agentd_node_joins_with_a_token_and_whois_shows_its_run() {
+    let issuer = Issuer::start(&["rsa1"]).await;
+    let server = TestServer::start().await;
+    let mut admin = server.admin().await;
+    let tailnet = create_tailnet(&mut admin, "whois").await;
+    rule(&mut admin, &tailnet.id, &issuer.url, "acme/api").await;
+    let (_, secret) = create_key(&mut admin, &tailnet.id, true, false).await;
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+
+    let mut ci = agentd::NodeConfig::new(&server.url, dirs.0.path());
+    ci.oidc_token = Some(sign(&issuer.claims(AUDIENCE, "acme/api"), "rsa1", "rsa1"));
+    ci.tailnet_id = Some(tailnet.id.clone());
+    ci.hostname = "runner".into();
+    let ci = agentd::Node::start(ci).await.expect("joins with the OIDC token");
+    let mut laptop = agentd::NodeConfig::new(&server.url, dirs.1.path());
+    laptop.auth_key = Some(secret);
+    laptop.hostname = "laptop".into();
+    let laptop = agentd::Node::start(laptop).await.unwrap();
+    let mut netmap = laptop.netmap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), netmap.wait_for(|m| m.peers.len() == 1))
+        .await
+        .unwrap()
+        .unwrap();
+
+    let who = laptop.whois(ci.address()).expect("the runner is a peer");
+    let run = who.run.expect("with its run identity");
+    assert_eq!(run.claims["repository"], "acme/api");
+    assert_eq!(run.claims["run_id"], "1234567");
+    assert_eq!(run.subject, "repo:acme/api:ref:refs/heads/main");
+}

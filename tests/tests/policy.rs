@@ -306,3 +306,29 @@ async fn the_filter_drops_what_the_policy_does_not_grant() {
         tokio::time::timeout(Duration::from_secs(2), sensor.dial(std::net::SocketAddr::from((addr, 9000)))).await;
     assert!(!matches!(unreachable, Ok(Ok(_))));
 }
+
+#[tokio::test]
+async fn capabilities_merge_across_grants() {
+    let policy = r#"{
+  "tagOwners": { "tag:ci": [] },
+  "grants": [
+    { "src": ["tag:ci"], "dst": ["gateway"], "ip": ["tcp:80"], "app": { "cordon.dev/cap/ai": [{ "models": ["openai/gpt-*"], "rpm": 60 }] } },
+    { "src": ["*"], "dst": ["gateway"], "app": { "cordon.dev/cap/ai": [{ "tpm": 100000 }], "example.com/cap/other": [1] } },
+    { "src": ["group:nobody"], "dst": ["gateway"], "app": { "cordon.dev/cap/ai": [{ "rpm": 1 }] } },
+  ],
+  "groups": { "group:nobody": [] },
+}"#;
+    let server = TestServer::start().await;
+    let mut admin = server.admin().await;
+    let mut nodes = server.nodes().await;
+    let tailnet = tailnet_with(&mut admin, "caps", policy).await;
+    let secret = key_with_tags(&mut admin, &tailnet.id, &["tag:ci"]).await;
+    let joined = register(&mut nodes, &secret, "ci").await.node.unwrap();
+    let cp = &server.control_plane;
+    let node = cp.store.get_node(cordon_server::model::NodeId::parse("id", &joined.id).unwrap()).unwrap();
+    let gateway = cordon_server::policy::Subject { id: "", tags: &[], owner: "", gateway: true };
+    let caps = cp.capabilities(&node, &gateway, "cordon.dev/cap/ai").unwrap();
+    assert_eq!(*caps, [serde_json::json!({"models": ["openai/gpt-*"], "rpm": 60}), serde_json::json!({"tpm": 100000})]);
+    assert_eq!(*cp.capabilities(&node, &gateway, "example.com/cap/other").unwrap(), [serde_json::json!(1)]);
+    assert!(cp.capabilities(&node, &gateway, "cordon.dev/cap/none").unwrap().is_empty());
+}

@@ -197,17 +197,21 @@ impl ControlPlane {
         Ok(policy.capabilities(&src, dst, name))
     }
 
+    /// Refuses tags the tailnet's policy does not declare in `tagOwners`.
+    fn require_declared_tags(&self, tailnet: TailnetId, tags: &[String]) -> Result<()> {
+        let policy = self.policy(&self.store.get_tailnet(tailnet)?)?;
+        match tags.iter().enumerate().find(|(_, t)| !policy.tag_defined(t)) {
+            Some((i, tag)) => Err(Error::invalid(
+                format!("tags[{i}]"),
+                format!("{tag} is not declared in the tailnet policy's tagOwners"),
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Creates an auth key; the secret is returned here and never again.
     pub async fn create_auth_key(&self, spec: AuthKeySpec, actor: &Actor) -> Result<(AuthKey, Secret)> {
-        let policy = self.policy(&self.store.get_tailnet(spec.tailnet_id)?)?;
-        for (i, tag) in spec.tags.iter().enumerate() {
-            if !policy.tag_defined(tag) {
-                return Err(Error::invalid(
-                    format!("tags[{i}]"),
-                    format!("{tag} is not declared in the tailnet policy's tagOwners"),
-                ));
-            }
-        }
+        self.require_declared_tags(spec.tailnet_id, &spec.tags)?;
         let expires_in = match spec.expires_in_seconds {
             0 => self.limits.default_auth_key_expiry,
             s => Duration::from_secs(s),
@@ -282,7 +286,7 @@ impl ControlPlane {
             .store
             .trust_rules_for(&issuer)?
             .into_iter()
-            .filter(|r| tailnet.is_none_or(|t| r.tailnet_id == t))
+            .filter(|r| tailnet.is_none_or(|t| r.spec.tailnet_id == t))
             .collect();
         if rules.is_empty() {
             return Err(Error::Unauthenticated(format!(
@@ -296,9 +300,9 @@ impl ControlPlane {
             match self.oidc.verify(token, &rule, now).await {
                 Ok(verified) => {
                     if let Some(jti) = &verified.jti {
-                        self.oidc.check_replay(&rule.issuer, jti, verified.expires, now)?;
+                        self.oidc.check_replay(&rule.spec.issuer, jti, verified.expires, now)?;
                     }
-                    tracing::info!(rule = %rule.id, issuer = %rule.issuer, subject = %verified.identity.subject, "OIDC token accepted");
+                    tracing::info!(rule = %rule.id, issuer = %rule.spec.issuer, subject = %verified.identity.subject, "OIDC token accepted");
                     return Ok((rule.id, verified.identity));
                 }
                 Err(Refusal::Token(why)) => return Err(Error::Unauthenticated(format!("oidc_token: {why}"))),
@@ -309,30 +313,11 @@ impl ControlPlane {
     }
 
     pub async fn create_trust_rule(&self, spec: TrustRuleSpec, actor: &Actor) -> Result<TrustRule> {
-        let policy = self.policy(&self.store.get_tailnet(spec.tailnet_id)?)?;
-        for (i, tag) in spec.tags.iter().enumerate() {
-            if !policy.tag_defined(tag) {
-                return Err(Error::invalid(
-                    format!("tags[{i}]"),
-                    format!("{tag} is not declared in the tailnet policy's tagOwners"),
-                ));
-            }
-        }
-        let rule = TrustRule {
-            id: TrustRuleId::generate(),
-            tailnet_id: spec.tailnet_id,
-            issuer: spec.issuer,
-            audience: spec.audience,
-            conditions: spec.conditions,
-            tags: spec.tags,
-            max_node_lifetime_seconds: spec.max_node_lifetime_seconds,
-            ephemeral: spec.ephemeral,
-            reason: spec.reason,
-            created_by: actor.0.clone(),
-            created_at: self.clock.now(),
-        };
+        self.require_declared_tags(spec.tailnet_id, &spec.tags)?;
+        let rule =
+            TrustRule { id: TrustRuleId::generate(), spec, created_by: actor.0.clone(), created_at: self.clock.now() };
         let rule = self.store.create_trust_rule(rule, actor).await?;
-        tracing::info!(rule = %rule.id, tailnet = %rule.tailnet_id, issuer = %rule.issuer, "trust rule created");
+        tracing::info!(rule = %rule.id, tailnet = %rule.spec.tailnet_id, issuer = %rule.spec.issuer, "trust rule created");
         Ok(rule)
     }
 

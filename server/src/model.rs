@@ -81,14 +81,8 @@ pub struct RunIdentity {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TrustRule {
     pub id: TrustRuleId,
-    pub tailnet_id: TailnetId,
-    pub issuer: String,
-    pub audience: String,
-    pub conditions: BTreeMap<String, String>,
-    pub tags: Vec<String>,
-    pub max_node_lifetime_seconds: u64,
-    pub ephemeral: bool,
-    pub reason: String,
+    #[serde(flatten)]
+    pub spec: TrustRuleSpec,
     pub created_by: String,
     pub created_at: SystemTime,
 }
@@ -325,7 +319,7 @@ impl AuthKey {
 }
 
 /// What a caller supplies to create a trust rule.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TrustRuleSpec {
     pub tailnet_id: TailnetId,
     pub issuer: String,

@@ -205,13 +205,15 @@ impl Oidc {
     /// Checks `token` against `rule` at time `now`.
     pub async fn verify(&self, token: &str, rule: &TrustRule, now: SystemTime) -> Result<Verified, Refusal> {
         let kid = segment_json(token, 0).and_then(|h| h.get("kid").and_then(|k| k.as_str()).map(str::to_string));
-        let keys =
-            self.keys(&rule.issuer, kid.as_deref()).await.map_err(|e| Refusal::Token(format!("issuer keys: {e}")))?;
+        let keys = self
+            .keys(&rule.spec.issuer, kid.as_deref())
+            .await
+            .map_err(|e| Refusal::Token(format!("issuer keys: {e}")))?;
         let parsed = Token::from_str(token).map_err(|_| Refusal::Token("not a valid ID token".into()))?;
-        let issuer = IssuerUrl::new(rule.issuer.clone()).map_err(|_| Refusal::Rule("issuer: not a URL".into()))?;
+        let issuer = IssuerUrl::new(rule.spec.issuer.clone()).map_err(|_| Refusal::Rule("issuer: not a URL".into()))?;
         let checked_at: chrono::DateTime<chrono::Utc> = (now - SKEW).into();
         let latest_iat: chrono::DateTime<chrono::Utc> = (now + SKEW).into();
-        let verifier = IdTokenVerifier::new_public_client(ClientId::new(rule.audience.clone()), issuer, keys)
+        let verifier = IdTokenVerifier::new_public_client(ClientId::new(rule.spec.audience.clone()), issuer, keys)
             .set_allowed_algs([CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256, CoreJwsSigningAlgorithm::EcdsaP256Sha256])
             .set_time_fn(move || checked_at)
             .set_issue_time_verifier_fn(move |iat| {
@@ -220,7 +222,7 @@ impl Oidc {
         let claims = parsed.claims(&verifier, |_: Option<&Nonce>| Ok(())).map_err(|e| match e {
             ClaimsVerificationError::Expired(_) => Refusal::Token("expired".into()),
             ClaimsVerificationError::InvalidAudience(_) => {
-                Refusal::Rule(format!("audience: the token is not for {:?}", rule.audience))
+                Refusal::Rule(format!("audience: the token is not for {:?}", rule.spec.audience))
             }
             ClaimsVerificationError::InvalidIssuer(_) => Refusal::Rule("issuer: does not match the rule".into()),
             ClaimsVerificationError::SignatureVerification(e) => Refusal::Token(format!("signature: {e}")),
@@ -236,7 +238,7 @@ impl Oidc {
         let value_of = |claim: &str| -> Option<String> {
             if claim == "sub" { Some(subject.clone()) } else { other.get(claim).and_then(claim_string) }
         };
-        for (claim, pattern) in &rule.conditions {
+        for (claim, pattern) in &rule.spec.conditions {
             match value_of(claim) {
                 Some(value) if glob_match(pattern, &value) => {}
                 Some(value) => {
@@ -251,7 +253,7 @@ impl Oidc {
             .collect();
         let expires: SystemTime = claims.expiration().into();
         Ok(Verified {
-            identity: RunIdentity { issuer: rule.issuer.clone(), subject, claims: run },
+            identity: RunIdentity { issuer: rule.spec.issuer.clone(), subject, claims: run },
             jti: other.get("jti").and_then(claim_string),
             expires,
         })

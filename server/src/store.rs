@@ -712,22 +712,22 @@ impl Store {
 
     pub async fn create_trust_rule(&self, rule: TrustRule, actor: &Actor) -> Result<TrustRule> {
         self.write_durable(|w| {
-            w.get::<Tailnet>(&key::tailnet(rule.tailnet_id))?
-                .ok_or_else(|| Error::not_found("tailnet", rule.tailnet_id))?;
+            w.get::<Tailnet>(&key::tailnet(rule.spec.tailnet_id))?
+                .ok_or_else(|| Error::not_found("tailnet", rule.spec.tailnet_id))?;
             w.put(&key::trust_rule(rule.id), &rule);
-            w.put_raw(&key::tailnet_rule(rule.tailnet_id, rule.id), &[]);
-            let conditions: Vec<String> = rule.conditions.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            w.put_raw(&key::tailnet_rule(rule.spec.tailnet_id, rule.id), &[]);
+            let conditions: Vec<String> = rule.spec.conditions.iter().map(|(k, v)| format!("{k}={v}")).collect();
             w.event(EventDraft {
                 kind: EventKind::TrustRuleCreated,
-                tailnet: Some(rule.tailnet_id),
+                tailnet: Some(rule.spec.tailnet_id),
                 actor,
-                reason: &rule.reason,
+                reason: &rule.spec.reason,
                 summary: format!(
                     "trust rule for {} (aud {}) where [{}] grants [{}]",
-                    rule.issuer,
-                    rule.audience,
+                    rule.spec.issuer,
+                    rule.spec.audience,
                     conditions.join(", "),
-                    rule.tags.join(", ")
+                    rule.spec.tags.join(", ")
                 ),
                 ..EventDraft::at(rule.created_at)
             });
@@ -754,7 +754,7 @@ impl Store {
             .db
             .scan_prefix(key::TRUST_RULES)
             .map(|item| item.map_err(Error::from).and_then(|(k, v)| decode::<TrustRule>(&k, &v)))
-            .filter(|r| r.as_ref().map_or(true, |r| r.issuer == issuer))
+            .filter(|r| r.as_ref().map_or(true, |r| r.spec.issuer == issuer))
             .collect::<Result<_>>()?;
         rules.sort_by_key(|r| std::cmp::Reverse(r.id));
         Ok(rules)
@@ -764,12 +764,12 @@ impl Store {
         self.write_durable(|w| {
             let rule: TrustRule = w.get(&key::trust_rule(id))?.ok_or_else(|| Error::not_found("trust rule", id))?;
             w.del(&key::trust_rule(id));
-            w.del(&key::tailnet_rule(rule.tailnet_id, id));
+            w.del(&key::tailnet_rule(rule.spec.tailnet_id, id));
             w.event(EventDraft {
                 kind: EventKind::TrustRuleDeleted,
-                tailnet: Some(rule.tailnet_id),
+                tailnet: Some(rule.spec.tailnet_id),
                 actor,
-                summary: format!("trust rule for {} deleted", rule.issuer),
+                summary: format!("trust rule for {} deleted", rule.spec.issuer),
                 ..EventDraft::at(now)
             });
             Ok(())
@@ -1155,11 +1155,11 @@ impl WriteCtx<'_> {
                     .ok_or_else(|| Error::Unauthenticated("oidc_token: the trust rule was deleted".into()))?;
                 Ok(Admitted {
                     field: "trust rule",
-                    tailnet: rule.tailnet_id,
-                    tags: rule.tags,
+                    tailnet: rule.spec.tailnet_id,
+                    tags: rule.spec.tags,
                     owner: None,
-                    ephemeral: rule.ephemeral,
-                    lifetime: Some(Duration::from_secs(rule.max_node_lifetime_seconds)),
+                    ephemeral: rule.spec.ephemeral,
+                    lifetime: Some(Duration::from_secs(rule.spec.max_node_lifetime_seconds)),
                     auth_key: None,
                 })
             }

@@ -15,6 +15,23 @@ async fn join(server: &TestServer, secret: &str, dir: &std::path::Path, hostname
     Node::start(config).await.expect("node starts")
 }
 
+/// Echoes whatever arrives on `port` of `node`.
+async fn echo(node: &Node, port: u16) {
+    let mut listener = node.listen(port).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
 /// Waits until `node` has `count` peers in its netmap.
 async fn peers(node: &Node, count: usize) {
     let mut netmap = node.netmap();
@@ -74,19 +91,7 @@ async fn a_removed_peer_can_no_longer_reach_the_other() {
     let b = join(&server, &secret, dirs.1.path(), "beta").await;
     peers(&a, 1).await;
     peers(&b, 1).await;
-    let mut listener = b.listen(7000).await.unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 64];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    echo(&b, 7000).await;
     let mut s = a.dial_host("beta", 7000).await.unwrap();
     s.write_all(b"ping").await.unwrap();
     let mut buf = [0u8; 4];
@@ -158,19 +163,7 @@ async fn a_server_restart_keeps_tunnels_up_and_nodes_reconnect() {
     let a = join(&server, &secret, dirs.0.path(), "alpha").await;
     let b = join(&server, &secret, dirs.1.path(), "beta").await;
     peers(&a, 1).await;
-    let mut listener = b.listen(7100).await.unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 16];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    echo(&b, 7100).await;
     let mut conn = a.dial_host("beta", 7100).await.unwrap();
 
     // The server goes away: the established connection keeps working through the tunnel.

@@ -158,14 +158,14 @@ pub fn trust_rule_spec(req: pb::CreateTrustRuleRequest) -> Result<TrustRuleSpec>
 pub fn trust_rule(r: &TrustRule) -> pb::TrustRule {
     pb::TrustRule {
         id: r.id.to_string(),
-        tailnet_id: r.tailnet_id.to_string(),
-        issuer: r.issuer.clone(),
-        audience: r.audience.clone(),
-        claim_conditions: r.conditions.clone().into_iter().collect(),
-        tags: r.tags.clone(),
-        max_node_lifetime_seconds: r.max_node_lifetime_seconds,
-        ephemeral: r.ephemeral,
-        reason: r.reason.clone(),
+        tailnet_id: r.spec.tailnet_id.to_string(),
+        issuer: r.spec.issuer.clone(),
+        audience: r.spec.audience.clone(),
+        claim_conditions: r.spec.conditions.clone().into_iter().collect(),
+        tags: r.spec.tags.clone(),
+        max_node_lifetime_seconds: r.spec.max_node_lifetime_seconds,
+        ephemeral: r.spec.ephemeral,
+        reason: r.spec.reason.clone(),
         created_by: r.created_by.clone(),
         created_at: ts(r.created_at),
     }

@@ -271,7 +271,11 @@ fn status_json(s: &Status) -> serde_json::Value {
             "id": p.peer.id, "hostname": p.peer.hostname,
             "addresses": p.peer.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "tags": p.peer.tags, "owner": p.peer.owner, "online": p.peer.online,
-            "path": p.endpoint.map(|e| format!("direct {e}")).unwrap_or_else(|| "none".into()),
+            "path": match p.path {
+                Some(crate::wg::Route::Direct(addr)) => format!("direct {addr}"),
+                Some(crate::wg::Route::Relay(_)) => "relay".to_string(),
+                None => "none".to_string(),
+            },
             "last_handshake_seconds_ago": p.last_handshake, "tx_bytes": p.tx_bytes, "rx_bytes": p.rx_bytes,
         })).collect::<Vec<_>>(),
         "dropped": {

@@ -95,6 +95,62 @@ pub struct Follow {
     pub ended: watch::Sender<Option<Ended>>,
     pub commands: mpsc::UnboundedSender<Command>,
     pub shutdown: watch::Receiver<bool>,
+    pub server_host: String,
+}
+
+/// Keeps the node's relay stream open (reconnecting with backoff) and moves frames both ways.
+pub async fn relay(
+    mut client: Client,
+    session_token: String,
+    mut outbound: mpsc::Receiver<(crate::wg::Key, Vec<u8>)>,
+    inbound: mpsc::Sender<(crate::wg::Key, Vec<u8>)>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let (tx, rx) = mpsc::channel::<pb::RelayPacket>(1024);
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        if let Ok(value) = format!("Bearer {session_token}").parse() {
+            request.metadata_mut().insert("authorization", value);
+        }
+        let call = tokio::select! {
+            _ = crate::stopped(&mut shutdown) => return,
+            call = client.relay(request) => call,
+        };
+        match call {
+            Ok(response) => {
+                backoff = Duration::from_millis(250);
+                let mut frames = response.into_inner();
+                loop {
+                    tokio::select! {
+                        _ = crate::stopped(&mut shutdown) => return,
+                        out = outbound.recv() => match out {
+                            Some((key, data)) => {
+                                let _ = tx.try_send(pb::RelayPacket { peer_key: key.to_vec(), data });
+                            }
+                            None => return,
+                        },
+                        frame = frames.message() => match frame {
+                            Ok(Some(p)) => {
+                                if let Ok(key) = <crate::wg::Key>::try_from(p.peer_key.as_slice()) {
+                                    let _ = inbound.try_send((key, p.data));
+                                }
+                            }
+                            _ => break,
+                        },
+                    }
+                }
+            }
+            Err(status) if status.code() == tonic::Code::Unauthenticated => return,
+            Err(status) => tracing::debug!(error = %status.message(), "relay stream failed; retrying"),
+        }
+        let wait = backoff.mul_f64(rand::random::<f64>() * 0.5 + 0.75);
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+        tokio::select! {
+            _ = crate::stopped(&mut shutdown) => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
 }
 
 /// Follows the netmap until the identity ends or the node shuts down; reconnects in between.
@@ -174,8 +230,33 @@ fn apply(f: &Follow, m: pb::NetMap) -> Option<(Ended, bool)> {
     None
 }
 
+/// The STUN reflector's address: `host:port` from the netmap, the server's host where it names none.
+pub fn resolve_stun(stun: &str, server_host: &str) -> Option<std::net::SocketAddr> {
+    let (host, port) = stun.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let host = if host.is_empty() || host == "0.0.0.0" || host == "::" { server_host } else { host };
+    let port: u16 = port.parse().ok()?;
+    std::net::ToSocketAddrs::to_socket_addrs(&(host, port)).ok()?.find(|a| a.is_ipv4())
+}
+
+/// The host part of a server URL.
+pub fn server_host(server: &str) -> String {
+    let authority = server.split("://").nth(1).unwrap_or(server).split('/').next().unwrap_or("");
+    match authority.rsplit_once(':') {
+        Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']').to_string(),
+        None => authority.to_string(),
+    }
+}
+
 fn publish(f: &Follow, map: NetMap) {
     let _ = f.commands.send(Command::SetPeers(map.peer_configs()));
+    {
+        let current = f.netmap.borrow();
+        if current.stun != map.stun || current.relay != map.relay {
+            let stun = resolve_stun(&map.stun, &f.server_host);
+            let _ = f.commands.send(Command::SetPaths { stun, relay: map.relay });
+        }
+    }
     if f.netmap.borrow().filter != map.filter {
         let _ = f.commands.send(Command::SetFilter(map.filter.clone()));
     }

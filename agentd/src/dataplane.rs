@@ -1,6 +1,8 @@
 //! The data plane's IO shell: one task per node that owns the UDP socket and the WireGuard engine and
 //! moves packets between them and the local side (the userspace stack or a TUN device).
 
+use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +14,7 @@ use crate::filter::PacketFilter;
 use crate::stack::Stack;
 use crate::tun::Tun;
 use crate::udp::Udp;
-use crate::wg::{Drops, Engine, Event, Key, PeerConfig, PeerStats};
+use crate::wg::{Drops, Engine, Event, Key, PeerConfig, PeerStats, Route};
 
 /// How many batched reads one wakeup makes before the stack runs.
 const RECV_ROUNDS: usize = 8;
@@ -26,8 +28,24 @@ pub enum Local {
 pub enum Command {
     SetPeers(Vec<PeerConfig>),
     SetFilter(PacketFilter),
+    /// The server's STUN reflector, and whether it relays.
+    SetPaths {
+        stun: Option<SocketAddr>,
+        relay: bool,
+    },
     Stats(oneshot::Sender<(Drops, Vec<(Key, PeerStats)>)>),
 }
+
+/// The data plane's links to the rest of the node: the relay stream's two directions, and where the
+/// STUN-discovered (reflexive) endpoint is published.
+pub struct Links {
+    pub relay_out: mpsc::Sender<(Key, Vec<u8>)>,
+    pub relay_in: mpsc::Receiver<(Key, Vec<u8>)>,
+    pub reflexive: watch::Sender<Option<SocketAddr>>,
+}
+
+/// How often the node asks the STUN reflector where it is (NAT mappings expire).
+const STUN_INTERVAL: Duration = Duration::from_secs(20);
 
 /// Runs until `shutdown` turns true.
 pub async fn run(
@@ -35,6 +53,7 @@ pub async fn run(
     mut engine: Engine,
     local: Local,
     mut commands: mpsc::UnboundedReceiver<Command>,
+    mut links: Links,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut udp = match Udp::new(socket) {
@@ -46,7 +65,12 @@ pub async fn run(
     };
     let mut tun_buf = if matches!(local, Local::Tun(_)) { vec![0u8; 65_536] } else { Vec::new() };
     let mut outbound: Vec<Vec<u8>> = Vec::new();
+    let mut direct: VecDeque<(SocketAddr, Vec<u8>)> = VecDeque::new();
     let mut next_tick = Instant::now() + Duration::from_millis(100);
+    let mut stun: Option<SocketAddr> = None;
+    let mut next_stun = Instant::now();
+    let transaction: [u8; 12] = rand::random();
+    let mut relay_open = true;
     loop {
         let now = Instant::now();
         // The stack first: what it wants to send goes through the engine.
@@ -57,7 +81,22 @@ pub async fn run(
         for packet in outbound.drain(..) {
             engine.send(&packet, now.into_std());
         }
-        udp.send_all(engine.transmits()).await;
+        for t in engine.transmits().drain(..) {
+            match t.dst {
+                Route::Direct(addr) => direct.push_back((addr, t.payload)),
+                // A full relay queue drops: WireGuard and TCP above it recover.
+                Route::Relay(key) => {
+                    let _ = links.relay_out.try_send((key, t.payload));
+                }
+            }
+        }
+        udp.send_all(&mut direct).await;
+        if let Some(server) = stun {
+            if now >= next_stun {
+                udp.send_one(server, &crate::stun::request(transaction)).await;
+                next_stun = now + STUN_INTERVAL;
+            }
+        }
         while let Some(event) = engine.poll_event() {
             match event {
                 Event::HandshakeCompleted { peer } => tracing::debug!(peer = %short(&peer), "handshake completed"),
@@ -72,6 +111,13 @@ pub async fn run(
             command = commands.recv() => match command {
                 Some(Command::SetPeers(peers)) => engine.set_peers(peers),
                 Some(Command::SetFilter(filter)) => engine.set_filter(filter),
+                Some(Command::SetPaths { stun: server, relay }) => {
+                    engine.set_relay(relay);
+                    if server != stun {
+                        stun = server;
+                        next_stun = Instant::now();
+                    }
+                }
                 Some(Command::Stats(reply)) => {
                     let peers = engine_peers(&engine);
                     let _ = reply.send((engine.drops(), peers));
@@ -80,10 +126,35 @@ pub async fn run(
             },
             _ = udp.readable() => {
                 let now = Instant::now().into_std();
+                let reflexive = &links.reflexive;
                 for _ in 0..RECV_ROUNDS {
-                    if udp.try_recv(|from, datagram| engine.receive(from, datagram, now)) == 0 {
+                    let got = udp.try_recv(|from, datagram| {
+                        if crate::stun::is_stun(datagram) {
+                            if let Some((tx, addr)) = crate::stun::parse_response(datagram) {
+                                if tx == transaction && *reflexive.borrow() != Some(addr) {
+                                    reflexive.send_replace(Some(addr));
+                                }
+                            }
+                        } else {
+                            engine.receive(from, datagram, now);
+                        }
+                    });
+                    if got == 0 {
                         break;
                     }
+                }
+                deliver(&local, &mut engine).await;
+            }
+            relayed = links.relay_in.recv(), if relay_open => {
+                let now = Instant::now().into_std();
+                match relayed {
+                    Some((_, datagram)) => {
+                        engine.receive_relayed(&datagram, now);
+                        while let Ok((_, datagram)) = links.relay_in.try_recv() {
+                            engine.receive_relayed(&datagram, now);
+                        }
+                    }
+                    None => relay_open = false,
                 }
                 deliver(&local, &mut engine).await;
             }

@@ -16,6 +16,7 @@ pub mod node;
 pub mod proxy;
 pub mod stack;
 pub mod state;
+pub mod stun;
 pub mod tun;
 pub mod udp;
 pub mod wg;

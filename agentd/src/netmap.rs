@@ -63,6 +63,9 @@ pub struct NetMap {
     pub gateway: Ipv4Addr,
     /// What this node accepts from its peers.
     pub filter: PacketFilter,
+    /// The server's STUN reflector (`host:port`, host possibly empty = the server's), and whether it relays.
+    pub stun: String,
+    pub relay: bool,
 }
 
 /// The netmap's filter in the engine's terms; anything malformed is left out (so denied).
@@ -116,6 +119,8 @@ impl NetMap {
             prefix,
             gateway,
             filter: filter_from(full.filter.as_ref()),
+            stun: full.paths.as_ref().map(|p| p.stun_address.clone()).unwrap_or_default(),
+            relay: full.paths.as_ref().is_some_and(|p| p.relay),
         })
     }
 
@@ -146,7 +151,7 @@ impl NetMap {
             .map(|p| PeerConfig {
                 key: p.key,
                 addresses: p.addresses.clone(),
-                endpoint: p.endpoints.first().copied(),
+                endpoints: p.endpoints.clone(),
                 persistent_keepalive: None,
             })
             .collect()

@@ -82,7 +82,8 @@ impl NodeConfig {
 #[derive(Clone, Debug)]
 pub struct PeerStatus {
     pub peer: Peer,
-    pub endpoint: Option<SocketAddr>,
+    /// How traffic to the peer travels now (`None` before any).
+    pub path: Option<crate::wg::Route>,
     /// Seconds since the last completed handshake.
     pub last_handshake: Option<u64>,
     pub tx_bytes: u64,
@@ -139,8 +140,11 @@ impl Node {
         let netmap = control::first_netmap(&mut stream).await?;
 
         let mut engine = Engine::new(secret);
+        engine.set_relay(netmap.relay);
         engine.set_peers(netmap.peer_configs());
         engine.set_filter(netmap.filter.clone());
+        let server_host = control::server_host(&config.server);
+        let stun = control::resolve_stun(&netmap.stun, &server_host);
         let (stack, local) = match &config.mode {
             Mode::Userspace => {
                 let stack = Stack::new(netmap.address(), netmap.prefix);
@@ -157,7 +161,26 @@ impl Node {
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let (netmap_tx, netmap_rx) = watch::channel(Arc::new(netmap));
         let (ended_tx, ended_rx) = watch::channel(None);
-        let plane = tokio::spawn(dataplane::run(socket, engine, local, commands_rx, shutdown_rx.clone()));
+        let (relay_out, relay_out_rx) = mpsc::channel(4096);
+        let (relay_in_tx, relay_in) = mpsc::channel(4096);
+        let (reflexive, reflexive_rx) = watch::channel(None);
+        let links = dataplane::Links { relay_out, relay_in, reflexive };
+        let _ = commands.send(Command::SetPaths { stun, relay: netmap_rx_relay(&netmap_tx) });
+        let plane = tokio::spawn(dataplane::run(socket, engine, local, commands_rx, links, shutdown_rx.clone()));
+        let relay = tokio::spawn(control::relay(
+            client.clone(),
+            session.session_token.clone(),
+            relay_out_rx,
+            relay_in_tx,
+            shutdown_rx.clone(),
+        ));
+        let reporter = tokio::spawn(report_reflexive(
+            client.clone(),
+            session.session_token.clone(),
+            endpoints.clone(),
+            reflexive_rx,
+            shutdown_rx.clone(),
+        ));
         let follow = Follow {
             client: client.clone(),
             session_token: session.session_token.clone(),
@@ -165,6 +188,7 @@ impl Node {
             ended: ended_tx,
             commands: commands.clone(),
             shutdown: shutdown_rx,
+            server_host,
         };
         let follower = tokio::spawn(control::follow(follow, stream));
         let node = Node {
@@ -176,7 +200,7 @@ impl Node {
             ended: ended_rx,
             commands,
             shutdown,
-            tasks: Mutex::new(vec![plane, follower]),
+            tasks: Mutex::new(vec![plane, follower, relay, reporter]),
             endpoint,
         };
         node.take_down_when_revoked();
@@ -261,7 +285,7 @@ impl Node {
                 let s = stats.iter().find(|(k, _)| *k == p.key).map(|(_, s)| s.clone()).unwrap_or_default();
                 PeerStatus {
                     peer: p.clone(),
-                    endpoint: s.endpoint,
+                    path: s.path,
                     last_handshake: s.last_handshake.map(|t| now.duration_since(t).as_secs()),
                     tx_bytes: s.tx_bytes,
                     rx_bytes: s.rx_bytes,
@@ -358,6 +382,33 @@ async fn resume_or_register(
     let stream =
         control::watch(client, &session.session_token).await.map_err(|s| Error::Rejected(s.message().to_string()))?;
     Ok((session, stream))
+}
+
+fn netmap_rx_relay(netmap: &watch::Sender<Arc<NetMap>>) -> bool {
+    netmap.borrow().relay
+}
+
+/// Reports the local endpoints plus the reflexive one STUN found, whenever the latter changes.
+async fn report_reflexive(
+    mut client: Client,
+    token: String,
+    local: Vec<SocketAddr>,
+    mut reflexive: watch::Receiver<Option<SocketAddr>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = crate::stopped(&mut shutdown) => return,
+            changed = reflexive.changed() => if changed.is_err() { return },
+        }
+        let Some(seen) = *reflexive.borrow_and_update() else { continue };
+        let mut endpoints = local.clone();
+        if !endpoints.contains(&seen) {
+            endpoints.push(seen);
+            tracing::info!(endpoint = %seen, "STUN: reachable from outside at");
+        }
+        report_endpoints(&mut client, &token, &endpoints).await;
+    }
 }
 
 async fn report_endpoints(client: &mut Client, token: &str, endpoints: &[SocketAddr]) {

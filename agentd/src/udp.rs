@@ -10,8 +10,6 @@ use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
-use crate::wg;
-
 const RECV_BUFFERS: usize = 4;
 const RECV_BUFFER: usize = 64 * 1024;
 const SOCKET_BUFFER: usize = 4 << 20;
@@ -63,25 +61,21 @@ impl Udp {
     }
 
     /// Sends everything queued, coalescing equal-sized datagrams to one destination into GSO batches.
-    pub async fn send_all(&mut self, transmits: &mut VecDeque<wg::Transmit>) {
+    pub async fn send_all(&mut self, transmits: &mut VecDeque<(SocketAddr, Vec<u8>)>) {
         let max = self.state.max_gso_segments().max(1);
-        while let Some(first) = transmits.pop_front() {
-            let size = first.payload.len();
+        while let Some((dst, first)) = transmits.pop_front() {
+            let size = first.len();
             self.batch.clear();
-            self.batch.extend_from_slice(&first.payload);
+            self.batch.extend_from_slice(&first);
             let mut count = 1;
             while count < max {
                 // Segments must share the destination; only the last may be shorter.
                 match transmits.front() {
-                    Some(t)
-                        if t.dst == first.dst
-                            && t.payload.len() <= size
-                            && self.batch.len() + size <= u16::MAX as usize =>
-                    {
-                        let t = transmits.pop_front().expect("front exists");
-                        self.batch.extend_from_slice(&t.payload);
+                    Some((d, p)) if *d == dst && p.len() <= size && self.batch.len() + size <= u16::MAX as usize => {
+                        let (_, p) = transmits.pop_front().expect("front exists");
+                        self.batch.extend_from_slice(&p);
                         count += 1;
-                        if t.payload.len() < size {
+                        if p.len() < size {
                             break;
                         }
                     }
@@ -89,8 +83,15 @@ impl Udp {
                 }
             }
             let segment_size = (count > 1).then_some(size);
-            self.send(first.dst, segment_size).await;
+            self.send(dst, segment_size).await;
         }
+    }
+
+    /// Sends one datagram (a STUN request).
+    pub async fn send_one(&mut self, dst: SocketAddr, payload: &[u8]) {
+        self.batch.clear();
+        self.batch.extend_from_slice(payload);
+        self.send(dst, None).await;
     }
 
     async fn send(&self, destination: SocketAddr, segment_size: Option<usize>) {

@@ -40,16 +40,31 @@ pub struct PeerConfig {
     pub key: Key,
     /// The tunnel addresses the peer owns; packets from it must come from one of them.
     pub addresses: Vec<Ipv4Addr>,
-    pub endpoint: Option<SocketAddr>,
+    /// Where the peer's WireGuard socket may be reached directly (local and reflexive addresses).
+    pub endpoints: Vec<SocketAddr>,
     pub persistent_keepalive: Option<Duration>,
+}
+
+/// How a datagram travels: straight to a UDP address, or through the server's relay to a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    Direct(SocketAddr),
+    Relay(Key),
 }
 
 /// A datagram to send.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Transmit {
-    pub dst: SocketAddr,
+    pub dst: Route,
     pub payload: Vec<u8>,
 }
+
+/// How long a direct path stays in use without a packet arriving on it.
+pub const DIRECT_TIMEOUT: Duration = Duration::from_secs(6);
+/// How often candidate endpoints are probed while no direct path works.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a direct path is kept warm while idle.
+pub const DIRECT_KEEPALIVE: Duration = Duration::from_millis(2500);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -82,7 +97,8 @@ pub struct Drops {
 /// What `status` shows for one peer.
 #[derive(Clone, Debug, Default)]
 pub struct PeerStats {
-    pub endpoint: Option<SocketAddr>,
+    /// The path in use: `Some(Direct)`, `Some(Relay)`, or `None` before any traffic.
+    pub path: Option<Route>,
     pub last_handshake: Option<Instant>,
     pub tx_bytes: u64,
     pub rx_bytes: u64,
@@ -105,6 +121,13 @@ struct Peer {
     queue: VecDeque<Vec<u8>>,
     /// Set when we answered a handshake and wait for the initiator's first data packet.
     responder_pending: Option<Instant>,
+    /// The direct path: the address an authenticated packet last came from, when, and when we last
+    /// sent on it; and when candidates were last probed.
+    direct: Option<SocketAddr>,
+    direct_rx: Option<Instant>,
+    direct_tx: Option<Instant>,
+    last_probe: Option<Instant>,
+    relay: bool,
     expired: bool,
     tx_bytes: u64,
     rx_bytes: u64,
@@ -125,6 +148,10 @@ pub struct Engine {
     events: VecDeque<Event>,
     drops: Drops,
     buf: Vec<u8>,
+    /// Whether the server relays for this node.
+    relay: bool,
+    /// The latest `now` the engine was given (for status, which has no clock of its own).
+    now_hint: Instant,
 }
 
 fn message_type(datagram: &[u8]) -> u8 {
@@ -154,6 +181,16 @@ impl Engine {
             events: VecDeque::new(),
             drops: Drops::default(),
             buf: vec![0; MAX_DATAGRAM],
+            relay: false,
+            now_hint: Instant::now(),
+        }
+    }
+
+    /// Whether datagrams may go through the server's relay when no direct path works.
+    pub fn set_relay(&mut self, relay: bool) {
+        self.relay = relay;
+        for peer in self.peers.values_mut() {
+            peer.relay = relay;
         }
     }
 
@@ -175,7 +212,7 @@ impl Engine {
 
     pub fn peer_stats(&self, key: &Key) -> Option<PeerStats> {
         self.peers.get(key).map(|p| PeerStats {
-            endpoint: p.config.endpoint,
+            path: p.route(self.relay, self.now_hint),
             last_handshake: p.session_at,
             tx_bytes: p.tx_bytes,
             rx_bytes: p.rx_bytes,
@@ -206,7 +243,9 @@ impl Engine {
                         Some(self.rate_limiter.clone()),
                     );
                     self.by_index.insert(index, key);
-                    self.peers.insert(key, Peer::new(tunn, index, config));
+                    let mut peer = Peer::new(tunn, index, config);
+                    peer.relay = self.relay;
+                    self.peers.insert(key, peer);
                 }
             }
         }
@@ -227,6 +266,7 @@ impl Engine {
 
     /// An IP packet from the local stack, to the peer that owns its destination.
     pub fn send(&mut self, packet: &[u8], now: Instant) {
+        self.now_hint = now;
         let Some(dst) = ipv4_destination(packet) else {
             self.drops.no_route += 1;
             return;
@@ -241,6 +281,17 @@ impl Engine {
 
     /// A datagram from the network.
     pub fn receive(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
+        self.receive_from(Some(from), datagram, now);
+    }
+
+    /// A datagram the server relayed.
+    pub fn receive_relayed(&mut self, datagram: &[u8], now: Instant) {
+        self.receive_from(None, datagram, now);
+    }
+
+    /// `from` is the UDP source, or `None` for the relay.
+    fn receive_from(&mut self, from: Option<SocketAddr>, datagram: &[u8], now: Instant) {
+        self.now_hint = now;
         let key = match Tunn::parse_incoming_packet(datagram) {
             Err(_) => {
                 self.drops.malformed += 1;
@@ -281,14 +332,19 @@ impl Engine {
         };
         let kind = message_type(datagram);
         let mut delivered = Vec::new();
-        let result = peer.tunn.decapsulate(Some(from.ip()), datagram, &mut self.buf);
+        // Answers go back the way the datagram came.
+        let back = match from {
+            Some(addr) => Route::Direct(addr),
+            None => Route::Relay(key),
+        };
+        let result = peer.tunn.decapsulate(from.map(|f| f.ip()), datagram, &mut self.buf);
         let ok = match result {
             TunnResult::Done => true,
             TunnResult::WriteToNetwork(out) => {
-                self.transmits.push_back(Transmit { dst: from, payload: out.to_vec() });
+                self.transmits.push_back(Transmit { dst: back, payload: out.to_vec() });
                 // Flush what Tunn queued while it had no session.
                 while let TunnResult::WriteToNetwork(out) = peer.tunn.decapsulate(None, &[], &mut self.buf) {
-                    self.transmits.push_back(Transmit { dst: from, payload: out.to_vec() });
+                    self.transmits.push_back(Transmit { dst: back, payload: out.to_vec() });
                 }
                 true
             }
@@ -316,8 +372,12 @@ impl Engine {
         if !ok {
             return;
         }
-        // An authenticated packet: the peer is at `from` now (WireGuard roaming).
-        peer.config.endpoint = Some(from);
+        // An authenticated packet straight from the peer: that address is a working direct path (and
+        // where the peer is now: WireGuard roaming).
+        if let Some(addr) = from {
+            peer.direct = Some(addr);
+            peer.direct_rx = Some(now);
+        }
         peer.last_received = Some(now);
         peer.rx_bytes += datagram.len() as u64;
         peer.expired = false;
@@ -333,6 +393,7 @@ impl Engine {
                 peer.last_sent = Some(now);
                 self.events.push_back(Event::HandshakeCompleted { peer: key });
                 peer.flush_queue(now, &mut self.buf, &mut self.transmits, &mut self.drops);
+                peer.probe(now, &mut self.buf, &mut self.transmits);
             }
             HANDSHAKE_INIT => {
                 // The new session becomes current when the initiator's first data packet arrives.
@@ -347,6 +408,7 @@ impl Engine {
                 peer.initiator = false;
                 self.events.push_back(Event::HandshakeCompleted { peer: key });
                 peer.flush_queue(now, &mut self.buf, &mut self.transmits, &mut self.drops);
+                peer.probe(now, &mut self.buf, &mut self.transmits);
             }
             _ => {}
         }
@@ -361,6 +423,7 @@ impl Engine {
 
     /// Runs the timers; call every ~100 ms (see [`Engine::next_timeout`]).
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.now_hint = now;
         if self.rate_reset_at.is_none_or(|at| now >= at) {
             self.rate_limiter.reset_count();
             self.rate_reset_at = Some(now + Duration::from_secs(1));
@@ -418,6 +481,11 @@ impl Peer {
             last_data_received: None,
             queue: VecDeque::new(),
             responder_pending: None,
+            direct: None,
+            direct_rx: None,
+            direct_tx: None,
+            last_probe: None,
+            relay: false,
             expired: false,
             tx_bytes: 0,
             rx_bytes: 0,
@@ -428,22 +496,72 @@ impl Peer {
         self.session_at.is_some_and(|at| now.duration_since(at) < REJECT_AFTER_TIME)
     }
 
-    fn push(
-        &mut self,
-        dst: Option<SocketAddr>,
-        payload: &[u8],
-        now: Instant,
-        out: &mut VecDeque<Transmit>,
-        drops: &mut Drops,
-    ) {
-        match dst {
-            Some(dst) => {
-                self.last_sent = Some(now);
-                self.tx_bytes += payload.len() as u64;
-                out.push_back(Transmit { dst, payload: payload.to_vec() });
+    /// The path to use now: a direct path heard from recently, else the relay, else the first candidate.
+    fn route(&self, relay: bool, now: Instant) -> Option<Route> {
+        if let (Some(addr), Some(at)) = (self.direct, self.direct_rx) {
+            if now.saturating_duration_since(at) < DIRECT_TIMEOUT {
+                return Some(Route::Direct(addr));
             }
+        }
+        if relay {
+            return Some(Route::Relay(self.config.key));
+        }
+        self.direct.or(self.config.endpoints.first().copied()).map(Route::Direct)
+    }
+
+    fn push(&mut self, payload: &[u8], now: Instant, out: &mut VecDeque<Transmit>, drops: &mut Drops) {
+        match self.route(self.relay, now) {
+            Some(dst) => self.push_to(dst, payload, now, out),
             None => drops.no_endpoint += 1,
         }
+    }
+
+    /// A handshake initiation goes every way the peer might be reached until a direct path is known: the
+    /// relay and each candidate endpoint (a peer without a relay stream, such as stock WireGuard, answers on
+    /// the direct one). Copies are harmless: the responder refuses a replayed initiation.
+    fn push_handshake(&mut self, payload: &[u8], now: Instant, out: &mut VecDeque<Transmit>, drops: &mut Drops) {
+        if self.direct_alive(now) || !self.relay {
+            self.push(payload, now, out, drops);
+            return;
+        }
+        self.push_to(Route::Relay(self.config.key), payload, now, out);
+        for target in self.config.endpoints.clone() {
+            self.push_to(Route::Direct(target), payload, now, out);
+        }
+    }
+
+    fn push_to(&mut self, dst: Route, payload: &[u8], now: Instant, out: &mut VecDeque<Transmit>) {
+        self.last_sent = Some(now);
+        if let Route::Direct(_) = dst {
+            self.direct_tx = Some(now);
+        }
+        self.tx_bytes += payload.len() as u64;
+        out.push_back(Transmit { dst, payload: payload.to_vec() });
+    }
+
+    /// Sends a keepalive straight to every candidate endpoint (and the last direct address): the first
+    /// that reaches the peer becomes the direct path on its side, and its answers make it ours.
+    fn probe(&mut self, now: Instant, buf: &mut [u8], out: &mut VecDeque<Transmit>) {
+        if !self.relay || !self.session_usable(now) {
+            return;
+        }
+        self.last_probe = Some(now);
+        let mut targets = self.config.endpoints.clone();
+        if let Some(d) = self.direct {
+            if !targets.contains(&d) {
+                targets.push(d);
+            }
+        }
+        for target in targets {
+            if let TunnResult::WriteToNetwork(datagram) = self.tunn.encapsulate(&[], buf) {
+                let datagram = datagram.to_vec();
+                self.push_to(Route::Direct(target), &datagram, now, out);
+            }
+        }
+    }
+
+    fn direct_alive(&self, now: Instant) -> bool {
+        self.direct_rx.is_some_and(|at| now.saturating_duration_since(at) < DIRECT_TIMEOUT)
     }
 
     fn send(&mut self, packet: &[u8], now: Instant, buf: &mut [u8], out: &mut VecDeque<Transmit>, drops: &mut Drops) {
@@ -458,12 +576,15 @@ impl Peer {
             }
             return;
         }
-        let endpoint = self.config.endpoint;
         match self.tunn.encapsulate(packet, buf) {
             TunnResult::WriteToNetwork(datagram) => {
                 let is_handshake = message_type(datagram) == HANDSHAKE_INIT;
                 let datagram = datagram.to_vec();
-                self.push(endpoint, &datagram, now, out, drops);
+                if is_handshake {
+                    self.push_handshake(&datagram, now, out, drops);
+                } else {
+                    self.push(&datagram, now, out, drops);
+                }
                 if is_handshake {
                     self.handshake_started.get_or_insert(now);
                     self.handshake_sent = Some(now);
@@ -486,10 +607,9 @@ impl Peer {
     }
 
     fn send_initiation(&mut self, now: Instant, buf: &mut [u8], out: &mut VecDeque<Transmit>, drops: &mut Drops) {
-        let endpoint = self.config.endpoint;
         if let TunnResult::WriteToNetwork(datagram) = self.tunn.format_handshake_initiation(buf, true) {
             let datagram = datagram.to_vec();
-            self.push(endpoint, &datagram, now, out, drops);
+            self.push_handshake(&datagram, now, out, drops);
         }
         self.handshake_sent = Some(now);
     }
@@ -529,6 +649,16 @@ impl Peer {
         if !self.session_usable(now) {
             return None;
         }
+        // Path upkeep: probe candidates while there is no direct path; keep a direct path warm.
+        if self.relay && !self.config.endpoints.is_empty() {
+            if !self.direct_alive(now) {
+                if self.last_probe.is_none_or(|at| now.duration_since(at) >= PROBE_INTERVAL) {
+                    self.probe(now, buf, out);
+                }
+            } else if self.direct_tx.is_none_or(|at| now.duration_since(at) >= DIRECT_KEEPALIVE) {
+                self.keepalive(now, buf, out, drops);
+            }
+        }
         // Passive keepalive: we received data and have sent nothing since, for 10 s.
         if let Some(received) = self.last_data_received {
             let sent_since = self.last_sent.is_some_and(|s| s > received);
@@ -546,10 +676,9 @@ impl Peer {
     }
 
     fn keepalive(&mut self, now: Instant, buf: &mut [u8], out: &mut VecDeque<Transmit>, drops: &mut Drops) {
-        let endpoint = self.config.endpoint;
         if let TunnResult::WriteToNetwork(datagram) = self.tunn.encapsulate(&[], buf) {
             let datagram = datagram.to_vec();
-            self.push(endpoint, &datagram, now, out, drops);
+            self.push(&datagram, now, out, drops);
         }
     }
 }
@@ -612,13 +741,13 @@ mod tests {
         a.set_peers(vec![PeerConfig {
             key: b_key,
             addresses: vec![B_ADDR],
-            endpoint: Some(endpoint(2)),
+            endpoints: vec![endpoint(2)],
             persistent_keepalive: None,
         }]);
         b.set_peers(vec![PeerConfig {
             key: a_key,
             addresses: vec![A_ADDR],
-            endpoint: Some(endpoint(1)),
+            endpoints: vec![endpoint(1)],
             persistent_keepalive: None,
         }]);
         Pair { a, b, now: Instant::now() }
@@ -631,13 +760,13 @@ mod tests {
             loop {
                 let mut any = false;
                 while let Some(t) = self.a.poll_transmit() {
-                    assert_eq!(t.dst, endpoint(2));
+                    assert_eq!(t.dst, Route::Direct(endpoint(2)));
                     self.b.receive(endpoint(1), &t.payload, self.now);
                     any = true;
                     moved += 1;
                 }
                 while let Some(t) = self.b.poll_transmit() {
-                    assert_eq!(t.dst, endpoint(1));
+                    assert_eq!(t.dst, Route::Direct(endpoint(1)));
                     self.a.receive(endpoint(2), &t.payload, self.now);
                     any = true;
                     moved += 1;
@@ -777,7 +906,7 @@ mod tests {
         stranger.set_peers(vec![PeerConfig {
             key: p.b.public_key(),
             addresses: vec![B_ADDR],
-            endpoint: Some(endpoint(2)),
+            endpoints: vec![endpoint(2)],
             persistent_keepalive: None,
         }]);
         stranger.send(&packet(A_ADDR, B_ADDR, b"let me in"), p.now);
@@ -796,11 +925,15 @@ mod tests {
         let c = PeerConfig {
             key: [9u8; 32],
             addresses: vec![Ipv4Addr::new(100, 64, 0, 4)],
-            endpoint: Some(endpoint(3)),
+            endpoints: vec![endpoint(3)],
             persistent_keepalive: None,
         };
-        let b =
-            PeerConfig { key: b_key, addresses: vec![B_ADDR], endpoint: Some(endpoint(2)), persistent_keepalive: None };
+        let b = PeerConfig {
+            key: b_key,
+            addresses: vec![B_ADDR],
+            endpoints: vec![endpoint(2)],
+            persistent_keepalive: None,
+        };
         p.a.set_peers(vec![b.clone(), c]);
         p.a.set_peers(vec![b]);
         p.a.send(&packet(A_ADDR, B_ADDR, b"still"), p.now);

@@ -54,6 +54,10 @@ pub struct ServeArgs {
     /// sled page cache in MiB [default: 64].
     #[arg(long, env = "CORDON_CACHE_MB")]
     pub cache_mb: Option<u64>,
+    /// UDP address of the STUN reflector nodes use to find their public endpoint [default: the listen
+    /// address's IP, port 3478].
+    #[arg(long, env = "CORDON_STUN_LISTEN")]
+    pub stun_listen: Option<SocketAddr>,
 }
 
 /// The TOML file: the same settings, durations as strings ("30s").
@@ -70,6 +74,7 @@ struct FileConfig {
     max_auth_key_expiry: Option<String>,
     shutdown_grace: Option<String>,
     cache_mb: Option<u64>,
+    stun_listen: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -86,6 +91,8 @@ pub struct ServeConfig {
     pub tls: Option<Tls>,
     pub shutdown_grace: Duration,
     pub limits: Limits,
+    /// Where the STUN reflector listens (UDP); `None` runs none.
+    pub stun_listen: Option<SocketAddr>,
 }
 
 impl ServeConfig {
@@ -97,6 +104,7 @@ impl ServeConfig {
             tls: None,
             shutdown_grace: Duration::from_secs(10),
             limits: Limits::default(),
+            stun_listen: Some("127.0.0.1:0".parse().expect("valid")),
         }
     }
 
@@ -154,6 +162,7 @@ impl ServeConfig {
                 .or(file_duration("shutdown_grace", &file.shutdown_grace)?)
                 .unwrap_or(Duration::from_secs(10)),
             limits,
+            stun_listen: Some(args.stun_listen.or(file.stun_listen).unwrap_or(SocketAddr::new(listen.ip(), 3478))),
         })
     }
 }

@@ -57,6 +57,9 @@ pub struct ControlPlane {
     policies: Mutex<HashMap<TailnetId, (u64, Arc<Policy>)>>,
     allow_all: Arc<Policy>,
     oidc: Oidc,
+    pub relays: crate::relay::Relays,
+    /// The STUN reflector's address as nodes should dial it, if one runs.
+    pub stun_address: Mutex<Option<String>>,
 }
 
 impl ControlPlane {
@@ -75,6 +78,8 @@ impl ControlPlane {
             policies: Mutex::default(),
             allow_all: Arc::new(Policy::allow_all()),
             oidc: Oidc::default(),
+            relays: crate::relay::Relays::default(),
+            stun_address: Mutex::default(),
         });
         crate::reaper::spawn(Arc::downgrade(&cp), reaper_rx, clock, cp.shutdown.subscribe());
 

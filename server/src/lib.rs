@@ -14,9 +14,11 @@ pub mod netview;
 pub mod oidc;
 pub mod policy;
 pub mod reaper;
+pub mod relay;
 pub mod secret;
 pub mod serve;
 pub mod store;
+pub mod stun;
 pub mod time;
 pub mod validate;
 

@@ -48,6 +48,16 @@ impl Server {
         signal: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let cp = self.control_plane.clone();
+        if let Some(addr) = self.config.stun_listen {
+            let socket = tokio::net::UdpSocket::bind(addr)
+                .await
+                .with_context(|| format!("cannot bind the STUN reflector to UDP {addr} (set --stun-listen)"))?;
+            let bound = socket.local_addr()?;
+            let advertised = if bound.ip().is_unspecified() { format!(":{}", bound.port()) } else { bound.to_string() };
+            *cp.stun_address.lock().unwrap() = Some(advertised);
+            tracing::info!(%bound, "STUN reflector listening");
+            tokio::spawn(crate::stun::reflect(socket, cp.shutdown_signal()));
+        }
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter.set_serving::<pb::control_server::ControlServer<ControlApi>>().await;
         health_reporter.set_serving::<pb::node_server::NodeServer<NodeApi>>().await;

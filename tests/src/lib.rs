@@ -84,6 +84,9 @@ impl TestServer {
     pub async fn start_at(dir: &Path, limits: Limits, listen: &str) -> TestServer {
         let mut config = ServeConfig::for_data_dir(dir);
         config.limits = limits;
+        if listen.starts_with("0.0.0.0") {
+            config.stun_listen = Some("0.0.0.0:0".parse().expect("valid"));
+        }
         config.shutdown_grace = Duration::from_secs(5);
         let server = Server::open(config).expect("server opens");
         let listener = tokio::net::TcpListener::bind(listen).await.expect("bind");

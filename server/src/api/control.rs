@@ -218,6 +218,18 @@ impl pb::control_server::Control for ControlApi {
         Ok(Response::new(pb::ListAuditEventsResponse { events, next_page_token }))
     }
 
+    async fn get_relay_stats(&self, _: Request<pb::GetRelayStatsRequest>) -> Result<Response<pb::RelayStats>, Status> {
+        let c = self.cp.relays.counts();
+        Ok(Response::new(pb::RelayStats {
+            forwarded_frames: c.forwarded_frames,
+            forwarded_bytes: c.forwarded_bytes,
+            dropped_unknown_peer: c.dropped_unknown_peer,
+            dropped_oversize: c.dropped_oversize,
+            dropped_rate: c.dropped_rate,
+            dropped_overflow: c.dropped_overflow,
+        }))
+    }
+
     type WatchEventsStream = BoxStream<pb::Event>;
 
     async fn watch_events(

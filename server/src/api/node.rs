@@ -36,6 +36,10 @@ fn full(view: &NetView, tailnet: &Tailnet, revision: u64, cp: &ControlPlane) -> 
             cidr: tailnet.cidr.to_string(),
             gateway_address: tailnet.cidr.gateway().to_string(),
             filter: Some(convert::packet_filter(view.filter().as_deref())),
+            paths: Some(pb::PathInfo {
+                stun_address: cp.stun_address.lock().unwrap().clone().unwrap_or_default(),
+                relay: true,
+            }),
         })),
     }
 }
@@ -175,6 +179,70 @@ impl pb::node_server::Node for NodeApi {
         let endpoints = crate::validate::endpoints("endpoints", &req.endpoints)?;
         self.cp.store.set_endpoints(node.id, endpoints).await?;
         Ok(Response::new(pb::ReportEndpointsResponse {}))
+    }
+
+    type RelayStream = BoxStream<pb::RelayPacket>;
+
+    async fn relay(
+        &self,
+        req: Request<tonic::Streaming<pb::RelayPacket>>,
+    ) -> Result<Response<Self::RelayStream>, Status> {
+        let token = super::bearer(&req).unwrap_or_default().to_string();
+        let node = self.cp.authenticate_session(&token).map_err(|e| match e {
+            Error::Unauthenticated(m) => {
+                Status::unauthenticated(format!("{m} (send the session token as 'authorization: Bearer')"))
+            }
+            other => other.into(),
+        })?;
+        let mut inbound = req.into_inner();
+        let cp = self.cp.clone();
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            let (tailnet, me) = (node.tailnet_id, node.wireguard_public_key);
+            let (mailbox, _registration) = cp.relays.register(tailnet, me);
+            // The stream ends when the node or its tailnet goes: a removed node relays nothing more.
+            let mut changes = cp.hub().subscribe_tailnet(tailnet);
+            let mut shutdown = cp.shutdown_signal();
+            let mut limiter = crate::relay::Limiter::default();
+            loop {
+                tokio::select! {
+                    _ = crate::control_plane::stopped(&mut shutdown) => return,
+                    _ = tx.closed() => return,
+                    frame = inbound.message() => match frame {
+                        Ok(Some(f)) => {
+                            cp.relays.forward(tailnet, me, &f.peer_key, f.data, &mut limiter);
+                        }
+                        _ => return,
+                    },
+                    _ = mailbox.ready.notified() => {
+                        let frames = mailbox.take(64);
+                        let full = frames.len() == 64;
+                        for (from, data) in frames {
+                            if tx.send(Ok(pb::RelayPacket { peer_key: from.to_vec(), data })).await.is_err() {
+                                return;
+                            }
+                        }
+                        if full {
+                            mailbox.ready.notify_one();
+                        }
+                    }
+                    change = changes.recv() => match change {
+                        Ok(update) => match &update.change {
+                            NetChange::PeerRemoved { node: gone, .. } if *gone == node.id => return,
+                            NetChange::TailnetGone { .. } => return,
+                            _ => {}
+                        },
+                        Err(broadcast::error::RecvError::Closed) => return,
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            if cp.store.get_node(node.id).is_err() {
+                                return;
+                            }
+                        }
+                    },
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
     async fn leave(&self, req: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveResponse>, Status> {

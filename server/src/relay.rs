@@ -1,0 +1,162 @@
+//! The relay: WireGuard datagrams between two live nodes of one tailnet, through the server, for when
+//! no direct path works. Frames are opaque (still encrypted end to end). Each node has a bounded mailbox
+//! that drops its oldest frame when full, so one stalled reader never blocks anyone else; each sender has
+//! a rate limit. Everything dropped is counted by reason.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::Notify;
+
+use crate::model::TailnetId;
+
+/// A WireGuard datagram is at most this big.
+pub const MAX_FRAME: usize = 65_535;
+/// Frames a mailbox holds before it drops the oldest.
+const MAILBOX: usize = 1024;
+/// Per-sender budget: bytes per second, with a burst of one second's worth.
+const RATE_BYTES: f64 = 256.0 * 1024.0 * 1024.0;
+
+pub type Key = [u8; 32];
+
+/// What the relay has done, for metrics.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    pub forwarded_frames: AtomicU64,
+    pub forwarded_bytes: AtomicU64,
+    pub dropped_unknown_peer: AtomicU64,
+    pub dropped_oversize: AtomicU64,
+    pub dropped_rate: AtomicU64,
+    pub dropped_overflow: AtomicU64,
+}
+
+/// A snapshot of [`RelayStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelayCounts {
+    pub forwarded_frames: u64,
+    pub forwarded_bytes: u64,
+    pub dropped_unknown_peer: u64,
+    pub dropped_oversize: u64,
+    pub dropped_rate: u64,
+    pub dropped_overflow: u64,
+}
+
+/// Frames waiting for one node's relay stream.
+pub struct Mailbox {
+    frames: Mutex<VecDeque<(Key, Vec<u8>)>>,
+    pub ready: Notify,
+}
+
+impl Mailbox {
+    /// Takes up to `max` frames.
+    pub fn take(&self, max: usize) -> Vec<(Key, Vec<u8>)> {
+        let mut frames = self.frames.lock().unwrap();
+        let n = frames.len().min(max);
+        frames.drain(..n).collect()
+    }
+}
+
+/// A sender's token bucket.
+pub struct Limiter {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Default for Limiter {
+    fn default() -> Self {
+        Limiter { tokens: RATE_BYTES, at: Instant::now() }
+    }
+}
+
+impl Limiter {
+    fn admit(&mut self, bytes: usize) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * RATE_BYTES).min(RATE_BYTES);
+        self.at = now;
+        if self.tokens >= bytes as f64 {
+            self.tokens -= bytes as f64;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Relays {
+    mailboxes: Mutex<HashMap<(TailnetId, Key), Arc<Mailbox>>>,
+    pub stats: RelayStats,
+}
+
+/// Removes a node's mailbox when its relay stream ends (unless a newer stream replaced it).
+pub struct Registration<'a> {
+    relays: &'a Relays,
+    key: (TailnetId, Key),
+    mailbox: Arc<Mailbox>,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        let mut boxes = self.relays.mailboxes.lock().unwrap();
+        if boxes.get(&self.key).is_some_and(|m| Arc::ptr_eq(m, &self.mailbox)) {
+            boxes.remove(&self.key);
+        }
+    }
+}
+
+impl Relays {
+    /// Opens `key`'s mailbox in `tailnet` (replacing an older stream's).
+    pub fn register(&self, tailnet: TailnetId, key: Key) -> (Arc<Mailbox>, Registration<'_>) {
+        let mailbox = Arc::new(Mailbox { frames: Mutex::default(), ready: Notify::new() });
+        self.mailboxes.lock().unwrap().insert((tailnet, key), mailbox.clone());
+        (mailbox.clone(), Registration { relays: self, key: (tailnet, key), mailbox })
+    }
+
+    /// Forwards one frame from `from` to `to`, both of `tailnet`; drops and counts anything else.
+    pub fn forward(&self, tailnet: TailnetId, from: Key, to: &[u8], data: Vec<u8>, limiter: &mut Limiter) -> bool {
+        let stats = &self.stats;
+        if data.len() > MAX_FRAME {
+            stats.dropped_oversize.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        let Ok(to) = <Key>::try_from(to) else {
+            stats.dropped_unknown_peer.fetch_add(1, Ordering::Relaxed);
+            return false;
+        };
+        if !limiter.admit(data.len()) {
+            stats.dropped_rate.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        let Some(mailbox) = self.mailboxes.lock().unwrap().get(&(tailnet, to)).cloned() else {
+            stats.dropped_unknown_peer.fetch_add(1, Ordering::Relaxed);
+            return false;
+        };
+        let bytes = data.len() as u64;
+        {
+            let mut frames = mailbox.frames.lock().unwrap();
+            if frames.len() >= MAILBOX {
+                frames.pop_front();
+                stats.dropped_overflow.fetch_add(1, Ordering::Relaxed);
+            }
+            frames.push_back((from, data));
+        }
+        mailbox.ready.notify_one();
+        stats.forwarded_frames.fetch_add(1, Ordering::Relaxed);
+        stats.forwarded_bytes.fetch_add(bytes, Ordering::Relaxed);
+        true
+    }
+
+    pub fn counts(&self) -> RelayCounts {
+        let s = &self.stats;
+        RelayCounts {
+            forwarded_frames: s.forwarded_frames.load(Ordering::Relaxed),
+            forwarded_bytes: s.forwarded_bytes.load(Ordering::Relaxed),
+            dropped_unknown_peer: s.dropped_unknown_peer.load(Ordering::Relaxed),
+            dropped_oversize: s.dropped_oversize.load(Ordering::Relaxed),
+            dropped_rate: s.dropped_rate.load(Ordering::Relaxed),
+            dropped_overflow: s.dropped_overflow.load(Ordering::Relaxed),
+        }
+    }
+}

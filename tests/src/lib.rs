@@ -80,10 +80,22 @@ impl TestServer {
         server
     }
 
+    /// A server over a temporary directory with its configuration adjusted by `adjust`.
+    pub async fn start_configured(adjust: impl FnOnce(&mut ServeConfig)) -> TestServer {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let mut server = Self::launch(temp.path(), "127.0.0.1:0", adjust).await;
+        server._temp = Some(temp);
+        server
+    }
+
     /// A server over `dir` listening on `listen` (e.g. the address a stopped server had).
     pub async fn start_at(dir: &Path, limits: Limits, listen: &str) -> TestServer {
+        Self::launch(dir, listen, |c| c.limits = limits).await
+    }
+
+    async fn launch(dir: &Path, listen: &str, adjust: impl FnOnce(&mut ServeConfig)) -> TestServer {
         let mut config = ServeConfig::for_data_dir(dir);
-        config.limits = limits;
+        adjust(&mut config);
         if listen.starts_with("0.0.0.0") {
             config.stun_listen = Some("0.0.0.0:0".parse().expect("valid"));
         }

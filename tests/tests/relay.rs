@@ -42,7 +42,7 @@ async fn frames_cross_only_within_a_tailnet() {
     let b = create_tailnet(&mut admin, "b").await;
     let (_, a_key) = create_key(&mut admin, &a.id, true, false).await;
     let (_, b_key) = create_key(&mut admin, &b.id, true, false).await;
-    let mut a1 = relay_end(&server, &a_key).await;
+    let a1 = relay_end(&server, &a_key).await;
     let mut a2 = relay_end(&server, &a_key).await;
     let mut b1 = relay_end(&server, &b_key).await;
 

@@ -31,6 +31,7 @@ async fn main() {
         None => namespaces().await,
     }
     userspace().await;
+    relay().await;
     first_byte().await;
     idle_memory().await;
 }
@@ -261,6 +262,115 @@ async fn userspace() {
         "userspace: 512 MiB through a forward and the tunnel {}  = {:.3}x loopback",
         gbit(through),
         through / loopback
+    );
+}
+
+/// Median round trip of a 64-byte message over `stream`.
+async fn rtt(stream: &mut agentd::TcpStream, rounds: usize) -> Duration {
+    let mut samples = Vec::with_capacity(rounds);
+    let mut buf = [0u8; 64];
+    for _ in 0..rounds {
+        let start = Instant::now();
+        stream.write_all(&buf).await.unwrap();
+        stream.read_exact(&mut buf).await.unwrap();
+        samples.push(start.elapsed());
+    }
+    samples.sort();
+    samples[rounds / 2]
+}
+
+async fn echo_on(node: &Node, port: u16) {
+    let mut listener = node.listen(port).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Throughput and round trip through the server's relay against a direct path, and join-to-direct time.
+async fn relay() {
+    let total = 256 << 20;
+    let mut results = Vec::new();
+    for relayed in [false, true] {
+        // Without STUN and with endpoints nobody listens on, only the relay connects the nodes.
+        let server = if relayed { TestServer::start_configured(|c| c.stun_listen = None).await } else { TestServer::start().await };
+        let mut admin = server.admin().await;
+        let tailnet = create_tailnet(&mut admin, "relay").await;
+        let (_, secret) = create_key(&mut admin, &tailnet.id, true, false).await;
+        let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let start = |name: &'static str, dir: std::path::PathBuf| {
+            let (url, secret) = (server.url.clone(), secret.clone());
+            async move {
+                let mut config = NodeConfig::new(url, dir);
+                config.auth_key = Some(secret);
+                config.hostname = name.into();
+                if relayed {
+                    config.advertise = vec!["127.0.0.1:9".parse().unwrap()];
+                }
+                Node::start(config).await.unwrap()
+            }
+        };
+        let a = start("alpha", dirs.0.path().into()).await;
+        // From here: beta joins, alpha hears of it and connects, and the path settles.
+        let joined = Instant::now();
+        let b = start("beta", dirs.1.path().into()).await;
+        a.netmap().wait_for(|m| m.peers.len() == 1).await.unwrap();
+        echo_on(&b, 7).await;
+        let mut stream = a.dial_host("beta", 7).await.unwrap();
+        if !relayed {
+            loop {
+                let _ = rtt(&mut stream, 1).await;
+                let path = a.status().await.peers[0].path;
+                if matches!(path, Some(agentd::wg::Route::Direct(_))) {
+                    break;
+                }
+            }
+        }
+        let to_direct = joined.elapsed();
+        let round_trip = rtt(&mut stream, 2000).await;
+        let mut sink_listener = b.listen(5202).await.unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (s, _) = sink_listener.accept().await.unwrap();
+            sink(s, total, tx).await;
+        });
+        let forward = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let forward_addr = forward.local_addr().unwrap();
+        let a = std::sync::Arc::new(a);
+        let node = a.clone();
+        tokio::spawn(async move {
+            let (client, _) = forward.accept().await.unwrap();
+            agentd::proxy::handle(&node, client, true, &agentd::proxy::Kind::Forward("beta".into(), 5202)).await.unwrap();
+        });
+        let rate = push(forward_addr, total, rx).await;
+        let path = a.status().await.peers[0].path;
+        assert_eq!(matches!(path, Some(agentd::wg::Route::Relay(_))), relayed, "the transfer took the path meant");
+        results.push((rate, round_trip, to_direct));
+    }
+    let (direct, relayed) = (results[0], results[1]);
+    println!(
+        "relay: 256 MiB through the server's relay  {}  = {:.2}x direct ({}) (goal >= 0.5 Gbit/s)",
+        gbit(relayed.0),
+        relayed.0 / direct.0,
+        gbit(direct.0)
+    );
+    println!(
+        "relay: 64-byte round trip median          {:.0} us relayed vs {:.0} us direct (+{:.0} us)",
+        relayed.1.as_secs_f64() * 1e6,
+        direct.1.as_secs_f64() * 1e6,
+        (relayed.1.as_secs_f64() - direct.1.as_secs_f64()) * 1e6
+    );
+    println!(
+        "relay: join -> direct path (start, connect, probe) {:.1} ms (goal < 2 s)",
+        direct.2.as_secs_f64() * 1e3
     );
 }
 

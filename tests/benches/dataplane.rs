@@ -301,7 +301,11 @@ async fn relay() {
     let mut results = Vec::new();
     for relayed in [false, true] {
         // Without STUN and with endpoints nobody listens on, only the relay connects the nodes.
-        let server = if relayed { TestServer::start_configured(|c| c.stun_listen = None).await } else { TestServer::start().await };
+        let server = if relayed {
+            TestServer::start_configured(|c| c.stun_listen = None).await
+        } else {
+            TestServer::start().await
+        };
         let mut admin = server.admin().await;
         let tailnet = create_tailnet(&mut admin, "relay").await;
         let (_, secret) = create_key(&mut admin, &tailnet.id, true, false).await;
@@ -348,7 +352,9 @@ async fn relay() {
         let node = a.clone();
         tokio::spawn(async move {
             let (client, _) = forward.accept().await.unwrap();
-            agentd::proxy::handle(&node, client, true, &agentd::proxy::Kind::Forward("beta".into(), 5202)).await.unwrap();
+            agentd::proxy::handle(&node, client, true, &agentd::proxy::Kind::Forward("beta".into(), 5202))
+                .await
+                .unwrap();
         });
         let rate = push(forward_addr, total, rx).await;
         let path = a.status().await.peers[0].path;
@@ -368,10 +374,7 @@ async fn relay() {
         direct.1.as_secs_f64() * 1e6,
         (relayed.1.as_secs_f64() - direct.1.as_secs_f64()) * 1e6
     );
-    println!(
-        "relay: join -> direct path (start, connect, probe) {:.1} ms (goal < 2 s)",
-        direct.2.as_secs_f64() * 1e3
-    );
+    println!("relay: join -> direct path (start, connect, probe) {:.1} ms (goal < 2 s)", direct.2.as_secs_f64() * 1e3);
 }
 
 async fn first_byte() {

@@ -93,7 +93,8 @@ impl TestServer {
         Self::launch(dir, listen, |c| c.limits = limits).await
     }
 
-    async fn launch(dir: &Path, listen: &str, adjust: impl FnOnce(&mut ServeConfig)) -> TestServer {
+    /// A server over `dir` on `listen`, configured by `adjust` (a restart of a configured server).
+    pub async fn launch(dir: &Path, listen: &str, adjust: impl FnOnce(&mut ServeConfig)) -> TestServer {
         let mut config = ServeConfig::for_data_dir(dir);
         adjust(&mut config);
         if listen.starts_with("0.0.0.0") {

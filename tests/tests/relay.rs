@@ -104,15 +104,16 @@ async fn a_stalled_reader_blocks_nobody() {
             .unwrap();
         assert_eq!(got.data, i.to_be_bytes(), "in order");
     }
-    let s = eventually(Duration::from_secs(10), "the stalled queue to overflow", || {
+    let s = eventually(Duration::from_secs(10), "every frame to be handled", || {
         let mut admin = admin.clone();
         async move {
             let s = stats(&mut admin).await;
-            (s.dropped_overflow > 0).then_some(s)
+            (s.forwarded_frames >= 5_100).then_some(s)
         }
     })
     .await;
-    assert!(s.dropped_overflow > 1_000, "oldest frames dropped: {s:?}");
+    // The stalled node's queue (and the stream buffers behind it) hold a few thousand frames at most.
+    assert!(s.dropped_overflow > 500, "oldest frames dropped: {s:?}");
 }
 
 async fn join(server: &TestServer, secret: &str, dir: &std::path::Path, name: &str, advertise: Option<&str>) -> Node {
@@ -190,4 +191,49 @@ async fn nodes_move_to_a_direct_path_when_one_works() {
     })
     .await;
     assert_eq!(path.port(), b.status().await.endpoint.port(), "straight to beta's socket");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_streams_come_back_after_a_server_restart() {
+    let server = TestServer::start_configured(|c| c.stun_listen = None).await;
+    let addr = server.addr;
+    let mut admin = server.admin().await;
+    let t = create_tailnet(&mut admin, "relayrestart").await;
+    let (_, secret) = create_key(&mut admin, &t.id, true, false).await;
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = join(&server, &secret, dirs.0.path(), "alpha", Some("127.0.0.1:9")).await;
+    let b = join(&server, &secret, dirs.1.path(), "beta", Some("127.0.0.1:9")).await;
+    let mut netmap = a.netmap();
+    tokio::time::timeout(Duration::from_secs(10), netmap.wait_for(|m| m.peers.len() == 1)).await.unwrap().unwrap();
+    let mut listener = b.listen(8002).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 16];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let mut conn = a.dial_host("beta", 8002).await.unwrap();
+    conn.write_all(b"1").await.unwrap();
+    let mut echo = [0u8; 1];
+    conn.read_exact(&mut echo).await.unwrap();
+
+    let (dir, temp) = server.stop_keep_dir().await;
+    let _server = TestServer::launch(&dir, &addr.to_string(), |c| c.stun_listen = None).await;
+    // The nodes reconnect their relay streams; the same TCP connection carries on through them.
+    let echoed = tokio::time::timeout(Duration::from_secs(30), async {
+        conn.write_all(b"2").await.unwrap();
+        conn.read_exact(&mut echo).await.unwrap();
+        echo
+    })
+    .await
+    .expect("traffic resumes through the re-established relay");
+    assert_eq!(&echoed, b"2");
+    assert!(matches!(path_to(&a, "beta").await, Some(agentd::wg::Route::Relay(_))));
+    drop(temp);
 }

@@ -82,6 +82,16 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        // Delete the interfaces first: a veth's other end (possibly in this process's namespace) goes with
+        // it at once, even if some process still holds the namespace open for a moment.
+        if let Ok(out) = Command::new("ip").args(["-n", &self.name, "-o", "link", "show"]).output() {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                let name = line.split(':').nth(1).map(|n| n.trim().split('@').next().unwrap_or("").to_string());
+                if let Some(name) = name.filter(|n| !n.is_empty() && n != "lo") {
+                    let _ = Command::new("ip").args(["-n", &self.name, "link", "del", &name]).status();
+                }
+            }
+        }
         // Kill what still runs inside, then remove the namespace (its interfaces go with it).
         let _ = Command::new("ip").args(["netns", "pids", &self.name]).output().map(|o| {
             for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {

@@ -57,7 +57,10 @@ pub fn spawn(cp: Weak<ControlPlane>, mut rx: ReaperQueue, clock: Clock, mut shut
                             break;
                         }
                         queue.pop_first();
-                        fire(&cp, what).await;
+                        if !fire(&cp, what).await {
+                            // A storage failure: try again shortly rather than forget the deadline.
+                            queue.insert((now + std::time::Duration::from_secs(5), what));
+                        }
                     }
                 }
                 _ = crate::control_plane::stopped(&mut shutdown) => return,
@@ -66,16 +69,18 @@ pub fn spawn(cp: Weak<ControlPlane>, mut rx: ReaperQueue, clock: Clock, mut shut
     });
 }
 
-async fn fire(cp: &ControlPlane, what: Deadline) {
+/// Acts on a deadline; false when it should be retried.
+async fn fire(cp: &ControlPlane, what: Deadline) -> bool {
     let result = match what {
         Deadline::TailnetTtl(id) => cp.expire_tailnet(id).await,
         Deadline::NodeExpiry(id) => cp.expire_node(id).await,
         Deadline::EphemeralIdle(id) => cp.reap_idle_ephemeral(id).await,
     };
     match result {
-        Ok(()) | Err(Error::NotFound { .. }) => {}
+        Ok(()) | Err(Error::NotFound { .. }) => true,
         Err(e) => {
-            tracing::warn!(deadline = ?what, error = %e, "reaper could not act on a deadline")
+            tracing::warn!(deadline = ?what, error = %e, "reaper could not act on a deadline; retrying in 5 s");
+            false
         }
     }
 }

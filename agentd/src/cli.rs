@@ -20,7 +20,7 @@ use crate::proxy::Kind;
 
 const SOCKET: &str = "agentd.sock";
 
-#[derive(Debug, Parser)]
+#[derive(Parser)]
 #[command(name = "agentd", version, about = "Join a Cordon tailnet over WireGuard")]
 struct Cli {
     /// Where the node keeps its key and session.
@@ -30,7 +30,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Subcommand)]
 enum Command {
     /// Join the tailnet and stay up until stopped or revoked.
     Up(Box<UpArgs>),
@@ -45,7 +45,7 @@ enum Command {
     Down,
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(clap::Args)]
 struct UpArgs {
     /// The Cordon server, e.g. http://cordon.example:7443.
     #[arg(long, env = "AGENTD_SERVER")]

@@ -91,11 +91,11 @@ pub async fn run(
             }
         }
         udp.send_all(&mut direct).await;
-        if let Some(server) = stun {
-            if now >= next_stun {
-                udp.send_one(server, &crate::stun::request(transaction)).await;
-                next_stun = now + STUN_INTERVAL;
-            }
+        if let Some(server) = stun
+            && now >= next_stun
+        {
+            udp.send_one(server, &crate::stun::request(transaction)).await;
+            next_stun = now + STUN_INTERVAL;
         }
         while let Some(event) = engine.poll_event() {
             match event {
@@ -130,11 +130,10 @@ pub async fn run(
                 for _ in 0..RECV_ROUNDS {
                     let got = udp.try_recv(|from, datagram| {
                         if crate::stun::is_stun(datagram) {
-                            if let Some((tx, addr)) = crate::stun::parse_response(datagram) {
-                                if tx == transaction && *reflexive.borrow() != Some(addr) {
+                            if let Some((tx, addr)) = crate::stun::parse_response(datagram)
+                                && tx == transaction && *reflexive.borrow() != Some(addr) {
                                     reflexive.send_replace(Some(addr));
                                 }
-                            }
                         } else {
                             engine.receive(from, datagram, now);
                         }

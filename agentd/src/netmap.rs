@@ -83,7 +83,8 @@ fn filter_from(proto: Option<&pb::PacketFilter>) -> PacketFilter {
                 .iter()
                 .filter_map(|s| {
                     let (a, p) = s.split_once('/')?;
-                    Some((a.parse().ok()?, p.parse().ok()?))
+                    let prefix: u8 = p.parse().ok().filter(|p| *p <= 32)?;
+                    Some((a.parse().ok()?, prefix))
                 })
                 .collect(),
             protocol: match r.protocol.as_str() {
@@ -106,6 +107,7 @@ impl NetMap {
             .cidr
             .split_once('/')
             .and_then(|(a, p)| Some((a.parse().ok()?, p.parse().ok()?)))
+            .filter(|(_, p): &(Ipv4Addr, u8)| *p <= 32)
             .ok_or_else(|| Error::Protocol(format!("a bad range {:?}", full.cidr)))?;
         let gateway = full.gateway_address.parse().map_err(|_| Error::Protocol("a bad gateway address".into()))?;
         let peers = full.peers.iter().filter_map(Peer::from_proto).map(|p| (p.id.clone(), p)).collect();

@@ -337,21 +337,21 @@ async fn resume_or_register(
     public: [u8; 32],
     endpoints: &[SocketAddr],
 ) -> Result<(Session, control::NetMapStream), Error> {
-    if let Some(session) = state.session()? {
-        if session.server == config.server {
-            match control::watch(client, &session.session_token).await {
-                Ok(stream) => {
-                    report_endpoints(client, &session.session_token, endpoints).await;
-                    tracing::info!(node = %session.node_id, "resumed saved session");
-                    return Ok((session, stream));
-                }
-                Err(status) if status.code() == tonic::Code::Unauthenticated => {
-                    tracing::info!(reason = %status.message(), "saved session is no longer valid; registering anew");
-                    state.clear_session()?;
-                }
-                Err(status) => {
-                    return Err(Error::Unreachable { server: config.server.clone(), detail: status.message().into() });
-                }
+    if let Some(session) = state.session()?
+        && session.server == config.server
+    {
+        match control::watch(client, &session.session_token).await {
+            Ok(stream) => {
+                report_endpoints(client, &session.session_token, endpoints).await;
+                tracing::info!(node = %session.node_id, "resumed saved session");
+                return Ok((session, stream));
+            }
+            Err(status) if status.code() == tonic::Code::Unauthenticated => {
+                tracing::info!(reason = %status.message(), "saved session is no longer valid; registering anew");
+                state.clear_session()?;
+            }
+            Err(status) => {
+                return Err(Error::Unreachable { server: config.server.clone(), detail: status.message().into() });
             }
         }
     }

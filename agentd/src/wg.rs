@@ -498,10 +498,10 @@ impl Peer {
 
     /// The path to use now: a direct path heard from recently, else the relay, else the first candidate.
     fn route(&self, relay: bool, now: Instant) -> Option<Route> {
-        if let (Some(addr), Some(at)) = (self.direct, self.direct_rx) {
-            if now.saturating_duration_since(at) < DIRECT_TIMEOUT {
-                return Some(Route::Direct(addr));
-            }
+        if let (Some(addr), Some(at)) = (self.direct, self.direct_rx)
+            && now.saturating_duration_since(at) < DIRECT_TIMEOUT
+        {
+            return Some(Route::Direct(addr));
         }
         if relay {
             return Some(Route::Relay(self.config.key));
@@ -547,10 +547,10 @@ impl Peer {
         }
         self.last_probe = Some(now);
         let mut targets = self.config.endpoints.clone();
-        if let Some(d) = self.direct {
-            if !targets.contains(&d) {
-                targets.push(d);
-            }
+        if let Some(d) = self.direct
+            && !targets.contains(&d)
+        {
+            targets.push(d);
         }
         for target in targets {
             if let TunnResult::WriteToNetwork(datagram) = self.tunn.encapsulate(&[], buf) {
@@ -667,10 +667,10 @@ impl Peer {
                 return None;
             }
         }
-        if let Some(interval) = self.config.persistent_keepalive {
-            if self.last_sent.is_none_or(|s| now.duration_since(s) >= interval) {
-                self.keepalive(now, buf, out, drops);
-            }
+        if let Some(interval) = self.config.persistent_keepalive
+            && self.last_sent.is_none_or(|s| now.duration_since(s) >= interval)
+        {
+            self.keepalive(now, buf, out, drops);
         }
         None
     }

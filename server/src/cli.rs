@@ -17,14 +17,14 @@ use crate::config::{DEFAULT_DATA_DIR, DEFAULT_LISTEN, ServeArgs, ServeConfig};
 use crate::serve::Server;
 use crate::time::parse_duration;
 
-#[derive(Debug, Parser)]
+#[derive(Parser)]
 #[command(name = "cordon", version, about = "Private networks on demand, each with its own AI gateway")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Subcommand)]
 enum Command {
     /// Run the server.
     Serve(ServeArgs),
@@ -77,7 +77,7 @@ enum Command {
 }
 
 /// How to reach the server.
-#[derive(Debug, clap::Args)]
+#[derive(clap::Args)]
 struct ClientArgs {
     /// Server URL (https:// for TLS).
     #[arg(long, global = true, env = "CORDON_SERVER", default_value_t = format!("http://{DEFAULT_LISTEN}"))]
@@ -96,7 +96,7 @@ struct ClientArgs {
     json: bool,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Subcommand)]
 enum TailnetCommand {
     /// Create a tailnet.
     Create {
@@ -135,7 +135,7 @@ enum TailnetCommand {
     },
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Subcommand)]
 enum KeyCommand {
     /// Create an auth key; prints the secret once.
     Create {
@@ -176,7 +176,7 @@ enum KeyCommand {
     },
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Subcommand)]
 enum PolicyCommand {
     /// Validate and store a new version (JSON, comments allowed).
     Set {
@@ -199,7 +199,7 @@ enum PolicyCommand {
     },
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Subcommand)]
 enum NodeCommand {
     /// List a tailnet's nodes.
     List {
@@ -214,7 +214,7 @@ enum NodeCommand {
     },
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Subcommand)]
 enum AuditCommand {
     /// List audit events, oldest first.
     List {

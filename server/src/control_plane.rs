@@ -149,10 +149,10 @@ impl ControlPlane {
         if tailnet.policy_version == 0 {
             return Ok(self.allow_all.clone());
         }
-        if let Some((version, policy)) = self.policies.lock().unwrap().get(&tailnet.id) {
-            if *version == tailnet.policy_version {
-                return Ok(policy.clone());
-            }
+        if let Some((version, policy)) = self.policies.lock().unwrap().get(&tailnet.id)
+            && *version == tailnet.policy_version
+        {
+            return Ok(policy.clone());
         }
         let record = self
             .store

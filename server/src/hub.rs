@@ -93,10 +93,10 @@ impl Hub {
             Change::NetMap { tailnet, update } => {
                 let mut tailnets = self.tailnets.lock().unwrap();
                 let gone = matches!(update.change, NetChange::TailnetGone { .. });
-                if let Some(tx) = tailnets.get(&tailnet) {
-                    if tx.send(update).is_err() || gone {
-                        tailnets.remove(&tailnet);
-                    }
+                if let Some(tx) = tailnets.get(&tailnet)
+                    && (tx.send(update).is_err() || gone)
+                {
+                    tailnets.remove(&tailnet);
                 }
             }
         }

@@ -32,9 +32,10 @@ macro_rules! id_type {
                 if s.is_empty() {
                     return Err(Error::invalid(field, "is required"));
                 }
-                Uuid::from_str(s)
-                    .map(Self)
-                    .map_err(|_| Error::invalid(field, format!("{s:?} is not a UUID")))
+                // The value is not repeated: a pasted secret must not come back in an error.
+                Uuid::from_str(s).map(Self).map_err(|_| {
+                    Error::invalid(field, format!("is not a UUID ({} characters; ids look like 01900000-0000-7000-8000-000000000000)", s.len()))
+                })
             }
         }
 
@@ -88,7 +89,7 @@ pub struct TrustRule {
 }
 
 /// How a registration proves itself.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub enum Credential {
     AuthKey(SecretHash),
     /// A token a trust rule accepted.
@@ -221,6 +222,17 @@ impl fmt::Debug for Node {
             .field("owner", &self.owner)
             .field("ephemeral", &self.ephemeral)
             .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credential::AuthKey(_) => f.write_str("AuthKey(<redacted>)"),
+            Credential::Federated { rule, identity } => {
+                f.debug_struct("Federated").field("rule", rule).field("identity", identity).finish()
+            }
+        }
     }
 }
 

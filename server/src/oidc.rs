@@ -229,10 +229,10 @@ impl Oidc {
             other => Refusal::Token(other.to_string()),
         })?;
         let other = &claims.additional_claims().claims;
-        if let Some(nbf) = other.get("nbf").and_then(serde_json::Value::as_u64) {
-            if UNIX_EPOCH + Duration::from_secs(nbf) > now + SKEW {
-                return Err(Refusal::Token("not valid yet (nbf)".into()));
-            }
+        if let Some(nbf) = other.get("nbf").and_then(serde_json::Value::as_u64)
+            && UNIX_EPOCH.checked_add(Duration::from_secs(nbf)).is_none_or(|nbf| nbf > now + SKEW)
+        {
+            return Err(Refusal::Token("not valid yet (nbf)".into()));
         }
         let subject = claims.subject().as_str().to_string();
         let value_of = |claim: &str| -> Option<String> {

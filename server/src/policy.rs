@@ -228,10 +228,11 @@ impl Policy {
     /// [`Policy::membership`], remembered per node (and recomputed when its tags or owner change).
     pub fn membership_cached(&self, s: &Subject<'_>) -> std::sync::Arc<Membership> {
         let mut cache = self.recent.0.lock().unwrap();
-        if let Some((tags, owner, m)) = cache.get(s.id) {
-            if tags.as_slice() == s.tags && owner == s.owner {
-                return m.clone();
-            }
+        if let Some((tags, owner, m)) = cache.get(s.id)
+            && tags.as_slice() == s.tags
+            && owner == s.owner
+        {
+            return m.clone();
         }
         if cache.len() > 100_000 {
             cache.clear();

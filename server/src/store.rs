@@ -170,7 +170,7 @@ pub struct Store {
     db: sled::Db,
     writer: Mutex<Writer>,
     /// Applied changes not yet published, in revision order.
-    pending: Mutex<VecDeque<Change>>,
+    pending: Arc<Mutex<VecDeque<Change>>>,
     hub: Arc<Hub>,
 }
 
@@ -191,7 +191,7 @@ impl Store {
         Ok(Store {
             db,
             writer: Mutex::new(Writer { revision, address_hints: HashMap::new() }),
-            pending: Mutex::default(),
+            pending: Arc::default(),
             hub,
         })
     }
@@ -223,16 +223,20 @@ impl Store {
 
     /// Makes everything up to `revision` durable, then publishes it in order.
     async fn commit(&self, revision: u64) -> Result<()> {
-        let db = self.db.clone();
-        // spawn_blocking (not sled's flush_async) so that paused-time tests do not skip ahead while we wait.
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| Error::Unavailable(format!("flush task failed: {e}")))??;
-        let mut pending = self.pending.lock().unwrap();
-        while pending.front().is_some_and(|c| c.revision() <= revision) {
-            self.hub.publish(pending.pop_front().expect("front exists"));
-        }
-        Ok(())
+        let (db, pending, hub) = (self.db.clone(), self.pending.clone(), self.hub.clone());
+        // A task of its own, so that a caller who gives up (a cancelled RPC) cannot leave an applied change
+        // unpublished; spawn_blocking rather than sled's flush_async so paused-time tests do not skip ahead.
+        let publish = tokio::spawn(async move {
+            tokio::task::spawn_blocking(move || db.flush())
+                .await
+                .map_err(|e| Error::Unavailable(format!("flush task failed: {e}")))??;
+            let mut pending = pending.lock().unwrap();
+            while pending.front().is_some_and(|c| c.revision() <= revision) {
+                hub.publish(pending.pop_front().expect("front exists"));
+            }
+            Ok::<(), Error>(())
+        });
+        publish.await.map_err(|e| Error::Unavailable(format!("commit task failed: {e}")))?
     }
 
     /// Makes every applied write durable.
@@ -869,12 +873,19 @@ impl Store {
             (None, Some(t)) => key::tailnet_events(t),
             (None, None) => key::EVENTS.to_vec(),
         };
+        let Some(first) = filter.after_revision.checked_add(1) else { return Ok((vec![], false)) };
+        // Only what is durable: an applied but unflushed event could vanish in a crash and its revision
+        // be reused, and a client resuming from it would skip the replacement.
+        let published = self.hub.published_revision();
         let mut start = prefix.clone();
-        start.extend_from_slice(&(filter.after_revision + 1).to_be_bytes());
+        start.extend_from_slice(&first.to_be_bytes());
         let mut out = Vec::new();
         for item in self.db.range(start..) {
             let (k, v) = item?;
             if !k.starts_with(&prefix) {
+                break;
+            }
+            if key::trailing_revision(&k) > published {
                 break;
             }
             let event: Event = if prefix == key::EVENTS {
@@ -1180,15 +1191,15 @@ impl WriteCtx<'_> {
             if held != want {
                 break;
             }
-            want += 1;
+            want = want.saturating_add(1);
         }
-        self.address_hints.insert(tailnet.id, want + 1);
-        if want > tailnet.cidr.last_node_address() {
+        if want > tailnet.cidr.last_node_address() || want == u32::MAX {
             return Err(Error::ResourceExhausted(format!(
                 "tailnet {} has no free address left in {}",
                 tailnet.id, tailnet.cidr
             )));
         }
+        self.address_hints.insert(tailnet.id, want + 1);
         Ok(Ipv4Addr::from(want))
     }
 

@@ -49,7 +49,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "d" => 86_400,
         _ => return Err(format!("{s:?}: unknown unit {unit:?}; use s, m, h or d")),
     };
-    Ok(Duration::from_secs(n * mult))
+    // Ten years is far beyond any setting Cordon has; more is a typo that would overflow time arithmetic.
+    match n.checked_mul(mult) {
+        Some(secs) if secs <= 10 * 365 * 86_400 => Ok(Duration::from_secs(secs)),
+        _ => Err(format!("{s:?} is longer than ten years")),
+    }
 }
 
 #[cfg(test)]

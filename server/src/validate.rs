@@ -100,6 +100,12 @@ pub fn cidr(field: &str, s: &str) -> Result<Ipv4Cidr> {
     if !(8..=28).contains(&prefix) {
         return Err(Error::invalid(field, format!("prefix /{prefix} is out of range; use /8 to /28")));
     }
+    if network.octets()[0] >= 224 {
+        return Err(Error::invalid(
+            field,
+            format!("{s:?} is multicast or reserved space; use a private or CGNAT range"),
+        ));
+    }
     let mask = u32::MAX << (32 - prefix);
     if u32::from(network) & !mask != 0 {
         let net = Ipv4Addr::from(u32::from(network) & mask);
@@ -236,10 +242,10 @@ pub fn label_selector(field: &str, s: &str) -> Result<Vec<LabelRequirement>> {
         if !label_key_ok(k) {
             return Err(bad_key(k));
         }
-        if let LabelRequirement::Equals(_, v) | LabelRequirement::NotEquals(_, v) = &req {
-            if !label_value_ok(v) {
-                return Err(Error::invalid(field, format!("{term:?}: {v:?} is not a label value")));
-            }
+        if let LabelRequirement::Equals(_, v) | LabelRequirement::NotEquals(_, v) = &req
+            && !label_value_ok(v)
+        {
+            return Err(Error::invalid(field, format!("{term:?}: {v:?} is not a label value")));
         }
         out.push(req);
     }

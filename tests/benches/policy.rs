@@ -54,7 +54,7 @@ fn policy_text() -> String {
 }
 
 fn node(i: usize, tailnet: TailnetId) -> Node {
-    let tagged = i % 5 != 0;
+    let tagged = !i.is_multiple_of(5);
     Node {
         id: NodeId::generate(),
         tailnet_id: tailnet,

@@ -204,10 +204,10 @@ impl pb::control_server::Control for ControlApi {
             after_revision: convert::page_token("page_token", &req.page_token, |t| t.parse().ok())?.unwrap_or(0),
             limit: validate::page_size("page_size", req.page_size)?,
         };
-        if let (Some(since), Some(until)) = (filter.since, filter.until) {
-            if until < since {
-                return Err(Error::invalid("until", "is before since").into());
-            }
+        if let (Some(since), Some(until)) = (filter.since, filter.until)
+            && until < since
+        {
+            return Err(Error::invalid("until", "is before since").into());
         }
         let (events, more) = self.cp.store.list_events(&filter)?;
         let next_page_token = match (more, events.last()) {

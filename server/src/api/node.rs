@@ -114,6 +114,8 @@ impl pb::node_server::Node for NodeApi {
         // Subscribe before the snapshot: a change lands either in the snapshot or on the channel.
         let mut changes = self.cp.hub().subscribe_tailnet(node.tailnet_id);
         let (mut view, mut tailnet, mut revision) = load_view(&self.cp, node.id)?;
+        // What the first map shows must be durable: nothing a crash could take back.
+        self.cp.store.flush().await?;
         let presence = self.cp.connect(&node);
         let cp = self.cp.clone();
         let (tx, rx) = mpsc::channel(64);
@@ -157,10 +159,10 @@ impl pb::node_server::Node for NodeApi {
                         }
                     },
                 };
-                if let Some(message) = message {
-                    if tx.send(Ok(message)).await.is_err() {
-                        return;
-                    }
+                if let Some(message) = message
+                    && tx.send(Ok(message)).await.is_err()
+                {
+                    return;
                 }
                 if last {
                     return;

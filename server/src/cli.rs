@@ -444,6 +444,7 @@ async fn tailnet(client: &ClientArgs, command: TailnetCommand) -> anyhow::Result
                     ttl_seconds: ttl.map_or(0, |d| d.as_secs()),
                     labels: labels.into_iter().collect(),
                     cidr: cidr.unwrap_or_default(),
+                    upstreams: vec![],
                     policy_json: match &policy {
                         Some(path) => std::fs::read_to_string(path)
                             .with_context(|| format!("cannot read the policy file {}", path.display()))?,

@@ -159,6 +159,38 @@ pub struct Tailnet {
     /// 0 = the default allow-all policy.
     #[serde(default)]
     pub policy_version: u64,
+    /// The gateway's upstreams, without their keys (stored apart, write-only).
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamInfo>,
+}
+
+/// An upstream LLM provider as everyone may see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamInfo {
+    pub name: String,
+    pub kind: String,
+    pub base_url: String,
+    pub updated_at: SystemTime,
+}
+
+/// An upstream with its API key, as a caller sets it. `Debug` never shows the key.
+#[derive(Clone)]
+pub struct UpstreamSpec {
+    pub name: String,
+    pub kind: String,
+    pub base_url: String,
+    pub api_key: crate::secret::Secret,
+}
+
+impl fmt::Debug for UpstreamSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamSpec")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("base_url", &self.base_url)
+            .field("api_key", &"<redacted>")
+            .finish()
+    }
 }
 
 /// What a caller supplies to create a tailnet; validated by [`crate::validate`].
@@ -171,6 +203,7 @@ pub struct TailnetSpec {
     pub cidr: Ipv4Cidr,
     /// The first policy, already validated: its text and the parsed form.
     pub policy: Option<(String, std::sync::Arc<crate::policy::Policy>)>,
+    pub upstreams: Vec<UpstreamSpec>,
 }
 
 /// One accepted version of a tailnet's policy.
@@ -369,6 +402,7 @@ pub enum EventKind {
     PolicyChanged,
     TrustRuleCreated,
     TrustRuleDeleted,
+    UpstreamSet,
 }
 
 /// One entry of the audit log.

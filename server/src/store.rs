@@ -18,6 +18,7 @@ use crate::hub::{Change, Hub, NetChange, NetMapUpdate};
 use crate::model::{
     Actor, AuthKey, AuthKeyId, AuthKeySpec, Credential, EndReason, Event, EventKind, KeyState, Node, NodeId,
     PolicyRecord, Registration, RunIdentity, SecretHash, Tailnet, TailnetId, TailnetSpec, TrustRule, TrustRuleId,
+    UpstreamInfo, UpstreamSpec,
 };
 use crate::validate::LabelRequirement;
 
@@ -77,6 +78,12 @@ mod key {
     }
     pub fn tailnet_key(t: TailnetId, k: AuthKeyId) -> Vec<u8> {
         join(b"tk/", &[t.as_bytes(), k.as_bytes()])
+    }
+    pub fn upstream_keys(t: TailnetId) -> Vec<u8> {
+        join(b"uk/", &[t.as_bytes()])
+    }
+    pub fn upstream_key(t: TailnetId, name: &str) -> Vec<u8> {
+        join(b"uk/", &[t.as_bytes(), name.as_bytes()])
     }
     pub const TRUST_RULES: &[u8] = b"r/";
     pub fn trust_rule(id: TrustRuleId) -> Vec<u8> {
@@ -271,9 +278,22 @@ impl Store {
             created_by: actor.0.clone(),
             node_count: 0,
             policy_version: u64::from(spec.policy.is_some()),
+            upstreams: spec
+                .upstreams
+                .iter()
+                .map(|u| UpstreamInfo {
+                    name: u.name.clone(),
+                    kind: u.kind.clone(),
+                    base_url: u.base_url.clone(),
+                    updated_at: now,
+                })
+                .collect(),
         };
         self.write_durable(|w| {
             w.put(&key::tailnet(tailnet.id), &tailnet);
+            for u in &spec.upstreams {
+                w.put_raw(&key::upstream_key(tailnet.id, &u.name), u.api_key.expose().as_bytes());
+            }
             if let Some((text, policy)) = &spec.policy {
                 let record = PolicyRecord {
                     tailnet_id: tailnet.id,
@@ -382,6 +402,10 @@ impl Store {
                 removed.keys += 1;
             }
             for item in w.db.scan_prefix(key::policies(id)) {
+                let (k, _) = item?;
+                w.del(&k);
+            }
+            for item in w.db.scan_prefix(key::upstream_keys(id)) {
                 let (k, _) = item?;
                 w.del(&k);
             }
@@ -709,6 +733,61 @@ impl Store {
             Ok((node, tailnet))
         })
         .await
+    }
+
+    // -------------------------------------------------------------------------------------------------
+    // Upstreams
+
+    /// Adds or replaces an upstream of the tailnet's gateway; the key is stored apart from the tailnet
+    /// record and only [`Store::upstream_api_key`] reads it.
+    pub async fn set_upstream(
+        &self,
+        tailnet_id: TailnetId,
+        spec: UpstreamSpec,
+        actor: &Actor,
+        now: SystemTime,
+    ) -> Result<UpstreamInfo> {
+        self.write_durable(|w| {
+            let mut tailnet: Tailnet =
+                w.get(&key::tailnet(tailnet_id))?.ok_or_else(|| Error::not_found("tailnet", tailnet_id))?;
+            let info = UpstreamInfo {
+                name: spec.name.clone(),
+                kind: spec.kind.clone(),
+                base_url: spec.base_url.clone(),
+                updated_at: now,
+            };
+            let replaced = tailnet.upstreams.iter().any(|u| u.name == info.name);
+            tailnet.upstreams.retain(|u| u.name != info.name);
+            if tailnet.upstreams.len() >= 16 {
+                return Err(Error::invalid("name", "a tailnet has at most 16 upstreams"));
+            }
+            tailnet.upstreams.push(info.clone());
+            w.put(&key::tailnet(tailnet_id), &tailnet);
+            w.put_raw(&key::upstream_key(tailnet_id, &spec.name), spec.api_key.expose().as_bytes());
+            w.event(EventDraft {
+                kind: EventKind::UpstreamSet,
+                tailnet: Some(tailnet_id),
+                actor,
+                summary: format!(
+                    "upstream {} {} ({}, {}); API key set",
+                    info.name,
+                    if replaced { "replaced" } else { "added" },
+                    info.kind,
+                    info.base_url
+                ),
+                ..EventDraft::at(now)
+            });
+            Ok(info)
+        })
+        .await
+    }
+
+    /// The API key of an upstream, for the gateway that calls it.
+    pub fn upstream_api_key(&self, tailnet: TailnetId, name: &str) -> Result<Option<crate::secret::Secret>> {
+        Ok(self
+            .db
+            .get(key::upstream_key(tailnet, name))?
+            .map(|v| crate::secret::Secret::from_string(String::from_utf8_lossy(&v).into_owned())))
     }
 
     // -------------------------------------------------------------------------------------------------

@@ -92,6 +92,7 @@ fn main() {
         created_by: "bench".into(),
         node_count: NODES as u32,
         policy_version: 1,
+        upstreams: vec![],
     };
     let nodes: Vec<Node> = (0..NODES).map(|i| node(i, tailnet.id)).collect();
     let ids: Vec<String> = nodes.iter().map(|n| n.id.to_string()).collect();

@@ -64,6 +64,7 @@ async fn deadlines_survive_a_restart() {
         labels: Default::default(),
         cidr: cordon_server::model::Ipv4Cidr::DEFAULT,
         policy: None,
+        upstreams: vec![],
     };
     let tailnet = cp.create_tailnet(spec, &actor).await.unwrap();
     cp.begin_shutdown();

@@ -218,6 +218,15 @@ impl pb::control_server::Control for ControlApi {
         Ok(Response::new(pb::ListAuditEventsResponse { events, next_page_token }))
     }
 
+    async fn set_upstream(&self, req: Request<pb::SetUpstreamRequest>) -> Result<Response<pb::UpstreamInfo>, Status> {
+        let actor = actor(&req)?;
+        let req = req.into_inner();
+        let tailnet = TailnetId::parse("tailnet_id", &req.tailnet_id)?;
+        let spec = convert::upstream_spec("", req.name, req.kind, req.base_url, req.api_key)?;
+        let info = self.cp.store.set_upstream(tailnet, spec, &actor, self.cp.now()).await?;
+        Ok(Response::new(convert::upstream(&info)))
+    }
+
     async fn get_relay_stats(&self, _: Request<pb::GetRelayStatsRequest>) -> Result<Response<pb::RelayStats>, Status> {
         let c = self.cp.relays.counts();
         Ok(Response::new(pb::RelayStats {

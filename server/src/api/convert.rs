@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::hub::Hub;
 use crate::model::{
     AuthKey, AuthKeySpec, EndReason, Event, EventKind, Node, Presented, RegisterInput, RunIdentity, Tailnet, TailnetId,
-    TailnetSpec, TrustRule, TrustRuleSpec,
+    TailnetSpec, TrustRule, TrustRuleSpec, UpstreamSpec,
 };
 use crate::secret::AUTH_KEY_PREFIX;
 use crate::time::to_timestamp;
@@ -29,7 +29,70 @@ pub fn tailnet_spec(req: pb::CreateTailnetRequest) -> Result<TailnetSpec> {
         let policy = crate::control_plane::parse_policy(&req.policy_json)?;
         Some((req.policy_json, std::sync::Arc::new(policy)))
     };
-    Ok(TailnetSpec { name: req.name, owner: req.owner, ttl_seconds: req.ttl_seconds, labels, cidr, policy })
+    if req.upstreams.len() > 16 {
+        return Err(Error::invalid("upstreams", "at most 16"));
+    }
+    let mut upstreams: Vec<UpstreamSpec> = Vec::new();
+    for (i, u) in req.upstreams.into_iter().enumerate() {
+        let spec = upstream_spec(&format!("upstreams[{i}]."), u.name, u.kind, u.base_url, u.api_key)?;
+        if upstreams.iter().any(|o| o.name == spec.name) {
+            return Err(Error::invalid(format!("upstreams[{i}].name"), format!("{:?} is given twice", spec.name)));
+        }
+        upstreams.push(spec);
+    }
+    Ok(TailnetSpec { name: req.name, owner: req.owner, ttl_seconds: req.ttl_seconds, labels, cidr, policy, upstreams })
+}
+
+pub const UPSTREAM_KINDS: [&str; 3] = ["openai", "anthropic", "openai-compatible"];
+
+/// Validates an upstream; `prefix` is put before field names (`upstreams[0].`).
+pub fn upstream_spec(
+    prefix: &str,
+    name: String,
+    kind: String,
+    base_url: String,
+    api_key: String,
+) -> Result<UpstreamSpec> {
+    validate::dns_label(&format!("{prefix}name"), &name)?;
+    if !UPSTREAM_KINDS.contains(&kind.as_str()) {
+        return Err(Error::invalid(
+            format!("{prefix}kind"),
+            format!("{kind:?} is not one of {}", UPSTREAM_KINDS.join(", ")),
+        ));
+    }
+    let rest = base_url.strip_prefix("https://").or_else(|| base_url.strip_prefix("http://"));
+    if rest.is_none_or(|r| r.is_empty() || r.starts_with('/'))
+        || base_url.len() > 512
+        || base_url.contains(char::is_whitespace)
+    {
+        return Err(Error::invalid(
+            format!("{prefix}base_url"),
+            format!("{base_url:?} is not an http(s) URL like https://api.openai.com/v1"),
+        ));
+    }
+    // The key is checked but never quoted back.
+    if api_key.is_empty() {
+        return Err(Error::invalid(format!("{prefix}api_key"), "is required (it is stored write-only)"));
+    }
+    if api_key.len() > 4096 || api_key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Error::invalid(format!("{prefix}api_key"), "must be at most 4096 characters without spaces"));
+    }
+    Ok(UpstreamSpec {
+        name,
+        kind,
+        base_url: base_url.trim_end_matches('/').to_string(),
+        api_key: crate::secret::Secret::from_string(api_key),
+    })
+}
+
+pub fn upstream(u: &crate::model::UpstreamInfo) -> pb::UpstreamInfo {
+    pb::UpstreamInfo {
+        name: u.name.clone(),
+        kind: u.kind.clone(),
+        base_url: u.base_url.clone(),
+        api_key_set: true,
+        updated_at: ts(u.updated_at),
+    }
 }
 
 pub fn auth_key_spec(req: pb::CreateAuthKeyRequest) -> Result<AuthKeySpec> {
@@ -197,6 +260,7 @@ pub fn tailnet(t: &Tailnet) -> pb::Tailnet {
         created_by: t.created_by.clone(),
         node_count: t.node_count,
         policy_version: t.policy_version,
+        upstreams: t.upstreams.iter().map(upstream).collect(),
     }
 }
 
@@ -255,6 +319,7 @@ fn event_kind(kind: EventKind) -> pb::EventKind {
         EventKind::PolicyChanged => pb::EventKind::PolicyChanged,
         EventKind::TrustRuleCreated => pb::EventKind::TrustRuleCreated,
         EventKind::TrustRuleDeleted => pb::EventKind::TrustRuleDeleted,
+        EventKind::UpstreamSet => pb::EventKind::UpstreamSet,
     }
 }
 

@@ -280,3 +280,55 @@ pub fn rss_bytes() -> u64 {
     let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
     pages * 4096
 }
+
+/// Two in-process agentd nodes, `alpha` and `beta`, in a new tailnet of `server`, each knowing the other.
+pub struct NodePair {
+    pub a: agentd::Node,
+    pub b: agentd::Node,
+    pub tailnet: pb::Tailnet,
+    pub secret: String,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+/// Starts a [`NodePair`]; with `advertise`, both claim that endpoint instead of their real one.
+pub async fn node_pair(server: &TestServer, name: &str, advertise: Option<&str>) -> NodePair {
+    let mut admin = server.admin().await;
+    let tailnet = create_tailnet(&mut admin, name).await;
+    let (_, secret) = create_key(&mut admin, &tailnet.id, true, false).await;
+    let dirs = (tempfile::tempdir().expect("temp dir"), tempfile::tempdir().expect("temp dir"));
+    let start = |dir: &Path, hostname: &str| {
+        let mut config = agentd::NodeConfig::new(&server.url, dir);
+        config.auth_key = Some(secret.clone());
+        config.hostname = hostname.into();
+        config.advertise = advertise.map(|a| vec![a.parse().expect("an ip:port")]).unwrap_or_default();
+        agentd::Node::start(config)
+    };
+    let a = start(dirs.0.path(), "alpha").await.expect("alpha starts");
+    let b = start(dirs.1.path(), "beta").await.expect("beta starts");
+    for node in [&a, &b] {
+        let mut netmap = node.netmap();
+        tokio::time::timeout(Duration::from_secs(10), netmap.wait_for(|m| m.peers.len() == 1))
+            .await
+            .expect("the nodes see each other within 10 s")
+            .expect("netmap watch");
+    }
+    NodePair { a, b, tailnet, secret, _dirs: dirs }
+}
+
+/// Echoes whatever arrives on `port` of `node`.
+pub async fn echo(node: &agentd::Node, port: u16) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut listener = node.listen(port).await.expect("listen");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}

@@ -15,23 +15,6 @@ async fn join(server: &TestServer, secret: &str, dir: &std::path::Path, hostname
     Node::start(config).await.expect("node starts")
 }
 
-/// Echoes whatever arrives on `port` of `node`.
-async fn echo(node: &Node, port: u16) {
-    let mut listener = node.listen(port).await.unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 64];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-}
-
 /// Waits until `node` has `count` peers in its netmap.
 async fn peers(node: &Node, count: usize) {
     let mut netmap = node.netmap();
@@ -44,14 +27,7 @@ async fn peers(node: &Node, count: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_mib_across_the_tunnel() {
     let server = TestServer::start().await;
-    let mut admin = server.admin().await;
-    let tailnet = create_tailnet(&mut admin, "data").await;
-    let (_, secret) = create_key(&mut admin, &tailnet.id, true, false).await;
-    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = join(&server, &secret, dirs.0.path(), "alpha").await;
-    let b = join(&server, &secret, dirs.1.path(), "beta").await;
-    peers(&a, 1).await;
-    peers(&b, 1).await;
+    let NodePair { a, b, .. } = node_pair(&server, "data", None).await;
 
     let mut listener = b.listen(9000).await.unwrap();
     let data: Vec<u8> = (0..16u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
@@ -84,13 +60,7 @@ async fn sixteen_mib_across_the_tunnel() {
 async fn a_removed_peer_can_no_longer_reach_the_other() {
     let server = TestServer::start().await;
     let mut admin = server.admin().await;
-    let tailnet = create_tailnet(&mut admin, "cut").await;
-    let (_, secret) = create_key(&mut admin, &tailnet.id, true, false).await;
-    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = join(&server, &secret, dirs.0.path(), "alpha").await;
-    let b = join(&server, &secret, dirs.1.path(), "beta").await;
-    peers(&a, 1).await;
-    peers(&b, 1).await;
+    let NodePair { a, b, .. } = node_pair(&server, "cut", None).await;
     echo(&b, 7000).await;
     let mut s = a.dial_host("beta", 7000).await.unwrap();
     s.write_all(b"ping").await.unwrap();
@@ -156,13 +126,7 @@ async fn start_errors_say_what_to_do() {
 async fn a_server_restart_keeps_tunnels_up_and_nodes_reconnect() {
     let server = TestServer::start().await;
     let addr = server.addr;
-    let mut admin = server.admin().await;
-    let tailnet = create_tailnet(&mut admin, "restart").await;
-    let (_, secret) = create_key(&mut admin, &tailnet.id, true, false).await;
-    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = join(&server, &secret, dirs.0.path(), "alpha").await;
-    let b = join(&server, &secret, dirs.1.path(), "beta").await;
-    peers(&a, 1).await;
+    let NodePair { a, b, secret, .. } = node_pair(&server, "restart", None).await;
     echo(&b, 7100).await;
     let mut conn = a.dial_host("beta", 7100).await.unwrap();
 

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use agentd::{Node, NodeConfig};
+use agentd::Node;
 use cordon_tests::v1 as pb;
 use cordon_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -116,33 +116,16 @@ async fn a_stalled_reader_blocks_nobody() {
     assert!(s.dropped_overflow > 500, "oldest frames dropped: {s:?}");
 }
 
-async fn join(server: &TestServer, secret: &str, dir: &std::path::Path, name: &str, advertise: Option<&str>) -> Node {
-    let mut config = NodeConfig::new(&server.url, dir);
-    config.auth_key = Some(secret.into());
-    config.hostname = name.into();
-    if let Some(a) = advertise {
-        config.advertise = vec![a.parse().unwrap()];
-    }
-    Node::start(config).await.unwrap()
-}
-
 async fn path_to(node: &Node, hostname: &str) -> Option<agentd::wg::Route> {
     node.status().await.peers.into_iter().find(|p| p.peer.hostname == hostname).and_then(|p| p.path)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_flows_through_the_relay_when_no_direct_path_exists() {
-    // No STUN reflector: the nodes cannot learn each other's real endpoints.
+    // No STUN reflector, and both advertise endpoints nobody listens on: only the relay connects them.
     let server = TestServer::start_configured(|c| c.stun_listen = None).await;
     let mut admin = server.admin().await;
-    let t = create_tailnet(&mut admin, "relayonly").await;
-    let (_, secret) = create_key(&mut admin, &t.id, true, false).await;
-    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    // Both advertise endpoints nobody listens on: only the relay connects them.
-    let a = join(&server, &secret, dirs.0.path(), "alpha", Some("127.0.0.1:9")).await;
-    let b = join(&server, &secret, dirs.1.path(), "beta", Some("127.0.0.1:9")).await;
-    let mut netmap = a.netmap();
-    tokio::time::timeout(Duration::from_secs(10), netmap.wait_for(|m| m.peers.len() == 1)).await.unwrap().unwrap();
+    let NodePair { a, b, .. } = node_pair(&server, "relayonly", Some("127.0.0.1:9")).await;
 
     let mut listener = b.listen(8000).await.unwrap();
     let data: Vec<u8> = (0..1u32 << 20).map(|i| (i * 31) as u8).collect();
@@ -166,14 +149,7 @@ async fn traffic_flows_through_the_relay_when_no_direct_path_exists() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_move_to_a_direct_path_when_one_works() {
     let server = TestServer::start().await;
-    let mut admin = server.admin().await;
-    let t = create_tailnet(&mut admin, "direct").await;
-    let (_, secret) = create_key(&mut admin, &t.id, true, false).await;
-    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = join(&server, &secret, dirs.0.path(), "alpha", None).await;
-    let b = join(&server, &secret, dirs.1.path(), "beta", None).await;
-    let mut netmap = a.netmap();
-    tokio::time::timeout(Duration::from_secs(10), netmap.wait_for(|m| m.peers.len() == 1)).await.unwrap().unwrap();
+    let NodePair { a, b, .. } = node_pair(&server, "direct", None).await;
     let mut listener = b.listen(8001).await.unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
@@ -197,27 +173,8 @@ async fn nodes_move_to_a_direct_path_when_one_works() {
 async fn relay_streams_come_back_after_a_server_restart() {
     let server = TestServer::start_configured(|c| c.stun_listen = None).await;
     let addr = server.addr;
-    let mut admin = server.admin().await;
-    let t = create_tailnet(&mut admin, "relayrestart").await;
-    let (_, secret) = create_key(&mut admin, &t.id, true, false).await;
-    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = join(&server, &secret, dirs.0.path(), "alpha", Some("127.0.0.1:9")).await;
-    let b = join(&server, &secret, dirs.1.path(), "beta", Some("127.0.0.1:9")).await;
-    let mut netmap = a.netmap();
-    tokio::time::timeout(Duration::from_secs(10), netmap.wait_for(|m| m.peers.len() == 1)).await.unwrap().unwrap();
-    let mut listener = b.listen(8002).await.unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 16];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    let NodePair { a, b, .. } = node_pair(&server, "relayrestart", Some("127.0.0.1:9")).await;
+    echo(&b, 8002).await;
     let mut conn = a.dial_host("beta", 8002).await.unwrap();
     conn.write_all(b"1").await.unwrap();
     let mut echo = [0u8; 1];

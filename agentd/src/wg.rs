@@ -292,40 +292,31 @@ impl Engine {
     /// `from` is the UDP source, or `None` for the relay.
     fn receive_from(&mut self, from: Option<SocketAddr>, datagram: &[u8], now: Instant) {
         self.now_hint = now;
-        let key = match Tunn::parse_incoming_packet(datagram) {
+        let receiver_idx = match Tunn::parse_incoming_packet(datagram) {
             Err(_) => {
                 self.drops.malformed += 1;
                 return;
             }
             Ok(Packet::HandshakeInit(init)) => match parse_handshake_anon(&self.secret, &self.public, &init) {
-                Ok(half) => half.peer_static_public,
+                Ok(half) => return self.receive_for(half.peer_static_public, from, datagram, now),
                 Err(_) => {
                     self.drops.undecryptable += 1;
                     return;
                 }
             },
-            Ok(Packet::HandshakeResponse(p)) => match self.by_index.get(&(p.receiver_idx >> 8)) {
-                Some(k) => *k,
-                None => {
-                    self.drops.unknown_peer += 1;
-                    return;
-                }
-            },
-            Ok(Packet::PacketCookieReply(p)) => match self.by_index.get(&(p.receiver_idx >> 8)) {
-                Some(k) => *k,
-                None => {
-                    self.drops.unknown_peer += 1;
-                    return;
-                }
-            },
-            Ok(Packet::PacketData(p)) => match self.by_index.get(&(p.receiver_idx >> 8)) {
-                Some(k) => *k,
-                None => {
-                    self.drops.unknown_peer += 1;
-                    return;
-                }
-            },
+            // Everything else names our receiver index, which routes it to its peer.
+            Ok(Packet::HandshakeResponse(p)) => p.receiver_idx,
+            Ok(Packet::PacketCookieReply(p)) => p.receiver_idx,
+            Ok(Packet::PacketData(p)) => p.receiver_idx,
         };
+        match self.by_index.get(&(receiver_idx >> 8)) {
+            Some(key) => self.receive_for(*key, from, datagram, now),
+            None => self.drops.unknown_peer += 1,
+        }
+    }
+
+    /// A datagram routed to the peer with public key `key`.
+    fn receive_for(&mut self, key: Key, from: Option<SocketAddr>, datagram: &[u8], now: Instant) {
         let Some(peer) = self.peers.get_mut(&key) else {
             self.drops.unknown_peer += 1;
             return;

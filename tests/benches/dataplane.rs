@@ -279,22 +279,6 @@ async fn rtt(stream: &mut agentd::TcpStream, rounds: usize) -> Duration {
     samples[rounds / 2]
 }
 
-async fn echo_on(node: &Node, port: u16) {
-    let mut listener = node.listen(port).await.unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 64 * 1024];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-}
-
 /// Throughput and round trip through the server's relay against a direct path, and join-to-direct time.
 async fn relay() {
     let total = 256 << 20;
@@ -327,7 +311,7 @@ async fn relay() {
         let joined = Instant::now();
         let b = start("beta", dirs.1.path().into()).await;
         a.netmap().wait_for(|m| m.peers.len() == 1).await.unwrap();
-        echo_on(&b, 7).await;
+        echo(&b, 7).await;
         let mut stream = a.dial_host("beta", 7).await.unwrap();
         if !relayed {
             loop {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use cordon_proto::v1 as pb;
 use cordon_proto::v1::node_client::NodeClient;
+use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::{Channel, Endpoint};
 
@@ -14,7 +15,8 @@ use crate::error::Error;
 use crate::netmap::NetMap;
 
 pub type Client = NodeClient<Channel>;
-pub type NetMapStream = tonic::Streaming<pb::NetMap>;
+/// The netmap messages of one session: from the server's `WatchNetMap`, or fed in-process (the gateway).
+pub type NetMapStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::NetMap, tonic::Status>> + Send>>;
 
 /// Why the node's session ended for good.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,16 +72,16 @@ pub async fn watch(client: &mut Client, session_token: &str) -> Result<NetMapStr
     client
         .watch_net_map(pb::WatchNetMapRequest { session_token: session_token.to_string() })
         .await
-        .map(tonic::Response::into_inner)
+        .map(|r| Box::pin(r.into_inner()) as NetMapStream)
 }
 
 /// The first message of a stream: the full map.
 pub async fn first_netmap(stream: &mut NetMapStream) -> Result<NetMap, Error> {
-    let message = tokio::time::timeout(Duration::from_secs(30), stream.message())
+    let message = tokio::time::timeout(Duration::from_secs(30), stream.next())
         .await
         .map_err(|_| Error::Protocol("nothing within 30 s".into()))?
-        .map_err(|s| Error::Rejected(s.message().to_string()))?
-        .ok_or_else(|| Error::Protocol("an empty stream".into()))?;
+        .ok_or_else(|| Error::Protocol("an empty stream".into()))?
+        .map_err(|s| Error::Rejected(s.message().to_string()))?;
     match message.update {
         Some(pb::net_map::Update::Full(full)) => NetMap::from_full(message.revision, &full),
         Some(pb::net_map::Update::Ended(e)) => Err(Error::Revoked(e.message)),
@@ -89,7 +91,8 @@ pub async fn first_netmap(stream: &mut NetMapStream) -> Result<NetMap, Error> {
 
 /// Everything the follow loop updates.
 pub struct Follow {
-    pub client: Client,
+    /// `None` for a node fed in-process: when its stream ends, so does the node.
+    pub client: Option<Client>,
     pub session_token: String,
     pub netmap: watch::Sender<Arc<NetMap>>,
     pub ended: watch::Sender<Option<Ended>>,
@@ -161,10 +164,10 @@ pub async fn follow(mut f: Follow, mut stream: NetMapStream) {
         loop {
             let message = tokio::select! {
                 _ = crate::stopped(&mut f.shutdown) => return,
-                m = stream.message() => m,
+                m = stream.next() => m,
             };
             match message {
-                Ok(Some(m)) => {
+                Some(Ok(m)) => {
                     backoff = Duration::from_millis(250);
                     if let Some(ended) = apply(&f, m) {
                         if ended.1 {
@@ -176,13 +179,19 @@ pub async fn follow(mut f: Follow, mut stream: NetMapStream) {
                         return;
                     }
                 }
-                Ok(None) => break,
-                Err(status) => {
+                None => break,
+                Some(Err(status)) => {
                     tracing::info!(error = %status.message(), "netmap stream broke; reconnecting");
                     break;
                 }
             }
         }
+        let Some(client) = f.client.as_mut() else {
+            let ended =
+                Ended { reason: pb::stream_ended::Reason::NodeRemoved, message: "the host stopped this node".into() };
+            f.ended.send_replace(Some(ended));
+            return;
+        };
         // Reconnect with jittered exponential backoff.
         stream = loop {
             let jitter = rand::random::<f64>() * 0.5 + 0.75;
@@ -192,7 +201,7 @@ pub async fn follow(mut f: Follow, mut stream: NetMapStream) {
                 _ = crate::stopped(&mut f.shutdown) => return,
                 _ = tokio::time::sleep(wait) => {}
             }
-            match watch(&mut f.client, &f.session_token).await {
+            match watch(client, &f.session_token).await {
                 Ok(s) => break s,
                 Err(status) if status.code() == tonic::Code::Unauthenticated => {
                     let ended = Ended {

@@ -47,16 +47,17 @@ pub struct Links {
 /// How often the node asks the STUN reflector where it is (NAT mappings expire).
 const STUN_INTERVAL: Duration = Duration::from_secs(20);
 
-/// Runs until `shutdown` turns true.
+/// Runs until `shutdown` turns true. Without a socket (a node hosted in the server) every packet
+/// travels through the relay links.
 pub async fn run(
-    socket: UdpSocket,
+    socket: Option<UdpSocket>,
     mut engine: Engine,
     local: Local,
     mut commands: mpsc::UnboundedReceiver<Command>,
     mut links: Links,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut udp = match Udp::new(socket) {
+    let mut udp = match socket.map(Udp::new).transpose() {
         Ok(u) => u,
         Err(e) => {
             tracing::error!(error = %e, "cannot set up the UDP socket");
@@ -90,12 +91,16 @@ pub async fn run(
                 }
             }
         }
-        udp.send_all(&mut direct).await;
-        if let Some(server) = stun
-            && now >= next_stun
-        {
-            udp.send_one(server, &crate::stun::request(transaction)).await;
-            next_stun = now + STUN_INTERVAL;
+        if let Some(udp) = udp.as_mut() {
+            udp.send_all(&mut direct).await;
+            if let Some(server) = stun
+                && now >= next_stun
+            {
+                udp.send_one(server, &crate::stun::request(transaction)).await;
+                next_stun = now + STUN_INTERVAL;
+            }
+        } else {
+            direct.clear();
         }
         while let Some(event) = engine.poll_event() {
             match event {
@@ -124,7 +129,7 @@ pub async fn run(
                 }
                 None => return,
             },
-            _ = udp.readable() => {
+            Some(udp) = readable(udp.as_mut()) => {
                 let now = Instant::now().into_std();
                 let reflexive = &links.reflexive;
                 for _ in 0..RECV_ROUNDS {
@@ -171,6 +176,14 @@ pub async fn run(
                 }
             }
         }
+    }
+}
+
+/// The socket once it is readable; never without one.
+async fn readable(udp: Option<&mut Udp>) -> Option<&mut Udp> {
+    match udp {
+        Some(u) => u.readable().await.ok().map(|()| u),
+        None => std::future::pending().await,
     }
 }
 

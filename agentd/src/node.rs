@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use boringtun::x25519::PublicKey;
+use boringtun::x25519::{PublicKey, StaticSecret};
 use cordon_proto::v1 as pb;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -16,10 +16,10 @@ use crate::control::{self, Client, Ended, Follow};
 use crate::dataplane::{self, Command, Local};
 use crate::error::Error;
 use crate::netmap::{NetMap, Peer};
-use crate::stack::{Listener, Stack, TcpStream};
+use crate::stack::{Listener, Stack, StackConfig, TcpStream};
 use crate::state::{Session, StateDir};
 use crate::tun::Tun;
-use crate::wg::{Drops, Engine};
+use crate::wg::{Drops, Engine, Key};
 
 /// How the node meets the operating system.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,10 +102,42 @@ pub struct Status {
     pub ended: Option<Ended>,
 }
 
+/// What a host process hands [`Node::hosted`].
+pub struct Hosted {
+    /// The node's WireGuard private key.
+    pub secret: [u8; 32],
+    pub node_id: String,
+    /// The netmap messages, a full map first; the node ends when this ends.
+    pub netmap: control::NetMapStream,
+    /// Datagrams the node sends, by peer key; the host delivers them.
+    pub relay_out: mpsc::Sender<(Key, Vec<u8>)>,
+    /// Datagrams for the node, by sender key.
+    pub relay_in: mpsc::Receiver<(Key, Vec<u8>)>,
+    pub stack: StackConfig,
+}
+
+impl std::fmt::Debug for Hosted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hosted").field("node_id", &self.node_id).field("secret", &"<redacted>").finish_non_exhaustive()
+    }
+}
+
+/// Everything [`Node::launch`] starts from.
+struct Parts {
+    secret: StaticSecret,
+    netmap: NetMap,
+    stream: control::NetMapStream,
+    socket: Option<UdpSocket>,
+    local: Local,
+    links: dataplane::Links,
+    server_host: String,
+    endpoint: SocketAddr,
+}
+
 pub struct Node {
     session: Session,
-    client: Client,
-    state: StateDir,
+    client: Option<Client>,
+    state: Option<StateDir>,
     stack: Option<Arc<Stack>>,
     netmap: watch::Receiver<Arc<NetMap>>,
     ended: watch::Receiver<Option<Ended>>,
@@ -138,49 +170,81 @@ impl Node {
 
         let (session, mut stream) = resume_or_register(&mut client, &state, &config, public, &endpoints).await?;
         let netmap = control::first_netmap(&mut stream).await?;
-
-        let mut engine = Engine::new(secret);
-        engine.set_relay(netmap.relay);
-        engine.set_peers(netmap.peer_configs());
-        engine.set_filter(netmap.filter.clone());
         let server_host = control::server_host(&config.server);
-        let stun = control::resolve_stun(&netmap.stun, &server_host);
-        let (stack, local) = match &config.mode {
-            Mode::Userspace => {
-                let stack = Stack::new(netmap.address(), netmap.prefix);
-                (Some(stack.clone()), Local::Stack(stack))
-            }
+        let local = match &config.mode {
+            Mode::Userspace => Local::Stack(Stack::new(netmap.address(), netmap.prefix, StackConfig::default())),
             Mode::Tun { name } => {
-                let tun = Tun::create(name, netmap.address(), netmap.prefix).map_err(|e| Error::io("TUN", e))?;
-                (None, Local::Tun(tun))
+                Local::Tun(Tun::create(name, netmap.address(), netmap.prefix).map_err(|e| Error::io("TUN", e))?)
             }
         };
         tracing::info!(node = %session.node_id, address = %netmap.address(), %endpoint, peers = netmap.peers.len(), "joined tailnet {}", netmap.tailnet_name);
 
-        let (shutdown, shutdown_rx) = watch::channel(false);
-        let (commands, commands_rx) = mpsc::unbounded_channel();
-        let (netmap_tx, netmap_rx) = watch::channel(Arc::new(netmap));
-        let (ended_tx, ended_rx) = watch::channel(None);
         let (relay_out, relay_out_rx) = mpsc::channel(4096);
         let (relay_in_tx, relay_in) = mpsc::channel(4096);
         let (reflexive, reflexive_rx) = watch::channel(None);
         let links = dataplane::Links { relay_out, relay_in, reflexive };
-        let _ = commands.send(Command::SetPaths { stun, relay: netmap_rx_relay(&netmap_tx) });
-        let plane = tokio::spawn(dataplane::run(socket, engine, local, commands_rx, links, shutdown_rx.clone()));
+        let parts = Parts { secret, netmap, stream, socket: Some(socket), local, links, server_host, endpoint };
+        let node = Node::launch(session, Some(client.clone()), Some(state), parts);
+        let shutdown_rx = node.shutdown.subscribe();
         let relay = tokio::spawn(control::relay(
             client.clone(),
-            session.session_token.clone(),
+            node.session.session_token.clone(),
             relay_out_rx,
             relay_in_tx,
             shutdown_rx.clone(),
         ));
         let reporter = tokio::spawn(report_reflexive(
-            client.clone(),
-            session.session_token.clone(),
-            endpoints.clone(),
+            client,
+            node.session.session_token.clone(),
+            endpoints,
             reflexive_rx,
-            shutdown_rx.clone(),
+            shutdown_rx,
         ));
+        node.tasks.lock().unwrap().extend([relay, reporter]);
+        Ok(node)
+    }
+
+    /// A node that a host process runs itself (the server runs each tailnet's gateway this way): no UDP
+    /// socket, no connection to a server. The host feeds the netmap and carries every WireGuard datagram
+    /// over the relay links. The node ends when its netmap feed ends.
+    pub async fn hosted(hosted: Hosted) -> Result<Node, Error> {
+        let Hosted { secret, node_id, mut netmap, relay_out, relay_in, stack } = hosted;
+        let first = control::first_netmap(&mut netmap).await?;
+        let local = Local::Stack(Stack::new(first.address(), first.prefix, stack));
+        let (reflexive, _) = watch::channel(None);
+        let links = dataplane::Links { relay_out, relay_in, reflexive };
+        let parts = Parts {
+            secret: StaticSecret::from(secret),
+            netmap: first,
+            stream: netmap,
+            socket: None,
+            local,
+            links,
+            server_host: String::new(),
+            endpoint: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        };
+        let session = Session { server: String::new(), node_id, session_token: String::new() };
+        Ok(Node::launch(session, None, None, parts))
+    }
+
+    /// Starts the data plane and the netmap follower.
+    fn launch(session: Session, client: Option<Client>, state: Option<StateDir>, parts: Parts) -> Node {
+        let Parts { secret, netmap, stream, socket, local, links, server_host, endpoint } = parts;
+        let mut engine = Engine::new(secret);
+        engine.set_relay(netmap.relay);
+        engine.set_peers(netmap.peer_configs());
+        engine.set_filter(netmap.filter.clone());
+        let stun = control::resolve_stun(&netmap.stun, &server_host);
+        let stack = match &local {
+            Local::Stack(stack) => Some(stack.clone()),
+            Local::Tun(_) => None,
+        };
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let _ = commands.send(Command::SetPaths { stun, relay: netmap.relay });
+        let (netmap_tx, netmap_rx) = watch::channel(Arc::new(netmap));
+        let (ended_tx, ended_rx) = watch::channel(None);
+        let plane = tokio::spawn(dataplane::run(socket, engine, local, commands_rx, links, shutdown_rx.clone()));
         let follow = Follow {
             client: client.clone(),
             session_token: session.session_token.clone(),
@@ -200,22 +264,22 @@ impl Node {
             ended: ended_rx,
             commands,
             shutdown,
-            tasks: Mutex::new(vec![plane, follower, relay, reporter]),
+            tasks: Mutex::new(vec![plane, follower]),
             endpoint,
         };
         node.take_down_when_revoked();
-        Ok(node)
+        node
     }
 
     /// When the server ends the identity, stop the data plane: no tunnel outlives a revoked node.
     fn take_down_when_revoked(&self) {
         let mut ended = self.ended.clone();
         let shutdown = self.shutdown.clone();
-        let state_dir = self.state.path().to_path_buf();
+        let state_dir = self.state.as_ref().map(|s| s.path().to_path_buf());
         self.tasks.lock().unwrap().push(tokio::spawn(async move {
             if ended.wait_for(Option::is_some).await.is_ok() {
                 shutdown.send_replace(true);
-                if let Ok(state) = StateDir::open(&state_dir) {
+                if let Some(Ok(state)) = state_dir.as_deref().map(StateDir::open) {
                     let _ = state.clear_session();
                 }
             }
@@ -316,10 +380,13 @@ impl Node {
 
     /// Leaves the tailnet for good: the server removes the node at once.
     pub async fn leave(&self) -> Result<(), Error> {
-        let mut client = self.client.clone();
+        let (Some(mut client), Some(state)) = (self.client.clone(), self.state.as_ref()) else {
+            self.shutdown().await;
+            return Ok(());
+        };
         let result = client.leave(pb::LeaveRequest { session_token: self.session.session_token.clone() }).await;
         self.shutdown().await;
-        self.state.clear_session()?;
+        state.clear_session()?;
         result.map(|_| ()).map_err(|s| Error::Rejected(s.message().to_string()))
     }
 }
@@ -382,10 +449,6 @@ async fn resume_or_register(
     let stream =
         control::watch(client, &session.session_token).await.map_err(|s| Error::Rejected(s.message().to_string()))?;
     Ok((session, stream))
-}
-
-fn netmap_rx_relay(netmap: &watch::Sender<Arc<NetMap>>) -> bool {
-    netmap.borrow().relay
 }
 
 /// Reports the local endpoints plus the reflexive one STUN found, whenever the latter changes.

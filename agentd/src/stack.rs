@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::{Config, Interface, PollIngressSingleResult, SocketHandle, SocketSet};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint};
@@ -22,9 +22,22 @@ use tokio::sync::{Notify, mpsc};
 
 /// Tunnel MTU: WireGuard over IPv4 leaves 1420 bytes of a 1500-byte path.
 pub const MTU: usize = 1420;
-const TCP_BUFFER: usize = 512 * 1024;
-/// Listening sockets kept per port, so that connections arriving together are all accepted.
-const SPARE_LISTENERS: usize = 4;
+
+/// Socket buffer sizes and listen backlog. Throughput is about buffer / RTT; memory is buffers x
+/// sockets, so a node that exists by the thousand (the gateway) uses small ones.
+#[derive(Clone, Copy, Debug)]
+pub struct StackConfig {
+    /// Bytes per direction per TCP connection.
+    pub tcp_buffer: usize,
+    /// Listening sockets kept per port, so that connections arriving together are all accepted.
+    pub spare_listeners: usize,
+}
+
+impl Default for StackConfig {
+    fn default() -> Self {
+        StackConfig { tcp_buffer: 512 * 1024, spare_listeners: 4 }
+    }
+}
 
 /// Packets between the stack and the tunnel.
 #[derive(Default)]
@@ -87,6 +100,7 @@ pub(crate) struct Inner {
     orphans: Vec<SocketHandle>,
     address: Ipv4Addr,
     next_port: u16,
+    config: StackConfig,
 }
 
 /// The stack of one node.
@@ -98,7 +112,7 @@ pub struct Stack {
 }
 
 impl Stack {
-    pub fn new(address: Ipv4Addr, prefix: u8) -> Arc<Stack> {
+    pub fn new(address: Ipv4Addr, prefix: u8, stack_config: StackConfig) -> Arc<Stack> {
         let mut device = Queues::default();
         let epoch = std::time::Instant::now();
         let mut config = Config::new(HardwareAddress::Ip);
@@ -116,6 +130,7 @@ impl Stack {
                 orphans: Vec::new(),
                 address,
                 next_port: 49152 + rand::random::<u16>() % 16_000,
+                config: stack_config,
             }),
             wake: Notify::new(),
             epoch,
@@ -136,7 +151,16 @@ impl Stack {
         let now = self.now();
         let mut guard = self.inner.lock().unwrap();
         let inner = &mut *guard;
-        inner.iface.poll(now, &mut inner.device, &mut inner.sockets);
+        // One packet at a time, handing connected sockets to their listeners and opening fresh ones in
+        // between: smoltcp has no backlog, so a burst of SYNs would otherwise find the spares used up.
+        loop {
+            match inner.iface.poll_ingress_single(now, &mut inner.device, &mut inner.sockets) {
+                PollIngressSingleResult::None => break,
+                PollIngressSingleResult::PacketProcessed => {}
+                PollIngressSingleResult::SocketStateChanged => inner.accept_ready(),
+            }
+        }
+        inner.iface.poll_egress(now, &mut inner.device, &mut inner.sockets);
         inner.accept_ready();
         inner.reap_orphans();
         out.extend(inner.device.tx.drain(..));
@@ -150,7 +174,7 @@ impl Stack {
         }
         let (accepted, rx) = mpsc::unbounded_channel();
         let mut sockets = Vec::new();
-        for _ in 0..SPARE_LISTENERS {
+        for _ in 0..inner.config.spare_listeners.max(1) {
             sockets.push(inner.listening_socket(port)?);
         }
         inner.listeners.insert(port, Listening { sockets, accepted });
@@ -161,7 +185,7 @@ impl Stack {
         let handle = {
             let mut guard = self.inner.lock().unwrap();
             let inner = &mut *guard;
-            let mut socket = new_socket();
+            let mut socket = new_socket(inner.config.tcp_buffer);
             let local_port = inner.ephemeral_port();
             let remote_ep = IpEndpoint::new(IpAddress::Ipv4(*remote.ip()), remote.port());
             socket
@@ -198,9 +222,8 @@ impl Stack {
     }
 }
 
-fn new_socket() -> tcp::Socket<'static> {
-    let mut socket =
-        tcp::Socket::new(tcp::SocketBuffer::new(vec![0; TCP_BUFFER]), tcp::SocketBuffer::new(vec![0; TCP_BUFFER]));
+fn new_socket(buffer: usize) -> tcp::Socket<'static> {
+    let mut socket = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; buffer]), tcp::SocketBuffer::new(vec![0; buffer]));
     socket.set_nagle_enabled(false);
     socket.set_congestion_control(tcp::CongestionControl::Cubic);
     socket.set_keep_alive(Some(smoltcp::time::Duration::from_secs(30)));
@@ -210,7 +233,7 @@ fn new_socket() -> tcp::Socket<'static> {
 
 impl Inner {
     fn listening_socket(&mut self, port: u16) -> io::Result<SocketHandle> {
-        let mut socket = new_socket();
+        let mut socket = new_socket(self.config.tcp_buffer);
         socket.set_timeout(None);
         socket.set_keep_alive(None);
         socket.listen(port).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("listen {port}: {e}")))?;
@@ -222,32 +245,35 @@ impl Inner {
         self.next_port
     }
 
-    /// Moves listening sockets that received a connection to their listener, and replaces them.
+    /// Moves listening sockets that received a connection to their listener, and keeps the configured
+    /// number of sockets listening (a half-open connection holds its socket until it completes).
     fn accept_ready(&mut self) {
         let ports: Vec<u16> = self.listeners.keys().copied().collect();
         for port in ports {
-            let mut ready = Vec::new();
             let listening = self.listeners.get(&port).expect("port listed");
+            let (mut ready, mut idle) = (Vec::new(), 0);
             for &handle in &listening.sockets {
-                let state = self.sockets.get::<tcp::Socket>(handle).state();
-                if state != tcp::State::Listen && state != tcp::State::SynReceived {
-                    ready.push(handle);
+                match self.sockets.get::<tcp::Socket>(handle).state() {
+                    tcp::State::Listen => idle += 1,
+                    tcp::State::SynReceived => {}
+                    _ => ready.push(handle),
                 }
             }
-            for handle in ready {
-                let fresh = match self.listening_socket(port) {
-                    Ok(h) => h,
-                    Err(_) => continue,
-                };
-                let listening = self.listeners.get_mut(&port).expect("port listed");
-                listening.sockets.retain(|h| *h != handle);
-                listening.sockets.push(fresh);
-                {
-                    let socket = self.sockets.get_mut::<tcp::Socket>(handle);
-                    socket.set_timeout(Some(smoltcp::time::Duration::from_secs(120)));
-                    socket.set_keep_alive(Some(smoltcp::time::Duration::from_secs(30)));
+            let mut fresh = Vec::new();
+            while idle + fresh.len() < self.config.spare_listeners.max(1) {
+                match self.listening_socket(port) {
+                    Ok(h) => fresh.push(h),
+                    Err(_) => break,
                 }
-                if listening.accepted.send(handle).is_err() {
+            }
+            let listening = self.listeners.get_mut(&port).expect("port listed");
+            listening.sockets.retain(|h| !ready.contains(h));
+            listening.sockets.extend(fresh);
+            for handle in ready {
+                let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+                socket.set_timeout(Some(smoltcp::time::Duration::from_secs(120)));
+                socket.set_keep_alive(Some(smoltcp::time::Duration::from_secs(30)));
+                if self.listeners[&port].accepted.send(handle).is_err() {
                     self.orphans.push(handle);
                 }
             }

@@ -58,6 +58,10 @@ pub struct ServeArgs {
     /// address's IP, port 3478].
     #[arg(long, env = "CORDON_STUN_LISTEN")]
     pub stun_listen: Option<SocketAddr>,
+    /// How long audit events (gateway requests included) are kept, also after their tailnet is
+    /// deleted [default: 90d].
+    #[arg(long, env = "CORDON_AUDIT_RETENTION", value_parser = duration_arg)]
+    pub audit_retention: Option<Duration>,
 }
 
 /// The TOML file: the same settings, durations as strings ("30s").
@@ -75,6 +79,7 @@ struct FileConfig {
     shutdown_grace: Option<String>,
     cache_mb: Option<u64>,
     stun_listen: Option<SocketAddr>,
+    audit_retention: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -135,6 +140,10 @@ impl ServeConfig {
                 .or(file_duration("max_auth_key_expiry", &file.max_auth_key_expiry)?)
                 .unwrap_or(defaults.max_auth_key_expiry),
             cache_bytes: args.cache_mb.or(file.cache_mb).map_or(defaults.cache_bytes, |mb| mb << 20),
+            audit_retention: args
+                .audit_retention
+                .or(file_duration("audit_retention", &file.audit_retention)?)
+                .unwrap_or(defaults.audit_retention),
             ..defaults
         };
         if limits.max_auth_key_expiry < limits.default_auth_key_expiry {

@@ -33,6 +33,8 @@ pub struct Limits {
     pub max_auth_key_expiry: Duration,
     /// sled's page cache.
     pub cache_bytes: u64,
+    /// How long audit events are kept.
+    pub audit_retention: Duration,
 }
 
 impl Default for Limits {
@@ -43,6 +45,7 @@ impl Default for Limits {
             default_auth_key_expiry: Duration::from_secs(3600),
             max_auth_key_expiry: Duration::from_secs(90 * 86_400),
             cache_bytes: 64 << 20,
+            audit_retention: Duration::from_secs(90 * 86_400),
         }
     }
 }
@@ -60,6 +63,7 @@ pub struct ControlPlane {
     pub relays: crate::relay::Relays,
     /// The STUN reflector's address as nodes should dial it, if one runs.
     pub stun_address: Mutex<Option<String>>,
+    pub gateways: crate::gateway::Gateways,
 }
 
 impl ControlPlane {
@@ -69,6 +73,7 @@ impl ControlPlane {
         let clock = Clock::new();
         let (shutdown, _) = watch::channel(false);
         let (reaper, reaper_rx) = Reaper::channel();
+        let (gateways, audit_rx) = crate::gateway::Gateways::new();
         let cp = Arc::new(ControlPlane {
             store,
             clock,
@@ -80,8 +85,10 @@ impl ControlPlane {
             oidc: Oidc::default(),
             relays: crate::relay::Relays::default(),
             stun_address: Mutex::default(),
+            gateways,
         });
         crate::reaper::spawn(Arc::downgrade(&cp), reaper_rx, clock, cp.shutdown.subscribe());
+        crate::gateway::spawn_audit_writer(Arc::downgrade(&cp), audit_rx);
 
         let now = clock.now();
         for tailnet in cp.store.all_tailnets()? {
@@ -89,7 +96,7 @@ impl ControlPlane {
                 cp.reaper.schedule(at, Deadline::TailnetTtl(tailnet.id));
             }
         }
-        for node in cp.store.all_nodes()? {
+        for node in cp.store.all_nodes()?.into_iter().filter(|n| !n.gateway) {
             cp.reaper.schedule(node.expires_at, Deadline::NodeExpiry(node.id));
             if node.ephemeral {
                 // No node holds a stream after a restart: each gets the full timeout to come back.
@@ -112,8 +119,11 @@ impl ControlPlane {
         self.shutdown.subscribe()
     }
 
-    pub async fn create_tailnet(&self, spec: TailnetSpec, actor: &Actor) -> Result<Tailnet> {
-        let tailnet = self.store.create_tailnet(spec, actor, self.clock.now()).await?;
+    /// Creates a tailnet and starts its gateway.
+    pub async fn create_tailnet(self: &Arc<Self>, spec: TailnetSpec, actor: &Actor) -> Result<Tailnet> {
+        let keys = crate::gateway::fresh_keys();
+        let tailnet = self.store.create_tailnet(spec, keys, actor, self.clock.now()).await?;
+        crate::gateway::start(self, tailnet.id);
         if let Some(at) = tailnet.expires_at {
             self.reaper.schedule(at, Deadline::TailnetTtl(tailnet.id));
         }
@@ -198,7 +208,7 @@ impl ControlPlane {
         let tailnet = self.store.get_tailnet(node.tailnet_id)?;
         let policy = self.policy(&tailnet)?;
         let id = node.id.to_string();
-        let src = crate::policy::Subject { id: &id, tags: &node.tags, owner: &node.owner, gateway: false };
+        let src = node.subject(&id);
         Ok(policy.capabilities(&src, dst, name))
     }
 
@@ -352,11 +362,28 @@ impl ControlPlane {
         reason: &str,
         actor: &Actor,
     ) -> Result<Node> {
+        let mut gateway = false;
         let node = self
             .store
-            .remove_node(id, end, why, reason, actor, |_| true, self.clock.now())
-            .await?
-            .expect("unconditional removal removes");
+            .remove_node(
+                id,
+                end,
+                why,
+                reason,
+                actor,
+                |n| {
+                    gateway = n.gateway;
+                    !n.gateway
+                },
+                self.clock.now(),
+            )
+            .await?;
+        let Some(node) = node else {
+            debug_assert!(gateway);
+            return Err(Error::PermissionDenied(format!(
+                "id: node {id} is its tailnet's gateway, which lives as long as the tailnet; delete the tailnet instead"
+            )));
+        };
         self.hub().forget(id);
         tracing::info!(node = %id, tailnet = %node.tailnet_id, %why, "node removed");
         Ok(node)
@@ -428,7 +455,15 @@ pub fn parse_policy(text: &str) -> Result<Policy> {
     if text.len() > 128 * 1024 {
         return Err(Error::invalid("policy_json", "is larger than 128 KiB"));
     }
-    Policy::parse(text).map_err(|e| Error::invalid("policy_json", e.to_string()))
+    let policy = Policy::parse(text).map_err(|e| Error::invalid("policy_json", e.to_string()))?;
+    let cap = crate::gateway::rules::CAPABILITY;
+    for (i, grant) in policy.grants.iter().enumerate() {
+        for (j, value) in grant.app.get(cap).into_iter().flatten().enumerate() {
+            crate::gateway::rules::check(value)
+                .map_err(|e| Error::invalid("policy_json", format!("grants[{i}].app[\"{cap}\"][{j}].{e}")))?;
+        }
+    }
+    Ok(policy)
 }
 
 /// Completes when shutdown begins (or the control plane is gone).

@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod control_plane;
 pub mod error;
+pub mod gateway;
 pub mod hub;
 pub mod model;
 pub mod netview;

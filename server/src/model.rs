@@ -242,6 +242,20 @@ pub struct Node {
     pub trust_rule_id: Option<TrustRuleId>,
     #[serde(default)]
     pub identity: Option<RunIdentity>,
+    /// The tailnet's gateway, which the server runs itself.
+    #[serde(default)]
+    pub gateway: bool,
+}
+
+/// The hostname and tag of every tailnet's gateway.
+pub const GATEWAY_HOSTNAME: &str = "gateway";
+pub const GATEWAY_TAG: &str = "tag:gateway";
+
+impl Node {
+    /// The node as the policy sees it.
+    pub fn subject<'a>(&'a self, id: &'a str) -> crate::policy::Subject<'a> {
+        crate::policy::Subject { id, tags: &self.tags, owner: &self.owner, gateway: self.gateway }
+    }
 }
 
 impl fmt::Debug for Node {
@@ -403,6 +417,42 @@ pub enum EventKind {
     TrustRuleCreated,
     TrustRuleDeleted,
     UpstreamSet,
+    GatewayRequest,
+    GatewayBlocked,
+}
+
+/// A tool call seen in a gateway response.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCallRecord {
+    pub name: String,
+    pub arguments: String,
+    pub blocked: bool,
+}
+
+/// One request through a gateway, as its audit event records it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct GatewayRequest {
+    pub request_id: String,
+    pub api: String,
+    pub model: String,
+    pub upstream: String,
+    pub upstream_model: String,
+    pub status: u16,
+    pub decision: String,
+    pub rule: String,
+    pub message: String,
+    pub stream: bool,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cached_tokens: u64,
+    pub tool_calls: Vec<ToolCallRecord>,
+    pub latency_us: u64,
+    pub ttfb_us: u64,
+    pub hostname: String,
+    pub tags: Vec<String>,
+    pub owner: String,
+    pub request_body: Option<String>,
+    pub response_body: Option<String>,
 }
 
 /// One entry of the audit log.
@@ -420,6 +470,8 @@ pub struct Event {
     pub summary: String,
     #[serde(default)]
     pub run: Option<RunIdentity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<Box<GatewayRequest>>,
 }
 
 /// Why a node's netmap stream ended.

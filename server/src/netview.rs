@@ -52,7 +52,7 @@ pub struct NetView {
 }
 
 fn subject<'a>(node: &'a Node, id: &'a str) -> Subject<'a> {
-    Subject { id, tags: &node.tags, owner: &node.owner, gateway: false }
+    node.subject(id)
 }
 
 impl NetView {

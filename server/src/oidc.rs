@@ -77,7 +77,7 @@ struct IssuerKeys {
     refetched_for: HashMap<String, Instant>,
 }
 
-type Https = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+use crate::gateway::Https;
 
 pub struct Oidc {
     http: Client<Https, Empty<bytes::Bytes>>,
@@ -87,12 +87,7 @@ pub struct Oidc {
 
 impl Default for Oidc {
     fn default() -> Self {
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            .expect("ring provides TLS 1.2 and 1.3")
-            .https_or_http()
-            .enable_http1()
-            .build();
+        let https = crate::gateway::https_connector();
         Oidc {
             http: Client::builder(TokioExecutor::new()).build(https),
             keys: tokio::sync::Mutex::default(),

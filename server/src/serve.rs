@@ -48,6 +48,14 @@ impl Server {
         signal: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let cp = self.control_plane.clone();
+        let tailnets = cp.store.all_tailnets()?;
+        for tailnet in &tailnets {
+            crate::gateway::start(&cp, tailnet.id);
+        }
+        if !tailnets.is_empty() {
+            tracing::info!(gateways = tailnets.len(), "starting the gateways of live tailnets");
+        }
+        crate::gateway::spawn_audit_pruner(Arc::downgrade(&cp), cp.limits.audit_retention);
         if let Some(addr) = self.config.stun_listen {
             let socket = tokio::net::UdpSocket::bind(addr)
                 .await

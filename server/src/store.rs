@@ -85,6 +85,10 @@ mod key {
     pub fn upstream_key(t: TailnetId, name: &str) -> Vec<u8> {
         join(b"uk/", &[t.as_bytes(), name.as_bytes()])
     }
+    /// The gateway's node id and WireGuard private key (write-only, like upstream keys).
+    pub fn gateway(t: TailnetId) -> Vec<u8> {
+        join(b"g/", &[t.as_bytes()])
+    }
     pub const TRUST_RULES: &[u8] = b"r/";
     pub fn trust_rule(id: TrustRuleId) -> Vec<u8> {
         join(TRUST_RULES, &[id.as_bytes()])
@@ -137,6 +141,29 @@ fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T> {
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("records serialize")
+}
+
+/// A gateway request to record.
+#[derive(Debug)]
+pub struct GatewayEvent {
+    pub tailnet: TailnetId,
+    pub node: Option<NodeId>,
+    pub run: Option<RunIdentity>,
+    pub time: SystemTime,
+    pub request: crate::model::GatewayRequest,
+}
+
+/// A gateway's WireGuard key pair.
+#[derive(Clone)]
+pub struct GatewayKeys {
+    pub secret: [u8; 32],
+    pub public: [u8; 32],
+}
+
+impl std::fmt::Debug for GatewayKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayKeys").field("secret", &"<redacted>").finish_non_exhaustive()
+    }
 }
 
 /// Which audit events to list.
@@ -265,8 +292,15 @@ impl Store {
     // -------------------------------------------------------------------------------------------------
     // Tailnets
 
-    pub async fn create_tailnet(&self, spec: TailnetSpec, actor: &Actor, now: SystemTime) -> Result<Tailnet> {
-        let tailnet = Tailnet {
+    /// Creates a tailnet with its gateway node (private key `gateway_secret`, public `gateway_public`).
+    pub async fn create_tailnet(
+        &self,
+        spec: TailnetSpec,
+        gateway: GatewayKeys,
+        actor: &Actor,
+        now: SystemTime,
+    ) -> Result<Tailnet> {
+        let mut tailnet = Tailnet {
             id: TailnetId::generate(),
             name: spec.name,
             owner: spec.owner,
@@ -290,6 +324,7 @@ impl Store {
                 .collect(),
         };
         self.write_durable(|w| {
+            w.put_gateway(&mut tailnet, &gateway, now);
             w.put(&key::tailnet(tailnet.id), &tailnet);
             for u in &spec.upstreams {
                 w.put_raw(&key::upstream_key(tailnet.id, &u.name), u.api_key.expose().as_bytes());
@@ -409,6 +444,7 @@ impl Store {
                 let (k, _) = item?;
                 w.del(&k);
             }
+            w.del(&key::gateway(id));
             for item in w.db.scan_prefix(key::tailnet_rules(id)) {
                 let (k, _) = item?;
                 w.del(&key::trust_rule(TrustRuleId(key::trailing_uuid(&k))));
@@ -702,6 +738,7 @@ impl Store {
                         endpoints: reg.endpoints.clone(),
                         trust_rule_id,
                         identity,
+                        gateway: false,
                     };
                     w.put_raw(&key::tailnet_node(tailnet.id, node.id), &[]);
                     w.put_raw(&key::address(tailnet.id, node.address), node.id.as_bytes());
@@ -733,6 +770,32 @@ impl Store {
             Ok((node, tailnet))
         })
         .await
+    }
+
+    // -------------------------------------------------------------------------------------------------
+    // Gateways
+
+    /// The gateway of `tailnet`: its node id and private key. Adds one (with `keys`) to a tailnet made
+    /// before gateways existed.
+    pub async fn ensure_gateway(&self, tailnet_id: TailnetId, keys: GatewayKeys) -> Result<(NodeId, [u8; 32])> {
+        if let Some(found) = self.gateway(tailnet_id)? {
+            return Ok(found);
+        }
+        self.write_durable(|w| {
+            let mut tailnet: Tailnet =
+                w.get(&key::tailnet(tailnet_id))?.ok_or_else(|| Error::not_found("tailnet", tailnet_id))?;
+            if let Some(found) = ReadCtx(w.db).gateway(tailnet_id)? {
+                return Ok(found);
+            }
+            let id = w.put_gateway(&mut tailnet, &keys, SystemTime::now());
+            w.put(&key::tailnet(tailnet_id), &tailnet);
+            Ok((id, keys.secret))
+        })
+        .await
+    }
+
+    pub fn gateway(&self, tailnet: TailnetId) -> Result<Option<(NodeId, [u8; 32])>> {
+        ReadCtx(&self.db).gateway(tailnet)
     }
 
     // -------------------------------------------------------------------------------------------------
@@ -993,6 +1056,71 @@ impl Store {
         Ok((out, false))
     }
 
+    /// Appends gateway request events in one durable batch.
+    pub async fn append_gateway_events(&self, records: Vec<GatewayEvent>) -> Result<()> {
+        self.write_durable(|w| {
+            for r in records {
+                let actor = Actor::system("gateway");
+                let g = &r.request;
+                let summary = format!(
+                    "{} {} {} {} -> {} ({} in / {} out tokens){}",
+                    g.hostname,
+                    g.api,
+                    g.model,
+                    g.decision,
+                    g.status,
+                    g.input_tokens,
+                    g.output_tokens,
+                    if g.rule.is_empty() { String::new() } else { format!(", rule {}", g.rule) }
+                );
+                let kind = if g.decision == "blocked" { EventKind::GatewayBlocked } else { EventKind::GatewayRequest };
+                w.event(EventDraft {
+                    kind,
+                    tailnet: Some(r.tailnet),
+                    node: r.node,
+                    actor: &actor,
+                    summary,
+                    run: r.run.as_ref(),
+                    gateway: Some(Box::new(r.request)),
+                    ..EventDraft::at(r.time)
+                });
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Deletes audit events older than `before` (oldest first, at most `limit`); returns how many.
+    pub async fn prune_events(&self, before: SystemTime, limit: usize) -> Result<usize> {
+        let mut old = Vec::new();
+        for item in self.db.scan_prefix(key::EVENTS) {
+            let (k, v) = item?;
+            let event: Event = decode(&k, &v)?;
+            if event.time >= before || old.len() == limit {
+                break;
+            }
+            old.push(event);
+        }
+        if old.is_empty() {
+            return Ok(0);
+        }
+        let n = old.len();
+        // No revision of its own: pruning changes nothing a watcher follows.
+        let mut batch = sled::Batch::default();
+        for e in old {
+            batch.remove(key::event(e.revision));
+            if let Some(t) = e.tailnet_id {
+                batch.remove(key::tailnet_event(t, e.revision));
+            }
+            if let Some(node) = e.node_id {
+                batch.remove(key::node_event(node, e.revision));
+            }
+        }
+        self.db.apply_batch(batch)?;
+        self.flush().await?;
+        Ok(n)
+    }
+
     /// The revision of the last applied change.
     pub fn revision(&self) -> u64 {
         self.writer.lock().unwrap().revision
@@ -1044,6 +1172,19 @@ impl ReadCtx<'_> {
         self.0.get(k)?.map(|v| decode(k, &v)).transpose()
     }
 
+    fn gateway(&self, tailnet: TailnetId) -> Result<Option<(NodeId, [u8; 32])>> {
+        let k = key::gateway(tailnet);
+        let Some(v) = self.0.get(&k)? else { return Ok(None) };
+        if v.len() != 48 {
+            return Err(Error::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                detail: "not 48 bytes".into(),
+            });
+        }
+        let id = NodeId(uuid::Uuid::from_bytes(v[..16].try_into().expect("16 bytes")));
+        Ok(Some((id, v[16..].try_into().expect("32 bytes"))))
+    }
+
     fn tailnet_nodes(&self, tailnet: TailnetId) -> Result<Vec<Node>> {
         let mut out = Vec::new();
         for item in self.0.scan_prefix(key::tailnet_nodes(tailnet)) {
@@ -1078,6 +1219,7 @@ struct EventDraft<'a> {
     reason: &'a str,
     summary: String,
     run: Option<&'a RunIdentity>,
+    gateway: Option<Box<crate::model::GatewayRequest>>,
 }
 
 static SYSTEM: std::sync::LazyLock<Actor> = std::sync::LazyLock::new(|| Actor::system("store"));
@@ -1094,6 +1236,7 @@ impl EventDraft<'_> {
             reason: "",
             summary: String::new(),
             run: None,
+            gateway: None,
         }
     }
 }
@@ -1142,6 +1285,7 @@ impl WriteCtx<'_> {
             reason: draft.reason.to_string(),
             summary: draft.summary,
             run: draft.run.cloned(),
+            gateway: draft.gateway,
         };
         self.put(&key::event(event.revision), &event);
         if let Some(t) = event.tailnet_id {
@@ -1257,6 +1401,41 @@ impl WriteCtx<'_> {
     }
 
     /// The lowest address of the range that no node holds.
+    /// Writes the gateway's node (at the reserved address) and its key; returns its id.
+    fn put_gateway(&mut self, tailnet: &mut Tailnet, keys: &GatewayKeys, now: SystemTime) -> NodeId {
+        let node = Node {
+            id: NodeId::generate(),
+            tailnet_id: tailnet.id,
+            hostname: crate::model::GATEWAY_HOSTNAME.into(),
+            wireguard_public_key: keys.public,
+            address: tailnet.cidr.gateway(),
+            tags: vec![crate::model::GATEWAY_TAG.into()],
+            owner: tailnet.owner.clone(),
+            auth_key_id: None,
+            ephemeral: false,
+            created_at: now,
+            // It lives as long as its tailnet.
+            expires_at: now + Duration::from_secs(100 * 365 * 86_400),
+            session_hash: [0; 32],
+            endpoints: vec![],
+            trust_rule_id: None,
+            identity: None,
+            gateway: true,
+        };
+        let mut value = node.id.as_bytes().to_vec();
+        value.extend_from_slice(&keys.secret);
+        self.put_raw(&key::gateway(tailnet.id), &value);
+        self.put_raw(&key::tailnet_node(tailnet.id, node.id), &[]);
+        self.put_raw(&key::address(tailnet.id, node.address), node.id.as_bytes());
+        self.put_raw(&key::hostname(tailnet.id, &node.hostname), node.id.as_bytes());
+        self.put_raw(&key::wireguard_key(tailnet.id, &node.wireguard_public_key), node.id.as_bytes());
+        self.put(&key::node(node.id), &node);
+        tailnet.node_count += 1;
+        let id = node.id;
+        self.netmap(tailnet.id, NetChange::PeerAdded(Arc::new(node)));
+        id
+    }
+
     fn free_address(&mut self, tailnet: &Tailnet) -> Result<Ipv4Addr> {
         let first = tailnet.cidr.first_node_address();
         let mut want = self.address_hints.get(&tailnet.id).map_or(first, |h| (*h).max(first));

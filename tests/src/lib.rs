@@ -18,6 +18,7 @@ use tonic::transport::Channel;
 
 pub use cordon_proto::v1;
 
+pub mod llm;
 pub mod netns;
 pub mod oidc;
 
@@ -307,7 +308,8 @@ pub async fn node_pair(server: &TestServer, name: &str, advertise: Option<&str>)
     let b = start(dirs.1.path(), "beta").await.expect("beta starts");
     for node in [&a, &b] {
         let mut netmap = node.netmap();
-        tokio::time::timeout(Duration::from_secs(10), netmap.wait_for(|m| m.peers.len() == 1))
+        // The other node and the tailnet's gateway.
+        tokio::time::timeout(Duration::from_secs(10), netmap.wait_for(|m| m.peers.len() == 2))
             .await
             .expect("the nodes see each other within 10 s")
             .expect("netmap watch");
@@ -331,4 +333,25 @@ pub async fn echo(node: &agentd::Node, port: u16) {
             });
         }
     });
+}
+
+/// Forwards a loopback port to `host:port` on the tailnet through `node` (what `agentd up --forward`
+/// does), so that ordinary clients (SDKs, HTTP libraries) reach the tailnet. Returns the local address.
+pub async fn forward(node: Arc<agentd::Node>, host: &str, port: u16) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let host = host.to_string();
+    tokio::spawn(async move {
+        while let Ok((mut local, _)) = listener.accept().await {
+            let node = node.clone();
+            let host = host.clone();
+            tokio::spawn(async move {
+                let _ = local.set_nodelay(true);
+                if let Ok(mut remote) = node.dial_host(&host, port).await {
+                    let _ = tokio::io::copy_bidirectional(&mut local, &mut remote).await;
+                }
+            });
+        }
+    });
+    addr
 }

@@ -320,6 +320,8 @@ fn event_kind(kind: EventKind) -> pb::EventKind {
         EventKind::TrustRuleCreated => pb::EventKind::TrustRuleCreated,
         EventKind::TrustRuleDeleted => pb::EventKind::TrustRuleDeleted,
         EventKind::UpstreamSet => pb::EventKind::UpstreamSet,
+        EventKind::GatewayRequest => pb::EventKind::GatewayRequest,
+        EventKind::GatewayBlocked => pb::EventKind::GatewayBlocked,
     }
 }
 
@@ -336,6 +338,37 @@ pub fn event(e: &Event) -> pb::Event {
         reason: e.reason.clone(),
         summary: e.summary.clone(),
         run: e.run.as_ref().map(run_identity),
+        gateway: e.gateway.as_deref().map(gateway_request),
+    }
+}
+
+fn gateway_request(g: &crate::model::GatewayRequest) -> pb::GatewayRequest {
+    pb::GatewayRequest {
+        request_id: g.request_id.clone(),
+        api: g.api.clone(),
+        model: g.model.clone(),
+        upstream: g.upstream.clone(),
+        upstream_model: g.upstream_model.clone(),
+        status: u32::from(g.status),
+        decision: g.decision.clone(),
+        rule: g.rule.clone(),
+        message: g.message.clone(),
+        stream: g.stream,
+        input_tokens: g.input_tokens,
+        output_tokens: g.output_tokens,
+        cached_tokens: g.cached_tokens,
+        tool_calls: g
+            .tool_calls
+            .iter()
+            .map(|t| pb::ToolCall { name: t.name.clone(), arguments: t.arguments.clone(), blocked: t.blocked })
+            .collect(),
+        latency_us: g.latency_us,
+        ttfb_us: g.ttfb_us,
+        hostname: g.hostname.clone(),
+        tags: g.tags.clone(),
+        owner: g.owner.clone(),
+        request_body: g.request_body.clone().unwrap_or_default(),
+        response_body: g.response_body.clone().unwrap_or_default(),
     }
 }
 

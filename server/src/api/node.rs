@@ -88,6 +88,77 @@ fn translate(view: &mut NetView, update: &NetMapUpdate, cp: &ControlPlane) -> (O
     (Some(pb::NetMap { revision: update.revision, update: Some(pb::net_map::Update::Delta(message)) }), false)
 }
 
+/// The netmap messages for `node` (a full map, then changes, then why it ended), as the node's
+/// `WatchNetMap` stream sends them and as the server's own gateways receive them.
+pub(crate) async fn netmap_feed(
+    cp: &Arc<ControlPlane>,
+    node: crate::model::Node,
+) -> Result<mpsc::Receiver<Result<pb::NetMap, Status>>, Error> {
+    let mut shutdown = cp.shutdown_signal();
+    if *shutdown.borrow() {
+        return Err(Error::Unavailable("server shutting down; reconnect shortly".into()));
+    }
+    // Subscribe before the snapshot: a change lands either in the snapshot or on the channel.
+    let mut changes = cp.hub().subscribe_tailnet(node.tailnet_id);
+    let (mut view, mut tailnet, mut revision) = load_view(cp, node.id)?;
+    // What the first map shows must be durable: nothing a crash could take back.
+    cp.store.flush().await?;
+    let presence = cp.connect(&node);
+    let cp = cp.clone();
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let _presence = presence;
+        let me = node.id;
+        if tx.send(Ok(full(&view, &tailnet, revision, &cp))).await.is_err() {
+            return;
+        }
+        loop {
+            let (message, last) = tokio::select! {
+                _ = crate::control_plane::stopped(&mut shutdown) => {
+                    (Some(ended(revision, EndReason::ServerShutdown, "server shutting down; reconnect".into())), true)
+                }
+                _ = tx.closed() => return,
+                update = changes.recv() => match update {
+                    Ok(update) if update.revision <= revision => (None, false),
+                    Ok(update) => {
+                        revision = update.revision;
+                        translate(&mut view, &update, &cp)
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::debug!(node = %me, missed, "netmap watcher fell behind; resending the full map");
+                        changes = changes.resubscribe();
+                        match load_view(&cp, me) {
+                            Ok(loaded) => {
+                                (view, tailnet, revision) = loaded;
+                                (Some(full(&view, &tailnet, revision, &cp)), false)
+                            }
+                            Err(Error::NotFound { .. }) => {
+                                (Some(ended(revision, EndReason::NodeRemoved, "node removed".into())), true)
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Err(e.into())).await;
+                                return;
+                            }
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        (Some(ended(revision, EndReason::TailnetDeleted, "tailnet deleted".into())), true)
+                    }
+                },
+            };
+            if let Some(message) = message
+                && tx.send(Ok(message)).await.is_err()
+            {
+                return;
+            }
+            if last {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
 #[tonic::async_trait]
 impl pb::node_server::Node for NodeApi {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
@@ -107,68 +178,7 @@ impl pb::node_server::Node for NodeApi {
         req: Request<pb::WatchNetMapRequest>,
     ) -> Result<Response<Self::WatchNetMapStream>, Status> {
         let node = self.cp.authenticate_session(&req.get_ref().session_token)?;
-        let mut shutdown = self.cp.shutdown_signal();
-        if *shutdown.borrow() {
-            return Err(Error::Unavailable("server shutting down; reconnect shortly".into()).into());
-        }
-        // Subscribe before the snapshot: a change lands either in the snapshot or on the channel.
-        let mut changes = self.cp.hub().subscribe_tailnet(node.tailnet_id);
-        let (mut view, mut tailnet, mut revision) = load_view(&self.cp, node.id)?;
-        // What the first map shows must be durable: nothing a crash could take back.
-        self.cp.store.flush().await?;
-        let presence = self.cp.connect(&node);
-        let cp = self.cp.clone();
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(async move {
-            let _presence = presence;
-            let me = node.id;
-            if tx.send(Ok(full(&view, &tailnet, revision, &cp))).await.is_err() {
-                return;
-            }
-            loop {
-                let (message, last) = tokio::select! {
-                    _ = crate::control_plane::stopped(&mut shutdown) => {
-                        (Some(ended(revision, EndReason::ServerShutdown, "server shutting down; reconnect".into())), true)
-                    }
-                    _ = tx.closed() => return,
-                    update = changes.recv() => match update {
-                        Ok(update) if update.revision <= revision => (None, false),
-                        Ok(update) => {
-                            revision = update.revision;
-                            translate(&mut view, &update, &cp)
-                        }
-                        Err(broadcast::error::RecvError::Lagged(missed)) => {
-                            tracing::debug!(node = %me, missed, "netmap watcher fell behind; resending the full map");
-                            changes = changes.resubscribe();
-                            match load_view(&cp, me) {
-                                Ok(loaded) => {
-                                    (view, tailnet, revision) = loaded;
-                                    (Some(full(&view, &tailnet, revision, &cp)), false)
-                                }
-                                Err(Error::NotFound { .. }) => {
-                                    (Some(ended(revision, EndReason::NodeRemoved, "node removed".into())), true)
-                                }
-                                Err(e) => {
-                                    let _ = tx.send(Err(e.into())).await;
-                                    return;
-                                }
-                            }
-                        }
-                        Err(broadcast::error::RecvError::Closed) => {
-                            (Some(ended(revision, EndReason::TailnetDeleted, "tailnet deleted".into())), true)
-                        }
-                    },
-                };
-                if let Some(message) = message
-                    && tx.send(Ok(message)).await.is_err()
-                {
-                    return;
-                }
-                if last {
-                    return;
-                }
-            }
-        });
+        let rx = netmap_feed(&self.cp, node).await?;
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 

@@ -1,0 +1,254 @@
+//! The AI gateway of every tailnet: a userspace node the server runs itself at the tailnet's reserved
+//! address, serving the OpenAI and Anthropic HTTP APIs on port 80. It holds no socket, port or
+//! interface of its own: its WireGuard datagrams travel through the server's relay in memory, and its
+//! netmap comes straight from the server's netmap feed. A tailnet's gateway starts when the tailnet is
+//! created (or the server starts), and stops when the tailnet goes.
+
+pub mod proxy;
+pub mod rules;
+pub mod wire;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use agentd::{Hosted, StackConfig};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::control_plane::ControlPlane;
+use crate::error::{Error, Result};
+use crate::model::TailnetId;
+use crate::relay::{Key, Limiter};
+use crate::store::{GatewayEvent, GatewayKeys};
+
+/// Gateway connections carry LLM requests, not bulk data: small buffers keep thousands of idle gateways
+/// cheap (buffers are only touched as data flows).
+const STACK: StackConfig = StackConfig { tcp_buffer: 64 * 1024, spare_listeners: 2 };
+/// Audit events written per storage batch at most.
+const AUDIT_BATCH: usize = 1024;
+
+pub type Https = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+
+/// An HTTP(S) client with the web PKI roots (for upstreams and OIDC issuers).
+pub fn https_connector() -> Https {
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+        .expect("ring provides TLS 1.2 and 1.3")
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http)
+}
+
+/// The server's gateways: which run, the client they share for upstream calls, and the audit queue.
+pub struct Gateways {
+    running: Mutex<HashSet<TailnetId>>,
+    pub(crate) client: Client<Https, Full<Bytes>>,
+    audit: mpsc::UnboundedSender<GatewayEvent>,
+}
+
+impl Gateways {
+    pub fn new() -> (Gateways, mpsc::UnboundedReceiver<GatewayEvent>) {
+        let (audit, rx) = mpsc::unbounded_channel();
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .build(https_connector());
+        (Gateways { running: Mutex::default(), client, audit }, rx)
+    }
+
+    /// How many gateways run now.
+    pub fn running(&self) -> usize {
+        self.running.lock().unwrap().len()
+    }
+
+    pub fn is_running(&self, tailnet: TailnetId) -> bool {
+        self.running.lock().unwrap().contains(&tailnet)
+    }
+
+    pub(crate) fn record(&self, event: GatewayEvent) {
+        let _ = self.audit.send(event);
+    }
+}
+
+/// Writes queued gateway audit events in batches (one flush per batch) until the control plane goes.
+pub fn spawn_audit_writer(cp: Weak<ControlPlane>, mut rx: mpsc::UnboundedReceiver<GatewayEvent>) {
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < AUDIT_BATCH {
+                match rx.try_recv() {
+                    Ok(e) => batch.push(e),
+                    Err(_) => break,
+                }
+            }
+            let Some(cp) = cp.upgrade() else { return };
+            let n = batch.len();
+            if let Err(e) = cp.store.append_gateway_events(batch).await {
+                tracing::error!(error = %e, events = n, "could not write gateway audit events");
+            }
+        }
+    });
+}
+
+/// Deletes audit events older than the retention, now and then every hour.
+pub fn spawn_audit_pruner(cp: Weak<ControlPlane>, retention: Duration) {
+    tokio::spawn(async move {
+        loop {
+            let Some(strong) = cp.upgrade() else { return };
+            let mut shutdown = strong.shutdown_signal();
+            if let Some(before) = strong.now().checked_sub(retention) {
+                loop {
+                    match strong.store.prune_events(before, 10_000).await {
+                        Ok(0) => break,
+                        Ok(n) => tracing::info!(events = n, ?retention, "pruned audit events past their retention"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not prune audit events");
+                            break;
+                        }
+                    }
+                }
+            }
+            drop(strong);
+            tokio::select! {
+                _ = crate::control_plane::stopped(&mut shutdown) => return,
+                _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            }
+        }
+    });
+}
+
+/// One running gateway, as its request handlers see it.
+pub struct Gateway {
+    pub(crate) cp: Arc<ControlPlane>,
+    pub(crate) tailnet: TailnetId,
+    pub(crate) node_id: String,
+    pub(crate) node: agentd::Node,
+    pub(crate) meters: rules::Meters,
+}
+
+/// Forgets a gateway in the running set when its task ends.
+struct RunningGuard<'a>(&'a Gateways, TailnetId);
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        self.0.running.lock().unwrap().remove(&self.1);
+    }
+}
+
+/// Starts `tailnet`'s gateway in the background (a no-op if it runs).
+pub fn start(cp: &Arc<ControlPlane>, tailnet: TailnetId) {
+    if !cp.gateways.running.lock().unwrap().insert(tailnet) {
+        return;
+    }
+    let cp = cp.clone();
+    tokio::spawn(async move {
+        let guard = RunningGuard(&cp.gateways, tailnet);
+        match run(&cp, tailnet).await {
+            Ok(()) => tracing::debug!(%tailnet, "gateway stopped"),
+            Err(Error::NotFound { .. }) => {}
+            Err(e) => tracing::warn!(%tailnet, error = %e, "gateway stopped"),
+        }
+        drop(guard);
+    });
+}
+
+pub(crate) fn fresh_keys() -> GatewayKeys {
+    let secret = boringtun::x25519::StaticSecret::from(rand::random::<[u8; 32]>());
+    let public = boringtun::x25519::PublicKey::from(&secret).to_bytes();
+    GatewayKeys { secret: secret.to_bytes(), public }
+}
+
+/// Runs one gateway until its tailnet goes or the server shuts down.
+async fn run(cp: &Arc<ControlPlane>, tailnet: TailnetId) -> Result<()> {
+    let (node_id, secret) = cp.store.ensure_gateway(tailnet, fresh_keys()).await?;
+    let record = cp.store.get_node(node_id)?;
+    let public = record.wireguard_public_key;
+    let feed = crate::api::node::netmap_feed(cp, record).await?;
+    let (relay_out, outbound) = mpsc::channel(1024);
+    let (inbound, relay_in) = mpsc::channel(1024);
+    let node = agentd::Node::hosted(Hosted {
+        secret,
+        node_id: node_id.to_string(),
+        netmap: Box::pin(tokio_stream::wrappers::ReceiverStream::new(feed)),
+        relay_out,
+        relay_in,
+        stack: STACK,
+    })
+    .await
+    .map_err(|e| Error::Unavailable(format!("gateway of tailnet {tailnet}: {e}")))?;
+    let mut listener =
+        node.listen(80).await.map_err(|e| Error::Unavailable(format!("gateway of tailnet {tailnet}: {e}")))?;
+    let mut ended = node.ended();
+    let gateway = Arc::new(Gateway {
+        cp: cp.clone(),
+        tailnet,
+        node_id: node_id.to_string(),
+        node,
+        meters: rules::Meters::default(),
+    });
+    tracing::debug!(%tailnet, node = %node_id, "gateway up");
+    let pump = pump(cp, tailnet, public, outbound, inbound);
+    tokio::pin!(pump);
+    // Aborted when the gateway stops: a connection does not outlive its tunnel.
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = ended.wait_for(Option::is_some) => break,
+            () = &mut pump => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    connections.spawn(proxy::serve_connection(gateway.clone(), stream, peer));
+                }
+                Err(_) => break,
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    connections.shutdown().await;
+    gateway.node.shutdown().await;
+    Ok(())
+}
+
+/// Carries the gateway's datagrams through the relay: what it sends to the peers' mailboxes, what
+/// arrives in its own mailbox to it. Ends when the gateway's node stops sending.
+async fn pump(
+    cp: &ControlPlane,
+    tailnet: TailnetId,
+    me: Key,
+    mut outbound: mpsc::Receiver<(Key, Vec<u8>)>,
+    inbound: mpsc::Sender<(Key, Vec<u8>)>,
+) {
+    let (mailbox, _registration) = cp.relays.register(tailnet, me);
+    let mut limiter = Limiter::default();
+    loop {
+        tokio::select! {
+            frame = outbound.recv() => match frame {
+                Some((to, data)) => {
+                    cp.relays.forward(tailnet, me, &to, data, &mut limiter);
+                }
+                None => return,
+            },
+            _ = mailbox.ready.notified() => {
+                let frames = mailbox.take(256);
+                let full = frames.len() == 256;
+                for frame in frames {
+                    // A full queue drops, as a network would; WireGuard and TCP recover.
+                    if let Err(mpsc::error::TrySendError::Closed(_)) = inbound.try_send(frame) {
+                        return;
+                    }
+                }
+                if full {
+                    mailbox.ready.notify_one();
+                }
+            }
+        }
+    }
+}

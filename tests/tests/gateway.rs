@@ -1,0 +1,463 @@
+//! The AI gateway end to end: a node joins the tailnet over WireGuard, reaches `gateway:80` through a
+//! local forward, and calls a fake provider through it. What the provider receives, what the client
+//! gets and what the audit log records are checked, for OpenAI and Anthropic shapes, streamed and not.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cordon_tests::llm::{self, FakeLlm};
+use cordon_tests::{TestServer, eventually, forward, v1 as pb};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+
+const POLICY: &str = r#"{
+  "tagOwners": { "tag:ci": [] },
+  "grants": [
+    { "src": ["tag:ci"], "dst": ["gateway"], "ip": ["tcp:80"],
+      "app": { "cordon.dev/cap/ai": [{ "models": ["openai/gpt-*", "anthropic/claude-*"], "tools": { "deny": ["shell.*"] }, "log_bodies": true }] } }
+  ]
+}"#;
+
+struct Setup {
+    server: TestServer,
+    llm: FakeLlm,
+    tailnet: pb::Tailnet,
+    node: Arc<agentd::Node>,
+    base: String,
+    http: Client<HttpConnector, Full<Bytes>>,
+    _dir: tempfile::TempDir,
+}
+
+fn upstreams(llm: &FakeLlm) -> Vec<pb::UpstreamConfig> {
+    vec![
+        pb::UpstreamConfig {
+            name: "openai".into(),
+            kind: "openai".into(),
+            base_url: llm.openai_url(),
+            api_key: llm::KEY.into(),
+        },
+        pb::UpstreamConfig {
+            name: "anthropic".into(),
+            kind: "anthropic".into(),
+            base_url: llm.anthropic_url(),
+            api_key: llm::KEY.into(),
+        },
+    ]
+}
+
+async fn setup(policy: &str) -> Setup {
+    let server = TestServer::start().await;
+    let llm = FakeLlm::start().await;
+    let mut admin = server.admin().await;
+    let mut request = cordon_tests::tailnet_request("agents");
+    request.policy_json = policy.into();
+    request.upstreams = upstreams(&llm);
+    let tailnet = admin.create_tailnet(request).await.expect("create tailnet").into_inner();
+    let key = admin
+        .create_auth_key(pb::CreateAuthKeyRequest {
+            tailnet_id: tailnet.id.clone(),
+            tags: vec!["tag:ci".into()],
+            reusable: true,
+            expires_in_seconds: 600,
+            ..Default::default()
+        })
+        .await
+        .expect("key")
+        .into_inner();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = agentd::NodeConfig::new(&server.url, dir.path());
+    config.auth_key = Some(key.secret);
+    config.hostname = "runner".into();
+    let node = Arc::new(agentd::Node::start(config).await.expect("node joins"));
+    let local = forward(node.clone(), "gateway", 80).await;
+    let http = Client::builder(TokioExecutor::new()).build_http();
+    let setup = Setup { server, llm, tailnet, node, base: format!("http://{local}"), http, _dir: dir };
+    // The gateway starts with the tailnet; wait until it answers through the tunnel.
+    eventually(Duration::from_secs(20), "the gateway answers", || async {
+        setup.try_call("GET", "/v1/models", None, &[]).await.ok().filter(|r| r.0 == 200).map(|_| ())
+    })
+    .await;
+    setup
+}
+
+type Reply = (u16, hyper::HeaderMap, String);
+
+impl Setup {
+    async fn try_call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> Result<Reply, String> {
+        let mut req = hyper::Request::builder().method(method).uri(format!("{}{path}", self.base));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        let req = req.header("content-type", "application/json").body(Full::new(body)).unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(10), self.http.request(req))
+            .await
+            .map_err(|_| "timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        let (parts, body) = response.into_parts();
+        let bytes = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok((parts.status.as_u16(), parts.headers, String::from_utf8_lossy(&bytes).into_owned()))
+    }
+
+    async fn call(&self, path: &str, body: Value) -> Reply {
+        let anthropic = path.starts_with("/v1/messages");
+        let headers: &[(&str, &str)] = if anthropic {
+            &[("x-api-key", "client-has-no-key"), ("anthropic-version", "2023-06-01"), ("anthropic-beta", "tools-2024")]
+        } else {
+            &[("authorization", "Bearer client-has-no-key")]
+        };
+        self.try_call("POST", path, Some(body), headers).await.expect("request through the gateway")
+    }
+
+    async fn gateway_events(&self, at_least: usize) -> Vec<pb::Event> {
+        let admin = self.server.admin().await;
+        let tailnet = self.tailnet.id.clone();
+        eventually(Duration::from_secs(10), "gateway audit events", || {
+            let mut admin = admin.clone();
+            let tailnet = tailnet.clone();
+            async move {
+                let events = admin
+                    .list_audit_events(pb::ListAuditEventsRequest {
+                        tailnet_id: tailnet,
+                        page_size: 1000,
+                        ..Default::default()
+                    })
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .events;
+                let gw: Vec<_> = events.into_iter().filter(|e| e.gateway.is_some()).collect();
+                (gw.len() >= at_least).then_some(gw)
+            }
+        })
+        .await
+    }
+}
+
+fn chat(content: &str) -> Value {
+    json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}]})
+}
+
+fn error_of(body: &str) -> Value {
+    serde_json::from_str::<Value>(body).expect("a JSON error")["error"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_chat_through_the_gateway_with_the_upstream_key() {
+    let s = setup(POLICY).await;
+
+    let (status, headers, body) = s.call("/v1/chat/completions", chat("hello")).await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "echo: hello");
+    assert!(headers.contains_key("x-cordon-request-id"));
+    {
+        let seen = s.llm.seen.lock().unwrap();
+        let last = seen.iter().rfind(|r| r.path == "/v1/chat/completions").unwrap();
+        assert_eq!(
+            last.headers["authorization"],
+            format!("Bearer {}", llm::KEY),
+            "the upstream gets the gateway's key"
+        );
+        assert!(
+            seen.iter().all(|r| !format!("{:?}", r.headers).contains("client-has-no-key")),
+            "client credentials are dropped"
+        );
+    }
+
+    // Streamed, without asking for usage: the gateway asks for it, meters it, and hides it.
+    let mut streamed = chat("one two three");
+    streamed["stream"] = json!(true);
+    let (status, _, body) = s.call("/v1/chat/completions", streamed.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("three") && body.trim_end().ends_with("data: [DONE]"), "{body}");
+    assert!(!body.contains("prompt_tokens"), "the usage chunk the client did not ask for is hidden: {body}");
+    {
+        let seen = s.llm.seen.lock().unwrap();
+        assert_eq!(seen.last().unwrap().body["stream_options"]["include_usage"], true);
+    }
+    // Asking for usage gets it.
+    streamed["stream_options"] = json!({"include_usage": true});
+    let (_, _, body) = s.call("/v1/chat/completions", streamed).await;
+    assert!(body.contains("\"prompt_tokens\":10"), "{body}");
+
+    // A model the policy does not allow.
+    let (status, headers, body) = s.call("/v1/chat/completions", json!({"model": "o1", "messages": []})).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(headers["x-should-retry"], "false");
+    let e = error_of(&body);
+    assert_eq!(e["code"], "model_not_allowed");
+    assert!(e["message"].as_str().unwrap().contains("rule models"), "{e}");
+
+    // Unknown path: 404 in the API's format.
+    let (status, _, body) = s.try_call("POST", "/v1/embeddings", Some(json!({})), &[]).await.unwrap();
+    assert_eq!(status, 404);
+    assert_eq!(error_of(&body)["code"], "unknown_url");
+
+    let events = s.gateway_events(4).await;
+    let ok = events.iter().find(|e| e.gateway.as_ref().unwrap().stream).unwrap().gateway.clone().unwrap();
+    assert_eq!((ok.input_tokens, ok.output_tokens, ok.cached_tokens), (llm::INPUT, llm::OUTPUT, llm::CACHED));
+    assert_eq!((ok.decision.as_str(), ok.upstream.as_str(), ok.hostname.as_str()), ("allowed", "openai", "runner"));
+    assert_eq!(ok.tags, vec!["tag:ci".to_string()]);
+    assert!(ok.ttfb_us > 0 && ok.ttfb_us <= ok.latency_us, "{ok:?}");
+    assert!(ok.request_body.contains("one two three"), "log_bodies keeps the request");
+    let denied = events.iter().find(|e| e.gateway.as_ref().unwrap().decision == "denied").unwrap();
+    assert_eq!(denied.gateway.as_ref().unwrap().rule, "models");
+    assert!(!events.iter().any(|e| e.summary.contains(llm::KEY)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_tool_calls_are_blocked_streamed_or_not_and_raise_an_alert() {
+    let s = setup(POLICY).await;
+    let mut watch = s.server.admin().await;
+    let mut alerts = watch
+        .watch_events(pb::WatchEventsRequest { tailnet_id: s.tailnet.id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // An allowed tool passes.
+    let (status, _, body) = s.call("/v1/chat/completions", chat("tool:get_weather")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("get_weather"));
+
+    // Non-streamed: an error instead of the body.
+    let (status, headers, body) = s.call("/v1/chat/completions", chat("tool:shell.exec")).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(headers["x-should-retry"], "false");
+    assert_eq!(error_of(&body)["code"], "tool_denied");
+
+    // Streamed: the stream ends with an error event before the call reaches the client.
+    let mut streamed = chat("tool:shell.exec");
+    streamed["stream"] = json!(true);
+    let (status, _, body) = s.call("/v1/chat/completions", streamed).await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("tool_denied") && !body.contains("\"name\":\"shell.exec\"") && !body.contains("[DONE]"),
+        "{body}"
+    );
+
+    // Anthropic, streamed: tool_use blocks are checked as they start.
+    let (status, _, body) = s
+        .call(
+            "/v1/messages",
+            json!({"model": "claude-sonnet-4", "max_tokens": 100, "stream": true, "messages": [{"role": "user", "content": "tool:shell.rm"}]}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("event: error") && body.contains("permission_error") && !body.contains("shell.rm\""),
+        "{body}"
+    );
+
+    // Responses API, not streamed.
+    let (status, _, body) = s.call("/v1/responses", json!({"model": "gpt-4o-mini", "input": "tool:shell.exec"})).await;
+    assert_eq!(status, 403, "{body}");
+
+    let mut blocked = 0;
+    while blocked < 4 {
+        let event = tokio::time::timeout(Duration::from_secs(10), alerts.message()).await.unwrap().unwrap().unwrap();
+        if event.kind() == pb::EventKind::GatewayBlocked {
+            let g = event.gateway.unwrap();
+            assert_eq!(g.rule, "tools");
+            assert!(g.tool_calls.iter().any(|t| t.blocked && t.name.starts_with("shell.")), "{g:?}");
+            blocked += 1;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_messages_usage_and_a_stream_that_fails_midway() {
+    let s = setup(POLICY).await;
+    let body = |stream: bool, text: &str| json!({"model": "claude-sonnet-4", "max_tokens": 100, "stream": stream, "messages": [{"role": "user", "content": text}]});
+    let (status, _, reply) = s.call("/v1/messages", body(false, "hi")).await;
+    assert_eq!(status, 200, "{reply}");
+    {
+        let seen = s.llm.seen.lock().unwrap();
+        let last = seen.last().unwrap();
+        assert_eq!(last.headers["x-api-key"], llm::KEY);
+        assert_eq!(last.headers["anthropic-version"], "2023-06-01");
+        assert_eq!(last.headers["anthropic-beta"], "tools-2024");
+        assert!(last.headers.get("authorization").is_none());
+    }
+    let (status, _, reply) = s.call("/v1/messages", body(true, "hi")).await;
+    assert_eq!(status, 200);
+    assert!(reply.contains("message_stop"));
+    // The fake breaks this stream after its first events: what was seen is still recorded.
+    let failed = s
+        .try_call("POST", "/v1/messages", Some(body(true, "fail-midway")), &[("anthropic-version", "2023-06-01")])
+        .await;
+    assert!(failed.is_err() || failed.as_ref().unwrap().2.contains("message_start"), "{failed:?}");
+    let (status, _, reply) = s
+        .call(
+            "/v1/messages/count_tokens",
+            json!({"model": "claude-sonnet-4", "messages": [{"role": "user", "content": "x"}]}),
+        )
+        .await;
+    assert_eq!((status, reply.contains("input_tokens")), (200, true));
+
+    let events = s.gateway_events(5).await;
+    let msgs: Vec<_> = events.iter().filter_map(|e| e.gateway.clone()).filter(|g| g.api == "messages").collect();
+    assert_eq!(msgs.len(), 3, "{msgs:?}");
+    for g in &msgs[..2] {
+        // Input = uncached + cache reads; output from the last cumulative message_delta, not the sum.
+        assert_eq!((g.input_tokens, g.output_tokens, g.cached_tokens), (llm::INPUT, llm::OUTPUT, llm::CACHED), "{g:?}");
+    }
+    let broken = &msgs[2];
+    assert_eq!(broken.decision, "failed", "{broken:?}");
+    assert_eq!(broken.input_tokens, llm::INPUT, "the input tokens of message_start are kept: {broken:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_grant_is_403_and_models_lists_only_what_the_caller_may_use() {
+    let policy = r#"{ "tagOwners": { "tag:ci": [] },
+      "grants": [ { "src": ["tag:ci"], "dst": ["gateway"], "ip": ["tcp:80"] } ] }"#;
+    // The packet filter lets the node in, but no grant gives it the AI capability.
+    let server = TestServer::start().await;
+    let llm = FakeLlm::start().await;
+    let mut admin = server.admin().await;
+    let mut request = cordon_tests::tailnet_request("nogrant");
+    request.policy_json = policy.into();
+    request.upstreams = upstreams(&llm);
+    let tailnet = admin.create_tailnet(request).await.unwrap().into_inner();
+    let (_, secret) = {
+        let key = admin
+            .create_auth_key(pb::CreateAuthKeyRequest {
+                tailnet_id: tailnet.id.clone(),
+                tags: vec!["tag:ci".into()],
+                expires_in_seconds: 600,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        (key.key, key.secret)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = agentd::NodeConfig::new(&server.url, dir.path());
+    config.auth_key = Some(secret);
+    let node = Arc::new(agentd::Node::start(config).await.unwrap());
+    let local = forward(node, "gateway", 80).await;
+    let http: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let body = eventually(Duration::from_secs(20), "a 403 from the gateway", || async {
+        let req = hyper::Request::post(format!("http://{local}/v1/chat/completions"))
+            .body(Full::new(Bytes::from(chat("hi").to_string())))
+            .unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(5), http.request(req)).await.ok()?.ok()?;
+        let status = r.status().as_u16();
+        let body = r.into_body().collect().await.ok()?.to_bytes();
+        (status == 403).then(|| String::from_utf8_lossy(&body).into_owned())
+    })
+    .await;
+    assert_eq!(error_of(&body)["code"], "no_grant", "{body}");
+    assert!(llm.seen.lock().unwrap().is_empty(), "nothing reached the upstream");
+
+    // With a grant naming models, /v1/models lists just those.
+    let s = setup(&POLICY.replace(r#""openai/gpt-*", "anthropic/claude-*""#, r#""openai/gpt-*""#)).await;
+    let (status, _, body) = s.try_call("GET", "/v1/models", None, &[]).await.unwrap();
+    assert_eq!(status, 200);
+    let ids: Vec<String> = serde_json::from_str::<Value>(&body).unwrap()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, vec!["openai/gpt-4o-mini".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_overshoot_a_budget_by_at_most_one_reservation() {
+    let budget = 2_000;
+    let policy = POLICY.replace(
+        r#""log_bodies": true"#,
+        &format!(r#""budget": {{ "bucket": "node", "tokens": {budget}, "per": "day" }}"#),
+    );
+    let s = Arc::new(setup(&policy).await);
+    let body = json!({"model": "gpt-4o-mini", "max_tokens": 200, "messages": [{"role": "user", "content": "hi"}]});
+    let reservation = (body.to_string().len() / 4 + 1 + 200) as u64;
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let s = s.clone();
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move { s.call("/v1/chat/completions", body).await }));
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        let (status, headers, body) = t.await.unwrap();
+        if status == 429 {
+            assert_eq!(headers["x-should-retry"], "false");
+            assert!(error_of(&body)["message"].as_str().unwrap().contains("budget"), "{body}");
+        }
+        statuses.push(status);
+    }
+    let ok = statuses.iter().filter(|s| **s == 200).count() as u64;
+    assert!(statuses.iter().all(|s| *s == 200 || *s == 429), "{statuses:?}");
+    assert!(ok > 0 && ok < 50, "some requests fit the budget, not all: {statuses:?}");
+    let events = s.gateway_events(50).await;
+    let used: u64 = events.iter().filter_map(|e| e.gateway.as_ref()).map(|g| g.input_tokens + g.output_tokens).sum();
+    assert_eq!(used, ok * (llm::INPUT + llm::OUTPUT));
+    assert!(used <= budget + reservation, "used {used} tokens of a {budget} budget");
+    let denied = events.iter().filter_map(|e| e.gateway.as_ref()).filter(|g| g.rule == "budget").count() as u64;
+    assert_eq!(denied, 50 - ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_stops_with_its_tailnet_and_comes_back_after_a_restart() {
+    let s = setup(POLICY).await;
+    let tailnet: cordon_server::model::TailnetId = cordon_server::model::TailnetId::parse("id", &s.tailnet.id).unwrap();
+    assert!(s.server.control_plane.gateways.is_running(tailnet));
+    let mut admin = s.server.admin().await;
+    let nodes = admin
+        .list_nodes(pb::ListNodesRequest { tailnet_id: s.tailnet.id.clone(), ..Default::default() })
+        .await
+        .unwrap();
+    let gw = nodes.into_inner().nodes.into_iter().find(|n| n.hostname == "gateway").expect("the gateway is a node");
+    assert_eq!(gw.tags, vec!["tag:gateway".to_string()]);
+    assert_eq!(gw.addresses, vec!["100.64.0.1".to_string()]);
+    let refused =
+        admin.delete_node(pb::DeleteNodeRequest { id: gw.id.clone(), reason: String::new() }).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+
+    // Restart: the gateway of the live tailnet comes back, and the node's requests work again.
+    let Setup { server, llm, node, base, http, _dir, tailnet: tn } = s;
+    let addr = server.addr;
+    let (dir, temp) = server.stop_keep_dir().await;
+    let server = TestServer::start_at(&dir, cordon_server::Limits::default(), &addr.to_string()).await;
+    let s = Setup { server, llm, tailnet: tn, node, base, http, _dir };
+    eventually(Duration::from_secs(30), "the gateway answers after a restart", || async {
+        s.try_call("POST", "/v1/chat/completions", Some(chat("again")), &[])
+            .await
+            .ok()
+            .filter(|r| r.0 == 200)
+            .map(|_| ())
+    })
+    .await;
+
+    let mut admin = s.server.admin().await;
+    admin.delete_tailnet(pb::DeleteTailnetRequest { id: s.tailnet.id.clone(), reason: "done".into() }).await.unwrap();
+    eventually(Duration::from_secs(10), "the gateway stops", || async {
+        (!s.server.control_plane.gateways.is_running(tailnet)).then_some(())
+    })
+    .await;
+    let after = s.try_call("GET", "/v1/models", None, &[]).await;
+    assert!(after.as_ref().is_err_and(|_| true) || after.as_ref().is_ok_and(|r| r.0 != 200), "{after:?}");
+    // The audit log outlives the tailnet.
+    let events = admin
+        .list_audit_events(pb::ListAuditEventsRequest { tailnet_id: s.tailnet.id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert!(events.iter().any(|e| e.gateway.is_some()));
+    drop(temp);
+}

@@ -56,6 +56,8 @@ pub struct NetMap {
     pub revision: u64,
     pub me: Peer,
     pub peers: BTreeMap<String, Peer>,
+    /// The tailnet's AI gateway, a peer the server runs (kept apart from `peers`).
+    pub gateway_peer: Option<Peer>,
     pub tailnet_id: String,
     pub tailnet_name: String,
     pub network: Ipv4Addr,
@@ -115,6 +117,7 @@ impl NetMap {
             revision,
             me,
             peers,
+            gateway_peer: full.gateway.as_ref().and_then(Peer::from_proto),
             tailnet_id: full.tailnet_id.clone(),
             tailnet_name: full.tailnet_name.clone(),
             network,
@@ -140,6 +143,12 @@ impl NetMap {
         if let Some(filter) = &delta.filter {
             self.filter = filter_from(Some(filter));
         }
+        if delta.gateway_removed {
+            self.gateway_peer = None;
+        }
+        if let Some(gateway) = delta.gateway.as_ref().and_then(Peer::from_proto) {
+            self.gateway_peer = Some(gateway);
+        }
     }
 
     pub fn address(&self) -> Ipv4Addr {
@@ -150,6 +159,7 @@ impl NetMap {
     pub fn peer_configs(&self) -> Vec<PeerConfig> {
         self.peers
             .values()
+            .chain(&self.gateway_peer)
             .map(|p| PeerConfig {
                 key: p.key,
                 addresses: p.addresses.clone(),
@@ -175,6 +185,6 @@ impl NetMap {
     }
 
     pub fn peer_by_address(&self, ip: Ipv4Addr) -> Option<&Peer> {
-        self.peers.values().find(|p| p.addresses.contains(&ip))
+        self.peers.values().chain(&self.gateway_peer).find(|p| p.addresses.contains(&ip))
     }
 }

@@ -117,6 +117,8 @@ struct Peer {
     last_sent: Option<Instant>,
     last_received: Option<Instant>,
     last_data_received: Option<Instant>,
+    /// The first data packet sent since the peer was last heard from (WireGuard's "no reply" timer).
+    unanswered_since: Option<Instant>,
     /// Packets held while no usable session exists (beyond what `Tunn` queues itself).
     queue: VecDeque<Vec<u8>>,
     /// Set when we answered a handshake and wait for the initiator's first data packet.
@@ -370,6 +372,7 @@ impl Engine {
             peer.direct_rx = Some(now);
         }
         peer.last_received = Some(now);
+        peer.unanswered_since = None;
         peer.rx_bytes += datagram.len() as u64;
         peer.expired = false;
         if !delivered.is_empty() {
@@ -470,6 +473,7 @@ impl Peer {
             last_sent: None,
             last_received: None,
             last_data_received: None,
+            unanswered_since: None,
             queue: VecDeque::new(),
             responder_pending: None,
             direct: None,
@@ -575,6 +579,7 @@ impl Peer {
                     self.push_handshake(&datagram, now, out, drops);
                 } else {
                     self.push(&datagram, now, out, drops);
+                    self.unanswered_since.get_or_insert(now);
                 }
                 if is_handshake {
                     self.handshake_started.get_or_insert(now);
@@ -636,6 +641,13 @@ impl Peer {
             self.expired = true;
             self.session_at = None;
             return Some(Event::PeerExpired { peer: key });
+        }
+        // Data went out and nothing came back for 15 s: the peer may have lost the session (a restart);
+        // a new handshake finds out.
+        if self.unanswered_since.is_some_and(|at| now.duration_since(at) >= KEEPALIVE_TIMEOUT + REKEY_TIMEOUT) {
+            self.unanswered_since = None;
+            self.start_handshake(now, buf, out, drops);
+            return None;
         }
         if !self.session_usable(now) {
             return None;
@@ -809,8 +821,11 @@ mod tests {
         Pair::events(&mut p.a);
         Pair::events(&mut p.b);
         while p.b.poll_local().is_some() {}
+        // B's passive keepalive tells A its data arrived.
+        p.advance(KEEPALIVE_TIMEOUT + Duration::from_secs(1));
+        p.settle();
 
-        p.advance(REKEY_AFTER_TIME - Duration::from_secs(1));
+        p.advance(REKEY_AFTER_TIME - KEEPALIVE_TIMEOUT - Duration::from_secs(2));
         p.a.send(&packet(A_ADDR, B_ADDR, b"before"), p.now);
         p.settle();
         assert!(Pair::events(&mut p.a).is_empty(), "no rekey before 120 s");
@@ -821,6 +836,36 @@ mod tests {
         assert_eq!(Pair::events(&mut p.a), [Event::HandshakeCompleted { peer: p.b.public_key() }], "rekeyed");
         let got: Vec<Vec<u8>> = std::iter::from_fn(|| p.b.poll_local()).collect();
         assert_eq!(got.iter().map(|g| &g[20..]).collect::<Vec<_>>(), [&b"before"[..], b"after"]);
+    }
+
+    #[test]
+    fn a_peer_that_lost_the_session_gets_a_new_handshake_after_15_s_without_reply() {
+        let mut p = pair();
+        p.a.send(&packet(A_ADDR, B_ADDR, b"x"), p.now);
+        p.settle();
+        Pair::events(&mut p.a);
+        // B restarts with the same key and no session: A's data goes unanswered.
+        let a_key = p.a.public_key();
+        p.b = Engine::new(StaticSecret::from([2u8; 32]));
+        p.b.set_peers(vec![PeerConfig {
+            key: a_key,
+            addresses: vec![A_ADDR],
+            endpoints: vec![endpoint(1)],
+            persistent_keepalive: None,
+        }]);
+        p.a.send(&packet(A_ADDR, B_ADDR, b"lost"), p.now);
+        p.settle();
+        assert!(p.b.poll_local().is_none(), "B cannot read the old session");
+        p.advance(KEEPALIVE_TIMEOUT + REKEY_TIMEOUT - Duration::from_millis(200));
+        assert!(std::iter::from_fn(|| p.a.poll_transmit()).all(|t| t.payload[0] != HANDSHAKE_INIT));
+        p.advance(Duration::from_millis(300));
+        let init = p.a.poll_transmit().expect("a new handshake");
+        assert_eq!(init.payload[0], HANDSHAKE_INIT);
+        p.b.receive(endpoint(1), &init.payload, p.now);
+        p.settle();
+        p.a.send(&packet(A_ADDR, B_ADDR, b"again"), p.now);
+        p.settle();
+        assert_eq!(&p.b.poll_local().expect("delivered over the new session")[20..], b"again");
     }
 
     #[test]
@@ -845,7 +890,9 @@ mod tests {
         p.a.send(&packet(A_ADDR, B_ADDR, b"x"), p.now);
         p.settle();
         Pair::events(&mut p.a);
-        p.advance(SILENT_PEER_EXPIRY - Duration::from_secs(1));
+        p.advance(KEEPALIVE_TIMEOUT + Duration::from_secs(1));
+        p.settle();
+        p.advance(SILENT_PEER_EXPIRY - KEEPALIVE_TIMEOUT - Duration::from_secs(2));
         p.settle();
         assert!(Pair::events(&mut p.a).is_empty());
         p.advance(Duration::from_secs(2));

@@ -78,6 +78,11 @@ impl NetView {
         &self.me
     }
 
+    /// The id of the tailnet's gateway, if this view has seen it.
+    pub fn gateway_id(&self) -> Option<NodeId> {
+        self.others.values().find(|(n, _)| n.gateway).map(|(n, _)| n.id)
+    }
+
     pub fn peers(&self) -> impl Iterator<Item = &Node> {
         self.visible.iter().filter_map(|id| self.others.get(id).map(|(n, _)| n.as_ref()))
     }

@@ -300,7 +300,7 @@ impl Store {
         actor: &Actor,
         now: SystemTime,
     ) -> Result<Tailnet> {
-        let mut tailnet = Tailnet {
+        let tailnet = Tailnet {
             id: TailnetId::generate(),
             name: spec.name,
             owner: spec.owner,
@@ -324,7 +324,7 @@ impl Store {
                 .collect(),
         };
         self.write_durable(|w| {
-            w.put_gateway(&mut tailnet, &gateway, now);
+            w.put_gateway(&tailnet, &gateway, now);
             w.put(&key::tailnet(tailnet.id), &tailnet);
             for u in &spec.upstreams {
                 w.put_raw(&key::upstream_key(tailnet.id, &u.name), u.api_key.expose().as_bytes());
@@ -414,6 +414,9 @@ impl Store {
             let mut removed = Removed::default();
             for node in w.tailnet_nodes(id)? {
                 w.remove_node_records(&node);
+                if node.gateway {
+                    continue;
+                }
                 w.event(EventDraft {
                     kind: EventKind::NodeLeft,
                     tailnet: Some(id),
@@ -782,13 +785,12 @@ impl Store {
             return Ok(found);
         }
         self.write_durable(|w| {
-            let mut tailnet: Tailnet =
+            let tailnet: Tailnet =
                 w.get(&key::tailnet(tailnet_id))?.ok_or_else(|| Error::not_found("tailnet", tailnet_id))?;
             if let Some(found) = ReadCtx(w.db).gateway(tailnet_id)? {
                 return Ok(found);
             }
-            let id = w.put_gateway(&mut tailnet, &keys, SystemTime::now());
-            w.put(&key::tailnet(tailnet_id), &tailnet);
+            let id = w.put_gateway(&tailnet, &keys, SystemTime::now());
             Ok((id, keys.secret))
         })
         .await
@@ -1402,7 +1404,7 @@ impl WriteCtx<'_> {
 
     /// The lowest address of the range that no node holds.
     /// Writes the gateway's node (at the reserved address) and its key; returns its id.
-    fn put_gateway(&mut self, tailnet: &mut Tailnet, keys: &GatewayKeys, now: SystemTime) -> NodeId {
+    fn put_gateway(&mut self, tailnet: &Tailnet, keys: &GatewayKeys, now: SystemTime) -> NodeId {
         let node = Node {
             id: NodeId::generate(),
             tailnet_id: tailnet.id,
@@ -1430,7 +1432,6 @@ impl WriteCtx<'_> {
         self.put_raw(&key::hostname(tailnet.id, &node.hostname), node.id.as_bytes());
         self.put_raw(&key::wireguard_key(tailnet.id, &node.wireguard_public_key), node.id.as_bytes());
         self.put(&key::node(node.id), &node);
-        tailnet.node_count += 1;
         let id = node.id;
         self.netmap(tailnet.id, NetChange::PeerAdded(Arc::new(node)));
         id

@@ -204,7 +204,7 @@ async fn openai_chat_through_the_gateway_with_the_upstream_key() {
     assert_eq!(status, 404);
     assert_eq!(error_of(&body)["code"], "unknown_url");
 
-    let events = s.gateway_events(4).await;
+    let events = s.gateway_events(5).await;
     let ok = events.iter().find(|e| e.gateway.as_ref().unwrap().stream).unwrap().gateway.clone().unwrap();
     assert_eq!((ok.input_tokens, ok.output_tokens, ok.cached_tokens), (llm::INPUT, llm::OUTPUT, llm::CACHED));
     assert_eq!((ok.decision.as_str(), ok.upstream.as_str(), ok.hostname.as_str()), ("allowed", "openai", "runner"));
@@ -417,13 +417,12 @@ async fn the_gateway_stops_with_its_tailnet_and_comes_back_after_a_restart() {
     let tailnet: cordon_server::model::TailnetId = cordon_server::model::TailnetId::parse("id", &s.tailnet.id).unwrap();
     assert!(s.server.control_plane.gateways.is_running(tailnet));
     let mut admin = s.server.admin().await;
-    let nodes = admin
-        .list_nodes(pb::ListNodesRequest { tailnet_id: s.tailnet.id.clone(), ..Default::default() })
-        .await
-        .unwrap();
-    let gw = nodes.into_inner().nodes.into_iter().find(|n| n.hostname == "gateway").expect("the gateway is a node");
-    assert_eq!(gw.tags, vec!["tag:gateway".to_string()]);
-    assert_eq!(gw.addresses, vec!["100.64.0.1".to_string()]);
+    let gw = s.node.netmap().borrow().gateway_peer.clone().expect("the node sees the gateway");
+    assert_eq!((gw.hostname.as_str(), gw.tags.clone()), ("gateway", vec!["tag:gateway".to_string()]));
+    assert_eq!(gw.addresses, vec![std::net::Ipv4Addr::new(100, 64, 0, 1)]);
+    assert_eq!(s.node.whois(gw.addresses[0]).map(|p| p.id), Some(gw.id.clone()));
+    let nodes = admin.list_nodes(pb::ListNodesRequest { tailnet_id: s.tailnet.id.clone() }).await.unwrap();
+    assert_eq!(nodes.into_inner().nodes.len(), 1, "ListNodes shows the machines admitted, not the gateway");
     let refused =
         admin.delete_node(pb::DeleteNodeRequest { id: gw.id.clone(), reason: String::new() }).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied);

@@ -175,7 +175,9 @@ impl pb::control_server::Control for ControlApi {
     async fn list_nodes(&self, req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
         let tailnet = TailnetId::parse("tailnet_id", &req.get_ref().tailnet_id)?;
         let hub = self.cp.hub();
-        let nodes = self.cp.store.list_nodes(tailnet)?.iter().map(|n| convert::node(n, hub)).collect();
+        // The gateway is the server's own, not a machine the caller admitted.
+        let nodes =
+            self.cp.store.list_nodes(tailnet)?.iter().filter(|n| !n.gateway).map(|n| convert::node(n, hub)).collect();
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 

@@ -10,7 +10,7 @@ use super::{BoxStream, convert};
 use crate::control_plane::ControlPlane;
 use crate::error::Error;
 use crate::hub::{NetChange, NetMapUpdate};
-use crate::model::{Actor, EndReason, NodeId, Tailnet};
+use crate::model::{Actor, EndReason, Node, NodeId, Tailnet};
 use crate::netview::NetView;
 use crate::store::Snapshot;
 
@@ -30,7 +30,8 @@ fn full(view: &NetView, tailnet: &Tailnet, revision: u64, cp: &ControlPlane) -> 
         revision,
         update: Some(pb::net_map::Update::Full(pb::FullNetMap {
             self_: Some(convert::node(view.me(), hub)),
-            peers: view.peers().map(|p| convert::node(p, hub)).collect(),
+            peers: view.peers().filter(|p| !p.gateway).map(|p| convert::node(p, hub)).collect(),
+            gateway: view.peers().find(|p| p.gateway).map(|p| convert::node(p, hub)),
             tailnet_id: tailnet.id.to_string(),
             tailnet_name: tailnet.name.clone(),
             cidr: tailnet.cidr.to_string(),
@@ -78,12 +79,16 @@ fn translate(view: &mut NetView, update: &NetMapUpdate, cp: &ControlPlane) -> (O
         return (None, false);
     }
     let hub = cp.hub();
+    let nodes = |list: &[Arc<Node>]| list.iter().filter(|n| !n.gateway).map(|n| convert::node(n, hub)).collect();
+    let gateway_id = view.gateway_id();
     let message = pb::NetMapDelta {
-        peers_added: delta.added.iter().map(|n| convert::node(n, hub)).collect(),
-        peers_updated: delta.updated.iter().map(|n| convert::node(n, hub)).collect(),
-        peers_removed: delta.removed.iter().map(ToString::to_string).collect(),
+        peers_added: nodes(&delta.added),
+        peers_updated: nodes(&delta.updated),
+        peers_removed: delta.removed.iter().filter(|id| Some(**id) != gateway_id).map(ToString::to_string).collect(),
         self_: delta.me.as_ref().map(|n| convert::node(n, hub)),
         filter: delta.filter_changed.then(|| convert::packet_filter(view.filter().as_deref())),
+        gateway: delta.added.iter().chain(&delta.updated).find(|n| n.gateway).map(|n| convert::node(n, hub)),
+        gateway_removed: gateway_id.is_some_and(|g| delta.removed.contains(&g)),
     };
     (Some(pb::NetMap { revision: update.revision, update: Some(pb::net_map::Update::Delta(message)) }), false)
 }

@@ -379,11 +379,11 @@ impl SseMeter {
                             self.tool_part(key, s(block, "name"), None, false);
                         }
                     }
-                    "content_block_delta" => {
-                        if v.pointer("/delta/type").and_then(Value::as_str) == Some("input_json_delta") {
-                            let key = (u(v, &["index"]).unwrap_or(0), String::new());
-                            self.tool_part(key, None, v.pointer("/delta/partial_json").and_then(Value::as_str), false);
-                        }
+                    "content_block_delta"
+                        if v.pointer("/delta/type").and_then(Value::as_str) == Some("input_json_delta") =>
+                    {
+                        let key = (u(v, &["index"]).unwrap_or(0), String::new());
+                        self.tool_part(key, None, v.pointer("/delta/partial_json").and_then(Value::as_str), false);
                     }
                     "error" => self.observed.error = Some(v.get("error").unwrap_or(v).to_string()),
                     _ => {}

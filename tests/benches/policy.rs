@@ -71,6 +71,7 @@ fn node(i: usize, tailnet: TailnetId) -> Node {
         endpoints: vec![],
         trust_rule_id: None,
         identity: None,
+        gateway: false,
     }
 }
 

@@ -336,3 +336,96 @@ fn messages(model: &str, text: &str, tool: Option<String>, stream: bool, fail: b
     events.push(named("message_stop", json!({"type": "message_stop"})));
     sse(events, false)
 }
+
+/// The fake provider as a tailnet's two upstreams: `openai` (kind openai) and `anthropic`.
+pub fn upstreams(llm: &FakeLlm) -> Vec<crate::v1::UpstreamConfig> {
+    let upstream = |name: &str, base_url: String| crate::v1::UpstreamConfig {
+        name: name.into(),
+        kind: name.into(),
+        base_url,
+        api_key: KEY.into(),
+    };
+    vec![upstream("openai", llm.openai_url()), upstream("anthropic", llm.anthropic_url())]
+}
+
+pub type HttpClient =
+    hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, http_body_util::Full<Bytes>>;
+
+pub fn http_client() -> HttpClient {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
+/// Status, headers and body of one HTTP exchange.
+pub type Reply = (u16, hyper::HeaderMap, String);
+
+pub async fn request(
+    client: &HttpClient,
+    method: &str,
+    url: &str,
+    body: Option<&Value>,
+    headers: &[(&str, &str)],
+) -> Result<Reply, String> {
+    let mut req = hyper::Request::builder().method(method).uri(url).header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+    let req = req.body(http_body_util::Full::new(body)).map_err(|e| e.to_string())?;
+    let response = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let (parts, body) = response.into_parts();
+    let bytes = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((parts.status.as_u16(), parts.headers, String::from_utf8_lossy(&bytes).into_owned()))
+}
+
+/// A node that joined a tailnet served by the fake provider, with a loopback forward to `gateway:80`.
+pub struct Joined {
+    pub tailnet: crate::v1::Tailnet,
+    pub node: Arc<agentd::Node>,
+    /// `http://127.0.0.1:PORT`, forwarded to the gateway.
+    pub base: String,
+    _dir: tempfile::TempDir,
+}
+
+/// Creates tailnet `name` with `policy` and the fake provider's upstreams, joins a node `runner` with
+/// `tags`, and waits until the gateway answers through the tunnel.
+pub async fn join_with_gateway(
+    server: &crate::TestServer,
+    llm: &FakeLlm,
+    name: &str,
+    policy: &str,
+    tags: &[&str],
+) -> Joined {
+    let mut admin = server.admin().await;
+    let mut create = crate::tailnet_request(name);
+    create.policy_json = policy.into();
+    create.upstreams = upstreams(llm);
+    let tailnet = admin.create_tailnet(create).await.expect("create tailnet").into_inner();
+    let key = admin
+        .create_auth_key(crate::v1::CreateAuthKeyRequest {
+            tailnet_id: tailnet.id.clone(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            reusable: true,
+            expires_in_seconds: 600,
+            ..Default::default()
+        })
+        .await
+        .expect("key")
+        .into_inner();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = agentd::NodeConfig::new(&server.url, dir.path());
+    config.auth_key = Some(key.secret);
+    config.hostname = "runner".into();
+    let node = Arc::new(agentd::Node::start(config).await.expect("node joins"));
+    let local = crate::forward(node.clone(), "gateway", 80).await;
+    let joined = Joined { tailnet, node, base: format!("http://{local}"), _dir: dir };
+    let client = http_client();
+    let url = format!("{}/v1/models", joined.base);
+    crate::eventually(Duration::from_secs(20), "the gateway answers", || async {
+        request(&client, "GET", &url, None, &[]).await.ok().filter(|r| r.0 != 502).map(|_| ())
+    })
+    .await;
+    joined
+}

@@ -5,13 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use cordon_tests::llm::{self, FakeLlm};
-use cordon_tests::{TestServer, eventually, forward, v1 as pb};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use cordon_tests::llm::{self, FakeLlm, HttpClient, Joined, Reply, join_with_gateway};
+use cordon_tests::{TestServer, eventually, v1 as pb};
 use serde_json::{Value, json};
 
 const POLICY: &str = r#"{
@@ -25,66 +20,16 @@ const POLICY: &str = r#"{
 struct Setup {
     server: TestServer,
     llm: FakeLlm,
-    tailnet: pb::Tailnet,
-    node: Arc<agentd::Node>,
-    base: String,
-    http: Client<HttpConnector, Full<Bytes>>,
-    _dir: tempfile::TempDir,
-}
-
-fn upstreams(llm: &FakeLlm) -> Vec<pb::UpstreamConfig> {
-    vec![
-        pb::UpstreamConfig {
-            name: "openai".into(),
-            kind: "openai".into(),
-            base_url: llm.openai_url(),
-            api_key: llm::KEY.into(),
-        },
-        pb::UpstreamConfig {
-            name: "anthropic".into(),
-            kind: "anthropic".into(),
-            base_url: llm.anthropic_url(),
-            api_key: llm::KEY.into(),
-        },
-    ]
+    joined: Joined,
+    http: HttpClient,
 }
 
 async fn setup(policy: &str) -> Setup {
     let server = TestServer::start().await;
     let llm = FakeLlm::start().await;
-    let mut admin = server.admin().await;
-    let mut request = cordon_tests::tailnet_request("agents");
-    request.policy_json = policy.into();
-    request.upstreams = upstreams(&llm);
-    let tailnet = admin.create_tailnet(request).await.expect("create tailnet").into_inner();
-    let key = admin
-        .create_auth_key(pb::CreateAuthKeyRequest {
-            tailnet_id: tailnet.id.clone(),
-            tags: vec!["tag:ci".into()],
-            reusable: true,
-            expires_in_seconds: 600,
-            ..Default::default()
-        })
-        .await
-        .expect("key")
-        .into_inner();
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = agentd::NodeConfig::new(&server.url, dir.path());
-    config.auth_key = Some(key.secret);
-    config.hostname = "runner".into();
-    let node = Arc::new(agentd::Node::start(config).await.expect("node joins"));
-    let local = forward(node.clone(), "gateway", 80).await;
-    let http = Client::builder(TokioExecutor::new()).build_http();
-    let setup = Setup { server, llm, tailnet, node, base: format!("http://{local}"), http, _dir: dir };
-    // The gateway starts with the tailnet; wait until it answers through the tunnel.
-    eventually(Duration::from_secs(20), "the gateway answers", || async {
-        setup.try_call("GET", "/v1/models", None, &[]).await.ok().filter(|r| r.0 == 200).map(|_| ())
-    })
-    .await;
-    setup
+    let joined = join_with_gateway(&server, &llm, "agents", policy, &["tag:ci"]).await;
+    Setup { server, llm, joined, http: llm::http_client() }
 }
-
-type Reply = (u16, hyper::HeaderMap, String);
 
 impl Setup {
     async fn try_call(
@@ -94,19 +39,7 @@ impl Setup {
         body: Option<Value>,
         headers: &[(&str, &str)],
     ) -> Result<Reply, String> {
-        let mut req = hyper::Request::builder().method(method).uri(format!("{}{path}", self.base));
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-        let req = req.header("content-type", "application/json").body(Full::new(body)).unwrap();
-        let response = tokio::time::timeout(Duration::from_secs(10), self.http.request(req))
-            .await
-            .map_err(|_| "timed out".to_string())?
-            .map_err(|e| e.to_string())?;
-        let (parts, body) = response.into_parts();
-        let bytes = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-        Ok((parts.status.as_u16(), parts.headers, String::from_utf8_lossy(&bytes).into_owned()))
+        llm::request(&self.http, method, &format!("{}{path}", self.joined.base), body.as_ref(), headers).await
     }
 
     async fn call(&self, path: &str, body: Value) -> Reply {
@@ -121,7 +54,7 @@ impl Setup {
 
     async fn gateway_events(&self, at_least: usize) -> Vec<pb::Event> {
         let admin = self.server.admin().await;
-        let tailnet = self.tailnet.id.clone();
+        let tailnet = self.joined.tailnet.id.clone();
         eventually(Duration::from_secs(10), "gateway audit events", || {
             let mut admin = admin.clone();
             let tailnet = tailnet.clone();
@@ -221,7 +154,7 @@ async fn denied_tool_calls_are_blocked_streamed_or_not_and_raise_an_alert() {
     let s = setup(POLICY).await;
     let mut watch = s.server.admin().await;
     let mut alerts = watch
-        .watch_events(pb::WatchEventsRequest { tailnet_id: s.tailnet.id.clone(), ..Default::default() })
+        .watch_events(pb::WatchEventsRequest { tailnet_id: s.joined.tailnet.id.clone(), ..Default::default() })
         .await
         .unwrap()
         .into_inner();
@@ -325,40 +258,10 @@ async fn no_grant_is_403_and_models_lists_only_what_the_caller_may_use() {
     // The packet filter lets the node in, but no grant gives it the AI capability.
     let server = TestServer::start().await;
     let llm = FakeLlm::start().await;
-    let mut admin = server.admin().await;
-    let mut request = cordon_tests::tailnet_request("nogrant");
-    request.policy_json = policy.into();
-    request.upstreams = upstreams(&llm);
-    let tailnet = admin.create_tailnet(request).await.unwrap().into_inner();
-    let (_, secret) = {
-        let key = admin
-            .create_auth_key(pb::CreateAuthKeyRequest {
-                tailnet_id: tailnet.id.clone(),
-                tags: vec!["tag:ci".into()],
-                expires_in_seconds: 600,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        (key.key, key.secret)
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = agentd::NodeConfig::new(&server.url, dir.path());
-    config.auth_key = Some(secret);
-    let node = Arc::new(agentd::Node::start(config).await.unwrap());
-    let local = forward(node, "gateway", 80).await;
-    let http: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let body = eventually(Duration::from_secs(20), "a 403 from the gateway", || async {
-        let req = hyper::Request::post(format!("http://{local}/v1/chat/completions"))
-            .body(Full::new(Bytes::from(chat("hi").to_string())))
-            .unwrap();
-        let r = tokio::time::timeout(Duration::from_secs(5), http.request(req)).await.ok()?.ok()?;
-        let status = r.status().as_u16();
-        let body = r.into_body().collect().await.ok()?.to_bytes();
-        (status == 403).then(|| String::from_utf8_lossy(&body).into_owned())
-    })
-    .await;
+    let joined = join_with_gateway(&server, &llm, "nogrant", policy, &["tag:ci"]).await;
+    let url = format!("{}/v1/chat/completions", joined.base);
+    let (status, _, body) = llm::request(&llm::http_client(), "POST", &url, Some(&chat("hi")), &[]).await.unwrap();
+    assert_eq!(status, 403, "{body}");
     assert_eq!(error_of(&body)["code"], "no_grant", "{body}");
     assert!(llm.seen.lock().unwrap().is_empty(), "nothing reached the upstream");
 
@@ -414,25 +317,26 @@ async fn concurrent_requests_overshoot_a_budget_by_at_most_one_reservation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_stops_with_its_tailnet_and_comes_back_after_a_restart() {
     let s = setup(POLICY).await;
-    let tailnet: cordon_server::model::TailnetId = cordon_server::model::TailnetId::parse("id", &s.tailnet.id).unwrap();
+    let tailnet: cordon_server::model::TailnetId =
+        cordon_server::model::TailnetId::parse("id", &s.joined.tailnet.id).unwrap();
     assert!(s.server.control_plane.gateways.is_running(tailnet));
     let mut admin = s.server.admin().await;
-    let gw = s.node.netmap().borrow().gateway_peer.clone().expect("the node sees the gateway");
+    let gw = s.joined.node.netmap().borrow().gateway_peer.clone().expect("the node sees the gateway");
     assert_eq!((gw.hostname.as_str(), gw.tags.clone()), ("gateway", vec!["tag:gateway".to_string()]));
     assert_eq!(gw.addresses, vec![std::net::Ipv4Addr::new(100, 64, 0, 1)]);
-    assert_eq!(s.node.whois(gw.addresses[0]).map(|p| p.id), Some(gw.id.clone()));
-    let nodes = admin.list_nodes(pb::ListNodesRequest { tailnet_id: s.tailnet.id.clone() }).await.unwrap();
+    assert_eq!(s.joined.node.whois(gw.addresses[0]).map(|p| p.id), Some(gw.id.clone()));
+    let nodes = admin.list_nodes(pb::ListNodesRequest { tailnet_id: s.joined.tailnet.id.clone() }).await.unwrap();
     assert_eq!(nodes.into_inner().nodes.len(), 1, "ListNodes shows the machines admitted, not the gateway");
     let refused =
         admin.delete_node(pb::DeleteNodeRequest { id: gw.id.clone(), reason: String::new() }).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied);
 
     // Restart: the gateway of the live tailnet comes back, and the node's requests work again.
-    let Setup { server, llm, node, base, http, _dir, tailnet: tn } = s;
+    let Setup { server, llm, joined, http } = s;
     let addr = server.addr;
     let (dir, temp) = server.stop_keep_dir().await;
     let server = TestServer::start_at(&dir, cordon_server::Limits::default(), &addr.to_string()).await;
-    let s = Setup { server, llm, tailnet: tn, node, base, http, _dir };
+    let s = Setup { server, llm, joined, http };
     eventually(Duration::from_secs(30), "the gateway answers after a restart", || async {
         s.try_call("POST", "/v1/chat/completions", Some(chat("again")), &[])
             .await
@@ -443,7 +347,10 @@ async fn the_gateway_stops_with_its_tailnet_and_comes_back_after_a_restart() {
     .await;
 
     let mut admin = s.server.admin().await;
-    admin.delete_tailnet(pb::DeleteTailnetRequest { id: s.tailnet.id.clone(), reason: "done".into() }).await.unwrap();
+    admin
+        .delete_tailnet(pb::DeleteTailnetRequest { id: s.joined.tailnet.id.clone(), reason: "done".into() })
+        .await
+        .unwrap();
     eventually(Duration::from_secs(10), "the gateway stops", || async {
         (!s.server.control_plane.gateways.is_running(tailnet)).then_some(())
     })
@@ -452,7 +359,7 @@ async fn the_gateway_stops_with_its_tailnet_and_comes_back_after_a_restart() {
     assert!(after.as_ref().is_err_and(|_| true) || after.as_ref().is_ok_and(|r| r.0 != 200), "{after:?}");
     // The audit log outlives the tailnet.
     let events = admin
-        .list_audit_events(pb::ListAuditEventsRequest { tailnet_id: s.tailnet.id.clone(), ..Default::default() })
+        .list_audit_events(pb::ListAuditEventsRequest { tailnet_id: s.joined.tailnet.id.clone(), ..Default::default() })
         .await
         .unwrap()
         .into_inner()

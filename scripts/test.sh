@@ -23,6 +23,19 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
+# The official LLM SDKs the gateway tests drive (pinned; PyPI is reachable here).
+python_sdks=(openai==1.109.1 anthropic==0.125.0)
+if command -v python3 >/dev/null 2>&1 && ! python3 -c "import openai, anthropic" >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "==> installing ${python_sdks[*]} (pip)"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "${python_sdks[@]}" \
+      || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "${python_sdks[@]}" \
+      || echo "warning: could not install ${python_sdks[*]}; the SDK test will skip"
+  else
+    echo "==> not root: skipping pip install of ${python_sdks[*]}; the SDK test will skip"
+  fi
+fi
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"

@@ -406,11 +406,30 @@ fn event_kind_name(kind: i32) -> String {
 }
 
 fn event_json(e: &pb::Event) -> Value {
-    json!({
+    let mut v = json!({
         "id": e.id, "revision": e.revision, "time": time(&e.time), "kind": event_kind_name(e.kind),
         "tailnet_id": e.tailnet_id, "node_id": e.node_id, "auth_key_id": e.auth_key_id, "actor": e.actor,
         "reason": e.reason, "summary": e.summary,
-    })
+    });
+    if let Some(run) = &e.run {
+        v["run"] = json!({"issuer": run.issuer, "subject": run.subject, "claims": run.claims});
+    }
+    if let Some(g) = &e.gateway {
+        let tools: Vec<Value> = g
+            .tool_calls
+            .iter()
+            .map(|t| json!({"name": t.name, "arguments": t.arguments, "blocked": t.blocked}))
+            .collect();
+        v["gateway"] = json!({
+            "request_id": g.request_id, "api": g.api, "model": g.model, "upstream": g.upstream,
+            "upstream_model": g.upstream_model, "status": g.status, "decision": g.decision, "rule": g.rule,
+            "message": g.message, "stream": g.stream, "input_tokens": g.input_tokens,
+            "output_tokens": g.output_tokens, "cached_tokens": g.cached_tokens, "tool_calls": tools,
+            "latency_us": g.latency_us, "ttfb_us": g.ttfb_us, "hostname": g.hostname, "tags": g.tags,
+            "owner": g.owner, "request_body": g.request_body, "response_body": g.response_body,
+        });
+    }
+    v
 }
 
 fn tailnet_rows(tailnets: &[pb::Tailnet]) -> Vec<Vec<String>> {

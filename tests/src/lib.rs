@@ -358,3 +358,38 @@ pub async fn forward(node: Arc<agentd::Node>, host: &str, port: u16) -> SocketAd
     });
     addr
 }
+
+/// A real `cordon serve` process on an OS-chosen loopback port, logging at debug level to a file.
+pub struct ServerProcess {
+    pub child: tokio::process::Child,
+    pub url: String,
+    pub log: PathBuf,
+}
+
+impl ServerProcess {
+    /// Starts `cordon serve` and waits for it to say where it listens.
+    pub async fn spawn(data_dir: &Path, log: &Path) -> ServerProcess {
+        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let mut child = tokio::process::Command::new(cordon_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--stun-listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("CORDON_LOG", "debug")
+            .stdout(std::process::Stdio::piped())
+            .stderr(stderr)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn cordon serve");
+        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().unwrap()));
+        let url = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(rest) = line.split("serving gRPC on ").nth(1) {
+                    return rest.split_whitespace().next().unwrap().to_string();
+                }
+            }
+            panic!("cordon serve exited before listening; see {}", log.display());
+        })
+        .await
+        .expect("cordon serve starts within 30 s");
+        ServerProcess { child, url, log: log.to_path_buf() }
+    }
+}

@@ -129,7 +129,9 @@ async fn answer(log: Arc<Mutex<Vec<Seen>>>, req: Request<hyper::body::Incoming>)
     let bearer = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     let key = headers.get("x-api-key").and_then(|v| v.to_str().ok()).or(bearer);
     if key != Some(KEY) {
-        return Ok(full(json!({"error": {"message": "invalid API key", "type": "invalid_request_error"}}), 401));
+        // As OpenAI does, the refusal repeats the key it got: the gateway must not pass that on.
+        let message = format!("Incorrect API key provided: {}", key.unwrap_or(""));
+        return Ok(full(json!({"error": {"message": message, "type": "invalid_request_error"}}), 401));
     }
     let text = last_user_text(&body);
     let model = body.get("model").and_then(Value::as_str).unwrap_or("").to_string();

@@ -3,47 +3,11 @@
 //! address is held twice, and no half-written registration is visible. Also: no secret in the log.
 
 use std::collections::HashSet;
-use std::path::Path;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cordon_tests::v1 as pb;
 use cordon_tests::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-
-struct Process {
-    child: Child,
-    url: String,
-    log: std::path::PathBuf,
-}
-
-/// Starts `cordon serve` on an OS-chosen loopback port and waits for it to say where it listens.
-async fn spawn_server(data_dir: &Path, log: &Path) -> Process {
-    let stderr = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    let mut child = Command::new(cordon_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .env("CORDON_LOG", "debug")
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn cordon serve");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let url = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(rest) = line.split("serving gRPC on ").nth(1) {
-                return rest.split_whitespace().next().unwrap().to_string();
-            }
-        }
-        panic!("cordon serve exited before listening; see {}", log.display());
-    })
-    .await
-    .expect("cordon serve starts within 30 s");
-    Process { child, url, log: log.to_path_buf() }
-}
 
 async fn connect(url: &str, token: &str) -> (Admin, Nodes) {
     let channel = tonic::transport::Channel::from_shared(url.to_string()).unwrap().connect().await.unwrap();
@@ -65,7 +29,7 @@ async fn acknowledged_registrations_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let log = dir.path().join("server.log");
-    let mut server = spawn_server(&data, &log).await;
+    let mut server = ServerProcess::spawn(&data, &log).await;
     let token = std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_string();
     let (mut admin, _) = connect(&server.url, &token).await;
     let tailnet = create_tailnet(&mut admin, "crash").await;
@@ -109,7 +73,7 @@ async fn acknowledged_registrations_survive_kill_9() {
             l.await.unwrap();
         }
 
-        server = spawn_server(&data, &log).await;
+        server = ServerProcess::spawn(&data, &log).await;
         let (mut admin, mut nodes) = connect(&server.url, &token).await;
         let listed = admin.list_nodes(pb::ListNodesRequest { tailnet_id: tailnet.id.clone() }).await.unwrap();
         let listed = listed.into_inner().nodes;

@@ -271,7 +271,10 @@ impl pb::control_server::Control for ControlApi {
                 }
             };
             let mut backlog = match replay(&mut last) {
-                Ok(events) => events,
+                Ok(events) => {
+                    tracing::debug!(events = events.len(), last, "WatchEvents: replayed the stored events");
+                    events
+                }
                 Err(e) => {
                     let _ = tx.send(Err(e.into())).await;
                     return;

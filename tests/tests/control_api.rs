@@ -506,3 +506,32 @@ async fn health_and_reflection_are_served() {
         assert!(names.iter().any(|n| n == wanted), "{wanted} missing from {names:?}");
     }
 }
+
+#[tokio::test]
+async fn audit_events_past_their_retention_are_pruned_and_the_rest_kept() {
+    let server = TestServer::start().await;
+    let mut admin = server.admin().await;
+    let old = create_tailnet(&mut admin, "old").await;
+    admin.delete_tailnet(pb::DeleteTailnetRequest { id: old.id.clone(), reason: "done".into() }).await.unwrap();
+    let kept = create_tailnet(&mut admin, "kept").await;
+    let list = |tailnet: String| {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .list_audit_events(pb::ListAuditEventsRequest { tailnet_id: tailnet, ..Default::default() })
+                .await
+                .unwrap()
+                .into_inner()
+                .events
+        }
+    };
+    assert_eq!(list(old.id.clone()).await.len(), 2, "created and deleted");
+    // Retention cuts at the time of the kept tailnet's first event: everything before it goes.
+    let first_kept = list(kept.id.clone()).await[0].time.unwrap();
+    let cutoff = std::time::UNIX_EPOCH + std::time::Duration::new(first_kept.seconds as u64, first_kept.nanos as u32);
+    let pruned = server.control_plane.store.prune_events(cutoff, 10_000).await.unwrap();
+    assert_eq!(pruned, 2);
+    assert!(list(old.id.clone()).await.is_empty(), "the deleted tailnet's events are past retention");
+    assert_eq!(list(kept.id.clone()).await.len(), 1);
+    assert_eq!(list(String::new()).await.len(), 1, "the global index is pruned too");
+}

@@ -46,7 +46,8 @@ pub async fn connect(server: &str) -> Result<Client, Error> {
     Ok(NodeClient::new(channel).max_decoding_message_size(64 << 20))
 }
 
-fn source_chain(e: &dyn std::error::Error) -> String {
+/// An error and its sources, one line: `outer: inner: root`.
+pub fn source_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(inner) = cur {

@@ -4,30 +4,12 @@
 //! figure is printed beside a baseline measured in the same run: a bare gRPC round trip (the health
 //! check) and a raw sled write + flush.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use cordon_tests::bench::{Stats, ms, stats};
 use cordon_tests::v1 as pb;
 use cordon_tests::*;
 use tokio::sync::mpsc;
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.3} ms", d.as_secs_f64() * 1e3)
-}
-
-struct Stats {
-    p50: Duration,
-    p99: Duration,
-}
-
-fn stats(mut samples: Vec<Duration>) -> Stats {
-    samples.sort();
-    Stats { p50: percentile(&samples, 0.5), p99: percentile(&samples, 0.99) }
-}
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {

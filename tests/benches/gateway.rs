@@ -14,32 +14,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use cordon_tests::bench::{Stats, ms, stats};
 use cordon_tests::llm::{self, FakeLlm, HttpClient};
 use cordon_tests::*;
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.3} ms", d.as_secs_f64() * 1e3)
-}
-
-#[derive(Clone, Copy)]
-struct Stats {
-    p50: Duration,
-    p99: Duration,
-}
-
-fn stats(mut samples: Vec<Duration>) -> Stats {
-    samples.sort();
-    Stats { p50: percentile(&samples, 0.5), p99: percentile(&samples, 0.99) }
-}
 
 fn request(url: &str, body: &Value) -> hyper::Request<Full<Bytes>> {
     hyper::Request::post(url)

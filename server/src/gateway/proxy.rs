@@ -317,7 +317,8 @@ async fn handle(
     let response = match gateway.cp.gateways.client.request(request).await {
         Ok(r) => r,
         Err(e) => {
-            let message = format!("upstream {} could not be reached: {}", upstream.name, error_chain(&e));
+            let message =
+                format!("upstream {} could not be reached: {}", upstream.name, agentd::control::source_chain(&e));
             let mut response = call.deny(502, "", "upstream_unreachable", message);
             response.headers_mut().remove("x-should-retry");
             return Ok(response);
@@ -468,17 +469,6 @@ fn redact(bytes: Bytes, key: &str) -> Bytes {
     }
     let text = String::from_utf8_lossy(&bytes).replace(key, "<redacted>");
     Bytes::from(text)
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        cur = inner.source();
-    }
-    s
 }
 
 /// `GET /v1/models`: each upstream's models as `upstream/model`, only those the caller may use.

@@ -114,6 +114,7 @@ pub async fn run(
             biased;
             _ = crate::stopped(&mut shutdown) => return,
             command = commands.recv() => match command {
+                Some(Command::SetPeers(peers)) if udp.is_none() => engine.set_peers(relay_only(peers)),
                 Some(Command::SetPeers(peers)) => engine.set_peers(peers),
                 Some(Command::SetFilter(filter)) => engine.set_filter(filter),
                 Some(Command::SetPaths { stun: server, relay }) => {
@@ -177,6 +178,15 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Peers as a node without a socket sees them: reachable through the relay only, so nothing is
+/// probed or sent to their endpoints.
+pub fn relay_only(mut peers: Vec<PeerConfig>) -> Vec<PeerConfig> {
+    for p in &mut peers {
+        p.endpoints.clear();
+    }
+    peers
 }
 
 /// The socket once it is readable; never without one.

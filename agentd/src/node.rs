@@ -232,7 +232,11 @@ impl Node {
         let Parts { secret, netmap, stream, socket, local, links, server_host, endpoint } = parts;
         let mut engine = Engine::new(secret);
         engine.set_relay(netmap.relay);
-        engine.set_peers(netmap.peer_configs());
+        engine.set_peers(if socket.is_some() {
+            netmap.peer_configs()
+        } else {
+            dataplane::relay_only(netmap.peer_configs())
+        });
         engine.set_filter(netmap.filter.clone());
         let stun = control::resolve_stun(&netmap.stun, &server_host);
         let stack = match &local {

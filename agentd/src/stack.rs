@@ -39,6 +39,9 @@ impl Default for StackConfig {
     }
 }
 
+/// Connections being opened (SYN received, not yet established) per listening port, at most.
+const MAX_HALF_OPEN: usize = 128;
+
 /// Packets between the stack and the tunnel.
 #[derive(Default)]
 struct Queues {
@@ -234,7 +237,8 @@ fn new_socket(buffer: usize) -> tcp::Socket<'static> {
 impl Inner {
     fn listening_socket(&mut self, port: u16) -> io::Result<SocketHandle> {
         let mut socket = new_socket(self.config.tcp_buffer);
-        socket.set_timeout(None);
+        // No timer while listening; a connection that never completes its handshake is dropped after 10 s.
+        socket.set_timeout(Some(smoltcp::time::Duration::from_secs(10)));
         socket.set_keep_alive(None);
         socket.listen(port).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("listen {port}: {e}")))?;
         Ok(self.sockets.add(socket))
@@ -251,16 +255,17 @@ impl Inner {
         let ports: Vec<u16> = self.listeners.keys().copied().collect();
         for port in ports {
             let listening = self.listeners.get(&port).expect("port listed");
-            let (mut ready, mut idle) = (Vec::new(), 0);
+            let (mut ready, mut idle, mut half_open) = (Vec::new(), 0, 0);
             for &handle in &listening.sockets {
                 match self.sockets.get::<tcp::Socket>(handle).state() {
                     tcp::State::Listen => idle += 1,
-                    tcp::State::SynReceived => {}
+                    tcp::State::SynReceived => half_open += 1,
                     _ => ready.push(handle),
                 }
             }
             let mut fresh = Vec::new();
-            while idle + fresh.len() < self.config.spare_listeners.max(1) {
+            // A SYN flood stops growing the backlog here; further SYNs are refused until some complete.
+            while idle + fresh.len() < self.config.spare_listeners.max(1) && half_open + fresh.len() < MAX_HALF_OPEN {
                 match self.listening_socket(port) {
                     Ok(h) => fresh.push(h),
                     Err(_) => break,

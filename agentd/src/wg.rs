@@ -547,12 +547,15 @@ impl Peer {
         {
             targets.push(d);
         }
+        // Probes are not traffic: they must not hold back the passive keepalive the peer waits for.
+        let last_sent = self.last_sent;
         for target in targets {
             if let TunnResult::WriteToNetwork(datagram) = self.tunn.encapsulate(&[], buf) {
                 let datagram = datagram.to_vec();
                 self.push_to(Route::Direct(target), &datagram, now, out);
             }
         }
+        self.last_sent = last_sent;
     }
 
     fn direct_alive(&self, now: Instant) -> bool {

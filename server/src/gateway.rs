@@ -151,10 +151,23 @@ pub fn start(cp: &Arc<ControlPlane>, tailnet: TailnetId) {
     let cp = cp.clone();
     tokio::spawn(async move {
         let guard = RunningGuard(&cp.gateways, tailnet);
-        match run(&cp, tailnet).await {
-            Ok(()) => tracing::debug!(%tailnet, "gateway stopped"),
-            Err(Error::NotFound { .. }) => {}
-            Err(e) => tracing::warn!(%tailnet, error = %e, "gateway stopped"),
+        let mut shutdown = cp.shutdown_signal();
+        let mut backoff = Duration::from_millis(250);
+        // Runs again (after a pause) if it stops while its tailnet lives: a gateway is never left down.
+        loop {
+            match run(&cp, tailnet).await {
+                Ok(()) => tracing::debug!(%tailnet, "gateway stopped"),
+                Err(Error::NotFound { .. }) => break,
+                Err(e) => tracing::warn!(%tailnet, error = %e, "gateway stopped"),
+            }
+            if *shutdown.borrow() || cp.store.get_tailnet(tailnet).is_err() {
+                break;
+            }
+            tokio::select! {
+                _ = crate::control_plane::stopped(&mut shutdown) => break,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
         }
         drop(guard);
     });

@@ -64,6 +64,26 @@ struct Call {
     run: Option<RunIdentity>,
     log_bodies: bool,
     claim: Option<Claim>,
+    /// Tokens the claim reserved.
+    reserved: u64,
+    /// The request went to the upstream (which may bill for it even if the client leaves).
+    sent: bool,
+    saw_usage: bool,
+    /// Recorded and settled; nothing left for `Drop`.
+    done: bool,
+}
+
+impl Drop for Call {
+    /// A request whose client went away (or whose gateway stopped) mid-way is still settled and recorded.
+    fn drop(&mut self) {
+        if !self.done {
+            if self.record.decision.is_empty() || self.record.decision == "allowed" {
+                self.record.decision = "failed".into();
+                self.record.message = "the client went away before the response was complete".into();
+            }
+            self.complete(0);
+        }
+    }
 }
 
 impl Call {
@@ -90,10 +110,19 @@ impl Call {
 
     /// Settles the reservation with the real usage and writes the audit event.
     fn finish(mut self, ttfb_us: u64) {
-        let gw = &self.gateway;
+        self.complete(ttfb_us);
+    }
+
+    fn complete(&mut self, ttfb_us: u64) {
+        self.done = true;
+        let gw = self.gateway.clone();
         let now = gw.cp.now();
         if let Some(claim) = self.claim.take() {
-            gw.meters.settle(claim, self.record.input_tokens + self.record.output_tokens, now);
+            // An upstream call that reported no usage (a client that left early, a provider that does not
+            // say) is charged what it reserved rather than nothing.
+            let used = self.record.input_tokens.saturating_add(self.record.output_tokens);
+            let charged = if self.sent && !self.saw_usage { self.reserved.max(used) } else { used };
+            gw.meters.settle(claim, charged, now);
         }
         self.record.latency_us = self.start.elapsed().as_micros() as u64;
         self.record.ttfb_us = if ttfb_us == 0 { self.record.latency_us } else { ttfb_us };
@@ -161,6 +190,10 @@ async fn handle(
         run: None,
         log_bodies: false,
         claim: None,
+        reserved: 0,
+        sent: false,
+        saw_usage: false,
+        done: false,
     };
     let caller = match peer.ip() {
         IpAddr::V4(ip) => gateway.node.whois(ip).filter(|p| p.id != gateway.node_id),
@@ -262,8 +295,19 @@ async fn handle(
         (Api::Responses, _) => "max_output_tokens",
         _ => "",
     };
-    let asked =
-        ["max_completion_tokens", "max_tokens", "max_output_tokens"].iter().find_map(|f| body.get(*f)?.as_u64());
+    // Every output limit the request names counts (an upstream may read any of them).
+    let mut asked: Option<u64> = None;
+    for field in ["max_completion_tokens", "max_tokens", "max_output_tokens"] {
+        match body.get(field) {
+            None | Some(Value::Null) => {}
+            Some(v) => match v.as_u64() {
+                Some(n) => asked = Some(asked.map_or(n, |a| a.max(n))),
+                None => {
+                    return Ok(call.deny(400, "", "invalid_body", format!("{field}: must be a non-negative integer")));
+                }
+            },
+        }
+    }
     if let (Some(limit), Some(asked)) = (rules.max_tokens, asked)
         && asked > limit
     {
@@ -290,9 +334,13 @@ async fn handle(
     }
 
     if api != Api::CountTokens {
-        let reserve = bytes.len() as u64 / 4 + 1 + asked.or(rules.max_tokens).unwrap_or(DEFAULT_OUTPUT_RESERVATION);
+        let output = asked.or(rules.max_tokens).unwrap_or(DEFAULT_OUTPUT_RESERVATION);
+        let reserve = (bytes.len() as u64 / 4).saturating_add(1).saturating_add(output);
         match gateway.meters.admit(&rules, &who, reserve, cp.now()) {
-            Ok(claim) => call.claim = Some(claim),
+            Ok(claim) => {
+                call.claim = Some(claim);
+                call.reserved = reserve;
+            }
             Err(d) => return Ok(call.deny(d.status, d.rule, "limit_reached", d.message)),
         }
     }
@@ -314,6 +362,7 @@ async fn handle(
         Ok(r) => r,
         Err(message) => return Ok(call.deny(502, "", "upstream_unconfigured", message)),
     };
+    call.sent = true;
     let response = match gateway.cp.gateways.client.request(request).await {
         Ok(r) => r,
         Err(e) => {
@@ -336,7 +385,8 @@ async fn handle(
     }
     if stream && status.is_success() {
         let meter = SseMeter::new(api, hide_usage, rules.tools_deny.clone());
-        let body = Metered { upstream: upstream_body, meter, call: Some(call), first_byte: None, logged: Vec::new() };
+        let body =
+            Metered { upstream: upstream_body, meter, call: Some(call), first_byte: None, logged: Vec::new(), key };
         let response = out.body(body.boxed()).expect("valid response parts");
         return Ok(response);
     }
@@ -357,6 +407,7 @@ async fn handle(
         && let Ok(value) = serde_json::from_slice::<Value>(&bytes)
     {
         let observed = wire::observe(api, &value);
+        call.saw_usage = observed.saw_usage || api == Api::CountTokens;
         call.record.input_tokens = observed.usage.input;
         call.record.output_tokens = observed.usage.output;
         call.record.cached_tokens = observed.usage.cached;
@@ -471,6 +522,10 @@ fn redact(bytes: Bytes, key: &str) -> Bytes {
     Bytes::from(text)
 }
 
+fn redact_str(text: &str, key: &str) -> String {
+    if key.len() < 8 { text.to_string() } else { text.replace(key, "<redacted>") }
+}
+
 /// `GET /v1/models`: each upstream's models as `upstream/model`, only those the caller may use.
 async fn models(
     mut call: Call,
@@ -532,12 +587,15 @@ struct Metered {
     call: Option<Call>,
     first_byte: Option<u64>,
     logged: Vec<u8>,
+    /// To redact from what passes (a provider might echo it).
+    key: crate::secret::Secret,
 }
 
 impl Metered {
     fn complete(&mut self, failure: Option<String>) {
         let Some(mut call) = self.call.take() else { return };
         let observed = &self.meter.observed;
+        call.saw_usage = observed.saw_usage;
         call.record.input_tokens = observed.usage.input;
         call.record.output_tokens = observed.usage.output;
         call.record.cached_tokens = observed.usage.cached;
@@ -548,7 +606,7 @@ impl Metered {
             call.record.message = wire::denied_tool_message(tool, glob);
         } else if let Some(why) = failure.or_else(|| observed.error.clone()) {
             call.record.decision = "failed".into();
-            call.record.message = why;
+            call.record.message = redact_str(&why, self.key.expose());
         }
         if call.log_bodies {
             call.record.response_body = logged(&self.logged);
@@ -557,6 +615,8 @@ impl Metered {
     }
 
     fn emit(&mut self, out: Vec<u8>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        // Events pass whole, so a key inside one is within this chunk.
+        let out = redact(Bytes::from(out), self.key.expose());
         if self.first_byte.is_none()
             && let Some(call) = &self.call
         {
@@ -565,7 +625,7 @@ impl Metered {
         if self.call.as_ref().is_some_and(|c| c.log_bodies) && self.logged.len() < MAX_LOGGED_BODY {
             self.logged.extend_from_slice(&out);
         }
-        Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))))
+        Poll::Ready(Some(Ok(Frame::data(out))))
     }
 }
 

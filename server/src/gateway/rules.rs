@@ -17,7 +17,8 @@ pub struct Rules {
     pub models: Option<Vec<String>>,
     pub rpm: Option<u64>,
     pub tpm: Option<u64>,
-    pub budget: Option<Budget>,
+    /// Token budgets; every one applies (one per bucket and period, the largest where grants overlap).
+    pub budgets: Vec<Budget>,
     pub max_tokens: Option<u64>,
     /// Tool-name globs whose calls block the response.
     pub tools_deny: Vec<String>,
@@ -116,7 +117,7 @@ fn parse_one(v: &Value) -> Result<Rules, String> {
                 if let Some(extra) = b.keys().find(|k| !["tokens", "bucket", "per"].contains(&k.as_str())) {
                     return Err(format!("budget.{extra}: unknown field (known: tokens, bucket, per)"));
                 }
-                r.budget = Some(Budget { bucket, tokens, per });
+                r.budgets = vec![Budget { bucket, tokens, per }];
             }
             other => {
                 return Err(format!(
@@ -143,8 +144,9 @@ fn larger(a: Option<u64>, b: Option<u64>) -> Option<u64> {
 impl Rules {
     /// Merges the values of every grant that gives the caller the capability. Grants add up, as
     /// grants do: the union of the models (a grant naming none allows any), the largest of each limit
-    /// that some grant sets; a tool denied by any grant stays denied; bodies are logged if any grant
-    /// asks. `None` when no grant gives the capability.
+    /// that some grant sets (budgets: per bucket and period; budgets over different buckets or periods
+    /// all apply); a tool denied by any grant stays denied; bodies are logged if any grant asks. `None`
+    /// when no grant gives the capability.
     pub fn merge(values: &[Value]) -> Option<Rules> {
         let mut merged: Option<Rules> = None;
         for v in values {
@@ -162,9 +164,15 @@ impl Rules {
                     },
                     rpm: larger(m.rpm, r.rpm),
                     tpm: larger(m.tpm, r.tpm),
-                    budget: match (m.budget, r.budget) {
-                        (Some(a), Some(b)) => Some(if b.tokens > a.tokens { b } else { a }),
-                        (a, b) => a.or(b),
+                    budgets: {
+                        let mut all = m.budgets;
+                        for b in r.budgets {
+                            match all.iter_mut().find(|a| a.bucket == b.bucket && a.per == b.per) {
+                                Some(a) => a.tokens = a.tokens.max(b.tokens),
+                                None => all.push(b),
+                            }
+                        }
+                        all
                     },
                     max_tokens: larger(m.max_tokens, r.max_tokens),
                     tools_deny: m.tools_deny.into_iter().chain(r.tools_deny).collect(),
@@ -205,10 +213,14 @@ pub struct Denial {
 
 #[derive(Default)]
 struct Counter {
+    period: u64,
     window: u64,
     used: u64,
     reserved: u64,
 }
+
+/// Counters kept before idle ones (past window, nothing reserved) are dropped.
+const COUNTERS_KEPT: usize = 10_000;
 
 /// Rate and budget counters of one gateway.
 #[derive(Default)]
@@ -243,7 +255,7 @@ impl Meters {
         if let Some(tpm) = rules.tpm {
             wanted.push(("tpm", format!("tpm|{}", who.node), 60, tpm, tokens));
         }
-        if let Some(b) = &rules.budget {
+        for b in &rules.budgets {
             let id = match b.bucket {
                 Bucket::Node => format!("node:{}", who.node),
                 Bucket::Run => who.run.as_ref().map_or_else(|| format!("node:{}", who.node), |r| format!("run:{r}")),
@@ -253,14 +265,18 @@ impl Meters {
             wanted.push(("budget", format!("budget|{:?}|{id}", b.per), b.per.seconds(), b.tokens, tokens));
         }
         let mut counters = self.counters.lock().unwrap();
+        if counters.len() > COUNTERS_KEPT {
+            counters.retain(|_, c| c.reserved > 0 || c.window == window(now, c.period));
+        }
         for (rule, key, period, limit, amount) in &wanted {
             let c = counters.entry(key.clone()).or_default();
+            c.period = *period;
             let w = window(now, *period);
             if c.window != w {
                 c.window = w;
                 c.used = 0;
             }
-            let committed = c.used + c.reserved;
+            let committed = c.used.saturating_add(c.reserved);
             if committed.saturating_add(*amount) > *limit {
                 let (what, unit) = if *rule == "rpm" { ("requests", "per minute") } else { ("tokens", "") };
                 let message = if *amount > *limit {
@@ -276,7 +292,8 @@ impl Meters {
         }
         let mut claim = Claim::default();
         for (_, key, period, _, amount) in wanted {
-            counters.get_mut(&key).expect("checked above").reserved += amount;
+            let c = counters.get_mut(&key).expect("checked above");
+            c.reserved = c.reserved.saturating_add(amount);
             claim.holds.push((key, period, amount));
         }
         Ok(claim)
@@ -293,13 +310,13 @@ impl Meters {
                 c.window = w;
                 c.used = 0;
             }
-            c.used += if key.starts_with("rpm|") { 1 } else { tokens };
+            c.used = c.used.saturating_add(if key.starts_with("rpm|") { 1 } else { tokens });
         }
     }
 
     /// Tokens used and reserved in a budget or rate counter (for tests and status).
     pub fn committed(&self, key: &str) -> u64 {
-        self.counters.lock().unwrap().get(key).map_or(0, |c| c.used + c.reserved)
+        self.counters.lock().unwrap().get(key).map_or(0, |c| c.used.saturating_add(c.reserved))
     }
 }
 
@@ -325,6 +342,20 @@ mod tests {
         let any = Rules::merge(&[a, json!({})]).unwrap();
         assert!(any.allows_model("openai/o1"), "a grant naming no models allows any");
         assert_eq!(Rules::merge(&[]), None);
+    }
+
+    #[test]
+    fn budgets_over_different_periods_all_apply() {
+        let day = json!({"budget": {"tokens": 100, "per": "day"}});
+        let month = json!({"budget": {"tokens": 1000, "per": "month"}});
+        let bigger_day = json!({"budget": {"tokens": 300, "per": "day"}});
+        let r = Rules::merge(&[day, month, bigger_day]).unwrap();
+        assert_eq!(r.budgets.len(), 2);
+        assert!(r.budgets.iter().any(|b| b.per == Period::Day && b.tokens == 300));
+        let meters = Meters::default();
+        let now = SystemTime::now();
+        assert!(meters.admit(&r, &who(), 300, now).is_ok());
+        assert_eq!(meters.admit(&r, &who(), 1, now).unwrap_err().rule, "budget", "the day budget is spent");
     }
 
     #[test]

@@ -122,7 +122,7 @@ fn anthropic_usage(usage: &Value, into: &mut Usage) {
     let cached = u(usage, &["cache_read_input_tokens"]);
     let created = u(usage, &["cache_creation_input_tokens"]);
     if let Some(input) = u(usage, &["input_tokens"]) {
-        into.input = input + cached.unwrap_or(0) + created.unwrap_or(0);
+        into.input = input.saturating_add(cached.unwrap_or(0)).saturating_add(created.unwrap_or(0));
     }
     if let Some(c) = cached {
         into.cached = c;
@@ -148,8 +148,9 @@ pub fn observe(api: Api, body: &Value) -> Observed {
             for choice in body.get("choices").and_then(Value::as_array).into_iter().flatten() {
                 let calls = choice.pointer("/message/tool_calls").and_then(Value::as_array);
                 for call in calls.into_iter().flatten() {
-                    let f = call.get("function").unwrap_or(&Value::Null);
-                    o.tool_calls.push(tool(s(f, "name").unwrap_or(""), s(f, "arguments").unwrap_or("").into()));
+                    let f = call.get("function").or(call.get("custom")).unwrap_or(&Value::Null);
+                    let args = s(f, "arguments").or(s(f, "input")).unwrap_or("");
+                    o.tool_calls.push(tool(s(f, "name").unwrap_or(""), args.into()));
                 }
             }
         }
@@ -159,8 +160,9 @@ pub fn observe(api: Api, body: &Value) -> Observed {
                 o.saw_usage = true;
             }
             for item in body.get("output").and_then(Value::as_array).into_iter().flatten() {
-                if s(item, "type") == Some("function_call") {
-                    o.tool_calls.push(tool(s(item, "name").unwrap_or(""), s(item, "arguments").unwrap_or("").into()));
+                if s(item, "type").is_some_and(responses_tool_item) {
+                    let args = s(item, "arguments").or(s(item, "input")).unwrap_or("");
+                    o.tool_calls.push(tool(s(item, "name").unwrap_or(""), args.into()));
                 }
             }
         }
@@ -170,7 +172,7 @@ pub fn observe(api: Api, body: &Value) -> Observed {
                 o.saw_usage = true;
             }
             for block in body.get("content").and_then(Value::as_array).into_iter().flatten() {
-                if s(block, "type") == Some("tool_use") {
+                if s(block, "type").is_some_and(anthropic_tool_block) {
                     let input = block.get("input").map(Value::to_string).unwrap_or_default();
                     o.tool_calls.push(tool(s(block, "name").unwrap_or(""), input));
                 }
@@ -179,6 +181,16 @@ pub fn observe(api: Api, body: &Value) -> Observed {
         Api::CountTokens | Api::Models => {}
     }
     o
+}
+
+/// Responses output items that call a tool by name.
+fn responses_tool_item(kind: &str) -> bool {
+    matches!(kind, "function_call" | "custom_tool_call" | "mcp_call")
+}
+
+/// Anthropic content blocks that call a tool by name.
+fn anthropic_tool_block(kind: &str) -> bool {
+    matches!(kind, "tool_use" | "server_tool_use" | "mcp_tool_use")
 }
 
 /// A tool call being assembled from stream events.
@@ -258,14 +270,15 @@ impl SseMeter {
         let mut i = self.scanned;
         while let Some(nl) = p[i..].iter().position(|b| *b == b'\n') {
             let next = i + nl + 1;
-            match p.get(next) {
-                Some(b'\n') => return Some(next + 1),
-                Some(b'\r') if p.get(next + 1) == Some(&b'\n') => return Some(next + 2),
-                Some(_) => i = next,
-                None => {
+            match (p.get(next), p.get(next + 1)) {
+                (Some(b'\n'), _) => return Some(next + 1),
+                (Some(b'\r'), Some(b'\n')) => return Some(next + 2),
+                // A line end split between chunks: look again when more arrives.
+                (None, _) | (Some(b'\r'), None) => {
                     self.scanned = i;
                     return None;
                 }
+                (Some(_), _) => i = next,
             }
         }
         self.scanned = i;
@@ -318,8 +331,9 @@ impl SseMeter {
                     let calls = choice.pointer("/delta/tool_calls").and_then(Value::as_array);
                     for call in calls.into_iter().flatten() {
                         let index = u(call, &["index"]).unwrap_or(0);
-                        let f = call.get("function").unwrap_or(&Value::Null);
-                        self.tool_part((choice_index, index.to_string()), s(f, "name"), s(f, "arguments"), false);
+                        let f = call.get("function").or(call.get("custom")).unwrap_or(&Value::Null);
+                        let args = s(f, "arguments").or(s(f, "input"));
+                        self.tool_part((choice_index, index.to_string()), s(f, "name"), args, false);
                     }
                 }
             }
@@ -328,7 +342,7 @@ impl SseMeter {
                 match kind {
                     "response.output_item.added" | "response.output_item.done" => {
                         let item = v.get("item").unwrap_or(&Value::Null);
-                        if s(item, "type") == Some("function_call") {
+                        if s(item, "type").is_some_and(responses_tool_item) {
                             let key = (0, s(item, "id").unwrap_or("").to_string());
                             let args = s(item, "arguments").filter(|a| !a.is_empty());
                             self.tool_part(key, s(item, "name"), args, true);
@@ -374,7 +388,7 @@ impl SseMeter {
                     }
                     "content_block_start" => {
                         let block = v.get("content_block").unwrap_or(&Value::Null);
-                        if s(block, "type") == Some("tool_use") {
+                        if s(block, "type").is_some_and(anthropic_tool_block) {
                             let key = (u(v, &["index"]).unwrap_or(0), String::new());
                             self.tool_part(key, s(block, "name"), None, false);
                         }
@@ -394,16 +408,19 @@ impl SseMeter {
         self.blocked.is_none()
     }
 
-    /// Adds to a tool call; blocks the stream when its name is denied.
+    /// Adds to a tool call (`replace`: the event carries the whole value, else a fragment); blocks the
+    /// stream as soon as the name so far is denied.
     fn tool_part(&mut self, key: (u64, String), name: Option<&str>, args: Option<&str>, replace: bool) {
         let part = self.tools.entry(key).or_default();
-        if let Some(n) = name.filter(|n| !n.is_empty())
-            && part.name.is_empty()
-        {
-            part.name = n.to_string();
-            if let Some(glob) = self.deny.iter().find(|g| crate::oidc::glob_match(g, n)) {
+        if let Some(n) = name.filter(|n| !n.is_empty()) {
+            if replace || part.name.is_empty() {
+                part.name = n.to_string();
+            } else {
+                part.name.push_str(n);
+            }
+            if let Some(glob) = self.deny.iter().find(|g| crate::oidc::glob_match(g, &part.name)) {
                 part.blocked = true;
-                self.blocked = Some((n.to_string(), glob.clone()));
+                self.blocked = Some((part.name.clone(), glob.clone()));
             }
         }
         if let Some(a) = args {
@@ -474,6 +491,24 @@ mod tests {
         }
         let mut m = SseMeter::new(Api::Chat, false, vec![]);
         assert_eq!(run(&mut m, CHAT, 10), CHAT, "passed through unchanged");
+        // CRLF line ends, split anywhere (also between the \r and the \n).
+        let crlf = CHAT.replace('\n', "\r\n");
+        for split in [1, 2, 3, 5, 33] {
+            let mut m = SseMeter::new(Api::Chat, true, vec!["get_*".into()]);
+            let out = run(&mut m, &crlf, split);
+            assert!(m.blocked.is_some() && out.contains("tool_denied"), "split {split}: {out}");
+        }
+    }
+
+    #[test]
+    fn a_tool_name_streamed_in_pieces_is_checked_whole() {
+        let stream = concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"name\":\"shell\"}}]}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"name\":\".exec\"}}]}}]}\n\n",
+        );
+        let mut m = SseMeter::new(Api::Chat, false, vec!["shell.exec".into()]);
+        run(&mut m, stream, 4096);
+        assert_eq!(m.blocked, Some(("shell.exec".into(), "shell.exec".into())));
     }
 
     #[test]

@@ -10,6 +10,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(protos, ["."])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out_dir.join("cordon_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Messages that carry secrets get a hand-written `Debug` (src/lib.rs) that leaves them out.
+    let secret_bearing = [
+        ".cordon.v1.UpstreamConfig",
+        ".cordon.v1.SetUpstreamRequest",
+        ".cordon.v1.CreateAuthKeyResponse",
+        ".cordon.v1.RegisterRequest",
+        ".cordon.v1.RegisterRequest.credential",
+        ".cordon.v1.RegisterResponse",
+        ".cordon.v1.WatchNetMapRequest",
+        ".cordon.v1.ReportEndpointsRequest",
+        ".cordon.v1.LeaveRequest",
+    ];
+    tonic_prost_build::configure().skip_debug(secret_bearing).compile_fds(fds)?;
     Ok(())
 }

@@ -24,7 +24,7 @@ use crate::control_plane::ControlPlane;
 use crate::error::{Error, Result};
 use crate::model::TailnetId;
 use crate::relay::{Key, Limiter};
-use crate::store::{GatewayEvent, GatewayKeys};
+use crate::store::{EventFilter, GatewayEvent, GatewayKeys};
 
 /// Gateway connections carry LLM requests, not bulk data: small buffers keep thousands of idle gateways
 /// cheap (buffers are only touched as data flows).
@@ -200,13 +200,9 @@ async fn run(cp: &Arc<ControlPlane>, tailnet: TailnetId) -> Result<()> {
     let mut listener =
         node.listen(80).await.map_err(|e| Error::Unavailable(format!("gateway of tailnet {tailnet}: {e}")))?;
     let mut ended = node.ended();
-    let gateway = Arc::new(Gateway {
-        cp: cp.clone(),
-        tailnet,
-        node_id: node_id.to_string(),
-        node,
-        meters: rules::Meters::default(),
-    });
+    let meters = rules::Meters::default();
+    restore_meters(cp, tailnet, &meters)?;
+    let gateway = Arc::new(Gateway { cp: cp.clone(), tailnet, node_id: node_id.to_string(), node, meters });
     tracing::debug!(%tailnet, node = %node_id, "gateway up");
     let pump = pump(cp, tailnet, public, outbound, inbound);
     tokio::pin!(pump);
@@ -228,6 +224,33 @@ async fn run(cp: &Arc<ControlPlane>, tailnet: TailnetId) -> Result<()> {
     connections.shutdown().await;
     gateway.node.shutdown().await;
     Ok(())
+}
+
+/// Counts what the audit log says this tailnet's callers used in the current windows, so that a restart
+/// does not hand out budgets afresh.
+fn restore_meters(cp: &ControlPlane, tailnet: TailnetId, meters: &rules::Meters) -> Result<()> {
+    let now = cp.now();
+    let mut filter = EventFilter { tailnet: Some(tailnet), limit: 1000, ..Default::default() };
+    loop {
+        let (events, more) = cp.store.list_events(&filter)?;
+        for e in &events {
+            let (Some(g), Some(node)) = (&e.gateway, e.node_id) else { continue };
+            let tokens = g.charged_tokens.max(g.input_tokens.saturating_add(g.output_tokens));
+            if tokens == 0 {
+                continue;
+            }
+            let who = rules::Who {
+                node: node.to_string(),
+                run: e.run.as_ref().map(|r| rules::run_key(&r.issuer, &r.subject, &r.claims)),
+                owner: g.owner.clone(),
+            };
+            meters.restore(&who, tokens, e.time, now);
+        }
+        match events.last() {
+            Some(last) if more => filter.after_revision = last.revision,
+            _ => return Ok(()),
+        }
+    }
 }
 
 /// Carries the gateway's datagrams through the relay: what it sends to the peers' mailboxes, what

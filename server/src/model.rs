@@ -453,6 +453,8 @@ pub struct GatewayRequest {
     pub owner: String,
     pub request_body: Option<String>,
     pub response_body: Option<String>,
+    #[serde(default)]
+    pub charged_tokens: u64,
 }
 
 /// One entry of the audit log.

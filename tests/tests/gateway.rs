@@ -306,7 +306,14 @@ async fn concurrent_requests_overshoot_a_budget_by_at_most_one_reservation() {
     let ok = statuses.iter().filter(|s| **s == 200).count() as u64;
     assert!(statuses.iter().all(|s| *s == 200 || *s == 429), "{statuses:?}");
     assert!(ok > 0 && ok < 50, "some requests fit the budget, not all: {statuses:?}");
-    let events = s.gateway_events(50).await;
+    // Every request's event (the setup's models call has one too).
+    let events: Vec<_> = s
+        .gateway_events(51)
+        .await
+        .into_iter()
+        .filter(|e| e.gateway.as_ref().unwrap().api == "chat.completions")
+        .collect();
+    assert_eq!(events.len(), 50);
     let used: u64 = events.iter().filter_map(|e| e.gateway.as_ref()).map(|g| g.input_tokens + g.output_tokens).sum();
     assert_eq!(used, ok * (llm::INPUT + llm::OUTPUT));
     assert!(used <= budget + reservation, "used {used} tokens of a {budget} budget");
@@ -315,8 +322,12 @@ async fn concurrent_requests_overshoot_a_budget_by_at_most_one_reservation() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_gateway_stops_with_its_tailnet_and_comes_back_after_a_restart() {
-    let s = setup(POLICY).await;
+async fn the_gateway_stops_with_its_tailnet_and_comes_back_after_a_restart_with_its_budgets() {
+    // A budget of 150 tokens a day; each request reserves about 72 and uses 30.
+    let s = setup(&POLICY.replace(r#""log_bodies": true"#, r#""budget": { "tokens": 150, "per": "day" }"#)).await;
+    let small =
+        |text: &str| json!({"model": "gpt-4o-mini", "max_tokens": 50, "messages": [{"role": "user", "content": text}]});
+    assert_eq!(s.call("/v1/chat/completions", small("before")).await.0, 200);
     let tailnet: cordon_server::model::TailnetId =
         cordon_server::model::TailnetId::parse("id", &s.joined.tailnet.id).unwrap();
     assert!(s.server.control_plane.gateways.is_running(tailnet));
@@ -338,13 +349,16 @@ async fn the_gateway_stops_with_its_tailnet_and_comes_back_after_a_restart() {
     let server = TestServer::start_at(&dir, cordon_server::Limits::default(), &addr.to_string()).await;
     let s = Setup { server, llm, joined, http };
     eventually(Duration::from_secs(30), "the gateway answers after a restart", || async {
-        s.try_call("POST", "/v1/chat/completions", Some(chat("again")), &[])
-            .await
-            .ok()
-            .filter(|r| r.0 == 200)
-            .map(|_| ())
+        s.try_call("GET", "/v1/models", None, &[]).await.ok().filter(|r| r.0 == 200).map(|_| ())
     })
     .await;
+    // The 30 tokens used before the restart still count: two more fit (30+72, 60+72 <= 150), the third
+    // (90+72) does not. Without them a third would fit (60+72).
+    assert_eq!(s.call("/v1/chat/completions", small("after 1")).await.0, 200);
+    assert_eq!(s.call("/v1/chat/completions", small("after 2")).await.0, 200);
+    let (status, _, body) = s.call("/v1/chat/completions", small("after 3")).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("budget"), "{body}");
 
     let mut admin = s.server.admin().await;
     admin

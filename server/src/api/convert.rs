@@ -369,6 +369,7 @@ fn gateway_request(g: &crate::model::GatewayRequest) -> pb::GatewayRequest {
         owner: g.owner.clone(),
         request_body: g.request_body.clone().unwrap_or_default(),
         response_body: g.response_body.clone().unwrap_or_default(),
+        charged_tokens: g.charged_tokens,
     }
 }
 

@@ -123,6 +123,7 @@ impl Call {
             let used = self.record.input_tokens.saturating_add(self.record.output_tokens);
             let charged = if self.sent && !self.saw_usage { self.reserved.max(used) } else { used };
             gw.meters.settle(claim, charged, now);
+            self.record.charged_tokens = charged;
         }
         self.record.latency_us = self.start.elapsed().as_micros() as u64;
         self.record.ttfb_us = if ttfb_us == 0 { self.record.latency_us } else { ttfb_us };
@@ -237,10 +238,7 @@ async fn handle(
     call.log_bodies = rules.log_bodies;
     let who = Who {
         node: caller.id.clone(),
-        run: caller
-            .run
-            .as_ref()
-            .map(|r| format!("{}|{}", r.issuer, r.claims.get("run_id").cloned().unwrap_or_else(|| r.subject.clone()))),
+        run: caller.run.as_ref().map(|r| super::rules::run_key(&r.issuer, &r.subject, &r.claims)),
         owner: caller.owner.clone(),
     };
 

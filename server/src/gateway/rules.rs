@@ -202,6 +202,11 @@ pub struct Who {
     pub owner: String,
 }
 
+/// The budget bucket of a CI run: its issuer and `run_id` claim (the subject without one).
+pub fn run_key(issuer: &str, subject: &str, claims: &std::collections::BTreeMap<String, String>) -> String {
+    format!("{issuer}|{}", claims.get("run_id").map_or(subject, String::as_str))
+}
+
 /// Why a request was refused before it reached the upstream.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Denial {
@@ -314,6 +319,32 @@ impl Meters {
         }
     }
 
+    /// Counts a request recorded at `at` (from the audit log, after a restart) in every counter whose
+    /// current window holds it, whatever rules apply: counters no rule names are never read.
+    pub fn restore(&self, who: &Who, tokens: u64, at: SystemTime, now: SystemTime) {
+        let periods = [Period::Minute, Period::Hour, Period::Day, Period::Month, Period::Total];
+        let mut ids = vec![format!("node:{}", who.node), format!("owner:{}", who.owner), "tailnet".to_string()];
+        ids.extend(who.run.as_ref().map(|r| format!("run:{r}")));
+        let add = |key: String, period: u64, amount: u64| {
+            if window(at, period) != window(now, period) {
+                return;
+            }
+            let mut counters = self.counters.lock().unwrap();
+            let c = counters.entry(key).or_default();
+            if c.window != window(now, period) {
+                *c = Counter { period, window: window(now, period), used: 0, reserved: 0 };
+            }
+            c.used = c.used.saturating_add(amount);
+        };
+        for per in periods {
+            for id in &ids {
+                add(format!("budget|{per:?}|{id}"), per.seconds(), tokens);
+            }
+        }
+        add(format!("tpm|{}", who.node), 60, tokens);
+        add(format!("rpm|{}", who.node), 60, 1);
+    }
+
     /// Tokens used and reserved in a budget or rate counter (for tests and status).
     pub fn committed(&self, key: &str) -> u64 {
         self.counters.lock().unwrap().get(key).map_or(0, |c| c.used.saturating_add(c.reserved))
@@ -384,6 +415,19 @@ mod tests {
         }
         assert_eq!(meters.committed("budget|Day|run:iss|42"), 300);
         assert!(meters.admit(&rules, &who(), 300, now).is_ok());
+    }
+
+    #[test]
+    fn restored_usage_counts_only_in_current_windows() {
+        let rules = Rules::merge(&[json!({"budget": {"bucket": "run", "tokens": 100, "per": "day"}})]).unwrap();
+        let meters = Meters::default();
+        let now = SystemTime::now();
+        meters.restore(&who(), 60, now - std::time::Duration::from_secs(2 * 86_400), now);
+        assert!(meters.admit(&rules, &who(), 100, now).is_ok(), "two days ago is another day");
+        let meters = Meters::default();
+        meters.restore(&who(), 60, now, now);
+        assert_eq!(meters.admit(&rules, &who(), 50, now).unwrap_err().rule, "budget", "60 used + 50 > 100");
+        assert!(meters.admit(&rules, &who(), 40, now).is_ok());
     }
 
     #[test]

@@ -102,15 +102,22 @@ pub struct Follow {
     pub server_host: String,
 }
 
-/// Keeps the node's relay stream open (reconnecting with backoff) and moves frames both ways.
-pub async fn relay(
-    mut client: Client,
-    session_token: String,
-    mut outbound: mpsc::Receiver<(crate::wg::Key, Vec<u8>)>,
-    inbound: mpsc::Sender<(crate::wg::Key, Vec<u8>)>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+/// The node's side of the relay: its stream's two directions, and what to tell when it comes back.
+pub struct RelayLink {
+    pub outbound: mpsc::Receiver<(crate::wg::Key, Vec<u8>)>,
+    pub inbound: mpsc::Sender<(crate::wg::Key, Vec<u8>)>,
+    pub netmap: watch::Receiver<Arc<NetMap>>,
+    pub commands: mpsc::UnboundedSender<Command>,
+}
+
+/// Keeps the node's relay stream open (reconnecting with backoff) and moves frames both ways. When the
+/// stream comes back after a break the server has likely restarted, and with it the tailnet's gateway,
+/// which lost its WireGuard sessions: the node starts a new handshake with it at once instead of waiting
+/// out WireGuard's 15 s of unanswered data.
+pub async fn relay(mut client: Client, session_token: String, link: RelayLink, mut shutdown: watch::Receiver<bool>) {
+    let RelayLink { mut outbound, inbound, netmap, commands } = link;
     let mut backoff = Duration::from_millis(250);
+    let mut connected_before = false;
     loop {
         let (tx, rx) = mpsc::channel::<pb::RelayPacket>(1024);
         let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
@@ -124,6 +131,10 @@ pub async fn relay(
         match call {
             Ok(response) => {
                 backoff = Duration::from_millis(250);
+                if connected_before && let Some(gateway) = &netmap.borrow().gateway_peer {
+                    let _ = commands.send(Command::Rehandshake(gateway.key));
+                }
+                connected_before = true;
                 let mut frames = response.into_inner();
                 loop {
                     tokio::select! {

@@ -34,6 +34,8 @@ pub enum Command {
         relay: bool,
     },
     Stats(oneshot::Sender<(Drops, Vec<(Key, PeerStats)>)>),
+    /// A new handshake with this peer now.
+    Rehandshake(Key),
 }
 
 /// The data plane's links to the rest of the node: the relay stream's two directions, and where the
@@ -124,6 +126,7 @@ pub async fn run(
                         next_stun = Instant::now();
                     }
                 }
+                Some(Command::Rehandshake(key)) => engine.rehandshake(&key, Instant::now().into_std()),
                 Some(Command::Stats(reply)) => {
                     let peers = engine_peers(&engine);
                     let _ = reply.send((engine.drops(), peers));

@@ -75,10 +75,12 @@ impl PacketFilter {
     }
 }
 
-/// A TCP segment with ACK set belongs to an existing connection; one that no local socket knows is
-/// answered with a reset by the stack, so it cannot open anything.
+/// A TCP segment with ACK or RST set belongs to an existing connection: one that no local socket knows
+/// is answered with a reset (or ignored) by the stack, so it cannot open anything. Resets must pass: a
+/// peer that lost a connection (a restarted gateway) says so with a bare RST, and dropping it would leave
+/// the local end retrying into the void.
 fn is_tcp_reply(tcp: &[u8]) -> bool {
-    tcp.len() >= 14 && tcp[13] & 0x10 != 0
+    tcp.len() >= 14 && tcp[13] & 0x14 != 0
 }
 
 #[cfg(test)]
@@ -106,6 +108,8 @@ mod tests {
         assert!(!f.allows_inbound(&tcp_packet([100, 64, 0, 9], 22, 0x02)));
         assert!(!f.allows_inbound(&tcp_packet([100, 64, 1, 9], 80, 0x02)));
         assert!(f.allows_inbound(&tcp_packet([100, 64, 1, 9], 22, 0x10)), "replies pass");
+        assert!(f.allows_inbound(&tcp_packet([100, 64, 1, 9], 22, 0x04)), "and resets");
+        assert!(!f.allows_inbound(&tcp_packet([100, 64, 1, 9], 22, 0x01)), "a bare FIN does not");
         assert!(!f.allows_inbound(&[0u8; 3]));
         assert!(PacketFilter::allow_all().allows_inbound(&tcp_packet([1, 2, 3, 4], 1, 0x02)));
     }

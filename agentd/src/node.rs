@@ -186,13 +186,14 @@ impl Node {
         let parts = Parts { secret, netmap, stream, socket: Some(socket), local, links, server_host, endpoint };
         let node = Node::launch(session, Some(client.clone()), Some(state), parts);
         let shutdown_rx = node.shutdown.subscribe();
-        let relay = tokio::spawn(control::relay(
-            client.clone(),
-            node.session.session_token.clone(),
-            relay_out_rx,
-            relay_in_tx,
-            shutdown_rx.clone(),
-        ));
+        let link = control::RelayLink {
+            outbound: relay_out_rx,
+            inbound: relay_in_tx,
+            netmap: node.netmap.clone(),
+            commands: node.commands.clone(),
+        };
+        let relay =
+            tokio::spawn(control::relay(client.clone(), node.session.session_token.clone(), link, shutdown_rx.clone()));
         let reporter = tokio::spawn(report_reflexive(
             client,
             node.session.session_token.clone(),

@@ -221,6 +221,17 @@ impl Engine {
         })
     }
 
+    /// Starts a new handshake with `key` now (unless one is under way), for when the peer has likely lost
+    /// the session: the server that hosts it restarted.
+    pub fn rehandshake(&mut self, key: &Key, now: Instant) {
+        self.now_hint = now;
+        if let Some(peer) = self.peers.get_mut(key)
+            && peer.handshake_started.is_none()
+        {
+            peer.start_handshake(now, &mut self.buf, &mut self.transmits, &mut self.drops);
+        }
+    }
+
     /// Brings the peer set to `wanted`: adds and removes peers, and updates the addresses and endpoints
     /// of the others without touching their sessions.
     pub fn set_peers(&mut self, wanted: Vec<PeerConfig>) {

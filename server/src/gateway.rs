@@ -273,16 +273,11 @@ async fn pump(
                 None => return,
             },
             _ = mailbox.ready.notified() => {
-                let frames = mailbox.take(256);
-                let full = frames.len() == 256;
-                for frame in frames {
+                for frame in mailbox.take(256) {
                     // A full queue drops, as a network would; WireGuard and TCP recover.
                     if let Err(mpsc::error::TrySendError::Closed(_)) = inbound.try_send(frame) {
                         return;
                     }
-                }
-                if full {
-                    mailbox.ready.notify_one();
                 }
             }
         }

@@ -50,11 +50,15 @@ pub struct Mailbox {
 }
 
 impl Mailbox {
-    /// Takes up to `max` frames.
+    /// Takes up to `max` frames; if more wait, `ready` stays signalled for the next round.
     pub fn take(&self, max: usize) -> Vec<(Key, Vec<u8>)> {
         let mut frames = self.frames.lock().unwrap();
         let n = frames.len().min(max);
-        frames.drain(..n).collect()
+        let taken = frames.drain(..n).collect();
+        if !frames.is_empty() {
+            self.ready.notify_one();
+        }
+        taken
     }
 }
 

@@ -232,15 +232,10 @@ impl pb::node_server::Node for NodeApi {
                         _ => return,
                     },
                     _ = mailbox.ready.notified() => {
-                        let frames = mailbox.take(64);
-                        let full = frames.len() == 64;
-                        for (from, data) in frames {
+                        for (from, data) in mailbox.take(64) {
                             if tx.send(Ok(pb::RelayPacket { peer_key: from.to_vec(), data })).await.is_err() {
                                 return;
                             }
-                        }
-                        if full {
-                            mailbox.ready.notify_one();
                         }
                     }
                     change = changes.recv() => match change {

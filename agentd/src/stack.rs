@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use smoltcp::iface::{Config, Interface, PollIngressSingleResult, SocketHandle, SocketSet};
+use smoltcp::iface::{Config, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint};
@@ -163,7 +163,9 @@ impl Stack {
                 PollIngressSingleResult::SocketStateChanged => inner.accept_ready(),
             }
         }
-        inner.iface.poll_egress(now, &mut inner.device, &mut inner.sockets);
+        // smoltcp emits at most one segment per socket per egress pass: keep passing until nothing
+        // is left, so one poll hands the tunnel a whole window's worth of segments to batch.
+        while inner.iface.poll_egress(now, &mut inner.device, &mut inner.sockets) == PollResult::SocketStateChanged {}
         inner.accept_ready();
         inner.reap_orphans();
         out.extend(inner.device.tx.drain(..));

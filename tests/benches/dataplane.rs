@@ -12,6 +12,7 @@
 use std::time::{Duration, Instant};
 
 use agentd::{Node, NodeConfig};
+use cordon_tests::bench::{Better, Figures};
 use cordon_tests::netns::{self, Netns};
 use cordon_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,15 +26,31 @@ fn gbit(bits_per_second: f64) -> String {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    // `cargo bench --bench dataplane -- relay userspace` runs only those sections.
+    let wanted: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let run = |section: &str| wanted.is_empty() || wanted.iter().any(|w| w == section);
+    let mut figures =
+        Figures::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/dataplane.baseline"));
     println!("Cordon data-plane benchmark ({} cores)\n", std::thread::available_parallelism().map_or(1, |n| n.get()));
-    match netns::skip_reason(&["ip", "iperf3", "wireguard-go", "wg"]) {
-        Some(reason) => println!("SKIPPED iperf3 over veth / agentd TUN / wireguard-go: {reason}\n"),
-        None => namespaces().await,
+    if run("tun") {
+        match netns::skip_reason(&["ip", "iperf3", "wireguard-go", "wg"]) {
+            Some(reason) => println!("SKIPPED iperf3 over veth / agentd TUN / wireguard-go: {reason}\n"),
+            None => namespaces(&mut figures).await,
+        }
     }
-    userspace().await;
-    relay().await;
-    first_byte().await;
-    idle_memory().await;
+    if run("userspace") {
+        userspace(&mut figures).await;
+    }
+    if run("relay") {
+        relay(&mut figures).await;
+    }
+    if run("first-byte") {
+        first_byte().await;
+    }
+    if run("memory") {
+        idle_memory().await;
+    }
+    figures.report();
 }
 
 /// Runs iperf3 from A to `target` (a server started in B on that address) and returns bits/s.
@@ -56,7 +73,7 @@ async fn iperf(a: &Netns, b: &Netns, target: &str) -> f64 {
     bits
 }
 
-async fn namespaces() {
+async fn namespaces(figures: &mut Figures) {
     let server = TestServer::start_public().await;
     let port = server.addr.port();
     let mut admin = server.admin().await;
@@ -162,6 +179,8 @@ async fn namespaces() {
         agentd_tun / bare
     );
     println!("iperf3 TCP, two wireguard-go          {}  = {:.3}x bare veth", gbit(wireguard_go), wireguard_go / bare);
+    figures.record("tun_gbit", agentd_tun / 1e9, Better::Higher);
+    figures.record("tun_vs_wireguard_go", agentd_tun / wireguard_go, Better::Higher);
     println!("agentd (TUN) RSS after the transfer   {:.1} MiB\n", agentd_rss as f64 / (1 << 20) as f64);
 }
 
@@ -221,7 +240,7 @@ async fn sink(mut stream: impl AsyncReadExt + Unpin, total: usize, done: tokio::
     let _ = done.send(Instant::now());
 }
 
-async fn userspace() {
+async fn userspace(figures: &mut Figures) {
     let total = 512 << 20;
     // Baseline: bare loopback TCP.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -263,6 +282,7 @@ async fn userspace() {
         gbit(through),
         through / loopback
     );
+    figures.record("userspace_forward_gbit", through / 1e9, Better::Higher);
 }
 
 /// Median round trip of a 64-byte message over `stream`.
@@ -280,7 +300,7 @@ async fn rtt(stream: &mut agentd::TcpStream, rounds: usize) -> Duration {
 }
 
 /// Throughput and round trip through the server's relay against a direct path, and join-to-direct time.
-async fn relay() {
+async fn relay(figures: &mut Figures) {
     let total = 256 << 20;
     let mut results = Vec::new();
     for relayed in [false, true] {
@@ -359,6 +379,11 @@ async fn relay() {
         (relayed.1.as_secs_f64() - direct.1.as_secs_f64()) * 1e6
     );
     println!("relay: join -> direct path (start, connect, probe) {:.1} ms (goal < 2 s)", direct.2.as_secs_f64() * 1e3);
+    figures.record("direct_gbit", direct.0 / 1e9, Better::Higher);
+    figures.record("relay_gbit", relayed.0 / 1e9, Better::Higher);
+    figures.record("relay_vs_direct", relayed.0 / direct.0, Better::Higher);
+    figures.record("rtt_direct_us", direct.1.as_secs_f64() * 1e6, Better::Lower);
+    figures.record("rtt_relay_us", relayed.1.as_secs_f64() * 1e6, Better::Lower);
 }
 
 async fn first_byte() {

@@ -24,3 +24,115 @@ pub fn stats(mut samples: Vec<Duration>) -> Stats {
     samples.sort();
     Stats { p50: percentile(&samples, 0.5), p99: percentile(&samples, 0.99) }
 }
+
+/// Which way a figure improves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Better {
+    Higher,
+    Lower,
+}
+
+/// How much worse than its baseline a figure may be before the benchmark calls it a regression.
+pub const REGRESSION_MARGIN: f64 = 0.30;
+
+/// Figures one benchmark run measured, compared at the end against a baseline file kept in the repo
+/// (`name value` lines, `#` comments), so that a figure that falls is reported loudly by the run that
+/// made it fall rather than noticed months later. Nothing here fails a run: timings vary by machine.
+#[derive(Debug, Default)]
+pub struct Figures {
+    baseline: Vec<(String, f64)>,
+    source: String,
+    measured: Vec<(String, f64, Better)>,
+}
+
+impl Figures {
+    /// Reads the baseline at `path`; a missing or unreadable file leaves it empty and says so.
+    pub fn load(path: &std::path::Path) -> Figures {
+        let source = path.display().to_string();
+        let baseline = match std::fs::read_to_string(path) {
+            Ok(text) => parse_baseline(&text),
+            Err(e) => {
+                println!("(no baseline at {source}: {e}; figures are printed without comparison)");
+                Vec::new()
+            }
+        };
+        Figures { baseline, source, measured: Vec::new() }
+    }
+
+    pub fn record(&mut self, name: &str, value: f64, better: Better) {
+        self.measured.push((name.to_string(), value, better));
+    }
+
+    /// The comparison, one line per figure; the names of those more than the margin worse.
+    pub fn compare(&self) -> (Vec<String>, Vec<String>) {
+        let mut lines = Vec::new();
+        let mut regressions = Vec::new();
+        for (name, value, better) in &self.measured {
+            let Some(&(_, base)) = self.baseline.iter().find(|(n, _)| n == name) else {
+                lines.push(format!("  {name:<28} {value:>10.3}   (not in the baseline)"));
+                continue;
+            };
+            // Ratio > 1 means better than the baseline, whichever way the figure improves.
+            let ratio = match better {
+                Better::Higher => value / base,
+                Better::Lower => base / value,
+            };
+            let worse = ratio < 1.0 - REGRESSION_MARGIN;
+            let flag = if worse { "   <-- REGRESSION" } else { "" };
+            lines.push(format!("  {name:<28} {value:>10.3}   baseline {base:>10.3}   {ratio:>5.2}x{flag}"));
+            if worse {
+                regressions.push(name.clone());
+            }
+        }
+        (lines, regressions)
+    }
+
+    /// Prints the comparison, and a banner naming every regression.
+    pub fn report(&self) {
+        let (lines, regressions) = self.compare();
+        println!("\nAgainst the baseline in {} (ratio > 1 is better):", self.source);
+        for line in lines {
+            println!("{line}");
+        }
+        if !regressions.is_empty() {
+            let margin = REGRESSION_MARGIN * 100.0;
+            let bar = "!".repeat(78);
+            println!(
+                "\n{bar}\nREGRESSION: more than {margin:.0} % worse than the baseline: {}\n{bar}",
+                regressions.join(", ")
+            );
+        }
+    }
+}
+
+fn parse_baseline(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| {
+            let mut parts = l.split_whitespace();
+            Some((parts.next()?.to_string(), parts.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_figure_more_than_the_margin_worse_is_a_regression() {
+        let mut f = Figures {
+            baseline: parse_baseline("# measured 2026-12-01\nthroughput 2.0 # Gbit/s\nlatency 100\nother 1\n"),
+            ..Figures::default()
+        };
+        f.record("throughput", 1.3, Better::Higher);
+        f.record("latency", 125.0, Better::Lower);
+        f.record("other", 0.71, Better::Higher);
+        f.record("new", 5.0, Better::Higher);
+        let (lines, regressions) = f.compare();
+        assert_eq!(regressions, vec!["throughput".to_string()]);
+        assert_eq!(lines.len(), 4);
+        assert!(lines[3].contains("not in the baseline"));
+    }
+}

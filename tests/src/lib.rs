@@ -23,6 +23,20 @@ pub mod llm;
 pub mod netns;
 pub mod oidc;
 
+/// Set (to anything but `0`) where every test must run: a test that would skip fails instead. `.ci/run`
+/// sets it, so a green CI means the namespace, PostgreSQL and SDK tests ran.
+pub const NO_SKIP_VAR: &str = "CORDON_TEST_NO_SKIP";
+
+/// Says why a test is skipped, in a form a person scanning the log will see; panics instead when
+/// [`NO_SKIP_VAR`] forbids skipping.
+pub fn skip(test: &str, reason: &str) {
+    if std::env::var(NO_SKIP_VAR).is_ok_and(|v| !v.is_empty() && v != "0") {
+        panic!("{test} cannot run here ({reason}), and {NO_SKIP_VAR} forbids skipping it");
+    }
+    eprintln!("SKIPPED {test}: {reason}");
+    println!("SKIPPED {test}: {reason}");
+}
+
 /// Sends `authorization: Bearer <token>` on every call.
 #[derive(Clone)]
 pub struct Bearer(pub MetadataValue<Ascii>);

@@ -34,11 +34,7 @@ pub fn skip_reason(tools: &[&str]) -> Option<String> {
     None
 }
 
-/// Prints why a test is skipped, in a form a person scanning the log will see.
-pub fn skip(test: &str, reason: &str) {
-    eprintln!("SKIPPED {test}: {reason}");
-    println!("SKIPPED {test}: {reason}");
-}
+pub use crate::skip;
 
 pub fn run(args: &[&str]) -> Output {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));

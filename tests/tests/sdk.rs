@@ -47,8 +47,8 @@ async fn run_script(base: &str, phase: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_sdks_through_the_gateway() {
     if let Some(why) = sdks_missing() {
-        eprintln!("skipped: the openai/anthropic Python SDKs are not installed ({why}); run scripts/test.sh as root");
-        return;
+        let reason = format!("the openai/anthropic Python SDKs are not installed ({why}); run scripts/test.sh as root");
+        return cordon_tests::skip("official_sdks_through_the_gateway", &reason);
     }
     let server = TestServer::start().await;
     let llm = FakeLlm::start().await;

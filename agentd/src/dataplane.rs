@@ -66,7 +66,10 @@ pub async fn run(
             return;
         }
     };
-    let mut tun_buf = if matches!(local, Local::Tun(_)) { vec![0u8; 65_536] } else { Vec::new() };
+    let (stack, mut tun) = match local {
+        Local::Stack(stack) => (Some(stack), None),
+        Local::Tun(tun) => (None, Some(tun)),
+    };
     let mut outbound: Vec<Vec<u8>> = Vec::new();
     let mut direct: VecDeque<(SocketAddr, Vec<u8>)> = VecDeque::new();
     let mut next_tick = Instant::now() + Duration::from_millis(100);
@@ -77,10 +80,7 @@ pub async fn run(
     loop {
         let now = Instant::now();
         // The stack first: what it wants to send goes through the engine.
-        let stack_delay = match &local {
-            Local::Stack(stack) => stack.poll(&mut outbound),
-            Local::Tun(_) => None,
-        };
+        let stack_delay = stack.as_ref().and_then(|stack| stack.poll(&mut outbound));
         for packet in outbound.drain(..) {
             engine.send(&packet, now.into_std());
         }
@@ -151,7 +151,7 @@ pub async fn run(
                         break;
                     }
                 }
-                deliver(&local, &mut engine).await;
+                deliver(stack.as_deref(), tun.as_mut(), &mut engine).await;
             }
             relayed = links.relay_in.recv(), if relay_open => {
                 let now = Instant::now().into_std();
@@ -164,14 +164,15 @@ pub async fn run(
                     }
                     None => relay_open = false,
                 }
-                deliver(&local, &mut engine).await;
+                deliver(stack.as_deref(), tun.as_mut(), &mut engine).await;
             }
-            read = read_tun(&local, &mut tun_buf) => {
-                if let Some(n) = read {
-                    engine.send(&tun_buf[..n], Instant::now().into_std());
+            () = read_tun(tun.as_mut(), &mut outbound) => {
+                let now = Instant::now().into_std();
+                for packet in outbound.drain(..) {
+                    engine.send(&packet, now);
                 }
             }
-            _ = wake(&local) => {}
+            _ = wake(stack.as_deref()) => {}
             _ = tokio::time::sleep_until(deadline) => {
                 let now = Instant::now();
                 if now >= next_tick {
@@ -204,28 +205,26 @@ fn engine_peers(engine: &Engine) -> Vec<(Key, PeerStats)> {
     engine.peer_keys().into_iter().filter_map(|k| engine.peer_stats(&k).map(|s| (k, s))).collect()
 }
 
-async fn deliver(local: &Local, engine: &mut Engine) {
-    match local {
-        Local::Stack(stack) => stack.deliver(std::iter::from_fn(|| engine.poll_local())),
-        Local::Tun(tun) => {
-            while let Some(packet) = engine.poll_local() {
-                tun.send(&packet).await;
-            }
-        }
+async fn deliver(stack: Option<&Stack>, tun: Option<&mut Tun>, engine: &mut Engine) {
+    if let Some(stack) = stack {
+        stack.deliver(std::iter::from_fn(|| engine.poll_local()));
+    } else if let Some(tun) = tun {
+        tun.send(std::iter::from_fn(|| engine.poll_local())).await;
     }
 }
 
-async fn read_tun(local: &Local, buf: &mut [u8]) -> Option<usize> {
-    match local {
-        Local::Tun(tun) => tun.recv(buf).await,
-        Local::Stack(_) => std::future::pending().await,
+/// The next packets from the TUN device; never without one.
+async fn read_tun(tun: Option<&mut Tun>, out: &mut Vec<Vec<u8>>) {
+    match tun {
+        Some(tun) => tun.recv(out).await,
+        None => std::future::pending().await,
     }
 }
 
-async fn wake(local: &Local) {
-    match local {
-        Local::Stack(stack) => stack.wake.notified().await,
-        Local::Tun(_) => std::future::pending().await,
+async fn wake(stack: Option<&Stack>) {
+    match stack {
+        Some(stack) => stack.wake.notified().await,
+        None => std::future::pending().await,
     }
 }
 

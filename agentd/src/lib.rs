@@ -13,6 +13,7 @@ pub mod error;
 pub mod filter;
 pub mod netmap;
 pub mod node;
+pub mod offload;
 pub mod proxy;
 pub mod stack;
 pub mod state;

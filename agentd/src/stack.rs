@@ -35,9 +35,12 @@ pub struct StackConfig {
 
 impl Default for StackConfig {
     fn default() -> Self {
-        StackConfig { tcp_buffer: 512 * 1024, spare_listeners: 4 }
+        StackConfig { tcp_buffer: 2048 * 1024, spare_listeners: 4 }
     }
 }
+
+/// Segments one poll emits at most.
+const EGRESS_BATCH: usize = 512;
 
 /// Connections being opened (SYN received, not yet established) per listening port, at most.
 const MAX_HALF_OPEN: usize = 128;
@@ -163,9 +166,14 @@ impl Stack {
                 PollIngressSingleResult::SocketStateChanged => inner.accept_ready(),
             }
         }
-        // smoltcp emits at most one segment per socket per egress pass: keep passing until nothing
-        // is left, so one poll hands the tunnel a whole window's worth of segments to batch.
-        while inner.iface.poll_egress(now, &mut inner.device, &mut inner.sockets) == PollResult::SocketStateChanged {}
+        // smoltcp emits at most one segment per socket per egress pass: keep passing, so one poll hands
+        // the tunnel a batch of segments to encrypt and send together. The batch is capped so that the
+        // peer starts decrypting the first segments while this node encrypts the next ones, instead of
+        // the two taking turns over whole windows (what is left makes `poll_delay` zero).
+        while inner.device.tx.len() < EGRESS_BATCH
+            && inner.iface.poll_egress(now, &mut inner.device, &mut inner.sockets) == PollResult::SocketStateChanged
+        {
+        }
         inner.accept_ready();
         inner.reap_orphans();
         out.extend(inner.device.tx.drain(..));

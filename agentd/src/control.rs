@@ -119,11 +119,12 @@ pub async fn relay(mut client: Client, session_token: String, link: RelayLink, m
     let mut backoff = Duration::from_millis(250);
     let mut connected_before = false;
     loop {
-        let (tx, rx) = mpsc::channel::<pb::RelayPacket>(1024);
+        let (tx, rx) = mpsc::channel::<pb::RelayPacket>(256);
         let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         if let Ok(value) = format!("Bearer {session_token}").parse() {
             request.metadata_mut().insert("authorization", value);
         }
+        request.metadata_mut().insert(RELAY_BATCH_HEADER, tonic::metadata::MetadataValue::from_static("1"));
         let call = tokio::select! {
             _ = crate::stopped(&mut shutdown) => return,
             call = client.relay(request) => call,
@@ -140,18 +141,26 @@ pub async fn relay(mut client: Client, session_token: String, link: RelayLink, m
                     tokio::select! {
                         _ = crate::stopped(&mut shutdown) => return,
                         out = outbound.recv() => match out {
-                            Some((key, data)) => {
-                                let _ = tx.try_send(pb::RelayPacket { peer_key: key.to_vec(), data });
+                            // What else is waiting goes in the same message.
+                            Some(first) => {
+                                let _ = tx.try_send(batch(first, &mut outbound));
                             }
                             None => return,
                         },
                         frame = frames.message() => match frame {
                             Ok(Some(p)) => {
-                                if let Ok(key) = <crate::wg::Key>::try_from(p.peer_key.as_slice()) {
-                                    let _ = inbound.try_send((key, p.data));
+                                let single = (!p.peer_key.is_empty()).then_some(pb::RelayFrame { peer_key: p.peer_key, data: p.data });
+                                for f in single.into_iter().chain(p.frames) {
+                                    if let Ok(key) = <crate::wg::Key>::try_from(f.peer_key.as_slice()) {
+                                        let _ = inbound.try_send((key, f.data));
+                                    }
                                 }
                             }
-                            _ => break,
+                            Ok(None) => break,
+                            Err(status) => {
+                                tracing::debug!(error = %status.message(), "relay stream ended; reconnecting");
+                                break;
+                            }
                         },
                     }
                 }
@@ -166,6 +175,27 @@ pub async fn relay(mut client: Client, session_token: String, link: RelayLink, m
             _ = tokio::time::sleep(wait) => {}
         }
     }
+}
+
+/// The request header that asks the server for relayed frames in batches.
+const RELAY_BATCH_HEADER: &str = "cordon-relay-batch";
+/// Frames and bytes per relay message, at most: under the server's 256 KiB request limit.
+const RELAY_BATCH: usize = 64;
+const RELAY_BATCH_BYTES: usize = 192 * 1024;
+
+/// One relay message: `first` and whatever else is queued, up to the batch limits.
+fn batch(
+    first: (crate::wg::Key, Vec<u8>),
+    outbound: &mut mpsc::Receiver<(crate::wg::Key, Vec<u8>)>,
+) -> pb::RelayPacket {
+    let mut bytes = first.1.len();
+    let mut frames = vec![pb::RelayFrame { peer_key: first.0.to_vec(), data: first.1 }];
+    while frames.len() < RELAY_BATCH && bytes < RELAY_BATCH_BYTES - crate::wg::MAX_DATAGRAM {
+        let Ok((key, data)) = outbound.try_recv() else { break };
+        bytes += data.len();
+        frames.push(pb::RelayFrame { peer_key: key.to_vec(), data });
+    }
+    pb::RelayPacket { frames, ..Default::default() }
 }
 
 /// Follows the netmap until the identity ends or the node shuts down; reconnects in between.

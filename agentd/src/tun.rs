@@ -43,7 +43,7 @@ impl Tun {
             }
             Err(e) => return Err(create_error(name, e)),
         };
-        tracing::debug!(interface = name, offload, "TUN interface up");
+        tracing::info!(interface = name, "TUN interface up, offloads {}", if offload { "on" } else { "off" });
         Ok(Tun { device, offload, buf: vec![0; VNET_HDR_LEN + 65_535], coalesced: Vec::new() })
     }
 

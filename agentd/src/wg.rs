@@ -29,7 +29,7 @@ pub const SILENT_PEER_EXPIRY: Duration = Duration::from_secs(540);
 /// Handshakes per second before the shared rate limiter answers with cookies.
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// The largest datagram the engine produces: an inner packet of up to 65535 bytes plus overhead.
-const MAX_DATAGRAM: usize = 65_535 + 32;
+pub const MAX_DATAGRAM: usize = 65_535 + 32;
 
 /// A WireGuard public key.
 pub type Key = [u8; 32];

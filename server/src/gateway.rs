@@ -273,7 +273,7 @@ async fn pump(
                 None => return,
             },
             _ = mailbox.ready.notified() => {
-                for frame in mailbox.take(256) {
+                for frame in mailbox.take(256, usize::MAX) {
                     // A full queue drops, as a network would; WireGuard and TCP recover.
                     if let Err(mpsc::error::TrySendError::Closed(_)) = inbound.try_send(frame) {
                         return;

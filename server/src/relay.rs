@@ -50,10 +50,15 @@ pub struct Mailbox {
 }
 
 impl Mailbox {
-    /// Takes up to `max` frames; if more wait, `ready` stays signalled for the next round.
-    pub fn take(&self, max: usize) -> Vec<(Key, Vec<u8>)> {
+    /// Takes up to `max` frames and about `max_bytes` (at least one frame); if more wait, `ready`
+    /// stays signalled for the next round.
+    pub fn take(&self, max: usize, max_bytes: usize) -> Vec<(Key, Vec<u8>)> {
         let mut frames = self.frames.lock().unwrap();
-        let n = frames.len().min(max);
+        let (mut n, mut bytes) = (0, 0);
+        while n < frames.len().min(max) && (n == 0 || bytes + frames[n].1.len() <= max_bytes) {
+            bytes += frames[n].1.len();
+            n += 1;
+        }
         let taken = frames.drain(..n).collect();
         if !frames.is_empty() {
             self.ready.notify_one();

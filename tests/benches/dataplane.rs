@@ -73,7 +73,19 @@ async fn iperf(a: &Netns, b: &Netns, target: &str) -> f64 {
     bits
 }
 
+/// The TUN part runs the `agentd` binary beside this benchmark, which `cargo bench` does not build:
+/// build it here so that a stale binary is never what gets measured.
+fn build_agentd() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--release", "--locked", "-p", "agentd", "--bin", "agentd"])
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "building the release agentd failed");
+}
+
 async fn namespaces(figures: &mut Figures) {
+    build_agentd();
     let server = TestServer::start_public().await;
     let port = server.addr.port();
     let mut admin = server.admin().await;

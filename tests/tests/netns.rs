@@ -1,6 +1,8 @@
 //! Hosts in network namespaces (root only; each test makes and removes its own): two `agentd` in TUN
 //! mode reach each other by ping and TCP, and `agentd` interoperates with Debian's `wireguard-go`
-//! configured with `wg` from a node record registered through the Node API.
+//! configured with `wg` from a node record registered through the Node API. Each runs with TUN
+//! offloads on (the default) and forced off (`AGENTD_TUN_OFFLOAD=0`), and moves 8 MiB both ways with a
+//! digest, so that segmentation and coalescing are exercised by real kernel TCP.
 //!
 //! Topology per test: namespaces A and B, each with a veth to this process's namespace (where the
 //! server listens) and a veth between them that carries the WireGuard UDP traffic.
@@ -14,6 +16,11 @@ use cordon_tests::*;
 use tokio::process::Child;
 
 const ECHO_SERVER: &str = "import socket,sys\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind((sys.argv[1],int(sys.argv[2])));s.listen(8)\nwhile True:\n c,_=s.accept();d=c.recv(65536);c.sendall(d[::-1]);c.close()\n";
+/// Reads the byte count, then that many bytes, and answers with their SHA-256.
+const DIGEST_SERVER: &str = "import socket,sys,hashlib\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind((sys.argv[1],int(sys.argv[2])));s.listen(8)\nwhile True:\n c,_=s.accept();n=int(c.recv(16).decode());h=hashlib.sha256();g=0\n while g<n:\n  d=c.recv(1<<20)\n  if not d: break\n  h.update(d);g+=len(d)\n c.sendall(h.hexdigest().encode());c.close()\n";
+/// Sends a 16-byte count then that many random bytes; prints whether the server's digest matches.
+const DIGEST_CLIENT: &str = "import socket,sys,hashlib,os\nn=int(sys.argv[3]);data=os.urandom(n)\nc=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=10)\nc.sendall(str(n).encode().ljust(16));c.sendall(data)\nr=b''\nwhile True:\n d=c.recv(100)\n if not d: break\n r+=d\nprint('match' if r.decode()==hashlib.sha256(data).hexdigest() else 'mismatch')\n";
+const BULK: usize = 8 << 20;
 const ECHO_CLIENT: &str = "import socket,sys\nc=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=3)\nc.sendall(sys.argv[3].encode());print(c.recv(65536).decode())\n";
 
 struct Sites {
@@ -43,7 +50,26 @@ fn sites(subnet: u8, port: u16) -> Sites {
     }
 }
 
-fn agentd_tun(ns: &Netns, server: &str, secret: &str, state: &std::path::Path, name: &str, advertise: &str) -> Child {
+/// Whether the TUN device runs with offloads.
+#[derive(Clone, Copy)]
+enum Offload {
+    On,
+    Off,
+}
+
+struct Agent<'a> {
+    ns: &'a Netns,
+    server: &'a str,
+    secret: &'a str,
+    state: &'a std::path::Path,
+    name: &'a str,
+    advertise: &'a str,
+}
+
+/// Starts agentd in TUN mode; its log goes to `agentd.log` in its state directory.
+fn agentd_tun(agent: Agent<'_>, offload: Offload) -> Child {
+    let Agent { ns, server, secret, state, name, advertise } = agent;
+    let log = std::fs::File::create(state.join("agentd.log")).expect("agentd log file");
     let tun = netns::unique("cd");
     ns.tokio_command(agentd_bin().to_str().unwrap())
         .args(["up", "--server", server, "--tun", &tun, "--hostname", name, "--listen-port", "51820"])
@@ -51,14 +77,27 @@ fn agentd_tun(ns: &Netns, server: &str, secret: &str, state: &std::path::Path, n
         .arg("--state-dir")
         .arg(state)
         .env("AGENTD_AUTH_KEY", secret)
+        .env(agentd::tun::OFFLOAD_VAR, if matches!(offload, Offload::On) { "1" } else { "0" })
         .stdout(std::process::Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("spawn agentd")
 }
 
+/// Asserts that agentd's log says its TUN device runs with offloads as asked.
+fn assert_offload(state: &std::path::Path, offload: Offload) {
+    let log = std::fs::read_to_string(state.join("agentd.log")).unwrap_or_default();
+    let want = if matches!(offload, Offload::On) { "offloads on" } else { "offloads off" };
+    assert!(log.contains(want), "agentd should run its TUN device with {want}; its log:\n{log}");
+}
+
 fn echo_server(ns: &Netns, addr: &str, port: u16) -> Child {
+    python_server(ns, ECHO_SERVER, addr, port)
+}
+
+fn python_server(ns: &Netns, script: &str, addr: &str, port: u16) -> Child {
     ns.tokio_command("python3")
-        .args(["-c", ECHO_SERVER, addr, &port.to_string()])
+        .args(["-c", script, addr, &port.to_string()])
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("spawn echo server")
@@ -75,6 +114,21 @@ async fn tcp_round_trip(ns: &Netns, addr: &str, port: u16, text: &str) {
     assert_eq!(reply, text.chars().rev().collect::<String>());
 }
 
+/// Sends [`BULK`] random bytes over TCP from inside `ns` to a digest server; they must arrive intact.
+async fn bulk_transfer(ns: &Netns, addr: &str, port: u16, what: &str) {
+    let reply = eventually(Duration::from_secs(30), &format!("8 MiB to {addr}:{port}"), || async {
+        let out = ns
+            .tokio_command("python3")
+            .args(["-c", DIGEST_CLIENT, addr, &port.to_string(), &BULK.to_string()])
+            .output()
+            .await
+            .ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    })
+    .await;
+    assert_eq!(reply, "match", "{what}: the bytes that arrived differ from those sent");
+}
+
 async fn node_named(admin: &mut Admin, tailnet: &str, hostname: &str) -> pb::NodeInfo {
     eventually(Duration::from_secs(20), &format!("{hostname} to register"), || {
         let mut admin = admin.clone();
@@ -88,17 +142,27 @@ async fn node_named(admin: &mut Admin, tailnet: &str, hostname: &str) -> pb::Nod
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_agentd_in_tun_mode_ping_and_tcp() {
+    two_agentd(210, Offload::On, "two_agentd_in_tun_mode_ping_and_tcp").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agentd_in_tun_mode_without_offloads() {
+    two_agentd(214, Offload::Off, "two_agentd_in_tun_mode_without_offloads").await;
+}
+
+async fn two_agentd(subnet: u8, offload: Offload, test: &str) {
     if let Some(reason) = netns::skip_reason(&["ip", "python3", "ping"]) {
-        return netns::skip("two_agentd_in_tun_mode_ping_and_tcp", &reason);
+        return netns::skip(test, &reason);
     }
     let server = TestServer::start_public().await;
     let mut admin = server.admin().await;
     let tailnet = create_tailnet(&mut admin, "tun").await;
     let (_, secret) = create_key(&mut admin, &tailnet.id, true, false).await;
-    let s = sites(210, server.addr.port());
+    let s = sites(subnet, server.addr.port());
     let (state_a, state_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let _agent_a = agentd_tun(&s.a, &s.server_from_a, &secret, state_a.path(), "alpha", &s.a_link);
-    let _agent_b = agentd_tun(&s.b, &s.server_from_b, &secret, state_b.path(), "beta", &s.b_link);
+    let agent = |ns, server, state, name, advertise| Agent { ns, server, secret: &secret, state, name, advertise };
+    let _agent_a = agentd_tun(agent(&s.a, &s.server_from_a, state_a.path(), "alpha", &s.a_link), offload);
+    let _agent_b = agentd_tun(agent(&s.b, &s.server_from_b, state_b.path(), "beta", &s.b_link), offload);
     let a = node_named(&mut admin, &tailnet.id, "alpha").await;
     let b = node_named(&mut admin, &tailnet.id, "beta").await;
     let (a_addr, b_addr) = (a.addresses[0].clone(), b.addresses[0].clone());
@@ -112,19 +176,34 @@ async fn two_agentd_in_tun_mode_ping_and_tcp() {
     tcp_round_trip(&s.a, &b_addr, 7000, "through two agentd").await;
     let _server_a = echo_server(&s.a, &a_addr, 7000);
     tcp_round_trip(&s.b, &a_addr, 7000, "and back again").await;
+    let _bulk_b = python_server(&s.b, DIGEST_SERVER, &b_addr, 7100);
+    bulk_transfer(&s.a, &b_addr, 7100, "alpha to beta").await;
+    let _bulk_a = python_server(&s.a, DIGEST_SERVER, &a_addr, 7100);
+    bulk_transfer(&s.b, &a_addr, 7100, "beta to alpha").await;
+    assert_offload(state_a.path(), offload);
+    assert_offload(state_b.path(), offload);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agentd_interoperates_with_wireguard_go() {
+    interop(211, Offload::On, "agentd_interoperates_with_wireguard_go").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agentd_interoperates_with_wireguard_go_without_offloads() {
+    interop(215, Offload::Off, "agentd_interoperates_with_wireguard_go_without_offloads").await;
+}
+
+async fn interop(subnet: u8, offload: Offload, test: &str) {
     if let Some(reason) = netns::skip_reason(&["ip", "python3", "wireguard-go", "wg"]) {
-        return netns::skip("agentd_interoperates_with_wireguard_go", &reason);
+        return netns::skip(test, &reason);
     }
     let server = TestServer::start_public().await;
     let mut admin = server.admin().await;
     let mut nodes = server.nodes().await;
     let tailnet = create_tailnet(&mut admin, "interop").await;
     let (_, secret) = create_key(&mut admin, &tailnet.id, true, false).await;
-    let s = sites(211, server.addr.port());
+    let s = sites(subnet, server.addr.port());
 
     // wireguard-go's identity, registered through the Node API like any node.
     let private = String::from_utf8(netns::run(&["wg", "genkey"]).stdout).unwrap().trim().to_string();
@@ -143,7 +222,15 @@ async fn agentd_interoperates_with_wireguard_go() {
     let wg_addr = wg_node.addresses[0].clone();
 
     let state = tempfile::tempdir().unwrap();
-    let _agent = agentd_tun(&s.a, &s.server_from_a, &secret, state.path(), "alpha", &s.a_link);
+    let agent = Agent {
+        ns: &s.a,
+        server: &s.server_from_a,
+        secret: &secret,
+        state: state.path(),
+        name: "alpha",
+        advertise: &s.a_link,
+    };
+    let _agent = agentd_tun(agent, offload);
     let agent = node_named(&mut admin, &tailnet.id, "alpha").await;
     let agent_key = base64::engine::general_purpose::STANDARD.encode(&agent.wireguard_public_key);
     let agent_addr = agent.addresses[0].clone();
@@ -189,6 +276,11 @@ async fn agentd_interoperates_with_wireguard_go() {
     tcp_round_trip(&s.a, &wg_addr, 7001, "agentd to wireguard-go").await;
     let _server_a = echo_server(&s.a, &agent_addr, 7002);
     tcp_round_trip(&s.b, &agent_addr, 7002, "wireguard-go to agentd").await;
+    let _bulk_b = python_server(&s.b, DIGEST_SERVER, &wg_addr, 7101);
+    bulk_transfer(&s.a, &wg_addr, 7101, "agentd to wireguard-go").await;
+    let _bulk_a = python_server(&s.a, DIGEST_SERVER, &agent_addr, 7102);
+    bulk_transfer(&s.b, &agent_addr, 7102, "wireguard-go to agentd").await;
+    assert_offload(state.path(), offload);
     let handshakes = String::from_utf8(s.b.run(&["wg", "show", &iface, "latest-handshakes"]).stdout).unwrap();
     assert!(handshakes.contains(&agent_key), "{handshakes}");
 }

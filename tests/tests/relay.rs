@@ -19,6 +19,11 @@ struct RelayEnd {
 
 /// Registers a node and opens its relay stream.
 async fn relay_end(server: &TestServer, secret: &str) -> RelayEnd {
+    relay_end_with(server, secret, false).await
+}
+
+/// As [`relay_end`]; with `batches`, the stream asks for its frames in batches.
+async fn relay_end_with(server: &TestServer, secret: &str, batches: bool) -> RelayEnd {
     let mut nodes = server.nodes().await;
     let req = register_request(secret, "r");
     let key = req.wireguard_public_key.clone();
@@ -26,6 +31,9 @@ async fn relay_end(server: &TestServer, secret: &str) -> RelayEnd {
     let (tx, out) = mpsc::channel(4096);
     let mut request = tonic::Request::new(ReceiverStream::new(out));
     request.metadata_mut().insert("authorization", format!("Bearer {session}").parse().unwrap());
+    if batches {
+        request.metadata_mut().insert("cordon-relay-batch", "1".parse().unwrap());
+    }
     let rx = nodes.relay(request).await.expect("relay stream opens").into_inner();
     RelayEnd { key, tx, rx }
 }
@@ -47,11 +55,11 @@ async fn frames_cross_only_within_a_tailnet() {
     let mut b1 = relay_end(&server, &b_key).await;
 
     // a1 -> b1 (another tailnet), a1 -> a random key, and an oversized frame: all dropped.
-    a1.tx.send(pb::RelayPacket { peer_key: b1.key.clone(), data: b"cross".to_vec() }).await.unwrap();
-    a1.tx.send(pb::RelayPacket { peer_key: vec![9; 32], data: b"nobody".to_vec() }).await.unwrap();
-    a1.tx.send(pb::RelayPacket { peer_key: a2.key.clone(), data: vec![0; 70_000] }).await.unwrap();
+    a1.tx.send(pb::RelayPacket { peer_key: b1.key.clone(), data: b"cross".to_vec(), frames: vec![] }).await.unwrap();
+    a1.tx.send(pb::RelayPacket { peer_key: vec![9; 32], data: b"nobody".to_vec(), frames: vec![] }).await.unwrap();
+    a1.tx.send(pb::RelayPacket { peer_key: a2.key.clone(), data: vec![0; 70_000], frames: vec![] }).await.unwrap();
     // a1 -> a2 (same tailnet) arrives, marked as from a1.
-    a1.tx.send(pb::RelayPacket { peer_key: a2.key.clone(), data: b"hello".to_vec() }).await.unwrap();
+    a1.tx.send(pb::RelayPacket { peer_key: a2.key.clone(), data: b"hello".to_vec(), frames: vec![] }).await.unwrap();
     let got = tokio::time::timeout(Duration::from_secs(10), a2.rx.message()).await.unwrap().unwrap().unwrap();
     assert_eq!((got.peer_key.as_slice(), got.data.as_slice()), (a1.key.as_slice(), &b"hello"[..]));
     let s = eventually(Duration::from_secs(5), "drops to be counted", || {
@@ -75,6 +83,45 @@ async fn frames_cross_only_within_a_tailnet() {
     assert!(matches!(end, Ok(None) | Err(_)), "the removed node's relay stream ends: {end:?}");
 }
 
+fn frame(to: &[u8], data: &[u8]) -> pb::RelayFrame {
+    pb::RelayFrame { peer_key: to.to_vec(), data: data.to_vec() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_frames_cross_only_within_a_tailnet_and_a_bad_message_ends_the_stream_saying_why() {
+    let server = TestServer::start().await;
+    let mut admin = server.admin().await;
+    let a = create_tailnet(&mut admin, "a").await;
+    let b = create_tailnet(&mut admin, "b").await;
+    let (_, a_key) = create_key(&mut admin, &a.id, true, false).await;
+    let (_, b_key) = create_key(&mut admin, &b.id, true, false).await;
+    let mut a1 = relay_end(&server, &a_key).await;
+    let mut a2 = relay_end_with(&server, &a_key, true).await;
+    let mut b1 = relay_end_with(&server, &b_key, true).await;
+
+    // One message, four frames: to the other tailnet, to a2 twice, to nobody.
+    let frames = vec![frame(&b1.key, b"cross"), frame(&a2.key, b"one"), frame(&a2.key, b"two"), frame(&[7; 32], b"x")];
+    a1.tx.send(pb::RelayPacket { frames, ..Default::default() }).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let m = tokio::time::timeout(Duration::from_secs(10), a2.rx.message()).await.unwrap().unwrap().unwrap();
+        assert!(m.peer_key.is_empty() && m.data.is_empty(), "a batching stream gets batches: {m:?}");
+        got.extend(m.frames);
+    }
+    assert_eq!(got, vec![frame(&a1.key, b"one"), frame(&a1.key, b"two")], "in order, marked as from a1");
+    let s = stats(&mut admin).await;
+    assert_eq!((s.forwarded_frames, s.dropped_unknown_peer), (2, 2));
+    let silent = tokio::time::timeout(Duration::from_millis(300), b1.rx.message()).await;
+    assert!(silent.is_err(), "the other tailnet's node received {silent:?}");
+
+    // A message over the server's request limit ends the stream with a status that says why.
+    a1.tx.send(pb::RelayPacket { peer_key: a2.key.clone(), data: vec![0; 300 * 1024], frames: vec![] }).await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(10), a1.rx.message()).await.unwrap();
+    let status = end.expect_err("the stream ends with an error status, not OK");
+    assert_ne!(status.code(), tonic::Code::Ok);
+    assert!(status.message().contains("relay stream ended"), "{status:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_reader_blocks_nobody() {
     let server = TestServer::start().await;
@@ -89,12 +136,16 @@ async fn a_stalled_reader_blocks_nobody() {
     for i in 0..5_000u32 {
         flooder
             .tx
-            .send(pb::RelayPacket { peer_key: stalled.key.clone(), data: vec![(i % 251) as u8; 1200] })
+            .send(pb::RelayPacket { peer_key: stalled.key.clone(), data: vec![(i % 251) as u8; 1200], frames: vec![] })
             .await
             .unwrap();
     }
     for i in 0..100u32 {
-        sender.tx.send(pb::RelayPacket { peer_key: reader.key.clone(), data: i.to_be_bytes().to_vec() }).await.unwrap();
+        sender
+            .tx
+            .send(pb::RelayPacket { peer_key: reader.key.clone(), data: i.to_be_bytes().to_vec(), frames: vec![] })
+            .await
+            .unwrap();
     }
     for i in 0..100u32 {
         let got = tokio::time::timeout(Duration::from_secs(10), reader.rx.message())

@@ -14,6 +14,13 @@ use crate::model::{Actor, EndReason, Node, NodeId, Tailnet};
 use crate::netview::NetView;
 use crate::store::Snapshot;
 
+/// The request header with which a node asks for its relayed frames in batches.
+pub const RELAY_BATCH_HEADER: &str = "cordon-relay-batch";
+/// Frames per relay message, at most.
+const RELAY_BATCH: usize = 64;
+/// Bytes per relay message, about: well under a client's 4 MiB decoding limit.
+const RELAY_BATCH_BYTES: usize = 256 * 1024;
+
 pub struct NodeApi {
     cp: Arc<ControlPlane>,
 }
@@ -205,6 +212,7 @@ impl pb::node_server::Node for NodeApi {
         req: Request<tonic::Streaming<pb::RelayPacket>>,
     ) -> Result<Response<Self::RelayStream>, Status> {
         let token = super::bearer(&req).unwrap_or_default().to_string();
+        let batches = req.metadata().get(RELAY_BATCH_HEADER).is_some_and(|v| v == "1");
         let node = self.cp.authenticate_session(&token).map_err(|e| match e {
             Error::Unauthenticated(m) => {
                 Status::unauthenticated(format!("{m} (send the session token as 'authorization: Bearer')"))
@@ -226,16 +234,41 @@ impl pb::node_server::Node for NodeApi {
                     _ = crate::control_plane::stopped(&mut shutdown) => return,
                     _ = tx.closed() => return,
                     frame = inbound.message() => match frame {
-                        Ok(Some(f)) => {
-                            cp.relays.forward(tailnet, me, &f.peer_key, f.data, &mut limiter);
+                        Ok(Some(packet)) => {
+                            if !packet.peer_key.is_empty() || packet.frames.is_empty() {
+                                cp.relays.forward(tailnet, me, &packet.peer_key, packet.data, &mut limiter);
+                            }
+                            for f in packet.frames {
+                                cp.relays.forward(tailnet, me, &f.peer_key, f.data, &mut limiter);
+                            }
                         }
-                        _ => return,
+                        Ok(None) => return,
+                        Err(status) => {
+                            // Say why instead of ending the stream as if all were well (a message over
+                            // the size limit, say); the node reconnects.
+                            tracing::info!(node = %node.id, error = %status.message(), "relay stream ended by a bad message");
+                            let reason = format!("relay stream ended: {}", status.message());
+                            let _ = tx.send(Err(Status::new(status.code(), reason))).await;
+                            return;
+                        }
                     },
                     _ = mailbox.ready.notified() => {
-                        for (from, data) in mailbox.take(64) {
-                            if tx.send(Ok(pb::RelayPacket { peer_key: from.to_vec(), data })).await.is_err() {
-                                return;
+                        let frames = mailbox.take(RELAY_BATCH, RELAY_BATCH_BYTES);
+                        let sent = if batches {
+                            let frames = frames.into_iter().map(|(from, data)| pb::RelayFrame { peer_key: from.to_vec(), data }).collect();
+                            tx.send(Ok(pb::RelayPacket { frames, ..Default::default() })).await.is_ok()
+                        } else {
+                            let mut ok = true;
+                            for (from, data) in frames {
+                                ok = tx.send(Ok(pb::RelayPacket { peer_key: from.to_vec(), data, frames: vec![] })).await.is_ok();
+                                if !ok {
+                                    break;
+                                }
                             }
+                            ok
+                        };
+                        if !sent {
+                            return;
                         }
                     }
                     change = changes.recv() => match change {

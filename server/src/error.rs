@@ -48,8 +48,24 @@ impl From<Error> for Status {
                 return Status::internal("storage failure; see the server log");
             }
         };
-        Status::new(code, err.to_string())
+        Status::new(code, cap_message(err.to_string()))
     }
+}
+
+/// Bytes of a status message, at most: fields quote short prefixes of bad values, and this keeps any
+/// message that slipped through far below gRPC's 16 KiB metadata limit.
+const MAX_STATUS_MESSAGE: usize = 1024;
+
+fn cap_message(mut message: String) -> String {
+    if message.len() > MAX_STATUS_MESSAGE {
+        let mut cut = MAX_STATUS_MESSAGE;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push('…');
+    }
+    message
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

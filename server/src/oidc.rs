@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::model::{RunIdentity, TrustRule};
+use crate::validate::quote;
 
 /// Tolerated clock difference between the issuer and this server.
 const SKEW: Duration = Duration::from_secs(60);
@@ -145,7 +146,7 @@ fn claim_string(v: &serde_json::Value) -> Option<String> {
 
 impl Oidc {
     async fn get_json(&self, url: &str) -> Result<serde_json::Value, String> {
-        let uri: hyper::Uri = url.parse().map_err(|_| format!("{url:?} is not a URL"))?;
+        let uri: hyper::Uri = url.parse().map_err(|_| format!("{url} is not a URL", url = quote(url)))?;
         let response = tokio::time::timeout(Duration::from_secs(10), self.http.get(uri))
             .await
             .map_err(|_| format!("{url} did not answer in 10 s"))?
@@ -237,7 +238,10 @@ impl Oidc {
             match value_of(claim) {
                 Some(value) if glob_match(pattern, &value) => {}
                 Some(value) => {
-                    return Err(Refusal::Rule(format!("condition {claim}: {value:?} does not match {pattern:?}")));
+                    return Err(Refusal::Rule(format!(
+                        "condition {claim}: {value} does not match {pattern:?}",
+                        value = quote(value)
+                    )));
                 }
                 None => return Err(Refusal::Rule(format!("condition {claim}: the token has no {claim} claim"))),
             }

@@ -13,6 +13,8 @@ use std::net::Ipv4Addr;
 
 use jsonc::{Node as J, Pos, Value as V};
 
+use crate::validate::quote;
+
 /// What a policy document may contain at the top level.
 const SECTIONS: [&str; 4] = ["groups", "tagOwners", "grants", "tests"];
 
@@ -253,7 +255,7 @@ impl Policy {
                 return Err(err(
                     key,
                     *pos,
-                    format!("unknown section {key:?}; expected one of {}", SECTIONS.join(", ")),
+                    format!("unknown section {key}; expected one of {}", SECTIONS.join(", "), key = quote(key)),
                 ));
             }
         }
@@ -269,7 +271,7 @@ impl Policy {
         };
         if let Some(groups) = section("groups") {
             for (name, pos, members) in object("groups", groups)? {
-                let path = format!("groups[{name:?}]");
+                let path = format!("groups[{name}]", name = quote(name));
                 if !name.strip_prefix("group:").is_some_and(name_ok) {
                     return Err(err(&path, *pos, "a group is named group:<lowercase letters, digits, '-'>"));
                 }
@@ -284,7 +286,7 @@ impl Policy {
                             Err(err(
                                 &format!("{path}[{i}]"),
                                 pos,
-                                format!("{s:?} is not an owner (groups hold owners, not groups or tags)"),
+                                format!("{s} is not an owner (groups hold owners, not groups or tags)", s = quote(s)),
                             ))
                         } else {
                             Ok(s)
@@ -296,7 +298,7 @@ impl Policy {
         }
         if let Some(tags) = section("tagOwners") {
             for (name, pos, owners) in object("tagOwners", tags)? {
-                let path = format!("tagOwners[{name:?}]");
+                let path = format!("tagOwners[{name}]", name = quote(name));
                 if !name.strip_prefix("tag:").is_some_and(name_ok) {
                     return Err(err(&path, *pos, "a tag is named tag:<lowercase letters, digits, '-'>"));
                 }
@@ -331,7 +333,7 @@ impl Policy {
             Selector::Gateway
         } else if let Some(name) = s.strip_prefix("tag:") {
             if !name_ok(name) {
-                return Err(err(path, pos, format!("{s:?} is not a tag")));
+                return Err(err(path, pos, format!("{s} is not a tag", s = quote(s))));
             }
             if !self.tag_owners.contains_key(s) {
                 return Err(err(path, pos, format!("{s} is not defined in tagOwners")));
@@ -348,7 +350,7 @@ impl Policy {
             return Err(err(
                 path,
                 pos,
-                format!("{s:?} is not a selector (*, tag:x, group:x, an owner, a node id, gateway)"),
+                format!("{s} is not a selector (*, tag:x, group:x, an owner, a node id, gateway)", s = quote(s)),
             ));
         } else {
             Selector::Owner(s.to_string())
@@ -386,14 +388,20 @@ impl Policy {
                 }
                 "app" => {
                     for (name, pos, values) in object(&field, value)? {
-                        let cap = format!("{field}[{name:?}]");
+                        let cap = format!("{field}[{name}]", name = quote(name));
                         if name.is_empty() || !name.contains('/') {
                             return Err(err(&cap, *pos, "a capability is named like example.com/cap/name"));
                         }
                         grant.app.insert(name.clone(), array(&cap, values)?.iter().map(J::to_json).collect());
                     }
                 }
-                _ => return Err(err(&field, *pos, format!("unknown key {key:?}; a grant has src, dst, ip and app"))),
+                _ => {
+                    return Err(err(
+                        &field,
+                        *pos,
+                        format!("unknown key {key}; a grant has src, dst, ip and app", key = quote(key)),
+                    ));
+                }
             }
         }
         if !has_src || !has_dst {
@@ -425,10 +433,19 @@ impl Policy {
                 "accept" | "deny" => {
                     for (i, target, pos) in strings(&field, value)? {
                         let tpath = format!("{field}[{i}]");
-                        let (dst, port) =
-                            target.rsplit_once(':').and_then(|(d, p)| Some((d, p.parse::<u16>().ok()?))).ok_or_else(
-                                || err(&tpath, pos, format!("{target:?} is not destination:port, e.g. gateway:80")),
-                            )?;
+                        let (dst, port) = target
+                            .rsplit_once(':')
+                            .and_then(|(d, p)| Some((d, p.parse::<u16>().ok()?)))
+                            .ok_or_else(|| {
+                                err(
+                                    &tpath,
+                                    pos,
+                                    format!(
+                                        "{target} is not destination:port, e.g. gateway:80",
+                                        target = quote(&target)
+                                    ),
+                                )
+                            })?;
                         let dst = self.selector(&tpath, pos, dst)?;
                         let entry = (Target { dst, port }, tpath, pos);
                         if key == "accept" {
@@ -438,7 +455,13 @@ impl Policy {
                         }
                     }
                 }
-                _ => return Err(err(&field, *pos, format!("unknown key {key:?}; a test has src, accept and deny"))),
+                _ => {
+                    return Err(err(
+                        &field,
+                        *pos,
+                        format!("unknown key {key}; a test has src, accept and deny", key = quote(key)),
+                    ));
+                }
             }
         }
         let src = src.ok_or_else(|| err(path, node.pos, "a test needs src"))?;
@@ -693,7 +716,9 @@ fn strings(path: &str, node: &J) -> Result<Vec<(usize, String, Pos)>, PolicyErro
 
 /// `*`, `tcp:80`, `udp:53`, `tcp:8000-8999`, `tcp:*`, `icmp`, `443` (any protocol).
 fn ports(path: &str, pos: Pos, spec: &str) -> Result<Ports, PolicyError> {
-    let bad = |why: &str| err(path, pos, format!("{spec:?}: {why}; use *, tcp:80, udp:53, tcp:8000-8999, icmp or 443"));
+    let bad = |why: &str| {
+        err(path, pos, format!("{spec}: {why}; use *, tcp:80, udp:53, tcp:8000-8999, icmp or 443", spec = quote(spec)))
+    };
     if spec == "*" {
         return Ok(Ports { proto: Proto::Any, first: 0, last: u16::MAX });
     }

@@ -14,6 +14,20 @@ pub const TTL_MAX: u64 = 30 * 24 * 3600;
 pub const MAX_PAGE_SIZE: u32 = 1000;
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 
+/// Characters of a bad value an error message repeats, at most: a 100 KB value must not become a
+/// 100 KB status message (gRPC's metadata limit turns that into RESOURCE_EXHAUSTED).
+pub const QUOTE_CHARS: usize = 40;
+
+/// A user-supplied value as an error message quotes it: in quotes and escaped, cut to a short prefix
+/// with its length when long.
+pub fn quote(s: impl AsRef<str>) -> String {
+    let s = s.as_ref();
+    match s.char_indices().nth(QUOTE_CHARS) {
+        None => format!("{s:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &s[..cut], s.len()),
+    }
+}
+
 /// A DNS label: 1-63 of `a-z`, `0-9`, `-`, not starting or ending with `-`.
 pub fn dns_label(field: &str, s: &str) -> Result<()> {
     if s.is_empty() {
@@ -23,10 +37,13 @@ pub fn dns_label(field: &str, s: &str) -> Result<()> {
         return Err(Error::invalid(field, format!("is {} characters; a DNS label has at most 63", s.len())));
     }
     if let Some(c) = s.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')) {
-        return Err(Error::invalid(field, format!("{s:?} contains {c:?}; use only lowercase letters, digits and '-'")));
+        return Err(Error::invalid(
+            field,
+            format!("{s} contains {c:?}; use only lowercase letters, digits and '-'", s = quote(s)),
+        ));
     }
     if s.starts_with('-') || s.ends_with('-') {
-        return Err(Error::invalid(field, format!("{s:?} must not start or end with '-'")));
+        return Err(Error::invalid(field, format!("{s} must not start or end with '-'", s = quote(s))));
     }
     Ok(())
 }
@@ -74,13 +91,13 @@ pub fn labels(field: &str, labels: &BTreeMap<String, String>) -> Result<()> {
     for (k, v) in labels {
         if !label_key_ok(k) {
             return Err(Error::invalid(
-                format!("{field}[{k:?}]"),
+                format!("{field}[{k}]", k = quote(k)),
                 "a label key is 1-63 of letters, digits, '-', '_', '.', '/' and starts with a letter or digit",
             ));
         }
         if !label_value_ok(v) {
             return Err(Error::invalid(
-                format!("{field}[{k:?}]"),
+                format!("{field}[{k}]", k = quote(k)),
                 "a label value is at most 63 of letters, digits, '-', '_', '.'",
             ));
         }
@@ -93,7 +110,7 @@ pub fn cidr(field: &str, s: &str) -> Result<Ipv4Cidr> {
     if s.is_empty() {
         return Ok(Ipv4Cidr::DEFAULT);
     }
-    let bad = || Error::invalid(field, format!("{s:?} is not an IPv4 range like 100.64.0.0/10"));
+    let bad = || Error::invalid(field, format!("{s} is not an IPv4 range like 100.64.0.0/10", s = quote(s)));
     let (addr, prefix) = s.split_once('/').ok_or_else(bad)?;
     let network: Ipv4Addr = addr.parse().map_err(|_| bad())?;
     let prefix: u8 = prefix.parse().map_err(|_| bad())?;
@@ -103,13 +120,16 @@ pub fn cidr(field: &str, s: &str) -> Result<Ipv4Cidr> {
     if network.octets()[0] >= 224 {
         return Err(Error::invalid(
             field,
-            format!("{s:?} is multicast or reserved space; use a private or CGNAT range"),
+            format!("{s} is multicast or reserved space; use a private or CGNAT range", s = quote(s)),
         ));
     }
     let mask = u32::MAX << (32 - prefix);
     if u32::from(network) & !mask != 0 {
         let net = Ipv4Addr::from(u32::from(network) & mask);
-        return Err(Error::invalid(field, format!("{s:?} has host bits set; did you mean {net}/{prefix}?")));
+        return Err(Error::invalid(
+            field,
+            format!("{s} has host bits set; did you mean {net}/{prefix}?", s = quote(s)),
+        ));
     }
     Ok(Ipv4Cidr { network, prefix })
 }
@@ -120,13 +140,13 @@ pub fn tags(field: &str, tags: &[String]) -> Result<Vec<String>> {
         return Err(Error::invalid(field, format!("has {} tags; at most {MAX_TAGS} are allowed", tags.len())));
     }
     for (i, t) in tags.iter().enumerate() {
-        let name = t
-            .strip_prefix("tag:")
-            .ok_or_else(|| Error::invalid(format!("{field}[{i}]"), format!("{t:?} must have the form tag:name")))?;
+        let name = t.strip_prefix("tag:").ok_or_else(|| {
+            Error::invalid(format!("{field}[{i}]"), format!("{t} must have the form tag:name", t = quote(t)))
+        })?;
         dns_label(&format!("{field}[{i}]"), name).map_err(|_| {
             Error::invalid(
                 format!("{field}[{i}]"),
-                format!("{t:?}: the name after 'tag:' is 1-63 of lowercase letters, digits and '-'"),
+                format!("{t}: the name after 'tag:' is 1-63 of lowercase letters, digits and '-'", t = quote(t)),
             )
         })?;
     }
@@ -134,6 +154,15 @@ pub fn tags(field: &str, tags: &[String]) -> Result<Vec<String>> {
     out.sort();
     out.dedup();
     Ok(out)
+}
+
+/// Refuses control characters (NUL, ESC, CR/LF, ...) in an identifier-like field: they have no place in
+/// an issuer, an audience or a URL, and would let a value forge lines in logs and exports.
+pub fn no_control(field: &str, s: &str) -> Result<()> {
+    if let Some(c) = s.chars().find(|c| c.is_control()) {
+        return Err(Error::invalid(field, format!("contains the control character {c:?}; remove it")));
+    }
+    Ok(())
 }
 
 pub fn reason(field: &str, s: &str) -> Result<()> {
@@ -177,12 +206,13 @@ pub fn endpoints(field: &str, endpoints: &[String]) -> Result<Vec<std::net::Sock
         .iter()
         .enumerate()
         .map(|(i, e)| {
-            let addr: std::net::SocketAddr =
-                e.parse().map_err(|_| Error::invalid(format!("{field}[{i}]"), format!("{e:?} is not ip:port")))?;
+            let addr: std::net::SocketAddr = e
+                .parse()
+                .map_err(|_| Error::invalid(format!("{field}[{i}]"), format!("{e} is not ip:port", e = quote(e))))?;
             if addr.port() == 0 || addr.ip().is_unspecified() {
                 return Err(Error::invalid(
                     format!("{field}[{i}]"),
-                    format!("{e:?} needs a specific address and port"),
+                    format!("{e} needs a specific address and port", e = quote(e)),
                 ));
             }
             Ok(addr)
@@ -223,7 +253,14 @@ pub fn label_selector(field: &str, s: &str) -> Result<Vec<LabelRequirement>> {
     let mut out = Vec::new();
     for term in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
         let bad_key = |k: &str| {
-            Error::invalid(field, format!("{term:?}: {k:?} is not a label key (letters, digits, '-', '_', '.', '/')"))
+            Error::invalid(
+                field,
+                format!(
+                    "{term}: {k} is not a label key (letters, digits, '-', '_', '.', '/')",
+                    term = quote(term),
+                    k = quote(k)
+                ),
+            )
         };
         let req = if let Some((k, v)) = term.split_once("!=") {
             LabelRequirement::NotEquals(k.trim().to_string(), v.trim().to_string())
@@ -245,7 +282,10 @@ pub fn label_selector(field: &str, s: &str) -> Result<Vec<LabelRequirement>> {
         if let LabelRequirement::Equals(_, v) | LabelRequirement::NotEquals(_, v) = &req
             && !label_value_ok(v)
         {
-            return Err(Error::invalid(field, format!("{term:?}: {v:?} is not a label value")));
+            return Err(Error::invalid(
+                field,
+                format!("{term}: {v} is not a label value", term = quote(term), v = quote(v)),
+            ));
         }
         out.push(req);
     }

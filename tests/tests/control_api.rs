@@ -535,3 +535,53 @@ async fn audit_events_past_their_retention_are_pruned_and_the_rest_kept() {
     assert_eq!(list(kept.id.clone()).await.len(), 1);
     assert_eq!(list(String::new()).await.len(), 1, "the global index is pruned too");
 }
+
+/// A 100 KB bad value gets INVALID_ARGUMENT naming its field with a short prefix of the value (not a
+/// status message past gRPC's metadata limit, which clients see as RESOURCE_EXHAUSTED); control
+/// characters in identifier-like fields are refused.
+#[tokio::test]
+async fn long_and_control_character_values_get_short_errors_naming_the_field() {
+    let server = TestServer::start().await;
+    let mut admin = server.admin().await;
+    let tailnet = create_tailnet(&mut admin, "long").await;
+    let long = "x".repeat(100_000);
+    let check = |result: Result<(), tonic::Status>, field: &str| {
+        let status = result.expect_err("call should fail");
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}: {:?}", status.code());
+        assert!(
+            status.message().starts_with(field),
+            "names {field}: {:?}",
+            &status.message()[..80.min(status.message().len())]
+        );
+        assert!(status.message().len() < 300, "{field}: a {} byte message", status.message().len());
+    };
+    let mut req = tailnet_request("t");
+    req.cidr = long.clone();
+    check(admin.create_tailnet(req).await.map(drop), "cidr");
+    let list = pb::ListTailnetsRequest { label_selector: format!("{long}=1"), ..Default::default() };
+    check(admin.list_tailnets(list).await.map(drop), "label_selector");
+    let upstream = |kind: &str, base_url: &str| pb::SetUpstreamRequest {
+        tailnet_id: tailnet.id.clone(),
+        name: "u".into(),
+        kind: kind.into(),
+        base_url: base_url.into(),
+        api_key: "sk-test".into(),
+    };
+    check(admin.set_upstream(upstream(&long, "https://api.example")).await.map(drop), "kind");
+    check(admin.set_upstream(upstream("openai", &format!("https://{long}"))).await.map(drop), "base_url");
+    check(admin.set_upstream(upstream("openai", "https://api.example/\u{1b}[2J")).await.map(drop), "base_url");
+    let rule = |issuer: &str, audience: &str, pattern: &str| pb::CreateTrustRuleRequest {
+        tailnet_id: tailnet.id.clone(),
+        issuer: issuer.into(),
+        audience: audience.into(),
+        claim_conditions: [("repository".to_string(), pattern.to_string())].into(),
+        tags: vec![],
+        ..Default::default()
+    };
+    let issuer = "https://token.actions.githubusercontent.com";
+    check(admin.create_trust_rule(rule(&format!("https://{long}"), "aud", "a/b")).await.map(drop), "issuer");
+    for audience in ["aud\0", "aud\u{1b}x", "aud\r\nInjected: yes"] {
+        check(admin.create_trust_rule(rule(issuer, audience, "a/b")).await.map(drop), "audience");
+    }
+    check(admin.create_trust_rule(rule(issuer, "aud", "a/b\n")).await.map(drop), "claim_conditions[\"repository\"]");
+}

@@ -14,7 +14,7 @@ use crate::model::{
 };
 use crate::secret::AUTH_KEY_PREFIX;
 use crate::time::to_timestamp;
-use crate::validate;
+use crate::validate::{self, quote};
 
 pub fn tailnet_spec(req: pb::CreateTailnetRequest) -> Result<TailnetSpec> {
     validate::dns_label("name", &req.name)?;
@@ -54,10 +54,11 @@ pub fn upstream_spec(
     api_key: String,
 ) -> Result<UpstreamSpec> {
     validate::dns_label(&format!("{prefix}name"), &name)?;
+    validate::no_control(&format!("{prefix}base_url"), &base_url)?;
     if !UPSTREAM_KINDS.contains(&kind.as_str()) {
         return Err(Error::invalid(
             format!("{prefix}kind"),
-            format!("{kind:?} is not one of {}", UPSTREAM_KINDS.join(", ")),
+            format!("{kind} is not one of {}", UPSTREAM_KINDS.join(", "), kind = quote(kind)),
         ));
     }
     let rest = base_url.strip_prefix("https://").or_else(|| base_url.strip_prefix("http://"));
@@ -67,7 +68,7 @@ pub fn upstream_spec(
     {
         return Err(Error::invalid(
             format!("{prefix}base_url"),
-            format!("{base_url:?} is not an http(s) URL like https://api.openai.com/v1"),
+            format!("{base_url} is not an http(s) URL like https://api.openai.com/v1", base_url = quote(base_url)),
         ));
     }
     // The key is checked but never quoted back.
@@ -156,7 +157,8 @@ pub fn registration(req: pb::RegisterRequest) -> Result<RegisterInput> {
 
 /// https URLs, or http for an issuer on this machine (tests, development).
 fn issuer_url(field: &str, s: &str) -> Result<()> {
-    let bad = || Error::invalid(field, format!("{s:?} is not an https:// issuer URL"));
+    validate::no_control(field, s)?;
+    let bad = || Error::invalid(field, format!("{s} is not an https:// issuer URL", s = quote(s)));
     let rest = s.strip_prefix("https://").or_else(|| s.strip_prefix("http://")).ok_or_else(bad)?;
     let host = rest.split('/').next().unwrap_or("");
     if host.is_empty() || s.len() > 512 || s.contains(char::is_whitespace) {
@@ -167,7 +169,7 @@ fn issuer_url(field: &str, s: &str) -> Result<()> {
     if s.starts_with("http://") && !loopback {
         return Err(Error::invalid(
             field,
-            format!("{s:?}: plain http is only accepted for loopback issuers; use https"),
+            format!("{s}: plain http is only accepted for loopback issuers; use https", s = quote(s)),
         ));
     }
     Ok(())
@@ -179,17 +181,19 @@ pub fn trust_rule_spec(req: pb::CreateTrustRuleRequest) -> Result<TrustRuleSpec>
     if req.audience.is_empty() || req.audience.len() > 256 {
         return Err(Error::invalid("audience", "is required, at most 256 characters"));
     }
+    validate::no_control("audience", &req.audience)?;
     if req.claim_conditions.len() > 16 {
         return Err(Error::invalid("claim_conditions", "at most 16 conditions"));
     }
     for (claim, pattern) in &req.claim_conditions {
-        let field = format!("claim_conditions[{claim:?}]");
+        let field = format!("claim_conditions[{}]", quote(claim));
         if claim.is_empty() || claim.len() > 64 || !claim.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Err(Error::invalid(field, "a claim name is 1-64 of letters, digits and '_'"));
         }
         if pattern.is_empty() || pattern.len() > 256 {
             return Err(Error::invalid(field, "a pattern is 1-256 characters ('*' matches any run)"));
         }
+        validate::no_control(&field, pattern)?;
     }
     if req.claim_conditions.is_empty() {
         return Err(Error::invalid(

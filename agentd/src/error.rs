@@ -11,6 +11,10 @@ pub enum Error {
     #[error("the server refused this node: {0}")]
     Rejected(String),
     #[error("no credential: the saved session is no longer valid; give --auth-key or --oidc-token-file to register")]
+    SessionInvalid,
+    #[error(
+        "no credential: this node has not joined yet; give --auth-key (or AGENTD_AUTH_KEY) or --oidc-token-file to register"
+    )]
     NoCredential,
     #[error("this node was revoked: {0}; it will not retry")]
     Revoked(String),
@@ -33,7 +37,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Revoked(_) => 3,
-            Error::Rejected(_) | Error::NoCredential => 4,
+            Error::Rejected(_) | Error::NoCredential | Error::SessionInvalid => 4,
             Error::Unreachable { .. } => 5,
             Error::BadServerUrl(_) | Error::UnknownHost(_) => 2,
             Error::State { .. } | Error::Io { .. } | Error::Protocol(_) => 1,

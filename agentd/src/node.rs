@@ -409,6 +409,7 @@ async fn resume_or_register(
     public: [u8; 32],
     endpoints: &[SocketAddr],
 ) -> Result<(Session, control::NetMapStream), Error> {
+    let mut session_invalid = false;
     if let Some(session) = state.session()?
         && session.server == config.server
     {
@@ -421,6 +422,7 @@ async fn resume_or_register(
             Err(status) if status.code() == tonic::Code::Unauthenticated => {
                 tracing::info!(reason = %status.message(), "saved session is no longer valid; registering anew");
                 state.clear_session()?;
+                session_invalid = true;
             }
             Err(status) => {
                 return Err(Error::Unreachable { server: config.server.clone(), detail: status.message().into() });
@@ -430,6 +432,7 @@ async fn resume_or_register(
     let credential = match (&config.oidc_token, &config.auth_key) {
         (Some(token), _) => pb::register_request::Credential::OidcToken(token.clone()),
         (None, Some(key)) => pb::register_request::Credential::AuthKey(key.clone()),
+        (None, None) if session_invalid => return Err(Error::SessionInvalid),
         (None, None) => return Err(Error::NoCredential),
     };
     let request = pb::RegisterRequest {

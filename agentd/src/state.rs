@@ -30,6 +30,17 @@ impl std::fmt::Debug for Session {
     }
 }
 
+/// What to do about a state directory that cannot be used.
+fn hint(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) => " (the disk is full: free space)",
+        Some(libc::EACCES | libc::EPERM | libc::EROFS) => {
+            " (this user cannot write there: choose another directory with --state-dir or AGENTD_STATE_DIR, or make it writable)"
+        }
+        _ => "",
+    }
+}
+
 pub struct StateDir {
     dir: PathBuf,
 }
@@ -37,11 +48,10 @@ pub struct StateDir {
 impl StateDir {
     pub fn open(dir: &Path) -> Result<StateDir, Error> {
         use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| Error::State { path: dir.to_path_buf(), detail: format!("cannot create it: {e}") })?;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| Error::State {
+            path: dir.to_path_buf(),
+            detail: format!("cannot create it: {e}{}", hint(&e)),
+        })?;
         Ok(StateDir { dir: dir.to_path_buf() })
     }
 
@@ -71,7 +81,7 @@ impl StateDir {
                 self.write_atomic(KEY_FILE, STANDARD.encode(secret.to_bytes()).as_bytes())?;
                 Ok(secret)
             }
-            Err(e) => Err(Error::State { path, detail: format!("cannot read it: {e}") }),
+            Err(e) => Err(Error::State { path, detail: format!("cannot read it: {e}{}", hint(&e)) }),
         }
     }
 
@@ -108,8 +118,7 @@ impl StateDir {
         let tmp = self.dir.join(format!(".{name}.tmp"));
         let fail = |e: std::io::Error| {
             let _ = std::fs::remove_file(&tmp);
-            let hint = if e.raw_os_error() == Some(libc::ENOSPC) { " (the disk is full: free space)" } else { "" };
-            Error::State { path: path.clone(), detail: format!("cannot write it: {e}{hint}") }
+            Error::State { path: path.clone(), detail: format!("cannot write it: {e}{}", hint(&e)) }
         };
         let mut file =
             std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(fail)?;

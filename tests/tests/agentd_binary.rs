@@ -166,3 +166,24 @@ async fn up_errors_are_one_line_with_an_exit_code() {
     assert_eq!(no_daemon.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&no_daemon.stderr).contains("no agentd is running"));
 }
+
+/// The first start without a key says the node has not joined (not that a saved session went bad), and
+/// a state directory agentd cannot write says what to do about it.
+#[tokio::test]
+async fn first_start_and_unwritable_state_say_what_to_do() {
+    let server = TestServer::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let first = agentd(&["up", "--server", &server.url], state.path()).await;
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert_eq!(first.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("has not joined yet") && stderr.contains("--auth-key"), "{stderr}");
+    assert!(!stderr.contains("no longer valid"), "no session was ever saved: {stderr}");
+
+    // sysfs refuses new directories to root and everyone else alike.
+    let unwritable = std::path::Path::new("/sys/kernel/agentd-state");
+    let out = agentd(&["up", "--server", &server.url], unwritable).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--state-dir"), "names the remedy: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+}

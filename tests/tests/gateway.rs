@@ -111,9 +111,16 @@ async fn openai_chat_through_the_gateway_with_the_upstream_key() {
     // Streamed, without asking for usage: the gateway asks for it, meters it, and hides it.
     let mut streamed = chat("one two three");
     streamed["stream"] = json!(true);
-    let (status, _, body) = s.call("/v1/chat/completions", streamed.clone()).await;
+    let (status, stream_headers, body) = s.call("/v1/chat/completions", streamed.clone()).await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("three") && body.trim_end().ends_with("data: [DONE]"), "{body}");
+    // A streamed response carries its request id too, and it names the stream's audit event.
+    let stream_id = stream_headers["x-cordon-request-id"].to_str().unwrap().to_string();
+    let events = s.gateway_events(2).await;
+    assert!(
+        events.iter().any(|e| e.gateway.as_ref().is_some_and(|g| g.request_id == stream_id)),
+        "the streamed request {stream_id} has its audit event"
+    );
     assert!(!body.contains("prompt_tokens"), "the usage chunk the client did not ask for is hidden: {body}");
     {
         let seen = s.llm.seen.lock().unwrap();

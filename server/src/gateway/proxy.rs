@@ -383,6 +383,10 @@ async fn handle(
     }
     if stream && status.is_success() {
         let meter = SseMeter::new(api, hide_usage, rules.tools_deny.clone());
+        // The id goes out before the call moves into the body: a streamed response carries it too.
+        if let Ok(id) = HeaderValue::from_str(&call.record.request_id) {
+            out = out.header("x-cordon-request-id", id);
+        }
         let body =
             Metered { upstream: upstream_body, meter, call: Some(call), first_byte: None, logged: Vec::new(), key };
         let response = out.body(body.boxed()).expect("valid response parts");

@@ -103,7 +103,7 @@ pub(crate) struct Inner {
     sockets: SocketSet<'static>,
     listeners: HashMap<u16, Listening>,
     /// Sockets whose stream was dropped; removed once closed.
-    orphans: Vec<SocketHandle>,
+    orphans: Vec<Orphan>,
     address: Ipv4Addr,
     next_port: u16,
     config: StackConfig,
@@ -289,23 +289,46 @@ impl Inner {
                 socket.set_timeout(Some(smoltcp::time::Duration::from_secs(120)));
                 socket.set_keep_alive(Some(smoltcp::time::Duration::from_secs(30)));
                 if self.listeners[&port].accepted.send(handle).is_err() {
-                    self.orphans.push(handle);
+                    self.orphans.push(Orphan { handle, discarded: 0 });
                 }
             }
         }
     }
 
+    /// Removes closed orphans, and resets those that keep receiving data nobody will read, as a kernel
+    /// socket does when data arrives after its close: the peer's send fails at once instead of stalling
+    /// on a window that never opens (a client uploading a body the server refused). Before the reset
+    /// the orphan lingers: it discards what arrives (so the window stays open) until what it still had to
+    /// send is acknowledged and [`LINGER_BYTES`] more arrived, so the peer has the answer (a 413, say)
+    /// and the FIN after it before it sees the reset.
     fn reap_orphans(&mut self) {
         let sockets = &mut self.sockets;
-        self.orphans.retain(|&handle| {
-            let closed = sockets.get::<tcp::Socket>(handle).state() == tcp::State::Closed;
+        self.orphans.retain_mut(|orphan| {
+            let socket = sockets.get_mut::<tcp::Socket>(orphan.handle);
+            if socket.may_recv() && socket.recv_queue() > 0 {
+                orphan.discarded += socket.recv(|b| (b.len(), b.len())).unwrap_or(0);
+            }
+            if orphan.discarded > LINGER_BYTES && socket.send_queue() == 0 && socket.state() != tcp::State::Closed {
+                socket.abort();
+            }
+            // An aborted socket keeps its endpoint until its reset has gone out.
+            let closed = socket.state() == tcp::State::Closed && socket.remote_endpoint().is_none();
             if closed {
-                sockets.remove(handle);
+                sockets.remove(orphan.handle);
             }
             !closed
         });
     }
 }
+
+/// A socket whose stream was dropped, closing; and how many bytes arrived for it since.
+struct Orphan {
+    handle: SocketHandle,
+    discarded: usize,
+}
+
+/// Bytes an orphan takes in (and discards) before it resets the connection.
+const LINGER_BYTES: usize = 256 * 1024;
 
 /// Accepts TCP connections on one port of the node's address.
 pub struct Listener {
@@ -420,7 +443,7 @@ impl Drop for TcpStream {
     fn drop(&mut self) {
         let mut inner = self.stack.inner.lock().unwrap();
         inner.sockets.get_mut::<tcp::Socket>(self.handle).close();
-        inner.orphans.push(self.handle);
+        inner.orphans.push(Orphan { handle: self.handle, discarded: 0 });
         drop(inner);
         self.stack.wake.notify_one();
     }

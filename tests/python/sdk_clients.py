@@ -4,7 +4,7 @@ Run by tests/tests/sdk.rs with the address of a loopback forward to `gateway:80`
 the tailnet. The SDKs hold no real key: the gateway adds the upstream's. Each check prints `ok <name>`;
 the first failure raises and exits non-zero.
 
-    python3 sdk_clients.py http://127.0.0.1:PORT basics|budget
+    python3 sdk_clients.py http://127.0.0.1:PORT basics|budget|oversized
 """
 
 import sys
@@ -131,4 +131,20 @@ def budget():
     ok("anthropic exhausted budget")
 
 
-{"basics": basics, "budget": budget}[phase]()
+def oversized():
+    # 40 MiB, over the gateway's 32 MiB limit: a 413 in each API's format, at once. No retries and a
+    # deadline far below the SDKs' 600 s, so a stalled upload fails here instead of hanging.
+    big = "x" * (40 << 20)
+    strict_oa = openai.OpenAI(base_url=base + "/v1", api_key="no-key-here", max_retries=0, timeout=120)
+    e = expect(openai.APIStatusError, lambda: strict_oa.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": big}]))
+    assert e.status_code == 413 and "limit" in e.message, (e.status_code, e.message)
+    ok("openai oversized request")
+    strict_an = anthropic.Anthropic(base_url=base, api_key="no-key-here", max_retries=0, timeout=120)
+    e = expect(anthropic.APIStatusError, lambda: strict_an.messages.create(
+        model="claude-sonnet-4", max_tokens=10, messages=[{"role": "user", "content": big}]))
+    assert e.status_code == 413 and e.body["error"]["type"] == "request_too_large", (e.status_code, e.body)
+    ok("anthropic oversized request")
+
+
+{"basics": basics, "budget": budget, "oversized": oversized}[phase]()

@@ -84,4 +84,11 @@ async fn official_sdks_through_the_gateway() {
     let out = run_script(&joined.base, "budget").await;
     assert!(out.contains("ok anthropic exhausted budget"), "{out}");
     assert_eq!(llm.seen.lock().unwrap().len(), before + 1, "only the request within the budget reached the provider");
+
+    // A request body over the gateway's limit: a 413 in the caller's format, not a stalled upload (the
+    // gateway's side of the connection resets once the answer is delivered).
+    let before = llm.seen.lock().unwrap().len();
+    let out = run_script(&joined.base, "oversized").await;
+    assert!(out.contains("ok openai oversized request") && out.contains("ok anthropic oversized request"), "{out}");
+    assert_eq!(llm.seen.lock().unwrap().len(), before, "nothing oversized reaches the provider");
 }

@@ -247,8 +247,21 @@ async fn handle(
     }
 
     let (parts, body) = req.into_parts();
+    let too_large = || {
+        format!(
+            "the request body is larger than the gateway's limit of {} MiB; send less per request",
+            MAX_REQUEST >> 20
+        )
+    };
+    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_REQUEST as u64) {
+        return Ok(call.deny(413, "", "request_too_large", too_large()));
+    }
     let bytes = match Limited::new(body, MAX_REQUEST).collect().await {
         Ok(b) => b.to_bytes(),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            return Ok(call.deny(413, "", "request_too_large", too_large()));
+        }
         Err(e) => return Ok(call.deny(400, "", "invalid_body", format!("could not read the request body: {e}"))),
     };
     if call.log_bodies {

@@ -63,6 +63,8 @@ pub fn error_body(anthropic: bool, status: u16, code: &str, message: &str) -> Ve
         (403, _) => "permission_error",
         (404, true) => "not_found_error",
         (404, false) => "invalid_request_error",
+        (413, true) => "request_too_large",
+        (413, false) => "invalid_request_error",
         (429, true) => "rate_limit_error",
         (429, false) => "rate_limit_exceeded",
         (_, true) => "api_error",

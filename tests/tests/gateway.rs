@@ -53,8 +53,14 @@ impl Setup {
     }
 
     async fn gateway_events(&self, at_least: usize) -> Vec<pb::Event> {
+        self.gateway_events_where(at_least, |_| true).await
+    }
+
+    /// Polls until at least `at_least` gateway events are in the audit log and `wanted` holds for them.
+    async fn gateway_events_where(&self, at_least: usize, wanted: impl Fn(&[pb::Event]) -> bool) -> Vec<pb::Event> {
         let admin = self.server.admin().await;
         let tailnet = self.joined.tailnet.id.clone();
+        let wanted = &wanted;
         eventually(Duration::from_secs(10), "gateway audit events", || {
             let mut admin = admin.clone();
             let tailnet = tailnet.clone();
@@ -70,7 +76,7 @@ impl Setup {
                     .into_inner()
                     .events;
                 let gw: Vec<_> = events.into_iter().filter(|e| e.gateway.is_some()).collect();
-                (gw.len() >= at_least).then_some(gw)
+                (gw.len() >= at_least && wanted(&gw)).then_some(gw)
             }
         })
         .await
@@ -116,11 +122,9 @@ async fn openai_chat_through_the_gateway_with_the_upstream_key() {
     assert!(body.contains("three") && body.trim_end().ends_with("data: [DONE]"), "{body}");
     // A streamed response carries its request id too, and it names the stream's audit event.
     let stream_id = stream_headers["x-cordon-request-id"].to_str().unwrap().to_string();
-    let events = s.gateway_events(2).await;
-    assert!(
-        events.iter().any(|e| e.gateway.as_ref().is_some_and(|g| g.request_id == stream_id)),
-        "the streamed request {stream_id} has its audit event"
-    );
+    let has_stream =
+        |events: &[pb::Event]| events.iter().any(|e| e.gateway.as_ref().is_some_and(|g| g.request_id == stream_id));
+    s.gateway_events_where(2, has_stream).await;
     assert!(!body.contains("prompt_tokens"), "the usage chunk the client did not ask for is hidden: {body}");
     {
         let seen = s.llm.seen.lock().unwrap();

@@ -77,6 +77,10 @@ struct UpArgs {
     /// Forward a local port to a tailnet host: 127.0.0.1:8080=gateway:80 (repeatable).
     #[arg(long = "forward", value_parser = parse_forward)]
     forwards: Vec<(SocketAddr, String, u16)>,
+    /// Offer a local TCP service to peers on a tailnet port (userspace mode; the policy decides who may
+    /// connect): `9100` (tailnet port 9100 to 127.0.0.1:9100) or `2222=127.0.0.1:22` (repeatable).
+    #[arg(long = "serve", value_parser = parse_serve)]
+    serves: Vec<Served>,
     /// UDP port for WireGuard [default: any free port].
     #[arg(long, default_value_t = 0)]
     listen_port: u16,
@@ -91,6 +95,30 @@ fn parse_forward(s: &str) -> Result<(SocketAddr, String, u16), String> {
     let local: SocketAddr = local.parse().map_err(|_| usage())?;
     let (host, port) = remote.rsplit_once(':').ok_or_else(usage)?;
     Ok((local, host.to_string(), port.parse().map_err(|_| usage())?))
+}
+
+/// A local service offered to peers: connections to the node's `port` go to `target`.
+#[derive(Clone, Debug)]
+struct Served {
+    port: u16,
+    target: SocketAddr,
+}
+
+fn parse_serve(s: &str) -> Result<Served, String> {
+    let usage = || format!("{s:?} is not PORT or PORT=HOST:PORT, e.g. 9100 or 2222=127.0.0.1:22");
+    let port_of = |p: &str| p.parse::<u16>().ok().filter(|p| *p != 0);
+    match s.split_once('=') {
+        None => {
+            let port = port_of(s).ok_or_else(usage)?;
+            Ok(Served { port, target: SocketAddr::from((Ipv4Addr::LOCALHOST, port)) })
+        }
+        Some((port, target)) => {
+            let port = port_of(port).ok_or_else(usage)?;
+            let target =
+                std::net::ToSocketAddrs::to_socket_addrs(target).ok().and_then(|mut a| a.next()).ok_or_else(usage)?;
+            Ok(Served { port, target })
+        }
+    }
 }
 
 fn default_state_dir() -> PathBuf {
@@ -209,6 +237,19 @@ async fn up(args: UpArgs, state_dir: &Path) -> i32 {
             Err(code) => return code,
         }
     }
+    if !args.serves.is_empty() && !userspace {
+        eprintln!("agentd: --serve is for userspace mode; in TUN mode peers reach local services directly");
+        return 2;
+    }
+    for served in &args.serves {
+        match node.listen(served.port).await {
+            Ok(listener) => {
+                println!("agentd: serving tailnet port {} from {}", served.port, served.target);
+                servers.push(tokio::spawn(serve_local(listener, served.target)));
+            }
+            Err(e) => return fail(&e),
+        }
+    }
     let socket_path = state_dir.join(SOCKET);
     let _ = std::fs::remove_file(&socket_path);
     let control = match UnixListener::bind(&socket_path) {
@@ -216,7 +257,7 @@ async fn up(args: UpArgs, state_dir: &Path) -> i32 {
         Err(e) => return fail(&Error::io(format!("cannot create {}", socket_path.display()), e)),
     };
     let (down_tx, mut down_rx) = tokio::sync::mpsc::channel::<()>(1);
-    servers.push(tokio::spawn(serve_control(node.clone(), control, down_tx)));
+    servers.push(tokio::spawn(serve_control(node.clone(), control, down_tx, args.serves.clone())));
 
     let mut ended = node.ended();
     let code = tokio::select! {
@@ -263,8 +304,31 @@ async fn serve_proxy(node: Arc<Node>, listener: TcpListener, userspace: bool, ki
     }
 }
 
-fn status_json(s: &Status) -> serde_json::Value {
+/// Accepts peers' connections on a tailnet port (the packet filter let their SYN through) and joins
+/// each to a new connection to the local target.
+async fn serve_local(mut listener: crate::Listener, target: SocketAddr) {
+    loop {
+        let (mut inbound, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(_) => return,
+        };
+        tokio::spawn(async move {
+            match tokio::net::TcpStream::connect(target).await {
+                Ok(mut local) => {
+                    let _ = local.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional_with_sizes(&mut inbound, &mut local, 256 * 1024, 256 * 1024)
+                        .await;
+                }
+                // Dropping the tunnel connection unanswered tells the peer, as a refused port would.
+                Err(e) => tracing::info!(%peer, %target, error = %e, "served port: the local service is not answering"),
+            }
+        });
+    }
+}
+
+fn status_json(s: &Status, serves: &[Served]) -> serde_json::Value {
     json!({
+        "serving": serves.iter().map(|v| json!({"port": v.port, "target": v.target.to_string(), "protocol": "tcp"})).collect::<Vec<_>>(),
         "node_id": s.node_id, "hostname": s.hostname, "address": s.address.to_string(), "tailnet": s.tailnet,
         "endpoint": s.endpoint.to_string(),
         "peers": s.peers.iter().map(|p| json!({
@@ -285,11 +349,17 @@ fn status_json(s: &Status) -> serde_json::Value {
     })
 }
 
-async fn serve_control(node: Arc<Node>, listener: UnixListener, down: tokio::sync::mpsc::Sender<()>) {
+async fn serve_control(
+    node: Arc<Node>,
+    listener: UnixListener,
+    down: tokio::sync::mpsc::Sender<()>,
+    serves: Vec<Served>,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
         let node = node.clone();
         let down = down.clone();
+        let serves = serves.clone();
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
             let mut line = String::new();
@@ -297,7 +367,7 @@ async fn serve_control(node: Arc<Node>, listener: UnixListener, down: tokio::syn
                 return;
             }
             let reply = match line.trim().split_once(' ').unwrap_or((line.trim(), "")) {
-                ("status", _) => status_json(&node.status().await),
+                ("status", _) => status_json(&node.status().await, &serves),
                 ("whois", ip) => match ip.parse::<Ipv4Addr>().ok().and_then(|ip| node.whois(ip)) {
                     Some(p) => json!({"id": p.id, "hostname": p.hostname, "tags": p.tags, "owner": p.owner,
                         "addresses": p.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -360,6 +430,14 @@ async fn client(state_dir: &Path, command: &str, raw_json: bool) -> i32 {
             handshake,
             p["tx_bytes"],
             p["rx_bytes"]
+        );
+    }
+    for v in value["serving"].as_array().into_iter().flatten() {
+        println!(
+            "serving tailnet port {} from {} ({})",
+            v["port"],
+            v["target"].as_str().unwrap_or(""),
+            v["protocol"].as_str().unwrap_or("")
         );
     }
     0

@@ -187,3 +187,98 @@ async fn first_start_and_unwritable_state_say_what_to_do() {
     assert!(stderr.contains("--state-dir"), "names the remedy: {stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
 }
+
+const SERVE_POLICY: &str = r#"{
+  "tagOwners": { "tag:sensor": [], "tag:collector": [], "tag:other": [] },
+  "grants": [ { "src": ["tag:collector"], "dst": ["tag:sensor"], "ip": ["tcp:9100", "tcp:2222"] } ]
+}"#;
+
+async fn tagged_key(admin: &mut Admin, tailnet: &str, tag: &str) -> String {
+    let req = pb::CreateAuthKeyRequest {
+        tailnet_id: tailnet.into(),
+        tags: vec![tag.into()],
+        reusable: true,
+        expires_in_seconds: 600,
+        ..Default::default()
+    };
+    admin.create_auth_key(req).await.unwrap().into_inner().secret
+}
+
+/// A local service on loopback that answers each connection with `text` and closes.
+async fn local_service(text: &'static str) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let _ = s.write_all(text.as_bytes()).await;
+        }
+    });
+    port
+}
+
+/// An edge node without root offers local services to the peer the policy lets in, and to nobody else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_offers_local_services_to_the_peers_the_policy_lets_in() {
+    let server = TestServer::start().await;
+    let mut admin = server.admin().await;
+    let mut req = tailnet_request("serve");
+    req.policy_json = SERVE_POLICY.into();
+    let tailnet = admin.create_tailnet(req).await.unwrap().into_inner();
+    let metrics = local_service("metrics 42\n").await;
+    let ssh = local_service("SSH-2.0-test\n").await;
+
+    // The sensor: the real binary, userspace mode, serving two ports.
+    let state = tempfile::tempdir().unwrap();
+    let mut sensor = Command::new(agentd_bin())
+        .args(["up", "--server", &server.url, "--hostname", "sensor"])
+        .args(["--serve", &format!("9100=127.0.0.1:{metrics}"), "--serve", &format!("2222=127.0.0.1:{ssh}")])
+        .arg("--state-dir")
+        .arg(state.path())
+        .env("AGENTD_AUTH_KEY", tagged_key(&mut admin, &tailnet.id, "tag:sensor").await)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(sensor.stdout.take().unwrap()).lines();
+    let mut served = 0;
+    while served < 2 {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await.unwrap().unwrap().unwrap();
+        served += usize::from(line.starts_with("agentd: serving tailnet port"));
+    }
+
+    let peer = |tag: &'static str, dir: std::path::PathBuf| {
+        let (url, id) = (server.url.clone(), tailnet.id.clone());
+        let mut admin = admin.clone();
+        async move {
+            let mut config = NodeConfig::new(url, dir);
+            config.auth_key = Some(tagged_key(&mut admin, &id, tag).await);
+            config.hostname = tag.trim_start_matches("tag:").into();
+            Node::start(config).await.unwrap()
+        }
+    };
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let collector = peer("tag:collector", dirs.0.path().into()).await;
+    let other = peer("tag:other", dirs.1.path().into()).await;
+    collector.netmap().wait_for(|m| m.resolve("sensor").is_some()).await.unwrap();
+
+    for (port, want) in [(9100, "metrics 42\n"), (2222, "SSH-2.0-test\n")] {
+        let mut s = collector.dial_host("sensor", port).await.unwrap();
+        let mut got = String::new();
+        s.read_to_string(&mut got).await.unwrap();
+        assert_eq!(got, want, "tailnet port {port}");
+    }
+    // The other node is not granted the ports: its SYN is filtered before the sensor's stack sees it.
+    let sensor_ip = collector.netmap().borrow().resolve("sensor").unwrap();
+    let refused =
+        tokio::time::timeout(Duration::from_secs(2), other.dial(std::net::SocketAddr::from((sensor_ip, 9100)))).await;
+    assert!(!matches!(refused, Ok(Ok(_))), "an ungranted peer connected to a served port");
+
+    let status = agentd(&["status", "--json"], state.path()).await;
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let ports: Vec<u64> = status["serving"].as_array().unwrap().iter().map(|v| v["port"].as_u64().unwrap()).collect();
+    assert_eq!(ports, vec![9100, 2222]);
+    assert_eq!(status["serving"][1]["target"], format!("127.0.0.1:{ssh}"));
+    let bad = agentd(&["up", "--server", &server.url, "--serve", "0"], state.path()).await;
+    assert_eq!(bad.status.code(), Some(2), "a bad --serve is a usage error");
+    let _ = sensor.kill().await;
+}

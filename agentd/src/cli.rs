@@ -50,6 +50,9 @@ struct UpArgs {
     /// The Cordon server, e.g. http://cordon.example:7443.
     #[arg(long, env = "AGENTD_SERVER")]
     server: String,
+    /// Trust the CA in this PEM file for an https:// server, besides the system's trust store.
+    #[arg(long, env = "AGENTD_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     /// Auth key (`cordon-auth-...`); needed on first start.
     #[arg(long, env = "AGENTD_AUTH_KEY", hide_env_values = true, conflicts_with = "auth_key_file")]
     auth_key: Option<String>,
@@ -203,6 +206,7 @@ async fn up(args: UpArgs, state_dir: &Path) -> i32 {
         mode: args.tun.clone().map_or(Mode::Userspace, |name| Mode::Tun { name }),
         listen_port: args.listen_port,
         advertise: args.advertise.clone(),
+        ca_cert: args.ca_cert.clone(),
     };
     let node = match Node::start(config).await {
         Ok(node) => Arc::new(node),

@@ -25,7 +25,9 @@ pub struct Ended {
     pub message: String,
 }
 
-pub async fn connect(server: &str) -> Result<Client, Error> {
+/// Connects to the server. `https://` servers are verified against the system's trust store, plus
+/// `ca_cert` (PEM) for a private CA.
+pub async fn connect(server: &str, ca_cert: Option<&[u8]>) -> Result<Client, Error> {
     let bad = || Error::BadServerUrl(server.to_string());
     if !(server.starts_with("http://") || server.starts_with("https://")) {
         return Err(bad());
@@ -37,13 +39,44 @@ pub async fn connect(server: &str) -> Result<Client, Error> {
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
     if server.starts_with("https://") {
+        let mut tls = tonic::transport::ClientTlsConfig::new().with_native_roots();
+        if let Some(pem) = ca_cert {
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        }
         endpoint = endpoint
-            .tls_config(tonic::transport::ClientTlsConfig::new())
+            .tls_config(tls)
             .map_err(|e| Error::Unreachable { server: server.into(), detail: e.to_string() })?;
+    } else if ca_cert.is_some() {
+        tracing::warn!("--ca-cert is ignored: the server URL is not https://");
     }
-    let channel =
-        endpoint.connect().await.map_err(|e| Error::Unreachable { server: server.into(), detail: source_chain(&e) })?;
+    let channel = endpoint.connect().await.map_err(|e| {
+        let chain = source_chain(&e);
+        match tls_refusal(&chain) {
+            Some(why) => {
+                tracing::debug!(error = %chain, "TLS handshake refused");
+                Error::Untrusted { server: server.into(), detail: why.into() }
+            }
+            None => Error::Unreachable { server: server.into(), detail: chain },
+        }
+    })?;
     Ok(NodeClient::new(channel).max_decoding_message_size(64 << 20))
+}
+
+/// What a failed TLS handshake says, in words a person can act on.
+fn tls_refusal(chain: &str) -> Option<&'static str> {
+    // rustls names the failed check in its error, in Debug or Display form.
+    let chain = chain.to_lowercase().replace(' ', "");
+    if chain.contains("notvalidforname") {
+        Some("its certificate is for another name; use the name the certificate was issued for in the URL")
+    } else if chain.contains("unknownissuer") || chain.contains("badsignature") {
+        Some("its certificate is not signed by a CA this host trusts; give --ca-cert with the CA that signed it")
+    } else if chain.contains("expired") || chain.contains("notvalidyet") {
+        Some("its certificate is expired or not yet valid; check the server's certificate and this host's clock")
+    } else if chain.contains("invalidpeercertificate") {
+        Some("its certificate was refused; check it, or give --ca-cert for a private CA")
+    } else {
+        None
+    }
 }
 
 /// An error and its sources, one line: `outer: inner: root`.

@@ -8,6 +8,8 @@ pub enum Error {
     BadServerUrl(String),
     #[error("cannot reach the Cordon server at {server}: {detail}; check the URL and that the server runs")]
     Unreachable { server: String, detail: String },
+    #[error("will not trust the Cordon server at {server}: {detail}")]
+    Untrusted { server: String, detail: String },
     #[error("the server refused this node: {0}")]
     Rejected(String),
     #[error("no credential: the saved session is no longer valid; give --auth-key or --oidc-token-file to register")]
@@ -38,7 +40,7 @@ impl Error {
         match self {
             Error::Revoked(_) => 3,
             Error::Rejected(_) | Error::NoCredential | Error::SessionInvalid => 4,
-            Error::Unreachable { .. } => 5,
+            Error::Unreachable { .. } | Error::Untrusted { .. } => 5,
             Error::BadServerUrl(_) | Error::UnknownHost(_) => 2,
             Error::State { .. } | Error::Io { .. } | Error::Protocol(_) => 1,
         }

@@ -47,6 +47,9 @@ pub struct NodeConfig {
     pub listen_port: u16,
     /// Endpoints to advertise instead of the one derived from the route to the server.
     pub advertise: Vec<SocketAddr>,
+    /// A PEM file with the CA that signed an `https://` server's certificate, trusted besides the
+    /// system's store (a private CA).
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -74,6 +77,7 @@ impl NodeConfig {
             mode: Mode::Userspace,
             listen_port: 0,
             advertise: Vec::new(),
+            ca_cert: None,
         }
     }
 }
@@ -154,7 +158,14 @@ impl Node {
         let state = StateDir::open(&config.state_dir)?;
         let secret = state.key()?;
         let public = PublicKey::from(&secret).to_bytes();
-        let mut client = control::connect(&config.server).await?;
+        let ca_cert = match &config.ca_cert {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| Error::io(format!("cannot read the CA certificate {}", path.display()), e))?,
+            ),
+            None => None,
+        };
+        let mut client = control::connect(&config.server, ca_cert.as_deref()).await?;
 
         let socket = StdUdpSocket::bind(("0.0.0.0", config.listen_port))
             .map_err(|e| Error::io(format!("cannot bind UDP port {}", config.listen_port), e))?;

@@ -328,7 +328,8 @@ impl ClientArgs {
             .with_context(|| format!("{:?} is not a server URL like http://127.0.0.1:7443", self.server))?
             .connect_timeout(Duration::from_secs(5));
         if self.server.starts_with("https://") {
-            let mut tls = ClientTlsConfig::new();
+            // The system's trust store, plus a private CA when given.
+            let mut tls = ClientTlsConfig::new().with_native_roots();
             if let Some(ca) = &self.ca_cert {
                 let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
                 tls = tls.ca_certificate(Certificate::from_pem(pem));

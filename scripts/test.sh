@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the namespace, interop and benchmark tests use (command -> package).
-declare -A wanted=([ip]=iproute2 [iptables]=iptables [wireguard-go]=wireguard-go [wg]=wireguard-tools [iperf3]=iperf3 [ping]=iputils-ping [python3]=python3 [pip3]=python3-pip [sysctl]=procps)
+declare -A wanted=([ip]=iproute2 [iptables]=iptables [wireguard-go]=wireguard-go [wg]=wireguard-tools [iperf3]=iperf3 [ping]=iputils-ping [python3]=python3 [pip3]=python3-pip [sysctl]=procps [openssl]=openssl)
 missing=()
 for cmd in "${!wanted[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${wanted[$cmd]}")

@@ -213,6 +213,18 @@ pub async fn create_key(admin: &mut Admin, tailnet: &str, reusable: bool, epheme
 }
 
 /// 32 random bytes standing in for a WireGuard public key.
+/// A reusable key of `tailnet` that admits nodes with `tags`; returns its secret.
+pub async fn tagged_key(admin: &mut Admin, tailnet: &str, tags: &[&str]) -> String {
+    let req = pb::CreateAuthKeyRequest {
+        tailnet_id: tailnet.into(),
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        reusable: true,
+        expires_in_seconds: 600,
+        ..Default::default()
+    };
+    admin.create_auth_key(req).await.expect("create key").into_inner().secret
+}
+
 pub fn wireguard_key() -> Vec<u8> {
     let mut k = vec![0u8; 32];
     rand::Rng::fill(&mut rand::rng(), &mut k[..]);

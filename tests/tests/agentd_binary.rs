@@ -193,17 +193,6 @@ const SERVE_POLICY: &str = r#"{
   "grants": [ { "src": ["tag:collector"], "dst": ["tag:sensor"], "ip": ["tcp:9100", "tcp:2222"] } ]
 }"#;
 
-async fn tagged_key(admin: &mut Admin, tailnet: &str, tag: &str) -> String {
-    let req = pb::CreateAuthKeyRequest {
-        tailnet_id: tailnet.into(),
-        tags: vec![tag.into()],
-        reusable: true,
-        expires_in_seconds: 600,
-        ..Default::default()
-    };
-    admin.create_auth_key(req).await.unwrap().into_inner().secret
-}
-
 /// A local service on loopback that answers each connection with `text` and closes.
 async fn local_service(text: &'static str) -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -234,7 +223,7 @@ async fn serve_offers_local_services_to_the_peers_the_policy_lets_in() {
         .args(["--serve", &format!("9100=127.0.0.1:{metrics}"), "--serve", &format!("2222=127.0.0.1:{ssh}")])
         .arg("--state-dir")
         .arg(state.path())
-        .env("AGENTD_AUTH_KEY", tagged_key(&mut admin, &tailnet.id, "tag:sensor").await)
+        .env("AGENTD_AUTH_KEY", tagged_key(&mut admin, &tailnet.id, &["tag:sensor"]).await)
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -251,7 +240,7 @@ async fn serve_offers_local_services_to_the_peers_the_policy_lets_in() {
         let mut admin = admin.clone();
         async move {
             let mut config = NodeConfig::new(url, dir);
-            config.auth_key = Some(tagged_key(&mut admin, &id, tag).await);
+            config.auth_key = Some(tagged_key(&mut admin, &id, &[tag]).await);
             config.hostname = tag.trim_start_matches("tag:").into();
             Node::start(config).await.unwrap()
         }

@@ -6,7 +6,6 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use cordon_tests::llm::{self, FakeLlm};
-use cordon_tests::v1 as pb;
 use cordon_tests::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
@@ -27,17 +26,6 @@ fn example_bin(name: &str) -> std::path::PathBuf {
     bin
 }
 
-async fn key(admin: &mut Admin, tailnet: &str, tag: &str) -> String {
-    let req = pb::CreateAuthKeyRequest {
-        tailnet_id: tailnet.into(),
-        tags: vec![tag.into()],
-        reusable: true,
-        expires_in_seconds: 600,
-        ..Default::default()
-    };
-    admin.create_auth_key(req).await.unwrap().into_inner().secret
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tsnet_example_serves_on_the_tailnet_and_calls_the_gateway() {
     let server = TestServer::start().await;
@@ -50,7 +38,7 @@ async fn tsnet_example_serves_on_the_tailnet_and_calls_the_gateway() {
 
     let mut example = tokio::process::Command::new(example_bin("tsnet"))
         .env("CORDON_SERVER", &server.url)
-        .env("CORDON_AUTH_KEY", key(&mut admin, &tailnet.id, "tag:agent").await)
+        .env("CORDON_AUTH_KEY", tagged_key(&mut admin, &tailnet.id, &["tag:agent"]).await)
         .env("CORDON_HOSTNAME", "agent-web")
         .stdout(Stdio::piped())
         .kill_on_drop(true)
@@ -71,7 +59,7 @@ async fn tsnet_example_serves_on_the_tailnet_and_calls_the_gateway() {
     // A peer the policy lets in fetches the example's page and is recognised by name.
     let dir = tempfile::tempdir().unwrap();
     let mut config = agentd::NodeConfig::new(&server.url, dir.path());
-    config.auth_key = Some(key(&mut admin, &tailnet.id, "tag:peer").await);
+    config.auth_key = Some(tagged_key(&mut admin, &tailnet.id, &["tag:peer"]).await);
     config.hostname = "visitor".into();
     let visitor = agentd::Node::start(config).await.unwrap();
     visitor.netmap().wait_for(|m| m.resolve("agent-web").is_some()).await.unwrap();

@@ -22,20 +22,6 @@ const SENSORS: &str = r#"{
   ],
 }"#;
 
-async fn key_with_tags(admin: &mut Admin, tailnet: &str, tags: &[&str]) -> String {
-    admin
-        .create_auth_key(pb::CreateAuthKeyRequest {
-            tailnet_id: tailnet.into(),
-            tags: tags.iter().map(|t| t.to_string()).collect(),
-            reusable: true,
-            ..Default::default()
-        })
-        .await
-        .expect("create key")
-        .into_inner()
-        .secret
-}
-
 async fn tailnet_with(admin: &mut Admin, name: &str, policy: &str) -> pb::Tailnet {
     let mut req = tailnet_request(name);
     req.policy_json = policy.into();
@@ -171,7 +157,7 @@ async fn tags_must_be_owned_and_removing_one_takes_effect() {
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("tags[0]: tag:db is not declared"), "{}", status.message());
 
-    let secret = key_with_tags(&mut admin, &tailnet.id, &["tag:ci", "tag:sensor"]).await;
+    let secret = tagged_key(&mut admin, &tailnet.id, &["tag:ci", "tag:sensor"]).await;
     let node = register(&mut nodes, &secret, "probe").await;
     assert_eq!(node.node.as_ref().unwrap().tags, ["tag:ci", "tag:sensor"]);
     let mut stream = watch(&mut nodes, &node.session_token).await;
@@ -202,8 +188,8 @@ async fn each_node_sees_only_what_it_may_reach() {
     let mut admin = server.admin().await;
     let mut nodes = server.nodes().await;
     let tailnet = tailnet_with(&mut admin, "views", SENSORS).await;
-    let sensor_key = key_with_tags(&mut admin, &tailnet.id, &["tag:sensor"]).await;
-    let collector_key = key_with_tags(&mut admin, &tailnet.id, &["tag:collector"]).await;
+    let sensor_key = tagged_key(&mut admin, &tailnet.id, &["tag:sensor"]).await;
+    let collector_key = tagged_key(&mut admin, &tailnet.id, &["tag:collector"]).await;
     let s1 = register(&mut nodes, &sensor_key, "s1").await;
     let s2 = register(&mut nodes, &sensor_key, "s2").await;
     let c = register(&mut nodes, &collector_key, "collector").await;
@@ -260,8 +246,8 @@ async fn the_filter_drops_what_the_policy_does_not_grant() {
     let server = TestServer::start().await;
     let mut admin = server.admin().await;
     let tailnet = tailnet_with(&mut admin, "drops", SENSORS).await;
-    let sensor_key = key_with_tags(&mut admin, &tailnet.id, &["tag:sensor"]).await;
-    let collector_key = key_with_tags(&mut admin, &tailnet.id, &["tag:collector"]).await;
+    let sensor_key = tagged_key(&mut admin, &tailnet.id, &["tag:sensor"]).await;
+    let collector_key = tagged_key(&mut admin, &tailnet.id, &["tag:collector"]).await;
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let start = |key: String, dir: std::path::PathBuf, name: &'static str| {
         let url = server.url.clone();
@@ -322,7 +308,7 @@ async fn capabilities_merge_across_grants() {
     let mut admin = server.admin().await;
     let mut nodes = server.nodes().await;
     let tailnet = tailnet_with(&mut admin, "caps", policy).await;
-    let secret = key_with_tags(&mut admin, &tailnet.id, &["tag:ci"]).await;
+    let secret = tagged_key(&mut admin, &tailnet.id, &["tag:ci"]).await;
     let joined = register(&mut nodes, &secret, "ci").await.node.unwrap();
     let cp = &server.control_plane;
     let node = cp.store.get_node(cordon_server::model::NodeId::parse("id", &joined.id).unwrap()).unwrap();

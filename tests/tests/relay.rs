@@ -38,6 +38,15 @@ async fn relay_end_with(server: &TestServer, secret: &str, batches: bool) -> Rel
     RelayEnd { key, tx, rx }
 }
 
+/// Tailnets `a` and `b`, with a reusable key for each; returns `a` and both keys.
+async fn two_tailnets(admin: &mut Admin) -> (pb::Tailnet, String, String) {
+    let a = create_tailnet(admin, "a").await;
+    let b = create_tailnet(admin, "b").await;
+    let (_, a_key) = create_key(admin, &a.id, true, false).await;
+    let (_, b_key) = create_key(admin, &b.id, true, false).await;
+    (a, a_key, b_key)
+}
+
 async fn stats(admin: &mut Admin) -> pb::RelayStats {
     admin.get_relay_stats(pb::GetRelayStatsRequest {}).await.unwrap().into_inner()
 }
@@ -46,10 +55,7 @@ async fn stats(admin: &mut Admin) -> pb::RelayStats {
 async fn frames_cross_only_within_a_tailnet() {
     let server = TestServer::start().await;
     let mut admin = server.admin().await;
-    let a = create_tailnet(&mut admin, "a").await;
-    let b = create_tailnet(&mut admin, "b").await;
-    let (_, a_key) = create_key(&mut admin, &a.id, true, false).await;
-    let (_, b_key) = create_key(&mut admin, &b.id, true, false).await;
+    let (a, a_key, b_key) = two_tailnets(&mut admin).await;
     let a1 = relay_end(&server, &a_key).await;
     let mut a2 = relay_end(&server, &a_key).await;
     let mut b1 = relay_end(&server, &b_key).await;
@@ -91,10 +97,7 @@ fn frame(to: &[u8], data: &[u8]) -> pb::RelayFrame {
 async fn batched_frames_cross_only_within_a_tailnet_and_a_bad_message_ends_the_stream_saying_why() {
     let server = TestServer::start().await;
     let mut admin = server.admin().await;
-    let a = create_tailnet(&mut admin, "a").await;
-    let b = create_tailnet(&mut admin, "b").await;
-    let (_, a_key) = create_key(&mut admin, &a.id, true, false).await;
-    let (_, b_key) = create_key(&mut admin, &b.id, true, false).await;
+    let (_, a_key, b_key) = two_tailnets(&mut admin).await;
     let mut a1 = relay_end(&server, &a_key).await;
     let mut a2 = relay_end_with(&server, &a_key, true).await;
     let mut b1 = relay_end_with(&server, &b_key, true).await;

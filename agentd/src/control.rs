@@ -157,7 +157,7 @@ pub async fn relay(mut client: Client, session_token: String, link: RelayLink, m
         if let Ok(value) = format!("Bearer {session_token}").parse() {
             request.metadata_mut().insert("authorization", value);
         }
-        request.metadata_mut().insert(RELAY_BATCH_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+        request.metadata_mut().insert(pb::RELAY_BATCH_HEADER, tonic::metadata::MetadataValue::from_static("1"));
         let call = tokio::select! {
             _ = crate::stopped(&mut shutdown) => return,
             call = client.relay(request) => call,
@@ -210,8 +210,6 @@ pub async fn relay(mut client: Client, session_token: String, link: RelayLink, m
     }
 }
 
-/// The request header that asks the server for relayed frames in batches.
-const RELAY_BATCH_HEADER: &str = "cordon-relay-batch";
 /// Frames and bytes per relay message, at most: under the server's 256 KiB request limit.
 const RELAY_BATCH: usize = 64;
 const RELAY_BATCH_BYTES: usize = 192 * 1024;

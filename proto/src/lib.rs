@@ -7,6 +7,10 @@ pub mod v1 {
 
     /// The encoded `FileDescriptorSet` of the API, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cordon_descriptor.bin"));
+
+    /// The request header (value `1`) with which a node's `Node.Relay` stream asks for its frames in
+    /// batches (`RelayPacket.frames`).
+    pub const RELAY_BATCH_HEADER: &str = "cordon-relay-batch";
 }
 
 /// `Debug` for the messages that carry secrets (auth keys, OIDC tokens, session tokens, upstream API keys):

@@ -32,7 +32,7 @@ async fn relay_end_with(server: &TestServer, secret: &str, batches: bool) -> Rel
     let mut request = tonic::Request::new(ReceiverStream::new(out));
     request.metadata_mut().insert("authorization", format!("Bearer {session}").parse().unwrap());
     if batches {
-        request.metadata_mut().insert("cordon-relay-batch", "1".parse().unwrap());
+        request.metadata_mut().insert(pb::RELAY_BATCH_HEADER, "1".parse().unwrap());
     }
     let rx = nodes.relay(request).await.expect("relay stream opens").into_inner();
     RelayEnd { key, tx, rx }

@@ -14,8 +14,6 @@ use crate::model::{Actor, EndReason, Node, NodeId, Tailnet};
 use crate::netview::NetView;
 use crate::store::Snapshot;
 
-/// The request header with which a node asks for its relayed frames in batches.
-pub const RELAY_BATCH_HEADER: &str = "cordon-relay-batch";
 /// Frames per relay message, at most.
 const RELAY_BATCH: usize = 64;
 /// Bytes per relay message, about: well under a client's 4 MiB decoding limit.
@@ -212,7 +210,7 @@ impl pb::node_server::Node for NodeApi {
         req: Request<tonic::Streaming<pb::RelayPacket>>,
     ) -> Result<Response<Self::RelayStream>, Status> {
         let token = super::bearer(&req).unwrap_or_default().to_string();
-        let batches = req.metadata().get(RELAY_BATCH_HEADER).is_some_and(|v| v == "1");
+        let batches = req.metadata().get(pb::RELAY_BATCH_HEADER).is_some_and(|v| v == "1");
         let node = self.cp.authenticate_session(&token).map_err(|e| match e {
             Error::Unauthenticated(m) => {
                 Status::unauthenticated(format!("{m} (send the session token as 'authorization: Bearer')"))

@@ -275,7 +275,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = ServeConfig::resolve(args)?;
     let listen = config.listen;
     let tls = config.tls.is_some();
-    let server = Server::open(config)?;
+    let server = Server::open(config).await?;
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     let scheme = if tls { "https" } else { "http" };

@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 
 use crate::control_plane::Limits;
+use crate::store::StoreUrl;
 use crate::time::parse_duration;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -30,6 +31,13 @@ pub struct ServeArgs {
     /// Where the store and the admin token live [default: ./cordon-data].
     #[arg(long, env = "CORDON_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Where the records live: `sled:<dir>` (embedded) or `postgres://user@host/db` (add
+    /// `?sslmode=require` for TLS) [default: sled:<data-dir>/store].
+    #[arg(long, env = "CORDON_STORE")]
+    pub store: Option<String>,
+    /// PostgreSQL connections, at most [default: 32].
+    #[arg(long, env = "CORDON_STORE_MAX_CONNECTIONS")]
+    pub store_max_connections: Option<usize>,
     /// PEM certificate chain for TLS.
     #[arg(long, env = "CORDON_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -70,6 +78,8 @@ pub struct ServeArgs {
 struct FileConfig {
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
+    store: Option<String>,
+    store_max_connections: Option<usize>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     insecure_plaintext: Option<bool>,
@@ -93,6 +103,8 @@ pub struct Tls {
 pub struct ServeConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// Where the records live; `None` = sled in `<data_dir>/store`.
+    pub store: Option<StoreUrl>,
     pub tls: Option<Tls>,
     pub shutdown_grace: Duration,
     pub limits: Limits,
@@ -106,11 +118,17 @@ impl ServeConfig {
         ServeConfig {
             listen: "127.0.0.1:0".parse().expect("valid"),
             data_dir: data_dir.to_path_buf(),
+            store: None,
             tls: None,
             shutdown_grace: Duration::from_secs(10),
             limits: Limits::default(),
             stun_listen: Some("127.0.0.1:0".parse().expect("valid")),
         }
+    }
+
+    /// The store this configuration names.
+    pub fn store_url(&self) -> StoreUrl {
+        self.store.clone().unwrap_or_else(|| StoreUrl::Sled(self.data_dir.join("store")))
     }
 
     pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
@@ -140,6 +158,11 @@ impl ServeConfig {
                 .or(file_duration("max_auth_key_expiry", &file.max_auth_key_expiry)?)
                 .unwrap_or(defaults.max_auth_key_expiry),
             cache_bytes: args.cache_mb.or(file.cache_mb).map_or(defaults.cache_bytes, |mb| mb << 20),
+            max_store_connections: args
+                .store_max_connections
+                .or(file.store_max_connections)
+                .unwrap_or(defaults.max_store_connections)
+                .max(1),
             audit_retention: args
                 .audit_retention
                 .or(file_duration("audit_retention", &file.audit_retention)?)
@@ -162,9 +185,15 @@ impl ServeConfig {
                  and --tls-key, or --insecure-plaintext if something else encrypts the traffic"
             );
         }
+        let store = args
+            .store
+            .or(file.store)
+            .map(|s| StoreUrl::parse(&s).map_err(|e| anyhow::anyhow!("--store: {e}")))
+            .transpose()?;
         Ok(ServeConfig {
             listen,
             data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            store,
             tls,
             shutdown_grace: args
                 .shutdown_grace

@@ -1,25 +1,26 @@
 //! The control plane's state and operations, shared by the admin and node APIs: the store, the clock,
 //! the reaper's deadlines, who is online, and the shutdown signal.
 
-use std::collections::HashMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 
 use crate::clock::Clock;
+use crate::domain::{self, Policies, Removed};
 use crate::error::{Error, Result};
 use crate::hub::Hub;
 use crate::model::{
     Actor, AuthKey, AuthKeyId, AuthKeySpec, EndReason, Node, NodeId, Registration, Tailnet, TailnetId, TailnetSpec,
 };
 use crate::model::{Credential, PolicyRecord, Presented, RegisterInput, TrustRule, TrustRuleId, TrustRuleSpec};
+use crate::model::{Event, UpstreamInfo, UpstreamSpec};
 use crate::oidc::{Oidc, Refusal};
 use crate::policy::Policy;
 use crate::reaper::{Deadline, Reaper};
 use crate::secret::{AUTH_KEY_PREFIX, SESSION_PREFIX, Secret};
-use crate::store::{Removed, Store};
+use crate::store::{EventFilter, GatewayEvent, GatewayKeys, Snapshot, Store, StoreOptions, StoreUrl};
+use crate::validate::LabelRequirement;
 
 /// Limits an operator sets in the server's configuration.
 #[derive(Clone, Debug)]
@@ -33,6 +34,8 @@ pub struct Limits {
     pub max_auth_key_expiry: Duration,
     /// sled's page cache.
     pub cache_bytes: u64,
+    /// PostgreSQL connections, at most.
+    pub max_store_connections: usize,
     /// How long audit events are kept.
     pub audit_retention: Duration,
 }
@@ -45,20 +48,19 @@ impl Default for Limits {
             default_auth_key_expiry: Duration::from_secs(3600),
             max_auth_key_expiry: Duration::from_secs(90 * 86_400),
             cache_bytes: 64 << 20,
+            max_store_connections: 32,
             audit_retention: Duration::from_secs(90 * 86_400),
         }
     }
 }
 
 pub struct ControlPlane {
-    pub store: Store,
+    store: Store,
     pub clock: Clock,
     pub limits: Limits,
     reaper: Reaper,
     shutdown: watch::Sender<bool>,
-    /// Parsed policies by tailnet, with the version they are.
-    policies: Mutex<HashMap<TailnetId, (u64, Arc<Policy>)>>,
-    allow_all: Arc<Policy>,
+    policies: Policies,
     oidc: Oidc,
     pub relays: crate::relay::Relays,
     /// The STUN reflector's address as nodes should dial it, if one runs.
@@ -67,9 +69,10 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// Opens the store in `data_dir` and starts the reaper with every deadline the store holds.
-    pub fn open(data_dir: &Path, limits: Limits) -> Result<Arc<ControlPlane>> {
-        let store = Store::open(&data_dir.join("store"), limits.cache_bytes, Arc::new(Hub::default()))?;
+    /// Opens the store and starts the reaper with every deadline the store holds.
+    pub async fn open(store: &StoreUrl, limits: Limits) -> Result<Arc<ControlPlane>> {
+        let options = StoreOptions { cache_bytes: limits.cache_bytes, max_connections: limits.max_store_connections };
+        let store = Store::open(store, &options, Arc::new(Hub::default())).await?;
         let clock = Clock::new();
         let (shutdown, _) = watch::channel(false);
         let (reaper, reaper_rx) = Reaper::channel();
@@ -80,8 +83,7 @@ impl ControlPlane {
             limits,
             reaper,
             shutdown,
-            policies: Mutex::default(),
-            allow_all: Arc::new(Policy::allow_all()),
+            policies: Policies::default(),
             oidc: Oidc::default(),
             relays: crate::relay::Relays::default(),
             stun_address: Mutex::default(),
@@ -91,12 +93,12 @@ impl ControlPlane {
         crate::gateway::spawn_audit_writer(Arc::downgrade(&cp), audit_rx);
 
         let now = clock.now();
-        for tailnet in cp.store.all_tailnets()? {
+        for tailnet in cp.all_tailnets().await? {
             if let Some(at) = tailnet.expires_at {
                 cp.reaper.schedule(at, Deadline::TailnetTtl(tailnet.id));
             }
         }
-        for node in cp.store.all_nodes()?.into_iter().filter(|n| !n.gateway) {
+        for node in cp.store.read().await?.all_nodes().await?.into_iter().filter(|n| !n.gateway) {
             cp.reaper.schedule(node.expires_at, Deadline::NodeExpiry(node.id));
             if node.ephemeral {
                 // No node holds a stream after a restart: each gets the full timeout to come back.
@@ -122,7 +124,9 @@ impl ControlPlane {
     /// Creates a tailnet and starts its gateway.
     pub async fn create_tailnet(self: &Arc<Self>, spec: TailnetSpec, actor: &Actor) -> Result<Tailnet> {
         let keys = crate::gateway::fresh_keys();
-        let tailnet = self.store.create_tailnet(spec, keys, actor, self.clock.now()).await?;
+        let mut tx = self.store.write().await?;
+        let tailnet = domain::create_tailnet(&mut tx, spec, keys, actor, self.clock.now()).await?;
+        tx.commit().await?;
         crate::gateway::start(self, tailnet.id);
         if let Some(at) = tailnet.expires_at {
             self.reaper.schedule(at, Deadline::TailnetTtl(tailnet.id));
@@ -132,15 +136,20 @@ impl ControlPlane {
     }
 
     pub async fn delete_tailnet(&self, id: TailnetId, reason: &str, actor: &Actor) -> Result<Removed> {
-        let removed = self.store.delete_tailnet(id, reason, actor, false, self.clock.now()).await?;
+        let mut tx = self.store.write().await?;
+        let removed = domain::delete_tailnet(&mut tx, id, reason, actor, false, self.clock.now()).await?;
+        tx.commit().await?;
         self.forget_nodes(&removed.nodes);
+        self.policies.forget(id);
         tracing::info!(tailnet = %id, nodes = removed.nodes.len(), actor = %actor.0, "tailnet deleted");
         Ok(removed)
     }
 
     pub(crate) async fn expire_tailnet(&self, id: TailnetId) -> Result<()> {
-        let removed =
-            self.store.delete_tailnet(id, "ttl ran out", &Actor::system("reaper"), true, self.clock.now()).await?;
+        let mut tx = self.store.write().await?;
+        let reaper = Actor::system("reaper");
+        let removed = domain::delete_tailnet(&mut tx, id, "ttl ran out", &reaper, true, self.clock.now()).await?;
+        tx.commit().await?;
         if !removed.nodes.is_empty() || removed.keys > 0 {
             tracing::info!(tailnet = %id, nodes = removed.nodes.len(), "tailnet expired");
         }
@@ -155,25 +164,9 @@ impl ControlPlane {
     }
 
     /// The policy a tailnet runs now.
-    pub fn policy(&self, tailnet: &Tailnet) -> Result<Arc<Policy>> {
-        if tailnet.policy_version == 0 {
-            return Ok(self.allow_all.clone());
-        }
-        if let Some((version, policy)) = self.policies.lock().unwrap().get(&tailnet.id)
-            && *version == tailnet.policy_version
-        {
-            return Ok(policy.clone());
-        }
-        let record = self
-            .store
-            .get_policy(tailnet.id, tailnet.policy_version)?
-            .ok_or_else(|| Error::Corrupt { key: format!("policy of {}", tailnet.id), detail: "missing".into() })?;
-        let policy = Arc::new(Policy::parse(&record.text).map_err(|e| Error::Corrupt {
-            key: format!("policy v{} of {}", record.version, tailnet.id),
-            detail: e.to_string(),
-        })?);
-        self.policies.lock().unwrap().insert(tailnet.id, (record.version, policy.clone()));
-        Ok(policy)
+    pub async fn policy(&self, tailnet: &Tailnet) -> Result<Arc<Policy>> {
+        let mut tx = self.store.read().await?;
+        self.policies.current(&mut tx, tailnet).await
     }
 
     /// Validates and stores a new policy version.
@@ -186,35 +179,37 @@ impl ControlPlane {
         actor: &Actor,
     ) -> Result<PolicyRecord> {
         let policy = Arc::new(parse_policy(&text)?);
-        let tailnet = self.store.get_tailnet(tailnet_id)?;
-        let previous = self.policy(&tailnet)?;
         let author = if author.is_empty() { actor.0.clone() } else { author };
-        let record = self
-            .store
-            .set_policy(tailnet_id, text, policy.clone(), &previous, author, reason, actor, self.clock.now())
-            .await?;
-        self.policies.lock().unwrap().insert(tailnet_id, (record.version, policy));
+        let mut tx = self.store.write().await?;
+        let tailnet = tx.tailnet(tailnet_id).await?.ok_or_else(|| Error::not_found("tailnet", tailnet_id))?;
+        let previous = self.policies.current(&mut tx, &tailnet).await?;
+        let now = self.clock.now();
+        let record =
+            domain::set_policy(&mut tx, tailnet_id, text, policy.clone(), &previous, author, reason, actor, now)
+                .await?;
+        tx.commit().await?;
+        self.policies.remember(tailnet_id, record.version, policy);
         tracing::info!(tailnet = %tailnet_id, version = record.version, actor = %actor.0, "policy set");
         Ok(record)
     }
 
     /// The values of capability `name` that `node` has towards `dst` under its tailnet's policy.
-    pub fn capabilities(
+    pub async fn capabilities(
         &self,
         node: &Node,
         dst: &crate::policy::Subject<'_>,
         name: &str,
     ) -> Result<Vec<serde_json::Value>> {
-        let tailnet = self.store.get_tailnet(node.tailnet_id)?;
-        let policy = self.policy(&tailnet)?;
+        let tailnet = self.get_tailnet(node.tailnet_id).await?;
+        let policy = self.policy(&tailnet).await?;
         let id = node.id.to_string();
         let src = node.subject(&id);
         Ok(policy.capabilities(&src, dst, name))
     }
 
     /// Refuses tags the tailnet's policy does not declare in `tagOwners`.
-    fn require_declared_tags(&self, tailnet: TailnetId, tags: &[String]) -> Result<()> {
-        let policy = self.policy(&self.store.get_tailnet(tailnet)?)?;
+    async fn require_declared_tags(&self, tailnet: TailnetId, tags: &[String]) -> Result<()> {
+        let policy = self.policy(&self.get_tailnet(tailnet).await?).await?;
         match tags.iter().enumerate().find(|(_, t)| !policy.tag_defined(t)) {
             Some((i, tag)) => Err(Error::invalid(
                 format!("tags[{i}]"),
@@ -226,7 +221,7 @@ impl ControlPlane {
 
     /// Creates an auth key; the secret is returned here and never again.
     pub async fn create_auth_key(&self, spec: AuthKeySpec, actor: &Actor) -> Result<(AuthKey, Secret)> {
-        self.require_declared_tags(spec.tailnet_id, &spec.tags)?;
+        self.require_declared_tags(spec.tailnet_id, &spec.tags).await?;
         let expires_in = match spec.expires_in_seconds {
             0 => self.limits.default_auth_key_expiry,
             s => Duration::from_secs(s),
@@ -243,7 +238,9 @@ impl ControlPlane {
         }
         let secret = Secret::generate(AUTH_KEY_PREFIX);
         let now = self.clock.now();
-        let key = self.store.create_auth_key(spec, secret.hash(), now + expires_in, actor, now).await?;
+        let mut tx = self.store.write().await?;
+        let key = domain::create_auth_key(&mut tx, spec, secret.hash(), now + expires_in, actor, now).await?;
+        tx.commit().await?;
         tracing::info!(key = %key.id, tailnet = %key.tailnet_id, actor = %actor.0, "auth key created");
         Ok((key, secret))
     }
@@ -255,7 +252,9 @@ impl ControlPlane {
         keep_nodes: bool,
         actor: &Actor,
     ) -> Result<Vec<NodeId>> {
-        let nodes = self.store.revoke_auth_key(id, reason, keep_nodes, actor, self.clock.now()).await?;
+        let mut tx = self.store.write().await?;
+        let nodes = domain::revoke_auth_key(&mut tx, id, reason, keep_nodes, actor, self.clock.now()).await?;
+        tx.commit().await?;
         self.forget_nodes(&nodes);
         tracing::info!(key = %id, nodes = nodes.len(), actor = %actor.0, "auth key revoked");
         Ok(nodes)
@@ -279,9 +278,10 @@ impl ControlPlane {
         };
         let session = Secret::generate(SESSION_PREFIX);
         let now = self.clock.now();
-        let policy_of = |t: &Tailnet| self.policy(t);
-        let (node, tailnet) =
-            self.store.register(reg, session.hash(), self.limits.node_lifetime, policy_of, now).await?;
+        let mut tx = self.store.write().await?;
+        let lifetime = self.limits.node_lifetime;
+        let (node, tailnet) = domain::register(&mut tx, reg, session.hash(), lifetime, &self.policies, now).await?;
+        tx.commit().await?;
         self.reaper.schedule(node.expires_at, Deadline::NodeExpiry(node.id));
         if node.ephemeral {
             self.reaper.schedule(now + self.limits.ephemeral_node_timeout, Deadline::EphemeralIdle(node.id));
@@ -297,12 +297,16 @@ impl ControlPlane {
         tailnet: Option<TailnetId>,
     ) -> Result<(TrustRuleId, crate::model::RunIdentity)> {
         let issuer = crate::oidc::unverified_issuer(token)?;
-        let rules: Vec<TrustRule> = self
+        let mut rules: Vec<TrustRule> = self
             .store
-            .trust_rules_for(&issuer)?
+            .read()
+            .await?
+            .trust_rules_for(&issuer)
+            .await?
             .into_iter()
             .filter(|r| tailnet.is_none_or(|t| r.spec.tailnet_id == t))
             .collect();
+        rules.sort_by_key(|r| std::cmp::Reverse(r.id));
         if rules.is_empty() {
             return Err(Error::Unauthenticated(format!(
                 "oidc_token: issuer unknown: no trust rule{} trusts {issuer}",
@@ -328,24 +332,28 @@ impl ControlPlane {
     }
 
     pub async fn create_trust_rule(&self, spec: TrustRuleSpec, actor: &Actor) -> Result<TrustRule> {
-        self.require_declared_tags(spec.tailnet_id, &spec.tags)?;
+        self.require_declared_tags(spec.tailnet_id, &spec.tags).await?;
         let rule =
             TrustRule { id: TrustRuleId::generate(), spec, created_by: actor.0.clone(), created_at: self.clock.now() };
-        let rule = self.store.create_trust_rule(rule, actor).await?;
+        let mut tx = self.store.write().await?;
+        let rule = domain::create_trust_rule(&mut tx, rule, actor).await?;
+        tx.commit().await?;
         tracing::info!(rule = %rule.id, tailnet = %rule.spec.tailnet_id, issuer = %rule.spec.issuer, "trust rule created");
         Ok(rule)
     }
 
     pub async fn delete_trust_rule(&self, id: TrustRuleId, actor: &Actor) -> Result<()> {
-        self.store.delete_trust_rule(id, actor, self.clock.now()).await
+        let mut tx = self.store.write().await?;
+        domain::delete_trust_rule(&mut tx, id, actor, self.clock.now()).await?;
+        tx.commit().await
     }
 
     /// The live node a session token belongs to.
-    pub fn authenticate_session(&self, token: &str) -> Result<Node> {
+    pub async fn authenticate_session(&self, token: &str) -> Result<Node> {
         if token.is_empty() {
             return Err(Error::Unauthenticated("session_token: missing; call Register first".into()));
         }
-        let node = self.store.node_by_session(&crate::secret::hash(token))?.ok_or_else(|| {
+        let node = self.store.read().await?.node_by_session(&crate::secret::hash(token)).await?.ok_or_else(|| {
             Error::Unauthenticated("session_token: unknown or revoked session; register again".into())
         })?;
         if node.expires_at <= self.clock.now() {
@@ -363,21 +371,13 @@ impl ControlPlane {
         actor: &Actor,
     ) -> Result<Node> {
         let mut gateway = false;
-        let node = self
-            .store
-            .remove_node(
-                id,
-                end,
-                why,
-                reason,
-                actor,
-                |n| {
-                    gateway = n.gateway;
-                    !n.gateway
-                },
-                self.clock.now(),
-            )
-            .await?;
+        let not_gateway = |n: &Node| {
+            gateway = n.gateway;
+            !n.gateway
+        };
+        let mut tx = self.store.write().await?;
+        let node = domain::remove_node(&mut tx, id, end, why, reason, actor, not_gateway, self.clock.now()).await?;
+        tx.commit().await?;
         let Some(node) = node else {
             debug_assert!(gateway);
             return Err(Error::PermissionDenied(format!(
@@ -393,10 +393,11 @@ impl ControlPlane {
     pub(crate) async fn expire_node(&self, id: NodeId) -> Result<()> {
         let now = self.clock.now();
         let reaper = Actor::system("reaper");
-        let removed = self
-            .store
-            .remove_node(id, EndReason::NodeExpired, "node expired", "", &reaper, |n| n.expires_at <= now, now)
-            .await?;
+        let mut tx = self.store.write().await?;
+        let expired = |n: &Node| n.expires_at <= now;
+        let removed =
+            domain::remove_node(&mut tx, id, EndReason::NodeExpired, "node expired", "", &reaper, expired, now).await?;
+        tx.commit().await?;
         if removed.is_some() {
             self.hub().forget(id);
         }
@@ -412,8 +413,11 @@ impl ControlPlane {
         }
         let reaper = Actor::system("reaper");
         let why = "ephemeral node inactive";
+        let mut tx = self.store.write().await?;
+        let ephemeral = |n: &Node| n.ephemeral;
         let removed =
-            self.store.remove_node(id, EndReason::NodeRemoved, why, "", &reaper, |n| n.ephemeral, now).await?;
+            domain::remove_node(&mut tx, id, EndReason::NodeRemoved, why, "", &reaper, ephemeral, now).await?;
+        tx.commit().await?;
         if removed.is_some() {
             self.hub().forget(id);
             tracing::info!(node = %id, "idle ephemeral node removed");
@@ -429,6 +433,153 @@ impl ControlPlane {
 
     pub(crate) fn now(&self) -> SystemTime {
         self.clock.now()
+    }
+
+    /// Which storage engine holds the records: `sled` or `postgres`.
+    pub fn store_engine(&self) -> &'static str {
+        self.store.engine()
+    }
+
+    // -------------------------------------------------------------------------------------------------
+    // Reads and small writes the APIs and the gateway call
+
+    pub async fn get_tailnet(&self, id: TailnetId) -> Result<Tailnet> {
+        self.store.read().await?.tailnet(id).await?.ok_or_else(|| Error::not_found("tailnet", id))
+    }
+
+    /// Every tailnet (for the reaper and the gateways at start).
+    pub async fn all_tailnets(&self) -> Result<Vec<Tailnet>> {
+        let mut tx = self.store.read().await?;
+        let mut out: Vec<Tailnet> = Vec::new();
+        loop {
+            let page = tx.tailnets(None, out.last().map(|t| t.id), 1000).await?;
+            let done = page.len() < 1000;
+            out.extend(page);
+            if done {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Tailnets in creation order after `after`, filtered; returns the page and whether more follow.
+    pub async fn list_tailnets(
+        &self,
+        owner: Option<&str>,
+        selector: &[LabelRequirement],
+        mut after: Option<TailnetId>,
+        limit: usize,
+    ) -> Result<(Vec<Tailnet>, bool)> {
+        let mut tx = self.store.read().await?;
+        let mut out = Vec::new();
+        loop {
+            let page = tx.tailnets(owner, after, 256).await?;
+            let done = page.len() < 256;
+            after = page.last().map(|t| t.id);
+            for t in page {
+                if !selector.iter().all(|r| r.matches(&t.labels)) {
+                    continue;
+                }
+                if out.len() == limit {
+                    return Ok((out, true));
+                }
+                out.push(t);
+            }
+            if done {
+                return Ok((out, false));
+            }
+        }
+    }
+
+    pub async fn list_auth_keys(&self, tailnet: TailnetId) -> Result<Vec<AuthKey>> {
+        let mut tx = self.store.read().await?;
+        tx.tailnet(tailnet).await?.ok_or_else(|| Error::not_found("tailnet", tailnet))?;
+        tx.auth_keys_of(tailnet).await
+    }
+
+    pub async fn list_trust_rules(&self, tailnet: TailnetId) -> Result<Vec<TrustRule>> {
+        let mut tx = self.store.read().await?;
+        tx.tailnet(tailnet).await?.ok_or_else(|| Error::not_found("tailnet", tailnet))?;
+        tx.trust_rules_of(tailnet).await
+    }
+
+    /// The nodes of a tailnet, its gateway included.
+    pub async fn list_nodes(&self, tailnet: TailnetId) -> Result<Vec<Node>> {
+        let mut tx = self.store.read().await?;
+        tx.tailnet(tailnet).await?.ok_or_else(|| Error::not_found("tailnet", tailnet))?;
+        tx.nodes_of(tailnet).await
+    }
+
+    pub async fn get_node(&self, id: NodeId) -> Result<Node> {
+        self.store.read().await?.node(id).await?.ok_or_else(|| Error::not_found("node", id))
+    }
+
+    /// A version of the tailnet's policy; 0 = the current one. `None` while it runs the default policy.
+    pub async fn get_policy(&self, tailnet_id: TailnetId, version: u64) -> Result<Option<PolicyRecord>> {
+        let mut tx = self.store.read().await?;
+        let tailnet = tx.tailnet(tailnet_id).await?.ok_or_else(|| Error::not_found("tailnet", tailnet_id))?;
+        let version = if version == 0 { tailnet.policy_version } else { version };
+        if version == 0 {
+            return Ok(None);
+        }
+        tx.policy(tailnet_id, version)
+            .await?
+            .map(Some)
+            .ok_or_else(|| Error::not_found("policy version", format!("{version} of tailnet {tailnet_id}")))
+    }
+
+    /// Audit events in revision order, filtered, and whether more follow.
+    pub async fn list_events(&self, filter: &EventFilter) -> Result<(Vec<Event>, bool)> {
+        self.store.read().await?.events(filter).await
+    }
+
+    pub async fn set_upstream(&self, tailnet: TailnetId, spec: UpstreamSpec, actor: &Actor) -> Result<UpstreamInfo> {
+        let mut tx = self.store.write().await?;
+        let info = domain::set_upstream(&mut tx, tailnet, spec, actor, self.clock.now()).await?;
+        tx.commit().await?;
+        Ok(info)
+    }
+
+    /// The API key of an upstream, for the gateway that calls it.
+    pub async fn upstream_api_key(&self, tailnet: TailnetId, name: &str) -> Result<Option<Secret>> {
+        self.store.read().await?.upstream_key(tailnet, name).await
+    }
+
+    pub async fn set_endpoints(&self, node: NodeId, endpoints: Vec<std::net::SocketAddr>) -> Result<()> {
+        let mut tx = self.store.write().await?;
+        domain::set_endpoints(&mut tx, node, endpoints).await?;
+        tx.commit().await
+    }
+
+    /// What `node` is told at the current revision.
+    pub async fn snapshot(&self, node: NodeId) -> Result<Snapshot> {
+        self.store.snapshot(node).await
+    }
+
+    /// The gateway of `tailnet`, added if the tailnet predates gateways.
+    pub(crate) async fn ensure_gateway(&self, tailnet: TailnetId, keys: GatewayKeys) -> Result<(NodeId, [u8; 32])> {
+        if let Some(found) = self.store.read().await?.gateway(tailnet).await? {
+            return Ok(found);
+        }
+        let mut tx = self.store.write().await?;
+        let found = domain::ensure_gateway(&mut tx, tailnet, keys).await?;
+        tx.commit().await?;
+        Ok(found)
+    }
+
+    /// Appends gateway request events in one durable commit.
+    pub(crate) async fn record_gateway_requests(&self, requests: Vec<GatewayEvent>) -> Result<()> {
+        let mut tx = self.store.write().await?;
+        domain::record_gateway_requests(&mut tx, requests);
+        tx.commit().await
+    }
+
+    pub async fn prune_events(&self, before: SystemTime, limit: usize) -> Result<usize> {
+        self.store.prune_events(before, limit).await
+    }
+
+    /// Makes every applied write durable.
+    pub async fn flush(&self) -> Result<()> {
+        self.store.flush().await
     }
 }
 

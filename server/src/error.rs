@@ -18,8 +18,9 @@ pub enum Error {
     ResourceExhausted(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The storage engine failed; the message names the engine and is for the server log only.
     #[error("storage: {0}")]
-    Storage(#[from] sled::Error),
+    Storage(String),
     #[error("storage: corrupt record {key}: {detail}")]
     Corrupt { key: String, detail: String },
 }

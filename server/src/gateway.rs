@@ -91,7 +91,7 @@ pub fn spawn_audit_writer(cp: Weak<ControlPlane>, mut rx: mpsc::UnboundedReceive
             }
             let Some(cp) = cp.upgrade() else { return };
             let n = batch.len();
-            if let Err(e) = cp.store.append_gateway_events(batch).await {
+            if let Err(e) = cp.record_gateway_requests(batch).await {
                 tracing::error!(error = %e, events = n, "could not write gateway audit events");
             }
         }
@@ -106,7 +106,7 @@ pub fn spawn_audit_pruner(cp: Weak<ControlPlane>, retention: Duration) {
             let mut shutdown = strong.shutdown_signal();
             if let Some(before) = strong.now().checked_sub(retention) {
                 loop {
-                    match strong.store.prune_events(before, 10_000).await {
+                    match strong.prune_events(before, 10_000).await {
                         Ok(0) => break,
                         Ok(n) => tracing::info!(events = n, ?retention, "pruned audit events past their retention"),
                         Err(e) => {
@@ -160,7 +160,7 @@ pub fn start(cp: &Arc<ControlPlane>, tailnet: TailnetId) {
                 Err(Error::NotFound { .. }) => break,
                 Err(e) => tracing::warn!(%tailnet, error = %e, "gateway stopped"),
             }
-            if *shutdown.borrow() || cp.store.get_tailnet(tailnet).is_err() {
+            if *shutdown.borrow() || cp.get_tailnet(tailnet).await.is_err() {
                 break;
             }
             tokio::select! {
@@ -181,8 +181,8 @@ pub(crate) fn fresh_keys() -> GatewayKeys {
 
 /// Runs one gateway until its tailnet goes or the server shuts down.
 async fn run(cp: &Arc<ControlPlane>, tailnet: TailnetId) -> Result<()> {
-    let (node_id, secret) = cp.store.ensure_gateway(tailnet, fresh_keys()).await?;
-    let record = cp.store.get_node(node_id)?;
+    let (node_id, secret) = cp.ensure_gateway(tailnet, fresh_keys()).await?;
+    let record = cp.get_node(node_id).await?;
     let public = record.wireguard_public_key;
     let feed = crate::api::node::netmap_feed(cp, record).await?;
     let (relay_out, outbound) = mpsc::channel(1024);
@@ -201,7 +201,7 @@ async fn run(cp: &Arc<ControlPlane>, tailnet: TailnetId) -> Result<()> {
         node.listen(80).await.map_err(|e| Error::Unavailable(format!("gateway of tailnet {tailnet}: {e}")))?;
     let mut ended = node.ended();
     let meters = rules::Meters::default();
-    restore_meters(cp, tailnet, &meters)?;
+    restore_meters(cp, tailnet, &meters).await?;
     let gateway = Arc::new(Gateway { cp: cp.clone(), tailnet, node_id: node_id.to_string(), node, meters });
     tracing::debug!(%tailnet, node = %node_id, "gateway up");
     let pump = pump(cp, tailnet, public, outbound, inbound);
@@ -228,11 +228,11 @@ async fn run(cp: &Arc<ControlPlane>, tailnet: TailnetId) -> Result<()> {
 
 /// Counts what the audit log says this tailnet's callers used in the current windows, so that a restart
 /// does not hand out budgets afresh.
-fn restore_meters(cp: &ControlPlane, tailnet: TailnetId, meters: &rules::Meters) -> Result<()> {
+async fn restore_meters(cp: &ControlPlane, tailnet: TailnetId, meters: &rules::Meters) -> Result<()> {
     let now = cp.now();
     let mut filter = EventFilter { tailnet: Some(tailnet), limit: 1000, ..Default::default() };
     loop {
-        let (events, more) = cp.store.list_events(&filter)?;
+        let (events, more) = cp.list_events(&filter).await?;
         for e in &events {
             let (Some(g), Some(node)) = (&e.gateway, e.node_id) else { continue };
             let tokens = g.charged_tokens.max(g.input_tokens.saturating_add(g.output_tokens));

@@ -1,5 +1,5 @@
-//! Cordon's control plane: the admin and node gRPC APIs over a sled store, the reaper of expiring
-//! tailnets and nodes, and the `cordon` command line.
+//! Cordon's control plane: the admin and node gRPC APIs over a domain core and two storage engines
+//! (sled, PostgreSQL), the reaper of expiring tailnets and nodes, and the `cordon` command line.
 
 pub mod admin;
 pub mod api;
@@ -7,6 +7,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod control_plane;
+pub mod domain;
 pub mod error;
 pub mod gateway;
 pub mod hub;

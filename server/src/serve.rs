@@ -32,11 +32,14 @@ pub struct Server {
 
 impl Server {
     /// Creates the data directory if needed, loads (or makes) the admin token and opens the store.
-    pub fn open(config: ServeConfig) -> anyhow::Result<Server> {
+    pub async fn open(config: ServeConfig) -> anyhow::Result<Server> {
         create_private_dir(&config.data_dir)?;
         let (admin_tokens, admin_token_created) = AdminTokens::load_or_create(&config.data_dir)?;
-        let control_plane = ControlPlane::open(&config.data_dir, config.limits.clone())
-            .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
+        let url = config.store_url();
+        let control_plane = ControlPlane::open(&url, config.limits.clone())
+            .await
+            .with_context(|| format!("cannot open the store {url}"))?;
+        tracing::info!(store = %url, "store open");
         Ok(Server { config, control_plane, admin_tokens: Arc::new(admin_tokens), admin_token_created })
     }
 
@@ -48,7 +51,7 @@ impl Server {
         signal: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let cp = self.control_plane.clone();
-        let tailnets = cp.store.all_tailnets()?;
+        let tailnets = cp.all_tailnets().await?;
         for tailnet in &tailnets {
             crate::gateway::start(&cp, tailnet.id);
         }
@@ -124,7 +127,7 @@ impl Server {
             _ = deadline => tracing::warn!(?grace, "grace period over; dropping the calls still in flight"),
         }
         cp.begin_shutdown();
-        cp.store.flush().await.context("final flush")?;
+        cp.flush().await.context("final flush")?;
         Ok(())
     }
 }

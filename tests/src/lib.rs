@@ -9,6 +9,7 @@ use std::time::Duration;
 use cordon_proto::v1 as pb;
 use cordon_proto::v1::control_client::ControlClient;
 use cordon_proto::v1::node_client::NodeClient;
+use cordon_server::store::StoreUrl;
 use cordon_server::{ControlPlane, Limits, ServeConfig, Server};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -22,10 +23,19 @@ pub mod bench;
 pub mod llm;
 pub mod netns;
 pub mod oidc;
+pub mod pg;
 
 /// Set (to anything but `0`) where every test must run: a test that would skip fails instead. `.ci/run`
 /// sets it, so a green CI means the namespace, PostgreSQL and SDK tests ran.
 pub const NO_SKIP_VAR: &str = "CORDON_TEST_NO_SKIP";
+
+/// Whether this process runs as root (effective uid 0), read from `/proc` because `unsafe` is forbidden.
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false)
+}
 
 /// Says why a test is skipped, in a form a person scanning the log will see; panics instead when
 /// [`NO_SKIP_VAR`] forbids skipping.
@@ -116,12 +126,13 @@ impl TestServer {
             let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
         }
         let mut config = ServeConfig::for_data_dir(dir);
+        config.store = test_store(dir).await;
         adjust(&mut config);
         if listen.starts_with("0.0.0.0") {
             config.stun_listen = Some("0.0.0.0:0".parse().expect("valid"));
         }
         config.shutdown_grace = Duration::from_secs(5);
-        let server = Server::open(config).expect("server opens");
+        let server = Server::open(config).await.expect("server opens");
         let listener = tokio::net::TcpListener::bind(listen).await.expect("bind");
         let mut addr = listener.local_addr().expect("local addr");
         if addr.ip().is_unspecified() {
@@ -386,6 +397,42 @@ pub async fn forward(node: Arc<agentd::Node>, host: &str, port: u16) -> SocketAd
     addr
 }
 
+/// Which engine test servers use: `CORDON_TEST_STORE=postgres` runs them on PostgreSQL, otherwise on
+/// sled in their data directory.
+pub const STORE_VAR: &str = "CORDON_TEST_STORE";
+
+/// Whether this run's test servers use PostgreSQL.
+pub fn on_postgres() -> bool {
+    std::env::var(STORE_VAR).is_ok_and(|v| v == "postgres")
+}
+
+/// The store of a test server over `dir`: `None` (sled in `dir`) or, with `CORDON_TEST_STORE=postgres`,
+/// a PostgreSQL database of its own, remembered in `dir` so a restart over `dir` finds the same data.
+pub async fn test_store(dir: &Path) -> Option<StoreUrl> {
+    if !on_postgres() {
+        return None;
+    }
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).expect("create the data directory");
+    let marker = dir.join("test-postgres.url");
+    if let Ok(url) = std::fs::read_to_string(&marker) {
+        return Some(StoreUrl::Postgres(url));
+    }
+    let url = pg::database("test_server")
+        .await
+        .unwrap_or_else(|| panic!("{STORE_VAR}=postgres, but PostgreSQL is not available"));
+    std::fs::write(&marker, &url).expect("write the test store marker");
+    Some(StoreUrl::Postgres(url))
+}
+
+/// `store` as `--store` takes it.
+pub fn store_arg(store: &StoreUrl) -> String {
+    match store {
+        StoreUrl::Sled(dir) => format!("sled:{}", dir.display()),
+        StoreUrl::Postgres(url) => url.clone(),
+    }
+}
+
 /// A real `cordon serve` process on an OS-chosen loopback port, logging at debug level to a file.
 pub struct ServerProcess {
     pub child: tokio::process::Child,
@@ -400,6 +447,7 @@ impl ServerProcess {
         let mut child = tokio::process::Command::new(cordon_bin())
             .args(["serve", "--listen", "127.0.0.1:0", "--stun-listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
+            .args(test_store(data_dir).await.map(|s| format!("--store={}", store_arg(&s))))
             .env("CORDON_LOG", "debug")
             .stdout(std::process::Stdio::piped())
             .stderr(stderr)

@@ -13,12 +13,7 @@ pub fn unique(prefix: &str) -> String {
 
 /// Why the namespace tests cannot run here, if they cannot: not root, or a tool is missing.
 pub fn skip_reason(tools: &[&str]) -> Option<String> {
-    // SAFETY-free check: the effective uid of this process via /proc.
-    let root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
-        .unwrap_or(false);
-    if !root {
+    if !crate::is_root() {
         return Some("needs root (network namespaces, TUN)".into());
     }
     if !std::path::Path::new("/dev/net/tun").exists() {

@@ -529,7 +529,7 @@ async fn audit_events_past_their_retention_are_pruned_and_the_rest_kept() {
     // Retention cuts at the time of the kept tailnet's first event: everything before it goes.
     let first_kept = list(kept.id.clone()).await[0].time.unwrap();
     let cutoff = std::time::UNIX_EPOCH + std::time::Duration::new(first_kept.seconds as u64, first_kept.nanos as u32);
-    let pruned = server.control_plane.store.prune_events(cutoff, 10_000).await.unwrap();
+    let pruned = server.control_plane.prune_events(cutoff, 10_000).await.unwrap();
     assert_eq!(pruned, 2);
     assert!(list(old.id.clone()).await.is_empty(), "the deleted tailnet's events are past retention");
     assert_eq!(list(kept.id.clone()).await.len(), 1);

@@ -7,6 +7,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use cordon_server::api::control::ControlApi;
 use cordon_server::api::node::NodeApi;
 use cordon_server::model::Actor;
+use cordon_server::store::StoreUrl;
 use cordon_server::{ControlPlane, Limits};
 use cordon_tests::v1 as pb;
 use cordon_tests::v1::control_server::Control;
@@ -21,9 +22,9 @@ struct InProcess {
     node: NodeApi,
 }
 
-fn start(limits: Limits) -> InProcess {
+async fn start(limits: Limits) -> InProcess {
     let dir = tempfile::tempdir().unwrap();
-    let cp = ControlPlane::open(dir.path(), limits).unwrap();
+    let cp = ControlPlane::open(&StoreUrl::Sled(dir.path().join("store")), limits).await.unwrap();
     InProcess { control: ControlApi::new(cp.clone()), node: NodeApi::new(cp.clone()), cp, _dir: dir }
 }
 
@@ -77,7 +78,7 @@ fn seconds(ts: &Option<prost_types::Timestamp>) -> f64 {
 
 #[tokio::test(start_paused = true)]
 async fn tailnet_expires_at_its_ttl_to_the_second() {
-    let s = start(Limits::default());
+    let s = start(Limits::default()).await;
     let tailnet = s.tailnet(120).await;
     let secret = s.key(&tailnet.id, false).await;
     let member = s.register(&secret).await;
@@ -112,7 +113,7 @@ async fn tailnet_expires_at_its_ttl_to_the_second() {
 
 #[tokio::test(start_paused = true)]
 async fn idle_ephemeral_nodes_are_removed_after_the_timeout() {
-    let s = start(Limits::default());
+    let s = start(Limits::default()).await;
     let tailnet = s.tailnet(0).await;
     let ephemeral = s.key(&tailnet.id, true).await;
     let durable = s.key(&tailnet.id, false).await;
@@ -157,7 +158,7 @@ async fn idle_ephemeral_nodes_are_removed_after_the_timeout() {
 
 #[tokio::test(start_paused = true)]
 async fn expired_nodes_are_cut_off() {
-    let s = start(Limits { node_lifetime: Duration::from_secs(3600), ..Limits::default() });
+    let s = start(Limits { node_lifetime: Duration::from_secs(3600), ..Limits::default() }).await;
     let tailnet = s.tailnet(0).await;
     let secret = s.key(&tailnet.id, false).await;
     let r = s.register(&secret).await;

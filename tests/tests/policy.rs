@@ -311,10 +311,10 @@ async fn capabilities_merge_across_grants() {
     let secret = tagged_key(&mut admin, &tailnet.id, &["tag:ci"]).await;
     let joined = register(&mut nodes, &secret, "ci").await.node.unwrap();
     let cp = &server.control_plane;
-    let node = cp.store.get_node(cordon_server::model::NodeId::parse("id", &joined.id).unwrap()).unwrap();
+    let node = cp.get_node(cordon_server::model::NodeId::parse("id", &joined.id).unwrap()).await.unwrap();
     let gateway = cordon_server::policy::Subject { id: "", tags: &[], owner: "", gateway: true };
-    let caps = cp.capabilities(&node, &gateway, "cordon.dev/cap/ai").unwrap();
+    let caps = cp.capabilities(&node, &gateway, "cordon.dev/cap/ai").await.unwrap();
     assert_eq!(*caps, [serde_json::json!({"models": ["openai/gpt-*"], "rpm": 60}), serde_json::json!({"tpm": 100000})]);
-    assert_eq!(*cp.capabilities(&node, &gateway, "example.com/cap/other").unwrap(), [serde_json::json!(1)]);
-    assert!(cp.capabilities(&node, &gateway, "cordon.dev/cap/none").unwrap().is_empty());
+    assert_eq!(*cp.capabilities(&node, &gateway, "example.com/cap/other").await.unwrap(), [serde_json::json!(1)]);
+    assert!(cp.capabilities(&node, &gateway, "cordon.dev/cap/none").await.unwrap().is_empty());
 }

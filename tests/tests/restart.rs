@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use cordon_server::store::StoreUrl;
 use cordon_server::{ControlPlane, Limits};
 use cordon_tests::v1 as pb;
 use cordon_tests::*;
@@ -55,7 +56,8 @@ async fn everything_is_there_after_a_restart() {
 #[tokio::test(start_paused = true)]
 async fn deadlines_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let cp = ControlPlane::open(dir.path(), Limits::default()).unwrap();
+    let store = StoreUrl::Sled(dir.path().join("store"));
+    let cp = ControlPlane::open(&store, Limits::default()).await.unwrap();
     let actor = cordon_server::model::Actor("admin:test".into());
     let spec = cordon_server::model::TailnetSpec {
         name: "short".into(),
@@ -72,11 +74,11 @@ async fn deadlines_survive_a_restart() {
 
     // Reopen (sled holds a file lock until the old handle is gone; poll for it).
     let cp = eventually(Duration::from_secs(5), "the store to be reopened", || {
-        let r = ControlPlane::open(dir.path(), Limits::default()).ok();
-        async move { r }
+        let store = store.clone();
+        async move { ControlPlane::open(&store, Limits::default()).await.ok() }
     })
     .await;
-    assert!(cp.store.get_tailnet(tailnet.id).is_ok());
+    assert!(cp.get_tailnet(tailnet.id).await.is_ok());
     tokio::time::sleep(Duration::from_secs(301)).await;
-    assert!(cp.store.get_tailnet(tailnet.id).is_err(), "the reopened server expired the tailnet on time");
+    assert!(cp.get_tailnet(tailnet.id).await.is_err(), "the reopened server expired the tailnet on time");
 }

@@ -50,7 +50,7 @@ async fn upstream_keys_are_write_only() {
     }
     // The gateway (in this process) can read it.
     let id = cordon_server::model::TailnetId::parse("id", &tailnet.id).unwrap();
-    let stored = server.control_plane.store.upstream_api_key(id, "claude").unwrap().unwrap();
+    let stored = server.control_plane.upstream_api_key(id, "claude").await.unwrap().unwrap();
     assert_eq!(stored.expose(), format!("{KEY}-2"));
 }
 

@@ -60,7 +60,7 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
 
     // 1. A server with its embedded sled store, on a loopback port.
-    let server = cordon_server::Server::open(cordon_server::ServeConfig::for_data_dir(dir.path()))?;
+    let server = cordon_server::Server::open(cordon_server::ServeConfig::for_data_dir(dir.path())).await?;
     let token = std::fs::read_to_string(dir.path().join("admin.token"))?.trim().to_string();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);

@@ -39,7 +39,7 @@ impl pb::control_server::Control for ControlApi {
 
     async fn get_tailnet(&self, req: Request<pb::GetTailnetRequest>) -> Result<Response<pb::Tailnet>, Status> {
         let id = TailnetId::parse("id", &req.get_ref().id)?;
-        let tailnet = self.cp.store.get_tailnet(id)?;
+        let tailnet = self.cp.get_tailnet(id).await?;
         Ok(Response::new(self.tailnet_message(&tailnet)?))
     }
 
@@ -57,7 +57,7 @@ impl pb::control_server::Control for ControlApi {
         let selector = validate::label_selector("label_selector", &req.label_selector)?;
         let limit = validate::page_size("page_size", req.page_size)?;
         let after = convert::page_token("page_token", &req.page_token, |t| TailnetId::parse("", t).ok())?;
-        let (tailnets, more) = self.cp.store.list_tailnets(owner, &selector, after, limit)?;
+        let (tailnets, more) = self.cp.list_tailnets(owner, &selector, after, limit).await?;
         let next_page_token = match (more, tailnets.last()) {
             (true, Some(last)) => last.id.to_string(),
             _ => String::new(),
@@ -100,7 +100,7 @@ impl pb::control_server::Control for ControlApi {
     ) -> Result<Response<pb::ListAuthKeysResponse>, Status> {
         let tailnet = TailnetId::parse("tailnet_id", &req.get_ref().tailnet_id)?;
         let now = self.cp.now();
-        let keys = self.cp.store.list_auth_keys(tailnet)?.iter().map(|k| convert::auth_key(k, now)).collect();
+        let keys = self.cp.list_auth_keys(tailnet).await?.iter().map(|k| convert::auth_key(k, now)).collect();
         Ok(Response::new(pb::ListAuthKeysResponse { keys }))
     }
 
@@ -132,7 +132,7 @@ impl pb::control_server::Control for ControlApi {
     async fn get_policy(&self, req: Request<pb::GetPolicyRequest>) -> Result<Response<pb::PolicyVersion>, Status> {
         let req = req.into_inner();
         let tailnet = TailnetId::parse("tailnet_id", &req.tailnet_id)?;
-        let record = self.cp.store.get_policy(tailnet, req.version)?;
+        let record = self.cp.get_policy(tailnet, req.version).await?;
         Ok(Response::new(match record {
             Some(r) => convert::policy_version(&r),
             None => pb::PolicyVersion {
@@ -158,7 +158,7 @@ impl pb::control_server::Control for ControlApi {
         req: Request<pb::ListTrustRulesRequest>,
     ) -> Result<Response<pb::ListTrustRulesResponse>, Status> {
         let tailnet = TailnetId::parse("tailnet_id", &req.get_ref().tailnet_id)?;
-        let rules = self.cp.store.list_trust_rules(tailnet)?.iter().map(convert::trust_rule).collect();
+        let rules = self.cp.list_trust_rules(tailnet).await?.iter().map(convert::trust_rule).collect();
         Ok(Response::new(pb::ListTrustRulesResponse { rules }))
     }
 
@@ -177,7 +177,7 @@ impl pb::control_server::Control for ControlApi {
         let hub = self.cp.hub();
         // The gateway is the server's own, not a machine the caller admitted.
         let nodes =
-            self.cp.store.list_nodes(tailnet)?.iter().filter(|n| !n.gateway).map(|n| convert::node(n, hub)).collect();
+            self.cp.list_nodes(tailnet).await?.iter().filter(|n| !n.gateway).map(|n| convert::node(n, hub)).collect();
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 
@@ -211,7 +211,7 @@ impl pb::control_server::Control for ControlApi {
         {
             return Err(Error::invalid("until", "is before since").into());
         }
-        let (events, more) = self.cp.store.list_events(&filter)?;
+        let (events, more) = self.cp.list_events(&filter).await?;
         let next_page_token = match (more, events.last()) {
             (true, Some(last)) => last.revision.to_string(),
             _ => String::new(),
@@ -225,7 +225,7 @@ impl pb::control_server::Control for ControlApi {
         let req = req.into_inner();
         let tailnet = TailnetId::parse("tailnet_id", &req.tailnet_id)?;
         let spec = convert::upstream_spec("", req.name, req.kind, req.base_url, req.api_key)?;
-        let info = self.cp.store.set_upstream(tailnet, spec, &actor, self.cp.now()).await?;
+        let info = self.cp.set_upstream(tailnet, spec, &actor).await?;
         Ok(Response::new(convert::upstream(&info)))
     }
 
@@ -256,21 +256,7 @@ impl pb::control_server::Control for ControlApi {
         let mut last = if req.since_revision > 0 { req.since_revision } else { cp.hub().published_revision() };
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
-            let replay = |last: &mut u64| -> Result<Vec<pb::Event>, Error> {
-                let mut out = Vec::new();
-                loop {
-                    let filter = EventFilter { tailnet, after_revision: *last, limit: 1000, ..Default::default() };
-                    let (events, more) = cp.store.list_events(&filter)?;
-                    for e in &events {
-                        *last = e.revision;
-                        out.push(convert::event(e));
-                    }
-                    if !more {
-                        return Ok(out);
-                    }
-                }
-            };
-            let mut backlog = match replay(&mut last) {
+            let mut backlog = match replay(&cp, tailnet, &mut last).await {
                 Ok(events) => {
                     tracing::debug!(events = events.len(), last, "WatchEvents: replayed the stored events");
                     events
@@ -301,7 +287,7 @@ impl pb::control_server::Control for ControlApi {
                             }
                         }
                         // Fell behind: catch up from the store, which holds every event.
-                        Err(broadcast::error::RecvError::Lagged(_)) => match replay(&mut last) {
+                        Err(broadcast::error::RecvError::Lagged(_)) => match replay(&cp, tailnet, &mut last).await {
                             Ok(events) => backlog = events,
                             Err(e) => {
                                 let _ = tx.send(Err(e.into())).await;
@@ -314,6 +300,22 @@ impl pb::control_server::Control for ControlApi {
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+/// The stored events after `last`, which it advances.
+async fn replay(cp: &ControlPlane, tailnet: Option<TailnetId>, last: &mut u64) -> Result<Vec<pb::Event>, Error> {
+    let mut out = Vec::new();
+    loop {
+        let filter = EventFilter { tailnet, after_revision: *last, limit: 1000, ..Default::default() };
+        let (events, more) = cp.list_events(&filter).await?;
+        for e in &events {
+            *last = e.revision;
+            out.push(convert::event(e));
+        }
+        if !more {
+            return Ok(out);
+        }
     }
 }
 

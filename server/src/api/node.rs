@@ -62,9 +62,9 @@ fn ended(revision: u64, reason: EndReason, message: String) -> pb::NetMap {
 }
 
 /// The view of `me` from the store, under its tailnet's current policy.
-fn load_view(cp: &ControlPlane, me: NodeId) -> Result<(NetView, Tailnet, u64), Error> {
-    let Snapshot { revision, node, tailnet, peers } = cp.store.snapshot(me)?;
-    let policy = cp.policy(&tailnet)?;
+async fn load_view(cp: &ControlPlane, me: NodeId) -> Result<(NetView, Tailnet, u64), Error> {
+    let Snapshot { revision, node, tailnet, peers } = cp.snapshot(me).await?;
+    let policy = cp.policy(&tailnet).await?;
     Ok((NetView::new(policy, node, peers, &tailnet), tailnet, revision))
 }
 
@@ -110,9 +110,9 @@ pub(crate) async fn netmap_feed(
     }
     // Subscribe before the snapshot: a change lands either in the snapshot or on the channel.
     let mut changes = cp.hub().subscribe_tailnet(node.tailnet_id);
-    let (mut view, mut tailnet, mut revision) = load_view(cp, node.id)?;
+    let (mut view, mut tailnet, mut revision) = load_view(cp, node.id).await?;
     // What the first map shows must be durable: nothing a crash could take back.
-    cp.store.flush().await?;
+    cp.flush().await?;
     let presence = cp.connect(&node);
     let cp = cp.clone();
     let (tx, rx) = mpsc::channel(64);
@@ -137,7 +137,7 @@ pub(crate) async fn netmap_feed(
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
                         tracing::debug!(node = %me, missed, "netmap watcher fell behind; resending the full map");
                         changes = changes.resubscribe();
-                        match load_view(&cp, me) {
+                        match load_view(&cp, me).await {
                             Ok(loaded) => {
                                 (view, tailnet, revision) = loaded;
                                 (Some(full(&view, &tailnet, revision, &cp)), false)
@@ -187,7 +187,7 @@ impl pb::node_server::Node for NodeApi {
         &self,
         req: Request<pb::WatchNetMapRequest>,
     ) -> Result<Response<Self::WatchNetMapStream>, Status> {
-        let node = self.cp.authenticate_session(&req.get_ref().session_token)?;
+        let node = self.cp.authenticate_session(&req.get_ref().session_token).await?;
         let rx = netmap_feed(&self.cp, node).await?;
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
@@ -197,9 +197,9 @@ impl pb::node_server::Node for NodeApi {
         req: Request<pb::ReportEndpointsRequest>,
     ) -> Result<Response<pb::ReportEndpointsResponse>, Status> {
         let req = req.into_inner();
-        let node = self.cp.authenticate_session(&req.session_token)?;
+        let node = self.cp.authenticate_session(&req.session_token).await?;
         let endpoints = crate::validate::endpoints("endpoints", &req.endpoints)?;
-        self.cp.store.set_endpoints(node.id, endpoints).await?;
+        self.cp.set_endpoints(node.id, endpoints).await?;
         Ok(Response::new(pb::ReportEndpointsResponse {}))
     }
 
@@ -211,7 +211,7 @@ impl pb::node_server::Node for NodeApi {
     ) -> Result<Response<Self::RelayStream>, Status> {
         let token = super::bearer(&req).unwrap_or_default().to_string();
         let batches = req.metadata().get(pb::RELAY_BATCH_HEADER).is_some_and(|v| v == "1");
-        let node = self.cp.authenticate_session(&token).map_err(|e| match e {
+        let node = self.cp.authenticate_session(&token).await.map_err(|e| match e {
             Error::Unauthenticated(m) => {
                 Status::unauthenticated(format!("{m} (send the session token as 'authorization: Bearer')"))
             }
@@ -277,7 +277,7 @@ impl pb::node_server::Node for NodeApi {
                         },
                         Err(broadcast::error::RecvError::Closed) => return,
                         Err(broadcast::error::RecvError::Lagged(_)) => {
-                            if cp.store.get_node(node.id).is_err() {
+                            if cp.get_node(node.id).await.is_err() {
                                 return;
                             }
                         }
@@ -289,7 +289,7 @@ impl pb::node_server::Node for NodeApi {
     }
 
     async fn leave(&self, req: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveResponse>, Status> {
-        let node = self.cp.authenticate_session(&req.get_ref().session_token)?;
+        let node = self.cp.authenticate_session(&req.get_ref().session_token).await?;
         self.cp.remove_node(node.id, EndReason::NodeRemoved, "node left", "", &Actor::node(node.id)).await?;
         Ok(Response::new(pb::LeaveResponse {}))
     }

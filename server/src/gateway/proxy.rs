@@ -215,7 +215,11 @@ async fn handle(
     });
 
     let cp = &gateway.cp;
-    let (tailnet, policy) = match cp.store.get_tailnet(gateway.tailnet).and_then(|t| Ok((cp.policy(&t)?, t))) {
+    let read = async {
+        let t = cp.get_tailnet(gateway.tailnet).await?;
+        Ok::<_, crate::error::Error>((cp.policy(&t).await?, t))
+    };
+    let (tailnet, policy) = match read.await {
         Ok((policy, t)) => (t, policy),
         Err(e) => return Ok(call.deny(503, "", "unavailable", format!("the gateway cannot read its tailnet: {e}"))),
     };
@@ -356,7 +360,7 @@ async fn handle(
         }
     }
 
-    let key = match cp.store.upstream_api_key(tailnet.id, &upstream.name) {
+    let key = match cp.upstream_api_key(tailnet.id, &upstream.name).await {
         Ok(Some(k)) => k,
         Ok(None) => {
             return Ok(call.deny(
@@ -551,7 +555,7 @@ async fn models(
     let gateway = call.gateway.clone();
     let mut ids: Vec<(String, String)> = Vec::new();
     for u in upstreams {
-        let Ok(Some(key)) = gateway.cp.store.upstream_api_key(gateway.tailnet, &u.name) else { continue };
+        let Ok(Some(key)) = gateway.cp.upstream_api_key(gateway.tailnet, &u.name).await else { continue };
         let Ok(request) = upstream_request(u, Api::Models, client, key.expose(), Bytes::new()) else { continue };
         let listed = async {
             let response = gateway.cp.gateways.client.request(request).await.ok()?;

@@ -1,0 +1,613 @@
+//! The PostgreSQL engine: real tables with indexed columns, migrations embedded in the binary and
+//! applied at start, a connection pool, and transactions whose row locks keep the invariants (one
+//! writer per tailnet, a single-use key admits one node) and whose revisions follow commit order.
+
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime};
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use serde::de::DeserializeOwned;
+use tokio_postgres::types::{Json, ToSql};
+use tokio_postgres::{NoTls, Row};
+
+use super::{Counts, EventFilter, Pending};
+use crate::error::{Error, Result};
+use crate::hub::Change;
+use crate::model::{
+    AuthKey, AuthKeyId, Event, Node, NodeId, PolicyRecord, SecretHash, Tailnet, TailnetId, TrustRule, TrustRuleId,
+};
+use crate::secret::Secret;
+
+/// Schema versions, each with the SQL that reaches it from the one before.
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("postgres/0001_initial.sql"))];
+
+/// The oldest server this engine is tested against (`server_version_num`).
+const MIN_SERVER_VERSION: i32 = 130_000;
+
+/// Serialises migrations of replicas starting together (an arbitrary constant: "cordon").
+const MIGRATION_LOCK: i64 = 0x636f_7264_6f6e;
+
+/// `url` with any password replaced, for logs and errors.
+pub fn redact(url: &str) -> String {
+    let mut out = url.to_string();
+    if let Some(scheme_end) = out.find("://") {
+        let rest = &out[scheme_end + 3..];
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@')
+            && let Some(colon) = rest[..at].find(':')
+        {
+            let start = scheme_end + 3 + colon + 1;
+            out.replace_range(start..scheme_end + 3 + at, "***");
+        }
+    }
+    if let Some(i) = out.find("password=") {
+        let end = out[i..].find('&').map_or(out.len(), |e| i + e);
+        out.replace_range(i + "password=".len()..end, "***");
+    }
+    out
+}
+
+fn db(e: tokio_postgres::Error) -> Error {
+    use tokio_postgres::error::SqlState;
+    match e.code() {
+        Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE => {
+            Error::Unavailable("the store refused a write that conflicted with another; retry".into())
+        }
+        _ if e.is_closed() => Error::Unavailable("lost the connection to PostgreSQL; retry".into()),
+        _ => Error::Storage(format!("postgres: {e}")),
+    }
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> Error {
+    Error::Unavailable(format!("no PostgreSQL connection available: {e}"))
+}
+
+/// One line that says what to do when the first connection fails.
+fn connect_error(url: &str, e: deadpool_postgres::PoolError) -> Error {
+    use tokio_postgres::error::SqlState;
+    let shown = redact(url);
+    let deadpool_postgres::PoolError::Backend(e) = e else {
+        return Error::Unavailable(format!("cannot connect to PostgreSQL at {shown}: {e}"));
+    };
+    let hint = match e.code() {
+        Some(c) if *c == SqlState::INVALID_PASSWORD || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
+            "check the user and password in --store"
+        }
+        Some(c) if *c == SqlState::INVALID_CATALOG_NAME => "create the database (createdb) or name another in --store",
+        _ => "check that PostgreSQL runs and that --store names its host and port",
+    };
+    let detail = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
+    Error::Unavailable(format!("cannot connect to PostgreSQL at {shown}: {detail}; {hint}"))
+}
+
+fn decode<T: DeserializeOwned>(row: &Row, what: &str) -> Result<T> {
+    row.try_get::<_, Json<T>>(0)
+        .map(|j| j.0)
+        .map_err(|e| Error::Corrupt { key: what.to_string(), detail: e.to_string() })
+}
+
+fn address(a: Ipv4Addr) -> i64 {
+    i64::from(u32::from(a))
+}
+
+pub struct PgStore {
+    pool: Pool,
+}
+
+impl PgStore {
+    /// Connects, checks the server version and applies any migrations this build has and the
+    /// database lacks.
+    pub async fn open(url: &str, max_connections: usize) -> Result<PgStore> {
+        let config = tokio_postgres::Config::from_str(url).map_err(|e| {
+            Error::invalid(
+                "store",
+                format!("{} is not a PostgreSQL URL ({e}); e.g. postgres://cordon@db.example/cordon", redact(url)),
+            )
+        })?;
+        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            return Err(Error::invalid(
+                "store",
+                "sslmode=require: this build talks to PostgreSQL without TLS; connect over a local socket or a \
+                 trusted network with sslmode=disable or prefer",
+            ));
+        }
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(max_connections)
+            .runtime(Runtime::Tokio1)
+            .create_timeout(Some(Duration::from_secs(10)))
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .build()
+            .map_err(|e| Error::invalid("store", format!("connection pool: {e}")))?;
+        let mut client = pool.get().await.map_err(|e| connect_error(url, e))?;
+        let version: i32 =
+            client.query_one("SELECT current_setting('server_version_num')::int", &[]).await.map_err(db)?.get(0);
+        if version < MIN_SERVER_VERSION {
+            return Err(Error::Unavailable(format!(
+                "PostgreSQL {}.{} is too old: Cordon needs 13 or newer",
+                version / 10_000,
+                version % 10_000
+            )));
+        }
+        migrate(&mut client).await?;
+        Ok(PgStore { pool })
+    }
+
+    pub async fn revision(&self) -> Result<u64> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let row = client.query_one("SELECT revision FROM meta", &[]).await.map_err(db)?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    pub async fn begin(&self, write: bool) -> Result<PgTx> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        if write {
+            client.batch_execute("BEGIN").await.map_err(db)?;
+        }
+        Ok(PgTx { client: Some(client), open: write, write })
+    }
+
+    /// A read-only transaction on one snapshot, with the revision that snapshot is at.
+    pub async fn begin_snapshot(&self) -> Result<(u64, PgTx)> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await.map_err(db)?;
+        let tx = PgTx { client: Some(client), open: true, write: false };
+        let row = tx.client().query_one("SELECT revision FROM meta", &[]).await.map_err(db)?;
+        Ok((row.get::<_, i64>(0) as u64, tx))
+    }
+
+    pub async fn prune_events(&self, before: SystemTime, limit: usize) -> Result<usize> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let n = client
+            .execute(
+                "DELETE FROM events WHERE revision IN \
+                 (SELECT revision FROM events WHERE time < $1 ORDER BY revision LIMIT $2)",
+                &[&before, &(limit as i64)],
+            )
+            .await
+            .map_err(db)?;
+        Ok(n as usize)
+    }
+
+    pub async fn counts(&self) -> Result<Counts> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM tailnets), (SELECT count(*) FROM nodes), \
+                 (SELECT count(*) FROM auth_keys), (SELECT count(*) FROM trust_rules), \
+                 (SELECT count(*) FROM policy_versions), (SELECT count(*) FROM upstream_keys), \
+                 (SELECT count(*) FROM events)",
+                &[],
+            )
+            .await
+            .map_err(db)?;
+        let n = |i| row.get::<_, i64>(i) as u64;
+        Ok(Counts {
+            tailnets: n(0),
+            nodes: n(1),
+            auth_keys: n(2),
+            trust_rules: n(3),
+            policy_versions: n(4),
+            upstream_keys: n(5),
+            events: n(6),
+        })
+    }
+}
+
+async fn migrate(client: &mut Object) -> Result<()> {
+    let tx = client.transaction().await.map_err(db)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(db)?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS cordon_schema (version integer NOT NULL)").await.map_err(db)?;
+    let stored: i32 =
+        tx.query_one("SELECT coalesce(max(version), 0) FROM cordon_schema", &[]).await.map_err(db)?.get(0);
+    let latest = MIGRATIONS.last().map_or(0, |m| m.0);
+    if stored > latest {
+        return Err(Error::Unavailable(format!(
+            "the database has Cordon schema version {stored}, newer than this build's {latest}; run a newer cordon"
+        )));
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > stored) {
+        tx.batch_execute(sql).await.map_err(db)?;
+        tx.execute("INSERT INTO cordon_schema (version) VALUES ($1)", &[version]).await.map_err(db)?;
+        tracing::info!(version, "applied PostgreSQL schema migration");
+    }
+    tx.commit().await.map_err(db)
+}
+
+/// A pooled connection inside a transaction (writes, snapshots) or not (single reads). Dropped
+/// without commit, it rolls back before the connection returns to the pool.
+pub struct PgTx {
+    client: Option<Object>,
+    open: bool,
+    write: bool,
+}
+
+impl Drop for PgTx {
+    fn drop(&mut self) {
+        let Some(client) = self.client.take() else { return };
+        if !self.open {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    if client.batch_execute("ROLLBACK").await.is_err() {
+                        drop(Object::take(client));
+                    }
+                });
+            }
+            Err(_) => drop(Object::take(client)),
+        }
+    }
+}
+
+impl PgTx {
+    fn client(&self) -> &Object {
+        self.client.as_ref().expect("a live transaction")
+    }
+
+    async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        let client = self.client();
+        let statement = client.prepare_cached(sql).await.map_err(db)?;
+        client.query(&statement, params).await.map_err(db)
+    }
+
+    async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        let client = self.client();
+        let statement = client.prepare_cached(sql).await.map_err(db)?;
+        client.execute(&statement, params).await.map_err(db)
+    }
+
+    async fn one<T: DeserializeOwned>(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        what: &str,
+    ) -> Result<Option<T>> {
+        self.query(sql, params).await?.first().map(|r| decode(r, what)).transpose()
+    }
+
+    async fn many<T: DeserializeOwned>(&self, sql: &str, params: &[&(dyn ToSql + Sync)], what: &str) -> Result<Vec<T>> {
+        self.query(sql, params).await?.iter().map(|r| decode(r, what)).collect()
+    }
+
+    /// `FOR UPDATE` in a writer: the row stays locked until commit.
+    fn lock(&self) -> &'static str {
+        if self.write { " FOR UPDATE" } else { "" }
+    }
+
+    pub async fn tailnet(&mut self, id: TailnetId) -> Result<Option<Tailnet>> {
+        let sql = format!("SELECT record FROM tailnets WHERE id = $1{}", self.lock());
+        self.one(&sql, &[&id.0], "tailnet").await
+    }
+
+    pub async fn tailnets(
+        &mut self,
+        owner: Option<&str>,
+        after: Option<TailnetId>,
+        limit: usize,
+    ) -> Result<Vec<Tailnet>> {
+        let after = after.map(|a| a.0);
+        self.many(
+            "SELECT record FROM tailnets WHERE ($1::text IS NULL OR owner = $1) AND ($2::uuid IS NULL OR id > $2) \
+             ORDER BY id LIMIT $3",
+            &[&owner, &after, &(limit as i64)],
+            "tailnet",
+        )
+        .await
+    }
+
+    pub async fn put_tailnet(&mut self, t: &Tailnet) -> Result<()> {
+        self.execute(
+            "INSERT INTO tailnets (id, name, owner, created_at, expires_at, record) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (id) DO UPDATE SET name = excluded.name, owner = excluded.owner, \
+             expires_at = excluded.expires_at, record = excluded.record",
+            &[&t.id.0, &t.name, &t.owner, &t.created_at, &t.expires_at, &Json(t)],
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn delete_tailnet(&mut self, id: TailnetId) -> Result<()> {
+        // Nodes, sessions, keys, rules, policy versions, upstream keys and the gateway cascade.
+        self.execute("DELETE FROM tailnets WHERE id = $1", &[&id.0]).await?;
+        Ok(())
+    }
+
+    pub async fn node(&mut self, id: NodeId) -> Result<Option<Node>> {
+        self.one("SELECT record FROM nodes WHERE id = $1", &[&id.0], "node").await
+    }
+
+    pub async fn nodes_of(&mut self, tailnet: TailnetId) -> Result<Vec<Node>> {
+        self.many("SELECT record FROM nodes WHERE tailnet_id = $1 ORDER BY id", &[&tailnet.0], "node").await
+    }
+
+    pub async fn all_nodes(&mut self) -> Result<Vec<Node>> {
+        self.many("SELECT record FROM nodes ORDER BY id", &[], "node").await
+    }
+
+    pub async fn node_by_wireguard_key(&mut self, tailnet: TailnetId, key: &[u8; 32]) -> Result<Option<Node>> {
+        let key: &[u8] = key;
+        self.one("SELECT record FROM nodes WHERE tailnet_id = $1 AND wireguard_key = $2", &[&tailnet.0, &key], "node")
+            .await
+    }
+
+    pub async fn node_by_session(&mut self, hash: &SecretHash) -> Result<Option<Node>> {
+        let hash: &[u8] = hash;
+        self.one(
+            "SELECT n.record FROM sessions s JOIN nodes n ON n.id = s.node_id WHERE s.token_hash = $1",
+            &[&hash],
+            "node",
+        )
+        .await
+    }
+
+    pub async fn hostname_taken(&mut self, tailnet: TailnetId, hostname: &str) -> Result<bool> {
+        let rows =
+            self.query("SELECT 1 FROM nodes WHERE tailnet_id = $1 AND hostname = $2", &[&tailnet.0, &hostname]).await?;
+        Ok(!rows.is_empty())
+    }
+
+    pub async fn free_address(&mut self, tailnet: TailnetId, first: u32, last: u32) -> Result<Option<Ipv4Addr>> {
+        // The lowest candidate is `first` or one past a held address; the (tailnet, address) index
+        // answers both probes.
+        let rows = self
+            .query(
+                "SELECT c.a FROM (SELECT $2::bigint AS a UNION ALL \
+                 SELECT address + 1 FROM nodes WHERE tailnet_id = $1 AND address >= $2) c \
+                 WHERE c.a <= $3 AND NOT EXISTS (SELECT 1 FROM nodes WHERE tailnet_id = $1 AND address = c.a) \
+                 ORDER BY c.a LIMIT 1",
+                &[&tailnet.0, &i64::from(first), &i64::from(last)],
+            )
+            .await?;
+        Ok(rows.first().map(|r| Ipv4Addr::from(r.get::<_, i64>(0) as u32)))
+    }
+
+    pub async fn put_node(&mut self, n: &Node, _replaced: Option<&Node>) -> Result<()> {
+        let key: &[u8] = &n.wireguard_public_key;
+        self.execute(
+            "INSERT INTO nodes (id, tailnet_id, address, hostname, wireguard_key, expires_at, record) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO UPDATE SET address = excluded.address, \
+             hostname = excluded.hostname, wireguard_key = excluded.wireguard_key, \
+             expires_at = excluded.expires_at, record = excluded.record",
+            &[&n.id.0, &n.tailnet_id.0, &address(n.address), &n.hostname, &key, &n.expires_at, &Json(n)],
+        )
+        .await?;
+        if n.session_hash != [0; 32] {
+            let hash: &[u8] = &n.session_hash;
+            self.execute(
+                "INSERT INTO sessions (token_hash, node_id) VALUES ($1, $2) \
+                 ON CONFLICT (node_id) DO UPDATE SET token_hash = excluded.token_hash",
+                &[&hash, &n.id.0],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn delete_node(&mut self, n: &Node) -> Result<()> {
+        self.execute("DELETE FROM nodes WHERE id = $1", &[&n.id.0]).await?;
+        Ok(())
+    }
+
+    pub async fn auth_key(&mut self, id: AuthKeyId) -> Result<Option<AuthKey>> {
+        let sql = format!("SELECT record FROM auth_keys WHERE id = $1{}", self.lock());
+        self.one(&sql, &[&id.0], "auth key").await
+    }
+
+    pub async fn auth_key_by_secret(&mut self, hash: &SecretHash) -> Result<Option<AuthKey>> {
+        let hash: &[u8] = hash;
+        let sql = format!("SELECT record FROM auth_keys WHERE secret_hash = $1{}", self.lock());
+        self.one(&sql, &[&hash], "auth key").await
+    }
+
+    pub async fn auth_keys_of(&mut self, tailnet: TailnetId) -> Result<Vec<AuthKey>> {
+        let sql = format!("SELECT record FROM auth_keys WHERE tailnet_id = $1 ORDER BY id{}", self.lock());
+        self.many(&sql, &[&tailnet.0], "auth key").await
+    }
+
+    pub async fn put_auth_key(&mut self, k: &AuthKey) -> Result<()> {
+        let hash: &[u8] = &k.secret_hash;
+        self.execute(
+            "INSERT INTO auth_keys (id, tailnet_id, secret_hash, record) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (id) DO UPDATE SET record = excluded.record",
+            &[&k.id.0, &k.tailnet_id.0, &hash, &Json(k)],
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn trust_rule(&mut self, id: TrustRuleId) -> Result<Option<TrustRule>> {
+        self.one("SELECT record FROM trust_rules WHERE id = $1", &[&id.0], "trust rule").await
+    }
+
+    pub async fn trust_rules_of(&mut self, tailnet: TailnetId) -> Result<Vec<TrustRule>> {
+        self.many("SELECT record FROM trust_rules WHERE tailnet_id = $1 ORDER BY id", &[&tailnet.0], "trust rule").await
+    }
+
+    pub async fn trust_rules_for(&mut self, issuer: &str) -> Result<Vec<TrustRule>> {
+        self.many("SELECT record FROM trust_rules WHERE issuer = $1 ORDER BY id", &[&issuer], "trust rule").await
+    }
+
+    pub async fn put_trust_rule(&mut self, r: &TrustRule) -> Result<()> {
+        self.execute(
+            "INSERT INTO trust_rules (id, tailnet_id, issuer, record) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (id) DO UPDATE SET issuer = excluded.issuer, record = excluded.record",
+            &[&r.id.0, &r.spec.tailnet_id.0, &r.spec.issuer, &Json(r)],
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn delete_trust_rule(&mut self, r: &TrustRule) -> Result<()> {
+        self.execute("DELETE FROM trust_rules WHERE id = $1", &[&r.id.0]).await?;
+        Ok(())
+    }
+
+    pub async fn policy(&mut self, tailnet: TailnetId, version: u64) -> Result<Option<PolicyRecord>> {
+        self.one(
+            "SELECT record FROM policy_versions WHERE tailnet_id = $1 AND version = $2",
+            &[&tailnet.0, &(version as i64)],
+            "policy version",
+        )
+        .await
+    }
+
+    pub async fn policies_of(&mut self, tailnet: TailnetId) -> Result<Vec<PolicyRecord>> {
+        self.many(
+            "SELECT record FROM policy_versions WHERE tailnet_id = $1 ORDER BY version",
+            &[&tailnet.0],
+            "policy version",
+        )
+        .await
+    }
+
+    pub async fn put_policy(&mut self, p: &PolicyRecord) -> Result<()> {
+        self.execute(
+            "INSERT INTO policy_versions (tailnet_id, version, author, created_at, record) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (tailnet_id, version) DO UPDATE SET record = excluded.record",
+            &[&p.tailnet_id.0, &(p.version as i64), &p.author, &p.created_at, &Json(p)],
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn gateway(&mut self, tailnet: TailnetId) -> Result<Option<(NodeId, [u8; 32])>> {
+        let rows = self.query("SELECT node_id, private_key FROM gateways WHERE tailnet_id = $1", &[&tailnet.0]).await?;
+        let Some(row) = rows.first() else { return Ok(None) };
+        let key: Vec<u8> = row.get(1);
+        let key: [u8; 32] = key.try_into().map_err(|_| Error::Corrupt {
+            key: format!("gateways.private_key of {tailnet}"),
+            detail: "not 32 bytes".into(),
+        })?;
+        Ok(Some((NodeId(row.get(0)), key)))
+    }
+
+    pub async fn put_gateway(&mut self, tailnet: TailnetId, node: NodeId, secret: &[u8; 32]) -> Result<()> {
+        let secret: &[u8] = secret;
+        self.execute(
+            "INSERT INTO gateways (tailnet_id, node_id, private_key) VALUES ($1, $2, $3) \
+             ON CONFLICT (tailnet_id) DO UPDATE SET node_id = excluded.node_id, private_key = excluded.private_key",
+            &[&tailnet.0, &node.0, &secret],
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn upstream_key(&mut self, tailnet: TailnetId, name: &str) -> Result<Option<Secret>> {
+        let rows = self
+            .query("SELECT api_key FROM upstream_keys WHERE tailnet_id = $1 AND name = $2", &[&tailnet.0, &name])
+            .await?;
+        Ok(rows.first().map(|r| Secret::from_string(r.get(0))))
+    }
+
+    pub async fn upstream_keys_of(&mut self, tailnet: TailnetId) -> Result<Vec<(String, Secret)>> {
+        let rows = self
+            .query("SELECT name, api_key FROM upstream_keys WHERE tailnet_id = $1 ORDER BY name", &[&tailnet.0])
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), Secret::from_string(r.get(1)))).collect())
+    }
+
+    pub async fn put_upstream_key(&mut self, tailnet: TailnetId, name: &str, key: &Secret) -> Result<()> {
+        self.execute(
+            "INSERT INTO upstream_keys (tailnet_id, name, api_key) VALUES ($1, $2, $3) \
+             ON CONFLICT (tailnet_id, name) DO UPDATE SET api_key = excluded.api_key",
+            &[&tailnet.0, &name, &key.expose()],
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn events(&mut self, filter: &EventFilter, published: u64) -> Result<(Vec<Event>, bool)> {
+        let tailnet = filter.tailnet.map(|t| t.0);
+        let node = filter.node.map(|n| n.0);
+        let limit = filter.limit as i64 + 1;
+        let mut events: Vec<Event> = self
+            .many(
+                "SELECT record FROM events WHERE revision > $1 AND revision <= $2 \
+                 AND ($3::uuid IS NULL OR tailnet_id = $3) AND ($4::uuid IS NULL OR node_id = $4) \
+                 AND ($5::timestamptz IS NULL OR time >= $5) AND ($6::timestamptz IS NULL OR time < $6) \
+                 ORDER BY revision LIMIT $7",
+                &[
+                    &(filter.after_revision.min(i64::MAX as u64) as i64),
+                    &(published as i64),
+                    &tailnet,
+                    &node,
+                    &filter.since,
+                    &filter.until,
+                    &limit,
+                ],
+                "event",
+            )
+            .await?;
+        let more = events.len() > filter.limit;
+        events.truncate(filter.limit);
+        Ok((events, more))
+    }
+
+    async fn insert_events<'a>(&self, events: impl Iterator<Item = &'a Event>) -> Result<()> {
+        let client = self.client();
+        let statement = client
+            .prepare_cached(
+                "INSERT INTO events (revision, id, time, kind, tailnet_id, node_id, actor, summary, record) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            )
+            .await
+            .map_err(db)?;
+        let rows: Vec<_> = events
+            .map(|e| {
+                let ids = (e.tailnet_id.map(|t| t.0), e.node_id.map(|n| n.0));
+                (e.revision as i64, format!("{:?}", e.kind), ids, e, Json(e))
+            })
+            .collect();
+        // Issued together, so the connection pipelines them.
+        let params: Vec<[&(dyn ToSql + Sync); 9]> = rows
+            .iter()
+            .map(|(revision, kind, (tailnet, node), e, record)| {
+                let p: [&(dyn ToSql + Sync); 9] =
+                    [revision, &e.id, &e.time, kind, tailnet, node, &e.actor, &e.summary, record];
+                p
+            })
+            .collect();
+        let inserts = params.iter().map(|p| client.execute(&statement, p));
+        futures::future::try_join_all(inserts).await.map_err(db)?;
+        Ok(())
+    }
+
+    pub async fn put_events(&mut self, events: &[Event]) -> Result<()> {
+        self.insert_events(events.iter()).await
+    }
+
+    pub async fn set_revision(&mut self, revision: u64) -> Result<()> {
+        self.execute("UPDATE meta SET revision = $1", &[&(revision as i64)]).await?;
+        Ok(())
+    }
+
+    /// Takes the next revisions (the meta row stays locked until commit, so revisions follow commit
+    /// order), writes the events, and commits; returns the numbered changes.
+    pub async fn commit(mut self, pending: Vec<Pending>) -> Result<Vec<Change>> {
+        let mut changes = Vec::with_capacity(pending.len());
+        if !pending.is_empty() {
+            let n = pending.len() as i64;
+            let rows = self.query("UPDATE meta SET revision = revision + $1 RETURNING revision", &[&n]).await?;
+            let last = rows
+                .first()
+                .map(|r| r.get::<_, i64>(0))
+                .ok_or_else(|| Error::Corrupt { key: "meta".into(), detail: "the revision row is missing".into() })?;
+            let mut revision = (last - n) as u64;
+            for p in pending {
+                revision += 1;
+                changes.push(p.numbered(revision));
+            }
+            self.insert_events(changes.iter().filter_map(|c| match c {
+                Change::Event(e) => Some(&**e),
+                Change::NetMap { .. } => None,
+            }))
+            .await?;
+        }
+        self.client().batch_execute("COMMIT").await.map_err(db)?;
+        self.open = false;
+        Ok(changes)
+    }
+}

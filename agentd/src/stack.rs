@@ -42,8 +42,10 @@ impl Default for StackConfig {
 /// Segments one poll emits at most.
 const EGRESS_BATCH: usize = 512;
 
-/// Connections being opened (SYN received, not yet established) per listening port, at most.
-const MAX_HALF_OPEN: usize = 128;
+/// Connections being opened (SYN received, not yet established) per listening port, at most: the
+/// kernel's default backlog (`somaxconn`, 4096 since Linux 5.4) is far above a burst of a few hundred
+/// agents connecting at once; past this, SYNs are refused.
+const MAX_HALF_OPEN: usize = 1024;
 
 /// Packets between the stack and the tunnel.
 #[derive(Default)]

@@ -15,6 +15,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::config::{DEFAULT_DATA_DIR, DEFAULT_LISTEN, ServeArgs, ServeConfig};
 use crate::serve::Server;
+use crate::store::{Store, StoreUrl};
 use crate::time::parse_duration;
 
 #[derive(Parser)]
@@ -73,6 +74,25 @@ enum Command {
         client: ClientArgs,
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// Move the records of a stopped server from one store to another.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Copy every record (tailnets, nodes and their sessions, keys, trust rules, policy versions,
+    /// upstream keys, audit events) into an empty store. Stop the server first.
+    Copy {
+        /// The store to read, e.g. sled:./cordon-data/store.
+        #[arg(long)]
+        from: String,
+        /// The empty store to write, e.g. postgres://cordon@db.example/cordon.
+        #[arg(long)]
+        to: String,
     },
 }
 
@@ -255,6 +275,7 @@ pub fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::Store { command: StoreCommand::Copy { from, to } } => store_copy(&from, &to).await,
         Command::Tailnet { client, command } => tailnet(&client, command).await,
         Command::Key { client, command } => key(&client, command).await,
         Command::Node { client, command } => node(&client, command).await,
@@ -264,14 +285,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+async fn store_copy(from: &str, to: &str) -> anyhow::Result<()> {
+    let from = StoreUrl::parse(from).context("--from")?;
+    let to = StoreUrl::parse(to).context("--to")?;
+    if from == to {
+        anyhow::bail!("--from and --to name the same store");
+    }
+    let options = crate::store::StoreOptions::default();
+    let hub = || std::sync::Arc::new(crate::hub::Hub::default());
+    let source = Store::open(&from, &options, hub()).await.with_context(|| format!("cannot open {from}"))?;
+    let target = Store::open(&to, &options, hub()).await.with_context(|| format!("cannot open {to}"))?;
+    let copied = crate::domain::copy_store(&source, &target).await?;
+    println!("copied {from} to {to}:");
+    for (kind, n) in copied.rows() {
+        println!("  {n:>8} {kind}");
+    }
+    Ok(())
+}
+
+/// The log filter `var` names (default `info`). The PostgreSQL driver logs every statement's
+/// parameters at DEBUG, upstream keys and token hashes among them: it never logs below INFO.
+pub fn log_filter(var: &str) -> tracing_subscriber::EnvFilter {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env(var).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    filter.add_directive("tokio_postgres=info".parse().expect("a valid directive"))
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CORDON_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(log_filter("CORDON_LOG")).with_writer(std::io::stderr).init();
     let config = ServeConfig::resolve(args)?;
     let listen = config.listen;
     let tls = config.tls.is_some();

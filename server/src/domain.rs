@@ -840,3 +840,73 @@ pub fn record_gateway_requests(tx: &mut Tx, requests: Vec<GatewayEvent>) {
         );
     }
 }
+
+// -----------------------------------------------------------------------------------------------------
+// Moving an installation
+
+/// Copies every record of `source` into `target`, which must be empty, in one transaction; revisions
+/// and ids stay as they were, so nodes keep their addresses and sessions and event streams resume.
+/// Returns what the target then holds. The server must be stopped.
+pub async fn copy_store(source: &crate::store::Store, target: &crate::store::Store) -> Result<crate::store::Counts> {
+    let before = target.counts().await?;
+    if !before.is_empty() {
+        return Err(Error::invalid(
+            "to",
+            format!(
+                "the target store is not empty ({}); copy only into a new store",
+                before
+                    .rows()
+                    .iter()
+                    .filter(|r| r.1 > 0)
+                    .map(|(k, n)| format!("{n} {k}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    let mut from = source.read().await?;
+    let mut to = target.write().await?;
+    let mut after = None;
+    loop {
+        let page = from.tailnets(None, after, 256).await?;
+        for t in &page {
+            to.put_tailnet(t).await?;
+            for node in from.nodes_of(t.id).await? {
+                to.put_node(&node, None).await?;
+            }
+            if let Some((node, secret)) = from.gateway(t.id).await? {
+                to.put_gateway(t.id, node, &secret).await?;
+            }
+            for key in from.auth_keys_of(t.id).await? {
+                to.put_auth_key(&key).await?;
+            }
+            for rule in from.trust_rules_of(t.id).await? {
+                to.put_trust_rule(&rule).await?;
+            }
+            for policy in from.policies_of(t.id).await? {
+                to.put_policy(&policy).await?;
+            }
+            for (name, key) in from.upstream_keys_of(t.id).await? {
+                to.put_upstream_key(t.id, &name, &key).await?;
+            }
+        }
+        after = page.last().map(|t| t.id);
+        if page.len() < 256 {
+            break;
+        }
+    }
+    let mut filter = crate::store::EventFilter { limit: 1000, ..Default::default() };
+    loop {
+        let (events, more) = from.events(&filter).await?;
+        to.put_events(&events).await?;
+        if let Some(last) = events.last() {
+            filter.after_revision = last.revision;
+        }
+        if !more {
+            break;
+        }
+    }
+    to.set_revision(source.revision()).await?;
+    to.commit().await?;
+    target.counts().await
+}

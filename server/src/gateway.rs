@@ -17,7 +17,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use crate::control_plane::ControlPlane;
@@ -47,15 +47,21 @@ pub fn https_connector() -> Https {
         .wrap_connector(http)
 }
 
+/// A gateway request's audit event on its way to the store, and who waits for its commit.
+pub struct AuditEntry {
+    event: GatewayEvent,
+    committed: oneshot::Sender<bool>,
+}
+
 /// The server's gateways: which run, the client they share for upstream calls, and the audit queue.
 pub struct Gateways {
     running: Mutex<HashSet<TailnetId>>,
     pub(crate) client: Client<Https, Full<Bytes>>,
-    audit: mpsc::UnboundedSender<GatewayEvent>,
+    audit: mpsc::UnboundedSender<AuditEntry>,
 }
 
 impl Gateways {
-    pub fn new() -> (Gateways, mpsc::UnboundedReceiver<GatewayEvent>) {
+    pub fn new() -> (Gateways, mpsc::UnboundedReceiver<AuditEntry>) {
         let (audit, rx) = mpsc::unbounded_channel();
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
@@ -73,26 +79,33 @@ impl Gateways {
         self.running.lock().unwrap().contains(&tailnet)
     }
 
-    pub(crate) fn record(&self, event: GatewayEvent) {
-        let _ = self.audit.send(event);
+    /// Queues a request's audit event; the receiver learns whether it committed. A response waits for
+    /// that before its last byte leaves, so an answered request always has its event.
+    pub(crate) fn record(&self, event: GatewayEvent) -> oneshot::Receiver<bool> {
+        let (committed, rx) = oneshot::channel();
+        let _ = self.audit.send(AuditEntry { event, committed });
+        rx
     }
 }
 
-/// Writes queued gateway audit events in batches (one flush per batch) until the control plane goes.
-pub fn spawn_audit_writer(cp: Weak<ControlPlane>, mut rx: mpsc::UnboundedReceiver<GatewayEvent>) {
+/// Writes queued gateway audit events, all that queued meanwhile in one commit (group commit), and
+/// tells each request whether its event is durable. Runs until the control plane goes.
+pub fn spawn_audit_writer(cp: Weak<ControlPlane>, mut rx: mpsc::UnboundedReceiver<AuditEntry>) {
     tokio::spawn(async move {
-        while let Some(first) = rx.recv().await {
-            let mut batch = vec![first];
-            while batch.len() < AUDIT_BATCH {
-                match rx.try_recv() {
-                    Ok(e) => batch.push(e),
-                    Err(_) => break,
-                }
-            }
+        let mut batch = Vec::with_capacity(AUDIT_BATCH);
+        while rx.recv_many(&mut batch, AUDIT_BATCH).await > 0 {
             let Some(cp) = cp.upgrade() else { return };
-            let n = batch.len();
-            if let Err(e) = cp.record_gateway_requests(batch).await {
-                tracing::error!(error = %e, events = n, "could not write gateway audit events");
+            let (events, waiting): (Vec<_>, Vec<_>) = batch.drain(..).map(|e| (e.event, e.committed)).unzip();
+            let n = events.len();
+            let ok = match cp.record_gateway_requests(events).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!(error = %e, events = n, "could not write gateway audit events");
+                    false
+                }
+            };
+            for w in waiting {
+                let _ = w.send(ok);
             }
         }
     });

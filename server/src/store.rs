@@ -145,6 +145,19 @@ impl Counts {
     pub fn is_empty(&self) -> bool {
         *self == Counts::default()
     }
+
+    /// Each kind with its count, for people.
+    pub fn rows(&self) -> [(&'static str, u64); 7] {
+        [
+            ("tailnets", self.tailnets),
+            ("nodes", self.nodes),
+            ("auth keys", self.auth_keys),
+            ("trust rules", self.trust_rules),
+            ("policy versions", self.policy_versions),
+            ("upstream keys", self.upstream_keys),
+            ("audit events", self.events),
+        ]
+    }
 }
 
 /// A change a transaction made, numbered at commit.

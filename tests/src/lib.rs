@@ -122,7 +122,8 @@ impl TestServer {
     /// A server over `dir` on `listen`, configured by `adjust` (a restart of a configured server).
     pub async fn launch(dir: &Path, listen: &str, adjust: impl FnOnce(&mut ServeConfig)) -> TestServer {
         // `CORDON_TEST_LOG=debug` shows the server's and the nodes' logs in a test's output.
-        if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("CORDON_TEST_LOG") {
+        if std::env::var_os("CORDON_TEST_LOG").is_some() {
+            let filter = cordon_server::cli::log_filter("CORDON_TEST_LOG");
             let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
         }
         let mut config = ServeConfig::for_data_dir(dir);

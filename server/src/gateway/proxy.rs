@@ -16,6 +16,7 @@ use hyper::body::{Body, Frame, Incoming};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{Value, json};
+use tokio::sync::oneshot;
 
 use super::Gateway;
 use super::rules::{CAPABILITY, Claim, Rules, Who};
@@ -97,8 +98,8 @@ impl Call {
         let mut response = json_response(status, body);
         response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
         let response = self.with_id(response);
-        self.finish(0);
-        response
+        let committed = self.finish(0);
+        after_commit(response, committed)
     }
 
     fn with_id(&self, mut response: Response<GatewayBody>) -> Response<GatewayBody> {
@@ -108,12 +109,13 @@ impl Call {
         response
     }
 
-    /// Settles the reservation with the real usage and writes the audit event.
-    fn finish(mut self, ttfb_us: u64) {
-        self.complete(ttfb_us);
+    /// Settles the reservation with the real usage and queues the audit event; the receiver learns
+    /// when it is durable.
+    fn finish(mut self, ttfb_us: u64) -> oneshot::Receiver<bool> {
+        self.complete(ttfb_us)
     }
 
-    fn complete(&mut self, ttfb_us: u64) {
+    fn complete(&mut self, ttfb_us: u64) -> oneshot::Receiver<bool> {
         self.done = true;
         let gw = self.gateway.clone();
         let now = gw.cp.now();
@@ -141,7 +143,47 @@ impl Call {
             run: self.run.take(),
             time: now,
             request: std::mem::take(&mut self.record),
-        });
+        })
+    }
+}
+
+/// What a client sees when its request's audit event could not be written: the response is cut off
+/// rather than completed without a record.
+fn audit_failed() -> BoxError {
+    "the gateway could not record this request in the audit log; the response is withheld".into()
+}
+
+/// A body that holds its bytes back until the request's audit event has committed.
+struct AfterCommit {
+    committed: Option<oneshot::Receiver<bool>>,
+    inner: GatewayBody,
+}
+
+fn after_commit(response: Response<GatewayBody>, committed: oneshot::Receiver<bool>) -> Response<GatewayBody> {
+    response.map(|inner| AfterCommit { committed: Some(committed), inner }.boxed())
+}
+
+impl Body for AfterCommit {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(committed) = self.committed.as_mut() {
+            let ok = ready!(Pin::new(committed).poll(cx)).unwrap_or(false);
+            self.committed = None;
+            if !ok {
+                return Poll::Ready(Some(Err(audit_failed())));
+            }
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.committed.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -404,8 +446,16 @@ async fn handle(
         if let Ok(id) = HeaderValue::from_str(&call.record.request_id) {
             out = out.header("x-cordon-request-id", id);
         }
-        let body =
-            Metered { upstream: upstream_body, meter, call: Some(call), first_byte: None, logged: Vec::new(), key };
+        let body = Metered {
+            upstream: upstream_body,
+            meter,
+            call: Some(call),
+            first_byte: None,
+            logged: Vec::new(),
+            key,
+            committed: None,
+            held: None,
+        };
         let response = out.body(body.boxed()).expect("valid response parts");
         return Ok(response);
     }
@@ -448,13 +498,13 @@ async fn handle(
             let mut response = json_response(403, body);
             response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
             let response = call.with_id(response);
-            call.finish(0);
-            return Ok(response);
+            let committed = call.finish(0);
+            return Ok(after_commit(response, committed));
         }
     }
     let response = call.with_id(out.body(full(bytes)).expect("valid response parts"));
-    call.finish(0);
-    Ok(response)
+    let committed = call.finish(0);
+    Ok(after_commit(response, committed))
 }
 
 /// The upstream and the model name it knows: `name/model` picks upstream `name`; a bare model goes to
@@ -593,13 +643,14 @@ async fn models(
     call.record.status = 200;
     call.record.decision = "allowed".into();
     let response = call.with_id(json_response(200, serde_json::to_vec(&body).expect("JSON serializes")));
-    call.finish(0);
-    response
+    let committed = call.finish(0);
+    after_commit(response, committed)
 }
 
 /// A streamed response on its way to the client: passed through event by event by the meter, which
-/// counts usage and tool calls and can cut the stream. The call is recorded when the stream ends, fails,
-/// or the client goes away.
+/// counts usage and tool calls and can cut the stream. The call is recorded when the stream's final
+/// event arrives (or the stream fails, or the client goes away); the final event leaves only once that
+/// record has committed.
 struct Metered {
     upstream: Incoming,
     meter: SseMeter,
@@ -608,11 +659,14 @@ struct Metered {
     logged: Vec<u8>,
     /// To redact from what passes (a provider might echo it).
     key: crate::secret::Secret,
+    /// The commit of the call's audit event, which the final bytes wait for.
+    committed: Option<oneshot::Receiver<bool>>,
+    held: Option<Bytes>,
 }
 
 impl Metered {
-    fn complete(&mut self, failure: Option<String>) {
-        let Some(mut call) = self.call.take() else { return };
+    fn complete(&mut self, failure: Option<String>) -> Option<oneshot::Receiver<bool>> {
+        let mut call = self.call.take()?;
         let observed = &self.meter.observed;
         call.saw_usage = observed.saw_usage;
         call.record.input_tokens = observed.usage.input;
@@ -630,10 +684,11 @@ impl Metered {
         if call.log_bodies {
             call.record.response_body = logged(&self.logged);
         }
-        call.finish(self.first_byte.unwrap_or(0));
+        Some(call.finish(self.first_byte.unwrap_or(0)))
     }
 
-    fn emit(&mut self, out: Vec<u8>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    /// Redacts what goes out and notes it (first byte, logged body).
+    fn prepare(&mut self, out: Vec<u8>) -> Bytes {
         // Events pass whole, so a key inside one is within this chunk.
         let out = redact(Bytes::from(out), self.key.expose());
         if self.first_byte.is_none()
@@ -644,7 +699,15 @@ impl Metered {
         if self.call.as_ref().is_some_and(|c| c.log_bodies) && self.logged.len() < MAX_LOGGED_BODY {
             self.logged.extend_from_slice(&out);
         }
-        Poll::Ready(Some(Ok(Frame::data(out))))
+        out
+    }
+
+    /// Records the call and holds `out` (the final bytes) until the record commits.
+    fn hold_until_recorded(&mut self, out: Bytes) {
+        self.committed = self.complete(None);
+        if !out.is_empty() {
+            self.held = Some(out);
+        }
     }
 }
 
@@ -655,6 +718,17 @@ impl Body for Metered {
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         loop {
+            if let Some(committed) = this.committed.as_mut() {
+                let ok = ready!(Pin::new(committed).poll(cx)).unwrap_or(false);
+                this.committed = None;
+                if !ok {
+                    this.held = None;
+                    return Poll::Ready(Some(Err(audit_failed())));
+                }
+            }
+            if let Some(out) = this.held.take() {
+                return Poll::Ready(Some(Ok(Frame::data(out))));
+            }
             if this.call.is_none() {
                 return Poll::Ready(None);
             }
@@ -663,14 +737,16 @@ impl Body for Metered {
                     let Ok(data) = frame.into_data() else { continue };
                     let mut out = Vec::new();
                     this.meter.feed(&data, &mut out);
-                    let blocked = this.meter.blocked.is_some();
-                    let poll = if out.is_empty() { None } else { Some(this.emit(out)) };
-                    if blocked {
-                        this.complete(None);
+                    let last = this.meter.blocked.is_some() || this.meter.ended;
+                    if out.is_empty() && !last {
+                        continue;
                     }
-                    if let Some(poll) = poll {
-                        return poll;
+                    let out = this.prepare(out);
+                    if last {
+                        this.hold_until_recorded(out);
+                        continue;
                     }
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
                 Some(Err(e)) => {
                     this.complete(Some(format!("the upstream stream failed: {e}")));
@@ -679,9 +755,8 @@ impl Body for Metered {
                 None => {
                     let mut out = Vec::new();
                     this.meter.finish(&mut out);
-                    let poll = if out.is_empty() { Poll::Ready(None) } else { this.emit(out) };
-                    this.complete(None);
-                    return poll;
+                    let out = this.prepare(out);
+                    this.hold_until_recorded(out);
                 }
             }
         }

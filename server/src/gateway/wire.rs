@@ -216,6 +216,8 @@ pub struct SseMeter {
     deny: Vec<String>,
     /// Set once a denied tool call stopped the stream: `(tool, glob)`.
     pub blocked: Option<(String, String)>,
+    /// Set once the API's final event passed (`[DONE]`, `message_stop`, `response.completed`).
+    pub ended: bool,
 }
 
 impl SseMeter {
@@ -229,6 +231,7 @@ impl SseMeter {
             hide_usage_chunk,
             deny,
             blocked: None,
+            ended: false,
         }
     }
 
@@ -302,6 +305,13 @@ impl SseMeter {
             }
         }
         let value: Option<Value> = serde_json::from_str(&data).ok();
+        let kind = value.as_ref().and_then(|v| s(v, "type")).or(event_name.as_deref());
+        self.ended |= match self.api {
+            Api::Chat => data.trim() == "[DONE]",
+            Api::Responses => matches!(kind, Some("response.completed" | "response.incomplete" | "response.failed")),
+            Api::Messages => kind == Some("message_stop"),
+            Api::CountTokens | Api::Models => false,
+        };
         let pass = match value {
             Some(v) => self.inspect(event_name.as_deref(), &v),
             None => true,

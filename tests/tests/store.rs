@@ -1,0 +1,229 @@
+//! Durability across engines: every gateway request a client got an answer to has its audit event
+//! after a SIGTERM and after a `kill -9` of a real `cordon serve` (run on sled, and on PostgreSQL with
+//! `CORDON_TEST_STORE=postgres`), and `cordon store copy` moves a populated sled installation to
+//! PostgreSQL, where nodes keep their addresses and sessions.
+
+use std::collections::HashSet;
+use std::process::Stdio;
+use std::time::Duration;
+
+use cordon_tests::llm::{self, FakeLlm};
+use cordon_tests::*;
+use serde_json::json;
+use tokio::io::AsyncBufReadExt;
+
+const REQUESTS: usize = 200;
+
+async fn admin_of(server: &ServerProcess, data: &std::path::Path) -> Admin {
+    let token = std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_string();
+    let channel = tonic::transport::Channel::from_shared(server.url.clone()).unwrap().connect().await.unwrap();
+    v1::control_client::ControlClient::with_interceptor(channel, Bearer::new(&token))
+}
+
+/// Every gateway request id in the tailnet's audit log.
+async fn audited_requests(admin: &mut Admin, tailnet: &str) -> HashSet<String> {
+    let mut ids = HashSet::new();
+    let mut page_token = String::new();
+    loop {
+        let page = admin
+            .list_audit_events(v1::ListAuditEventsRequest {
+                tailnet_id: tailnet.into(),
+                page_size: 1000,
+                page_token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        ids.extend(page.events.iter().filter_map(|e| e.gateway.as_ref()).map(|g| g.request_id.clone()));
+        if page.next_page_token.is_empty() {
+            return ids;
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// Answers 200 concurrent requests (a quarter of them streamed) through a real agentd, stops the
+/// server with `stop` right after the last answer, restarts it, and checks every answered request in
+/// the audit log.
+async fn answered_requests_survive(kill: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("server.log");
+    let mut server = ServerProcess::spawn(&data, &log).await;
+    let mut admin = admin_of(&server, &data).await;
+    let llm = FakeLlm::start().await;
+    let mut create = tailnet_request("audit");
+    create.policy_json = r#"{ "tagOwners": { "tag:ci": [] }, "grants": [ { "src": ["tag:ci"], "dst": ["gateway"],
+        "ip": ["tcp:80"], "app": { "cordon.dev/cap/ai": [{ "models": ["*"] }] } } ] }"#
+        .into();
+    create.upstreams = llm::upstreams(&llm);
+    let tailnet = admin.create_tailnet(create).await.unwrap().into_inner();
+    let secret = tagged_key(&mut admin, &tailnet.id, &["tag:ci"]).await;
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let state = tempfile::tempdir().unwrap();
+    let mut agent = tokio::process::Command::new(agentd_bin())
+        .args(["up", "--server", &server.url, "--hostname", "runner"])
+        .args(["--forward", &format!("127.0.0.1:{port}=gateway:80")])
+        .arg("--state-dir")
+        .arg(state.path())
+        .env("AGENTD_AUTH_KEY", &secret)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("agentd.log")).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = tokio::io::BufReader::new(agent.stdout.take().unwrap()).lines();
+    tokio::time::timeout(Duration::from_secs(20), out.next_line()).await.unwrap().unwrap();
+    let client = llm::http_client();
+    let base = format!("http://127.0.0.1:{port}");
+    eventually(Duration::from_secs(20), "the gateway answers through agentd", || async {
+        llm::request(&client, "GET", &format!("{base}/v1/models"), None, &[]).await.ok().filter(|r| r.0 == 200)
+    })
+    .await;
+
+    let calls = (0..REQUESTS).map(|i| {
+        let (client, url) = (client.clone(), format!("{base}/v1/chat/completions"));
+        async move {
+            let body = json!({"model": "gpt-4o-mini", "stream": i % 4 == 0,
+                "messages": [{"role": "user", "content": format!("request {i}")}]});
+            let (status, headers, text) = llm::request(&client, "POST", &url, Some(&body), &[]).await?;
+            let done = if i % 4 == 0 { text.contains("[DONE]") } else { text.contains("\"choices\"") };
+            match (status, done) {
+                (200, true) => Ok(headers["x-cordon-request-id"].to_str().unwrap().to_string()),
+                _ => Err(format!("{status}: {text}")),
+            }
+        }
+    });
+    let (answered, failed): (Vec<_>, Vec<_>) =
+        futures::future::join_all(calls).await.into_iter().partition(Result::is_ok);
+    let answered: Vec<String> = answered.into_iter().map(Result::unwrap).collect();
+    let failed: Vec<String> = failed.into_iter().map(Result::unwrap_err).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {REQUESTS} requests failed before the stop: {:?}",
+        failed.len(),
+        &failed[..3.min(failed.len())]
+    );
+
+    let pid = server.child.id().unwrap().to_string();
+    if kill {
+        server.child.start_kill().unwrap();
+    } else {
+        let status = tokio::process::Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
+        assert!(status.success());
+    }
+    let exit = tokio::time::timeout(Duration::from_secs(30), server.child.wait()).await.unwrap().unwrap();
+    assert_eq!(exit.success(), !kill, "the server stopped as it was told: {exit}");
+    agent.start_kill().unwrap();
+
+    let server = ServerProcess::spawn(&data, &log).await;
+    let mut admin = admin_of(&server, &data).await;
+    let audited = audited_requests(&mut admin, &tailnet.id).await;
+    let missing: Vec<&String> = answered.iter().filter(|id| !audited.contains(*id)).collect();
+    assert!(missing.is_empty(), "{} of {REQUESTS} answered requests have no audit event: {missing:?}", missing.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answered_requests_keep_their_audit_events_through_sigterm() {
+    answered_requests_survive(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answered_requests_keep_their_audit_events_through_kill_9() {
+    answered_requests_survive(true).await;
+}
+
+/// A sled installation with every kind of record, copied to PostgreSQL: the server on PostgreSQL
+/// lists the same tailnets, keys, rules, policy versions and events, serves its nodes their addresses,
+/// resumes their sessions, and hands out the next free address to a newcomer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_copy_moves_a_sled_installation_to_postgres() {
+    if on_postgres() {
+        // This test sets its engines itself; the sled pass runs it.
+        return;
+    }
+    let Some(target) = pg::database("store_copy").await else { return };
+    let server = TestServer::start().await;
+    let mut admin = server.admin().await;
+    let mut nodes = server.nodes().await;
+    let mut create = tailnet_request("moved");
+    create.policy_json =
+        r#"{ "tagOwners": { "tag:ci": [] }, "grants": [ { "src": ["*"], "dst": ["*"], "ip": ["*"] } ] }"#.into();
+    create.upstreams = vec![v1::UpstreamConfig {
+        name: "openai".into(),
+        kind: "openai".into(),
+        base_url: "http://127.0.0.1:9/v1".into(),
+        api_key: "sk-moved-key".into(),
+    }];
+    let tailnet = admin.create_tailnet(create).await.unwrap().into_inner();
+    let (_, secret) = create_key(&mut admin, &tailnet.id, true, false).await;
+    admin
+        .create_trust_rule(v1::CreateTrustRuleRequest {
+            tailnet_id: tailnet.id.clone(),
+            issuer: "https://issuer.example".into(),
+            audience: "cordon".into(),
+            claim_conditions: [("repository".to_string(), "acme/api".to_string())].into(),
+            tags: vec!["tag:ci".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let a = register(&mut nodes, &secret, "a").await;
+    let b = register(&mut nodes, &secret, "b").await;
+    let before_events =
+        admin.list_audit_events(v1::ListAuditEventsRequest::default()).await.unwrap().into_inner().events;
+    let (data, _temp) = server.stop_keep_dir().await;
+
+    let out = tokio::process::Command::new(cordon_bin())
+        .args(["store", "copy", "--from", &format!("sled:{}", data.join("store").display()), "--to", &target])
+        .output()
+        .await
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{printed}{}", String::from_utf8_lossy(&out.stderr));
+    for line in ["1 tailnets", "3 nodes", "1 auth keys", "1 trust rules", "1 policy versions", "1 upstream keys"] {
+        assert!(
+            printed.split('\n').any(|l| l.split_whitespace().collect::<Vec<_>>().join(" ") == line),
+            "{line}: {printed}"
+        );
+    }
+    assert!(printed.contains(&format!("{} audit events", before_events.len())), "{printed}");
+
+    // A second copy into the now populated target is refused, saying why.
+    let again = tokio::process::Command::new(cordon_bin())
+        .args(["store", "copy", "--from", &format!("sled:{}", data.join("store").display()), "--to", &target])
+        .output()
+        .await
+        .unwrap();
+    let refusal = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success() && refusal.contains("not empty"), "{refusal}");
+
+    let postgres = cordon_server::store::StoreUrl::Postgres(target.clone());
+    let server = TestServer::launch(&data, "127.0.0.1:0", |c| c.store = Some(postgres)).await;
+    assert_eq!(server.control_plane.store_engine(), "postgres");
+    let mut admin = server.admin().await;
+    let mut nodes = server.nodes().await;
+    let listed =
+        admin.list_nodes(v1::ListNodesRequest { tailnet_id: tailnet.id.clone() }).await.unwrap().into_inner().nodes;
+    let addresses: Vec<(String, Vec<String>)> = listed.iter().map(|n| (n.id.clone(), n.addresses.clone())).collect();
+    for joined in [&a, &b] {
+        let node = joined.node.as_ref().unwrap();
+        assert!(addresses.contains(&(node.id.clone(), node.addresses.clone())), "{addresses:?}");
+    }
+    // Old sessions resume.
+    let mut stream = watch(&mut nodes, &a.session_token).await;
+    let Some(v1::net_map::Update::Full(map)) = next_netmap(&mut stream).await.update else { panic!("a full map") };
+    assert_eq!(map.self_.unwrap().id, a.node.unwrap().id);
+    let c = register(&mut nodes, &secret, "c").await;
+    assert_eq!(c.node.unwrap().addresses, ["100.64.0.4"], "the next free address");
+    let after_events =
+        admin.list_audit_events(v1::ListAuditEventsRequest::default()).await.unwrap().into_inner().events;
+    assert_eq!(&after_events[..before_events.len()], &before_events[..], "the audit log moved as it was");
+    let id = cordon_server::model::TailnetId::parse("id", &tailnet.id).unwrap();
+    let key = server.control_plane.upstream_api_key(id, "openai").await.unwrap().unwrap();
+    assert_eq!(key.expose(), "sk-moved-key");
+    let rules = admin.list_trust_rules(v1::ListTrustRulesRequest { tailnet_id: tailnet.id.clone() }).await.unwrap();
+    assert_eq!(rules.into_inner().rules.len(), 1);
+}

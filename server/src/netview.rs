@@ -227,3 +227,152 @@ impl NetView {
         delta.filter_changed |= filter != self.filter();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The incremental view and the from-scratch compile must agree: after any sequence of joins,
+    //! leaves, tag changes and policy changes, each node's view equals what `Policy::compile` says.
+
+    use std::time::{Duration, SystemTime};
+
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::model::{Ipv4Cidr, TailnetId};
+    use crate::policy::CompileNode;
+
+    const POLICIES: &[&str] = &[
+        r#"{ "tagOwners": { "tag:a": [], "tag:b": [], "tag:c": [] },
+             "grants": [ { "src": ["tag:a"], "dst": ["tag:b"], "ip": ["tcp:22"] },
+                         { "src": ["*"], "dst": ["gateway"], "ip": ["tcp:80"] } ] }"#,
+        r#"{ "groups": { "group:eng": ["alice@acme.com"] }, "tagOwners": { "tag:a": [], "tag:b": [] },
+             "grants": [ { "src": ["group:eng", "tag:a"], "dst": ["tag:a", "tag:b"], "ip": ["*"] },
+                         { "src": ["gateway"], "dst": ["tag:b"], "ip": ["udp:53"] },
+                         { "src": ["tag:b"], "dst": ["gateway"], "app": { "x.dev/cap": [1] } } ] }"#,
+        r#"{ "tagOwners": { "tag:c": [] },
+             "grants": [ { "src": ["tag:c"], "dst": ["*"], "ip": ["tcp:443", "icmp"] },
+                         { "src": ["bob@acme.com"], "dst": ["tag:c"], "ip": ["tcp:1-1024"] } ] }"#,
+    ];
+    const TAGS: &[&str] = &["tag:a", "tag:b", "tag:c"];
+    const OWNERS: &[&str] = &["alice@acme.com", "bob@acme.com", "carol@acme.com"];
+
+    fn tailnet() -> Tailnet {
+        Tailnet {
+            id: TailnetId::generate(),
+            name: "t".into(),
+            owner: "acme".into(),
+            labels: Default::default(),
+            cidr: Ipv4Cidr::DEFAULT,
+            created_at: SystemTime::UNIX_EPOCH,
+            expires_at: None,
+            ttl_seconds: 0,
+            created_by: String::new(),
+            node_count: 0,
+            policy_version: 0,
+            upstreams: vec![],
+        }
+    }
+
+    fn node(tailnet: &Tailnet, n: u32, tags: Vec<String>, owner: &str, gateway: bool) -> Node {
+        Node {
+            id: NodeId::generate(),
+            tailnet_id: tailnet.id,
+            hostname: format!("n{n}"),
+            wireguard_public_key: [n as u8; 32],
+            address: Ipv4Addr::from(u32::from(tailnet.cidr.network) + n),
+            tags,
+            owner: owner.into(),
+            auth_key_id: None,
+            ephemeral: false,
+            created_at: SystemTime::UNIX_EPOCH,
+            expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1),
+            session_hash: [0; 32],
+            endpoints: vec![],
+            trust_rule_id: None,
+            identity: None,
+            gateway,
+        }
+    }
+
+    fn random_tags(rng: &mut StdRng) -> Vec<String> {
+        TAGS.iter().filter(|_| rng.random_bool(0.35)).map(|t| t.to_string()).collect()
+    }
+
+    /// Every node's view, from scratch.
+    fn compiled(policy: &Policy, nodes: &[Node], tailnet: &Tailnet) -> HashMap<String, crate::policy::View> {
+        let mut sorted: Vec<&Node> = nodes.iter().collect();
+        sorted.sort_by_key(|n| n.address);
+        let ids: Vec<String> = sorted.iter().map(|n| n.id.to_string()).collect();
+        let input: Vec<CompileNode<'_>> =
+            sorted.iter().zip(&ids).map(|(n, id)| CompileNode { subject: n.subject(id), address: n.address }).collect();
+        policy.compile(&input, (tailnet.cidr.network, tailnet.cidr.prefix), tailnet.cidr.gateway())
+    }
+
+    fn check(views: &HashMap<NodeId, NetView>, policy: &Policy, nodes: &[Node], tailnet: &Tailnet, step: &str) {
+        let expected = compiled(policy, nodes, tailnet);
+        for (id, view) in views {
+            let want = &expected[&id.to_string()];
+            let peers: BTreeSet<String> = view.peers().map(|p| p.id.to_string()).collect();
+            assert_eq!(peers, want.peers, "{step}: peers of {}", view.me().hostname);
+            assert_eq!(view.filter(), want.filter, "{step}: filter of {}", view.me().hostname);
+        }
+    }
+
+    #[test]
+    fn incremental_views_equal_the_from_scratch_compile() {
+        for seed in 0..60 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let tailnet = tailnet();
+            let mut policy = Arc::new(Policy::allow_all());
+            let mut next = 2u32;
+            let gateway = node(&tailnet, 1, vec![crate::model::GATEWAY_TAG.into()], "acme", true);
+            let mut nodes = vec![gateway.clone()];
+            let mut views = HashMap::from([(gateway.id, NetView::new(policy.clone(), gateway, vec![], &tailnet))]);
+            for step in 0..80 {
+                let roll = rng.random_range(0..100);
+                let (what, change) = if roll < 40 || nodes.len() < 3 {
+                    let owner = OWNERS[rng.random_range(0..OWNERS.len())];
+                    let tags: Vec<String> =
+                        random_tags(&mut rng).into_iter().filter(|t| policy.tag_defined(t)).collect();
+                    let joined = node(&tailnet, next, tags, owner, false);
+                    next += 1;
+                    let view = NetView::new(policy.clone(), joined.clone(), nodes.clone(), &tailnet);
+                    views.insert(joined.id, view);
+                    nodes.push(joined.clone());
+                    ("join", NetChange::PeerAdded(Arc::new(joined)))
+                } else if roll < 60 {
+                    let i = rng.random_range(1..nodes.len());
+                    let gone = nodes.remove(i);
+                    views.remove(&gone.id);
+                    let message = String::new();
+                    (
+                        "leave",
+                        NetChange::PeerRemoved { node: gone.id, reason: crate::model::EndReason::NodeRemoved, message },
+                    )
+                } else if roll < 85 {
+                    let i = rng.random_range(1..nodes.len());
+                    nodes[i].tags = random_tags(&mut rng).into_iter().filter(|t| policy.tag_defined(t)).collect();
+                    ("retag", NetChange::PeerUpdated(Arc::new(nodes[i].clone())))
+                } else {
+                    let text = POLICIES[rng.random_range(0..POLICIES.len())];
+                    policy = Arc::new(Policy::parse(text).unwrap());
+                    // As the domain does: tags the policy no longer declares leave their nodes.
+                    let mut updated = Vec::new();
+                    for n in nodes.iter_mut().filter(|n| !n.gateway) {
+                        let before = n.tags.len();
+                        n.tags.retain(|t| policy.tag_defined(t));
+                        if n.tags.len() != before {
+                            updated.push(Arc::new(n.clone()));
+                        }
+                    }
+                    ("policy", NetChange::PolicyChanged { policy: policy.clone(), updated })
+                };
+                for view in views.values_mut() {
+                    view.apply(&change);
+                }
+                check(&views, &policy, &nodes, &tailnet, &format!("seed {seed} step {step} ({what})"));
+            }
+        }
+    }
+}

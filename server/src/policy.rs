@@ -610,8 +610,11 @@ impl Policy {
                         let sources = if grant.src.contains(&Selector::Any) {
                             vec![network]
                         } else {
-                            let mut v: Vec<(Ipv4Addr, u8)> =
-                                (0..nodes.len()).filter(|&j| has(src, j)).map(|j| (nodes[j].address, 32)).collect();
+                            // Not the node itself: its own address never arrives through a tunnel.
+                            let mut v: Vec<(Ipv4Addr, u8)> = (0..nodes.len())
+                                .filter(|&j| j != i && has(src, j))
+                                .map(|j| (nodes[j].address, 32))
+                                .collect();
                             if grant.src.contains(&Selector::Gateway) {
                                 v.push((gateway, 32));
                             }

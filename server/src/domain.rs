@@ -17,7 +17,7 @@ use crate::model::{
     UpstreamInfo, UpstreamSpec,
 };
 use crate::policy::Policy;
-use crate::store::{GatewayEvent, GatewayKeys, Tx};
+use crate::store::{GatewayEvent, GatewayKeys, Placement, Tx};
 
 /// The fields of an audit event an operation fills in; the id is made here, the revision at commit.
 struct Draft<'a> {
@@ -513,8 +513,10 @@ pub async fn register(
         Credential::Federated { rule, identity } => (None, Some(*rule), Some(identity.clone())),
     };
 
-    let (node, change, summary) = match tx.node_by_wireguard_key(tailnet.id, &reg.wireguard_public_key).await? {
-        Some(old) => {
+    let (first, last) = (tailnet.cidr.first_node_address(), tailnet.cidr.last_node_address());
+    let placement = tx.placement(tailnet.id, &reg.wireguard_public_key, &reg.hostname, first, last).await?;
+    let (node, change, summary) = match placement {
+        Placement::Existing(old) => {
             let mut node = old.clone();
             node.session_hash = session_hash;
             node.tags = tags;
@@ -529,20 +531,18 @@ pub async fn register(
             let summary = format!("node {} re-authenticated at {}", node.hostname, node.address);
             (node.clone(), NetChange::PeerUpdated(Arc::new(node)), summary)
         }
-        None => {
-            let address = tx
-                .free_address(tailnet.id, tailnet.cidr.first_node_address(), tailnet.cidr.last_node_address())
-                .await?
-                .ok_or_else(|| {
-                    Error::ResourceExhausted(format!(
-                        "tailnet {} has no free address left in {}",
-                        tailnet.id, tailnet.cidr
-                    ))
-                })?;
+        Placement::New { address, hostname_taken } => {
+            let address = address.ok_or_else(|| {
+                Error::ResourceExhausted(format!("tailnet {} has no free address left in {}", tailnet.id, tailnet.cidr))
+            })?;
             let node = Node {
                 id: NodeId::generate(),
                 tailnet_id: tailnet.id,
-                hostname: unique_hostname(tx, tailnet.id, &reg.hostname).await?,
+                hostname: if hostname_taken {
+                    unique_hostname(tx, tailnet.id, &reg.hostname).await?
+                } else {
+                    reg.hostname.clone()
+                },
                 wireguard_public_key: reg.wireguard_public_key,
                 address,
                 tags,

@@ -160,6 +160,13 @@ impl Counts {
     }
 }
 
+/// Where a registering node goes (see [`Tx::placement`]).
+#[derive(Debug)]
+pub enum Placement {
+    Existing(Node),
+    New { address: Option<Ipv4Addr>, hostname_taken: bool },
+}
+
 /// A change a transaction made, numbered at commit.
 #[derive(Debug)]
 pub enum Pending {
@@ -392,6 +399,18 @@ impl Tx {
     /// The lowest address in `first..=last` that no node of the tailnet holds.
     pub async fn free_address(&mut self, tailnet: TailnetId, first: u32, last: u32) -> Result<Option<Ipv4Addr>> {
         each!(self, t => t.free_address(tailnet, first, last).await)
+    }
+    /// Where a registering node goes: the node that holds `key` in the tailnet already (if any);
+    /// otherwise the lowest free address in `first..=last` and whether `hostname` is taken.
+    pub async fn placement(
+        &mut self,
+        tailnet: TailnetId,
+        key: &[u8; 32],
+        hostname: &str,
+        first: u32,
+        last: u32,
+    ) -> Result<Placement> {
+        each!(self, t => t.placement(tailnet, key, hostname, first, last).await)
     }
     /// Writes a node with its session; `replaced` is the record it replaces, if any.
     pub async fn put_node(&mut self, node: &Node, replaced: Option<&Node>) -> Result<()> {

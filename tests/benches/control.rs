@@ -24,6 +24,7 @@ struct Run {
     pairs_sequential: f64,
     pairs_concurrent: f64,
     registrations: f64,
+    registrations_spread: f64,
     fan_out: Vec<(usize, Stats)>,
     memory_per_tailnet: Option<f64>,
 }
@@ -83,7 +84,8 @@ fn print_table(runs: &[&Run]) {
     row("DeleteTailnet", &|r| pair(&r.delete));
     row("create+delete, sequential", &|r| format!("{:.0}/s", r.pairs_sequential));
     row("create+delete, 16 callers", &|r| format!("{:.0}/s", r.pairs_concurrent));
-    row("Register, 16 callers", &|r| format!("{:.0}/s", r.registrations));
+    row("Register, 16 callers, 1 tailnet", &|r| format!("{:.0}/s", r.registrations));
+    row("Register, 16 callers, 16 tailnets", &|r| format!("{:.0}/s", r.registrations_spread));
     for i in 0..runs[0].fan_out.len() {
         let n = runs[0].fan_out[i].0;
         row(&format!("fan-out to {n} watchers"), &|r| r.fan_out.get(i).map(|(_, s)| pair(s)).unwrap_or_default());
@@ -186,6 +188,27 @@ async fn measure(engine: &'static str, server: &TestServer, commit: Stats, quick
     }
     let registrations = (regs / 16 * 16) as f64 / started.elapsed().as_secs_f64();
 
+    // The same, each caller with its own tailnet and key: what one tailnet's serialisation costs.
+    let mut secrets = Vec::new();
+    for w in 0..16 {
+        let tailnet = create_tailnet(&mut admin, &format!("regs{w}")).await;
+        secrets.push(create_key(&mut admin, &tailnet.id, true, false).await.1);
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (w, secret) in secrets.into_iter().enumerate() {
+        let mut nodes = server.nodes().await;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..regs / 16 {
+                register(&mut nodes, &secret, &format!("v{w}-{i}")).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let registrations_spread = (regs / 16 * 16) as f64 / started.elapsed().as_secs_f64();
+
     // Fan-out: time from one more Register until every watcher holds the change.
     let sizes: &[usize] = if quick { &[100, 250] } else { &[100, 250, 500, 1000] };
     let mut fan_out = Vec::new();
@@ -213,6 +236,7 @@ async fn measure(engine: &'static str, server: &TestServer, commit: Stats, quick
         pairs_sequential,
         pairs_concurrent,
         registrations,
+        registrations_spread,
         fan_out,
         memory_per_tailnet,
     }

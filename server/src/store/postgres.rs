@@ -11,13 +11,20 @@ use serde::de::DeserializeOwned;
 use tokio_postgres::types::{Json, ToSql};
 use tokio_postgres::{NoTls, Row};
 
-use super::{Counts, EventFilter, Pending};
+use super::{Counts, EventFilter, Pending, Placement};
 use crate::error::{Error, Result};
 use crate::hub::Change;
 use crate::model::{
     AuthKey, AuthKeyId, Event, Node, NodeId, PolicyRecord, SecretHash, Tailnet, TailnetId, TrustRule, TrustRuleId,
 };
 use crate::secret::Secret;
+
+/// The lowest address in `$2..=$3` no node of tailnet `$1` holds: `$2` or one past a held address; the
+/// (tailnet, address) index answers both probes.
+const FREE_ADDRESS: &str = "SELECT c.a FROM (SELECT $2::bigint AS a UNION ALL \
+     SELECT address + 1 FROM nodes WHERE tailnet_id = $1 AND address >= $2) c \
+     WHERE c.a <= $3 AND NOT EXISTS (SELECT 1 FROM nodes WHERE tailnet_id = $1 AND address = c.a) \
+     ORDER BY c.a LIMIT 1";
 
 /// Schema versions, each with the SQL that reaches it from the one before.
 const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("postgres/0001_initial.sql"))];
@@ -93,7 +100,13 @@ fn address(a: Ipv4Addr) -> i64 {
 
 pub struct PgStore {
     pool: Pool,
+    hints: Hints,
 }
+
+/// Per tailnet, an address below which this process saw every address taken: where the search for a
+/// free one starts, so a dense tailnet does not rescan every node. Only a shortcut: the database
+/// decides what is free (a deletion through another replica is found once this process restarts).
+type Hints = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<TailnetId, u32>>>;
 
 impl PgStore {
     /// Connects, checks the server version and applies any migrations this build has and the
@@ -131,7 +144,7 @@ impl PgStore {
             )));
         }
         migrate(&mut client).await?;
-        Ok(PgStore { pool })
+        Ok(PgStore { pool, hints: Hints::default() })
     }
 
     pub async fn revision(&self) -> Result<u64> {
@@ -142,17 +155,31 @@ impl PgStore {
 
     pub async fn begin(&self, write: bool) -> Result<PgTx> {
         let client = self.pool.get().await.map_err(pool_error)?;
-        if write {
-            client.batch_execute("BEGIN").await.map_err(db)?;
-        }
-        Ok(PgTx { client: Some(client), open: write, write })
+        // BEGIN goes out with the first statement, in one round trip.
+        Ok(PgTx {
+            client: Some(client),
+            open: write,
+            write,
+            unbegun: write,
+            queued: Vec::new(),
+            hints: self.hints.clone(),
+            locked_tailnet: None,
+        })
     }
 
     /// A read-only transaction on one snapshot, with the revision that snapshot is at.
     pub async fn begin_snapshot(&self) -> Result<(u64, PgTx)> {
         let client = self.pool.get().await.map_err(pool_error)?;
         client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await.map_err(db)?;
-        let tx = PgTx { client: Some(client), open: true, write: false };
+        let tx = PgTx {
+            client: Some(client),
+            open: true,
+            write: false,
+            unbegun: false,
+            queued: Vec::new(),
+            hints: self.hints.clone(),
+            locked_tailnet: None,
+        };
         let row = tx.client().query_one("SELECT revision FROM meta", &[]).await.map_err(db)?;
         Ok((row.get::<_, i64>(0) as u64, tx))
     }
@@ -221,6 +248,26 @@ pub struct PgTx {
     client: Option<Object>,
     open: bool,
     write: bool,
+    /// A writer whose BEGIN has not been sent yet.
+    unbegun: bool,
+    /// Writes not sent yet: they go out together at commit, pipelined, in order. Like the sled engine,
+    /// a transaction's reads see the state before it, never its own writes.
+    queued: Vec<(&'static str, Vec<Param>)>,
+    hints: Hints,
+    /// The tailnet row locked together with an auth key, so reading it again costs no round trip.
+    locked_tailnet: Option<Tailnet>,
+}
+
+/// A statement parameter owned by the queue.
+type Param = Box<dyn ToSql + Sync + Send>;
+
+macro_rules! params {
+    ($($p:expr),* $(,)?) => { vec![$(Box::new($p) as Param),*] };
+}
+
+/// A record as the `record` column holds it.
+fn record<T: serde::Serialize>(value: &T) -> Json<serde_json::Value> {
+    Json(serde_json::to_value(value).expect("records serialize"))
 }
 
 impl Drop for PgTx {
@@ -247,20 +294,61 @@ impl PgTx {
         self.client.as_ref().expect("a live transaction")
     }
 
-    async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+    async fn query(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        let begin = std::mem::take(&mut self.unbegun);
         let client = self.client();
         let statement = client.prepare_cached(sql).await.map_err(db)?;
+        if begin {
+            let (_, rows) = futures::future::try_join(client.batch_execute("BEGIN"), client.query(&statement, params))
+                .await
+                .map_err(db)?;
+            return Ok(rows);
+        }
         client.query(&statement, params).await.map_err(db)
     }
 
-    async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+    /// Queues a write for commit.
+    fn queue(&mut self, sql: &'static str, params: Vec<Param>) {
+        debug_assert!(self.write, "a write through a read transaction");
+        self.queued.push((sql, params));
+    }
+
+    /// Sends BEGIN (if not yet sent), the queued writes, then `then`, all pipelined in this order;
+    /// returns what `then` returned.
+    async fn send_queued(&mut self, then: Option<(&'static str, Vec<Param>)>) -> Result<Option<Vec<Row>>> {
+        let begin = std::mem::take(&mut self.unbegun);
+        let queued = std::mem::take(&mut self.queued);
         let client = self.client();
-        let statement = client.prepare_cached(sql).await.map_err(db)?;
-        client.execute(&statement, params).await.map_err(db)
+        // Prepared first (cached after the first use), so the executions leave in queue order.
+        let mut statements = Vec::with_capacity(queued.len());
+        for (sql, _) in queued.iter().chain(then.iter()) {
+            statements.push(client.prepare_cached(sql).await.map_err(db)?);
+        }
+        let refs: Vec<Vec<&(dyn ToSql + Sync)>> = queued
+            .iter()
+            .chain(then.iter())
+            .map(|(_, params)| params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect())
+            .collect();
+        let writes = statements[..queued.len()].iter().zip(&refs).map(|(st, p)| client.execute(st, p));
+        let begin = async {
+            if begin {
+                client.batch_execute("BEGIN").await?;
+            }
+            Ok(())
+        };
+        let last = async {
+            match then {
+                Some(_) => client.query(&statements[queued.len()], &refs[queued.len()]).await.map(Some),
+                None => Ok(None),
+            }
+        };
+        let (_, _, rows) =
+            futures::future::try_join3(begin, futures::future::try_join_all(writes), last).await.map_err(db)?;
+        Ok(rows)
     }
 
     async fn one<T: DeserializeOwned>(
-        &self,
+        &mut self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
         what: &str,
@@ -268,7 +356,12 @@ impl PgTx {
         self.query(sql, params).await?.first().map(|r| decode(r, what)).transpose()
     }
 
-    async fn many<T: DeserializeOwned>(&self, sql: &str, params: &[&(dyn ToSql + Sync)], what: &str) -> Result<Vec<T>> {
+    async fn many<T: DeserializeOwned>(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        what: &str,
+    ) -> Result<Vec<T>> {
         self.query(sql, params).await?.iter().map(|r| decode(r, what)).collect()
     }
 
@@ -278,6 +371,9 @@ impl PgTx {
     }
 
     pub async fn tailnet(&mut self, id: TailnetId) -> Result<Option<Tailnet>> {
+        if let Some(t) = self.locked_tailnet.as_ref().filter(|t| t.id == id) {
+            return Ok(Some(t.clone()));
+        }
         let sql = format!("SELECT record FROM tailnets WHERE id = $1{}", self.lock());
         self.one(&sql, &[&id.0], "tailnet").await
     }
@@ -299,19 +395,19 @@ impl PgTx {
     }
 
     pub async fn put_tailnet(&mut self, t: &Tailnet) -> Result<()> {
-        self.execute(
+        self.queue(
             "INSERT INTO tailnets (id, name, owner, created_at, expires_at, record) VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT (id) DO UPDATE SET name = excluded.name, owner = excluded.owner, \
              expires_at = excluded.expires_at, record = excluded.record",
-            &[&t.id.0, &t.name, &t.owner, &t.created_at, &t.expires_at, &Json(t)],
-        )
-        .await?;
+            params![t.id.0, t.name.clone(), t.owner.clone(), t.created_at, t.expires_at, record(t)],
+        );
         Ok(())
     }
 
     pub async fn delete_tailnet(&mut self, id: TailnetId) -> Result<()> {
         // Nodes, sessions, keys, rules, policy versions, upstream keys and the gateway cascade.
-        self.execute("DELETE FROM tailnets WHERE id = $1", &[&id.0]).await?;
+        self.queue("DELETE FROM tailnets WHERE id = $1", params![id.0]);
+        self.hints.lock().unwrap().remove(&id);
         Ok(())
     }
 
@@ -350,44 +446,93 @@ impl PgTx {
     }
 
     pub async fn free_address(&mut self, tailnet: TailnetId, first: u32, last: u32) -> Result<Option<Ipv4Addr>> {
+        let first = self.hints.lock().unwrap().get(&tailnet).map_or(first, |h| (*h).max(first));
         // The lowest candidate is `first` or one past a held address; the (tailnet, address) index
         // answers both probes.
-        let rows = self
-            .query(
-                "SELECT c.a FROM (SELECT $2::bigint AS a UNION ALL \
-                 SELECT address + 1 FROM nodes WHERE tailnet_id = $1 AND address >= $2) c \
-                 WHERE c.a <= $3 AND NOT EXISTS (SELECT 1 FROM nodes WHERE tailnet_id = $1 AND address = c.a) \
-                 ORDER BY c.a LIMIT 1",
-                &[&tailnet.0, &i64::from(first), &i64::from(last)],
-            )
-            .await?;
-        Ok(rows.first().map(|r| Ipv4Addr::from(r.get::<_, i64>(0) as u32)))
+        let rows = self.query(FREE_ADDRESS, &[&tailnet.0, &i64::from(first), &i64::from(last)]).await?;
+        let found = rows.first().map(|r| r.get::<_, i64>(0) as u32);
+        if let Some(a) = found {
+            self.hints.lock().unwrap().insert(tailnet, a + 1);
+        }
+        Ok(found.map(Ipv4Addr::from))
+    }
+
+    pub async fn placement(
+        &mut self,
+        tailnet: TailnetId,
+        key: &[u8; 32],
+        hostname: &str,
+        first: u32,
+        last: u32,
+    ) -> Result<Placement> {
+        let begin = std::mem::take(&mut self.unbegun);
+        let first = self.hints.lock().unwrap().get(&tailnet).map_or(first, |h| (*h).max(first));
+        let client = self.client();
+        let by_key = client
+            .prepare_cached("SELECT record FROM nodes WHERE tailnet_id = $1 AND wireguard_key = $2")
+            .await
+            .map_err(db)?;
+        let free = client.prepare_cached(FREE_ADDRESS).await.map_err(db)?;
+        let taken =
+            client.prepare_cached("SELECT 1 FROM nodes WHERE tailnet_id = $1 AND hostname = $2").await.map_err(db)?;
+        let key: &[u8] = key;
+        let (first, last) = (i64::from(first), i64::from(last));
+        let begin = async {
+            if begin {
+                client.batch_execute("BEGIN").await?;
+            }
+            Ok(())
+        };
+        // Three independent reads, pipelined: one round trip.
+        let (_, existing, free, taken) = futures::future::try_join4(
+            begin,
+            client.query(&by_key, &[&tailnet.0, &key]),
+            client.query(&free, &[&tailnet.0, &first, &last]),
+            client.query(&taken, &[&tailnet.0, &hostname]),
+        )
+        .await
+        .map_err(db)?;
+        if let Some(row) = existing.first() {
+            return Ok(Placement::Existing(decode(row, "node")?));
+        }
+        let address = free.first().map(|r| r.get::<_, i64>(0) as u32);
+        if let Some(a) = address {
+            self.hints.lock().unwrap().insert(tailnet, a + 1);
+        }
+        Ok(Placement::New { address: address.map(Ipv4Addr::from), hostname_taken: !taken.is_empty() })
     }
 
     pub async fn put_node(&mut self, n: &Node, _replaced: Option<&Node>) -> Result<()> {
-        let key: &[u8] = &n.wireguard_public_key;
-        self.execute(
+        self.queue(
             "INSERT INTO nodes (id, tailnet_id, address, hostname, wireguard_key, expires_at, record) \
              VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO UPDATE SET address = excluded.address, \
              hostname = excluded.hostname, wireguard_key = excluded.wireguard_key, \
              expires_at = excluded.expires_at, record = excluded.record",
-            &[&n.id.0, &n.tailnet_id.0, &address(n.address), &n.hostname, &key, &n.expires_at, &Json(n)],
-        )
-        .await?;
+            params![
+                n.id.0,
+                n.tailnet_id.0,
+                address(n.address),
+                n.hostname.clone(),
+                n.wireguard_public_key.to_vec(),
+                n.expires_at,
+                record(n)
+            ],
+        );
         if n.session_hash != [0; 32] {
-            let hash: &[u8] = &n.session_hash;
-            self.execute(
+            self.queue(
                 "INSERT INTO sessions (token_hash, node_id) VALUES ($1, $2) \
                  ON CONFLICT (node_id) DO UPDATE SET token_hash = excluded.token_hash",
-                &[&hash, &n.id.0],
-            )
-            .await?;
+                params![n.session_hash.to_vec(), n.id.0],
+            );
         }
         Ok(())
     }
 
     pub async fn delete_node(&mut self, n: &Node) -> Result<()> {
-        self.execute("DELETE FROM nodes WHERE id = $1", &[&n.id.0]).await?;
+        self.queue("DELETE FROM nodes WHERE id = $1", params![n.id.0]);
+        if let Some(hint) = self.hints.lock().unwrap().get_mut(&n.tailnet_id) {
+            *hint = (*hint).min(u32::from(n.address));
+        }
         Ok(())
     }
 
@@ -398,8 +543,24 @@ impl PgTx {
 
     pub async fn auth_key_by_secret(&mut self, hash: &SecretHash) -> Result<Option<AuthKey>> {
         let hash: &[u8] = hash;
-        let sql = format!("SELECT record FROM auth_keys WHERE secret_hash = $1{}", self.lock());
-        self.one(&sql, &[&hash], "auth key").await
+        if !self.write {
+            return self.one("SELECT record FROM auth_keys WHERE secret_hash = $1", &[&hash], "auth key").await;
+        }
+        // A writer that admits with the key goes on to its tailnet: both rows locked in one round trip,
+        // the key's first (the lock order every writer keeps).
+        let rows = self
+            .query(
+                "SELECT k.record, t.record FROM auth_keys k JOIN tailnets t ON t.id = k.tailnet_id \
+                 WHERE k.secret_hash = $1 FOR UPDATE OF k, t",
+                &[&hash],
+            )
+            .await?;
+        let Some(row) = rows.first() else { return Ok(None) };
+        let corrupt = |e: tokio_postgres::Error| Error::Corrupt { key: "auth key".into(), detail: e.to_string() };
+        let key: Json<AuthKey> = row.try_get(0).map_err(corrupt)?;
+        let tailnet: Json<Tailnet> = row.try_get(1).map_err(corrupt)?;
+        self.locked_tailnet = Some(tailnet.0);
+        Ok(Some(key.0))
     }
 
     pub async fn auth_keys_of(&mut self, tailnet: TailnetId) -> Result<Vec<AuthKey>> {
@@ -408,13 +569,11 @@ impl PgTx {
     }
 
     pub async fn put_auth_key(&mut self, k: &AuthKey) -> Result<()> {
-        let hash: &[u8] = &k.secret_hash;
-        self.execute(
+        self.queue(
             "INSERT INTO auth_keys (id, tailnet_id, secret_hash, record) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (id) DO UPDATE SET record = excluded.record",
-            &[&k.id.0, &k.tailnet_id.0, &hash, &Json(k)],
-        )
-        .await?;
+            params![k.id.0, k.tailnet_id.0, k.secret_hash.to_vec(), record(k)],
+        );
         Ok(())
     }
 
@@ -431,17 +590,16 @@ impl PgTx {
     }
 
     pub async fn put_trust_rule(&mut self, r: &TrustRule) -> Result<()> {
-        self.execute(
+        self.queue(
             "INSERT INTO trust_rules (id, tailnet_id, issuer, record) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (id) DO UPDATE SET issuer = excluded.issuer, record = excluded.record",
-            &[&r.id.0, &r.spec.tailnet_id.0, &r.spec.issuer, &Json(r)],
-        )
-        .await?;
+            params![r.id.0, r.spec.tailnet_id.0, r.spec.issuer.clone(), record(r)],
+        );
         Ok(())
     }
 
     pub async fn delete_trust_rule(&mut self, r: &TrustRule) -> Result<()> {
-        self.execute("DELETE FROM trust_rules WHERE id = $1", &[&r.id.0]).await?;
+        self.queue("DELETE FROM trust_rules WHERE id = $1", params![r.id.0]);
         Ok(())
     }
 
@@ -464,12 +622,11 @@ impl PgTx {
     }
 
     pub async fn put_policy(&mut self, p: &PolicyRecord) -> Result<()> {
-        self.execute(
+        self.queue(
             "INSERT INTO policy_versions (tailnet_id, version, author, created_at, record) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (tailnet_id, version) DO UPDATE SET record = excluded.record",
-            &[&p.tailnet_id.0, &(p.version as i64), &p.author, &p.created_at, &Json(p)],
-        )
-        .await?;
+            params![p.tailnet_id.0, p.version as i64, p.author.clone(), p.created_at, record(p)],
+        );
         Ok(())
     }
 
@@ -485,13 +642,11 @@ impl PgTx {
     }
 
     pub async fn put_gateway(&mut self, tailnet: TailnetId, node: NodeId, secret: &[u8; 32]) -> Result<()> {
-        let secret: &[u8] = secret;
-        self.execute(
+        self.queue(
             "INSERT INTO gateways (tailnet_id, node_id, private_key) VALUES ($1, $2, $3) \
              ON CONFLICT (tailnet_id) DO UPDATE SET node_id = excluded.node_id, private_key = excluded.private_key",
-            &[&tailnet.0, &node.0, &secret],
-        )
-        .await?;
+            params![tailnet.0, node.0, secret.to_vec()],
+        );
         Ok(())
     }
 
@@ -510,12 +665,11 @@ impl PgTx {
     }
 
     pub async fn put_upstream_key(&mut self, tailnet: TailnetId, name: &str, key: &Secret) -> Result<()> {
-        self.execute(
+        self.queue(
             "INSERT INTO upstream_keys (tailnet_id, name, api_key) VALUES ($1, $2, $3) \
              ON CONFLICT (tailnet_id, name) DO UPDATE SET api_key = excluded.api_key",
-            &[&tailnet.0, &name, &key.expose()],
-        )
-        .await?;
+            params![tailnet.0, name.to_string(), key.expose().to_string()],
+        );
         Ok(())
     }
 
@@ -546,51 +700,47 @@ impl PgTx {
         Ok((events, more))
     }
 
-    async fn insert_events<'a>(&self, events: impl Iterator<Item = &'a Event>) -> Result<()> {
-        let client = self.client();
-        let statement = client
-            .prepare_cached(
-                "INSERT INTO events (revision, id, time, kind, tailnet_id, node_id, actor, summary, record) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            )
-            .await
-            .map_err(db)?;
-        let rows: Vec<_> = events
-            .map(|e| {
-                let ids = (e.tailnet_id.map(|t| t.0), e.node_id.map(|n| n.0));
-                (e.revision as i64, format!("{:?}", e.kind), ids, e, Json(e))
-            })
-            .collect();
-        // Issued together, so the connection pipelines them.
-        let params: Vec<[&(dyn ToSql + Sync); 9]> = rows
-            .iter()
-            .map(|(revision, kind, (tailnet, node), e, record)| {
-                let p: [&(dyn ToSql + Sync); 9] =
-                    [revision, &e.id, &e.time, kind, tailnet, node, &e.actor, &e.summary, record];
-                p
-            })
-            .collect();
-        let inserts = params.iter().map(|p| client.execute(&statement, p));
-        futures::future::try_join_all(inserts).await.map_err(db)?;
-        Ok(())
+    const INSERT_EVENT: &'static str = "INSERT INTO events (revision, id, time, kind, tailnet_id, node_id, actor, \
+         summary, record) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+
+    fn queue_event(&mut self, e: &Event) {
+        self.queue(
+            Self::INSERT_EVENT,
+            params![
+                e.revision as i64,
+                e.id,
+                e.time,
+                format!("{:?}", e.kind),
+                e.tailnet_id.map(|t| t.0),
+                e.node_id.map(|n| n.0),
+                e.actor.clone(),
+                e.summary.clone(),
+                record(e)
+            ],
+        );
     }
 
     pub async fn put_events(&mut self, events: &[Event]) -> Result<()> {
-        self.insert_events(events.iter()).await
-    }
-
-    pub async fn set_revision(&mut self, revision: u64) -> Result<()> {
-        self.execute("UPDATE meta SET revision = $1", &[&(revision as i64)]).await?;
+        for e in events {
+            self.queue_event(e);
+        }
         Ok(())
     }
 
-    /// Takes the next revisions (the meta row stays locked until commit, so revisions follow commit
-    /// order), writes the events, and commits; returns the numbered changes.
+    pub async fn set_revision(&mut self, revision: u64) -> Result<()> {
+        self.queue("UPDATE meta SET revision = $1", params![revision as i64]);
+        Ok(())
+    }
+
+    /// Sends the queued writes and takes the next revisions (the meta row stays locked until commit,
+    /// so revisions follow commit order), then writes the events and commits: two round trips and the
+    /// WAL flush. Returns the numbered changes.
     pub async fn commit(mut self, pending: Vec<Pending>) -> Result<Vec<Change>> {
         let mut changes = Vec::with_capacity(pending.len());
-        if !pending.is_empty() {
-            let n = pending.len() as i64;
-            let rows = self.query("UPDATE meta SET revision = revision + $1 RETURNING revision", &[&n]).await?;
+        let n = pending.len() as i64;
+        let take = (n > 0).then(|| ("UPDATE meta SET revision = revision + $1 RETURNING revision", params![n]));
+        let rows = self.send_queued(take).await?;
+        if let Some(rows) = rows {
             let last = rows
                 .first()
                 .map(|r| r.get::<_, i64>(0))
@@ -600,13 +750,13 @@ impl PgTx {
                 revision += 1;
                 changes.push(p.numbered(revision));
             }
-            self.insert_events(changes.iter().filter_map(|c| match c {
-                Change::Event(e) => Some(&**e),
-                Change::NetMap { .. } => None,
-            }))
-            .await?;
+            for c in &changes {
+                if let Change::Event(e) = c {
+                    self.queue_event(e);
+                }
+            }
         }
-        self.client().batch_execute("COMMIT").await.map_err(db)?;
+        self.send_queued(Some(("COMMIT", Vec::new()))).await?;
         self.open = false;
         Ok(changes)
     }

@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::OwnedMutexGuard;
 
-use super::{Counts, EventFilter, Pending};
+use super::{Counts, EventFilter, Pending, Placement};
 use crate::error::{Error, Result};
 use crate::hub::Change;
 use crate::model::{
@@ -466,6 +466,21 @@ impl SledTx {
         // The transaction does not see its own batch: the next allocation starts past this one.
         self.hints().insert(tailnet, want + 1);
         Ok(Some(Ipv4Addr::from(want)))
+    }
+
+    pub async fn placement(
+        &mut self,
+        tailnet: TailnetId,
+        key: &[u8; 32],
+        hostname: &str,
+        first: u32,
+        last: u32,
+    ) -> Result<Placement> {
+        if let Some(node) = self.node_by_wireguard_key(tailnet, key).await? {
+            return Ok(Placement::Existing(node));
+        }
+        let address = self.free_address(tailnet, first, last).await?;
+        Ok(Placement::New { address, hostname_taken: self.hostname_taken(tailnet, hostname).await? })
     }
 
     pub async fn put_node(&mut self, node: &Node, replaced: Option<&Node>) -> Result<()> {

@@ -517,7 +517,7 @@ pub async fn register(
     let placement = tx.placement(tailnet.id, &reg.wireguard_public_key, &reg.hostname, first, last).await?;
     let (node, change, summary) = match placement {
         Placement::Existing(old) => {
-            let mut node = old.clone();
+            let mut node = (*old).clone();
             node.session_hash = session_hash;
             node.tags = tags;
             node.auth_key_id = auth_key_id;

@@ -163,7 +163,7 @@ impl Counts {
 /// Where a registering node goes (see [`Tx::placement`]).
 #[derive(Debug)]
 pub enum Placement {
-    Existing(Node),
+    Existing(Box<Node>),
     New { address: Option<Ipv4Addr>, hostname_taken: bool },
 }
 
@@ -257,7 +257,7 @@ impl Store {
     pub async fn write(&self) -> Result<Tx> {
         let inner = match &self.engine {
             Engine::Sled(s) => Inner::Sled(s.begin(true).await),
-            Engine::Postgres(s) => Inner::Postgres(s.begin(true).await?),
+            Engine::Postgres(s) => Inner::Postgres(Box::new(s.begin(true).await?)),
         };
         Ok(Tx { inner, pending: vec![], publisher: self.publisher.clone(), writes: true })
     }
@@ -266,7 +266,7 @@ impl Store {
     pub async fn read(&self) -> Result<Tx> {
         let inner = match &self.engine {
             Engine::Sled(s) => Inner::Sled(s.begin(false).await),
-            Engine::Postgres(s) => Inner::Postgres(s.begin(false).await?),
+            Engine::Postgres(s) => Inner::Postgres(Box::new(s.begin(false).await?)),
         };
         Ok(Tx { inner, pending: vec![], publisher: self.publisher.clone(), writes: false })
     }
@@ -281,7 +281,7 @@ impl Store {
             }
             Engine::Postgres(s) => {
                 let (r, tx) = s.begin_snapshot().await?;
-                (r, Inner::Postgres(tx))
+                (r, Inner::Postgres(Box::new(tx)))
             }
         };
         let mut tx = Tx { inner, pending: vec![], publisher: self.publisher.clone(), writes: false };
@@ -323,7 +323,7 @@ impl Store {
 
 pub(crate) enum Inner {
     Sled(sled::SledTx),
-    Postgres(postgres::PgTx),
+    Postgres(Box<postgres::PgTx>),
     /// Committed or moved out.
     Done,
 }

@@ -493,7 +493,7 @@ impl PgTx {
         .await
         .map_err(db)?;
         if let Some(row) = existing.first() {
-            return Ok(Placement::Existing(decode(row, "node")?));
+            return Ok(Placement::Existing(Box::new(decode(row, "node")?)));
         }
         let address = free.first().map(|r| r.get::<_, i64>(0) as u32);
         if let Some(a) = address {

@@ -477,7 +477,7 @@ impl SledTx {
         last: u32,
     ) -> Result<Placement> {
         if let Some(node) = self.node_by_wireguard_key(tailnet, key).await? {
-            return Ok(Placement::Existing(node));
+            return Ok(Placement::Existing(Box::new(node)));
         }
         let address = self.free_address(tailnet, first, last).await?;
         Ok(Placement::New { address, hostname_taken: self.hostname_taken(tailnet, hostname).await? })

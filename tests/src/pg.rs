@@ -133,20 +133,22 @@ fn on_path(program: &str) -> Option<PathBuf> {
 /// ended; the shell then stops the cluster (fast shutdown) and removes the directory. If postgres exits
 /// by itself, the directory stays so that its log can be read.
 const WATCHDOG: &str = r#"
+bin=$1 dir=$2 port=$3
+shift 3
 exec 3<&0 </dev/null
-"$1" -D "$2/data" -k "$2" -p "$3" -c listen_addresses=127.0.0.1 -c fsync=on -c max_connections=200 3<&- &
+"$bin" -D "$dir/data" -k "$dir" -p "$port" -c listen_addresses=127.0.0.1 -c fsync=on -c max_connections=200 "$@" 3<&- &
 pg=$!
-{ read -r _ <&3; : >"$2/stop"; kill -INT "$pg"; } &
+{ read -r _ <&3; : >"$dir/stop"; kill -INT "$pg"; } &
 watch=$!
 exec 3<&-
 wait "$pg"
 status=$?
-if [ -e "$2/stop" ]; then rm -rf "$2"; else kill "$watch" 2>/dev/null; fi
+if [ -e "$dir/stop" ]; then rm -rf "$dir"; else kill "$watch" 2>/dev/null; fi
 exit "$status"
 "#;
 
 /// A cluster of this process on 127.0.0.1, with trust authentication for the user `postgres`.
-struct Cluster {
+pub struct Cluster {
     port: u16,
     psql: PathBuf,
     /// The [`WATCHDOG`] shell; its stdin pipe closes when this process exits, which stops the cluster.
@@ -158,7 +160,26 @@ impl Cluster {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
+    /// The port it listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Creates a database; returns its URL.
+    pub async fn database(&self, test: &str) -> Result<String, String> {
+        let name = database_name(test);
+        create_database(&self.psql, &self.url("postgres"), &name).await?;
+        Ok(self.url(&name))
+    }
+
     fn start() -> Result<Cluster, String> {
+        Self::start_with(&[], None)
+    }
+
+    /// A cluster of its own with extra `-c` settings (`options`) and, if given, this `pg_hba.conf`;
+    /// it stops when dropped (or when the test process ends). Files it must read (certificates)
+    /// should be readable by the `postgres` user when the tests run as root.
+    pub fn start_with(options: &[String], hba: Option<&str>) -> Result<Cluster, String> {
         let bin = server_bin_dir().ok_or_else(|| format!("PostgreSQL is not installed: {INSTALL}"))?;
         let psql = psql().ok_or_else(|| format!("psql is missing from {}: {INSTALL}", bin.display()))?;
         // PostgreSQL refuses to run as root, so root runs it as the `postgres` user the packages create.
@@ -177,14 +198,21 @@ impl Cluster {
             .mode(0o700)
             .create(&dir)
             .map_err(|e| format!("cannot create {}: {e}; set TMPDIR to a writable directory", dir.display()))?;
-        let started = Self::start_in(&bin, psql, &dir, owner);
+        let started = Self::start_in(&bin, psql, &dir, owner, options, hba);
         if started.is_err() {
             let _ = std::fs::remove_dir_all(&dir);
         }
         started
     }
 
-    fn start_in(bin: &Path, psql: PathBuf, dir: &Path, owner: Option<&str>) -> Result<Cluster, String> {
+    fn start_in(
+        bin: &Path,
+        psql: PathBuf,
+        dir: &Path,
+        owner: Option<&str>,
+        options: &[String],
+        hba: Option<&str>,
+    ) -> Result<Cluster, String> {
         if let Some(user) = owner {
             let out = Command::new("chown")
                 .arg(format!("{user}:"))
@@ -220,6 +248,10 @@ impl Cluster {
         if !out.status.success() {
             return Err(format!("initdb failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim()));
         }
+        if let Some(hba) = hba {
+            let path = dir.join("data/pg_hba.conf");
+            std::fs::write(&path, hba).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        }
 
         // Another process may take the free port before postgres binds it; then try another.
         let log_path = dir.join("postgres.log");
@@ -233,6 +265,7 @@ impl Cluster {
                 .arg(bin.join("postgres"))
                 .arg(dir)
                 .arg(port.to_string())
+                .args(options)
                 .stdin(Stdio::piped())
                 .stdout(clone(&log)?)
                 .stderr(log)

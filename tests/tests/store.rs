@@ -227,3 +227,63 @@ async fn store_copy_moves_a_sled_installation_to_postgres() {
     let rules = admin.list_trust_rules(v1::ListTrustRulesRequest { tailnet_id: tailnet.id.clone() }).await.unwrap();
     assert_eq!(rules.into_inner().rules.len(), 1);
 }
+
+/// TLS to PostgreSQL with libpq's `sslmode` meanings, against a cluster that refuses plaintext and
+/// serves a certificate for `localhost` signed by a CA the test makes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_over_tls_honours_sslmode() {
+    use cordon_server::store::{Store, StoreOptions, StoreUrl};
+    if on_postgres() {
+        // This test runs its own cluster; the sled pass runs it.
+        return;
+    }
+    if !pg::available() {
+        skip("postgres_over_tls_honours_sslmode", "PostgreSQL is not installed (apt-get install postgresql)");
+        return;
+    }
+    if std::process::Command::new("openssl").arg("version").output().is_err() {
+        skip("postgres_over_tls_honours_sslmode", "openssl is not installed (scripts/test.sh installs it as root)");
+        return;
+    }
+    let certs = tempfile::tempdir().unwrap();
+    test_certificates(certs.path());
+    let key = certs.path().join("server.key");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    if is_root() {
+        // The server runs as `postgres` and must read its certificate and key.
+        let out = std::process::Command::new("chown").args(["-R", "postgres:"]).arg(certs.path()).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let dir = certs.path().display();
+    let options =
+        ["ssl=on".to_string(), format!("ssl_cert_file={dir}/server.pem"), format!("ssl_key_file={dir}/server.key")];
+    let options: Vec<String> = options.iter().flat_map(|o| ["-c".to_string(), o.clone()]).collect();
+    let hba = "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n";
+    let cluster = pg::Cluster::start_with(&options, Some(hba)).unwrap();
+    let url = cluster.database("tls").await.unwrap();
+    let localhost = url.replace("127.0.0.1", "localhost");
+    let ca = format!("{dir}/ca.pem");
+    let open = |url: String| async move {
+        Store::open(&StoreUrl::Postgres(url), &StoreOptions::default(), Default::default()).await.map(|_| ())
+    };
+    let refused = |r: Result<(), cordon_server::error::Error>, what: &str, needle: &str| {
+        let err = r.err().unwrap_or_else(|| panic!("{what} was accepted")).to_string();
+        assert!(err.contains(needle), "{what}: {err}");
+        assert!(!err.contains("\n"), "one line: {err}");
+    };
+
+    refused(open(format!("{url}?sslmode=disable")).await, "plaintext", "no encryption");
+    open(format!("{localhost}?sslmode=verify-full&sslrootcert={ca}"))
+        .await
+        .expect("verify-full with the CA and its name");
+    open(format!("{url}?sslmode=verify-ca&sslrootcert={ca}")).await.expect("verify-ca ignores the name");
+    open(format!("{url}?sslmode=require")).await.expect("require encrypts without checking");
+    open(url.clone()).await.expect("prefer (the default) encrypts when the server can");
+    refused(
+        open(format!("{url}?sslmode=verify-full&sslrootcert={ca}")).await,
+        "a name the certificate lacks",
+        "certificate",
+    );
+    refused(open(format!("{localhost}?sslmode=verify-full")).await, "a CA the system does not trust", "certificate");
+    refused(open(format!("{url}?sslmode=sometimes")).await, "an unknown sslmode", "verify-full");
+}

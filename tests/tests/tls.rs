@@ -10,63 +10,6 @@ use cordon_tests::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
-/// A CA, and a server certificate it signs for `localhost` only, in `dir`.
-fn make_certificates(dir: &Path) {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("run openssl");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=Cordon test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    ]);
-    std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n").unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-        "-out",
-        "server.pem",
-    ]);
-}
-
 async fn agentd_up(server: &str, state: &Path, key: &str, ca: Option<&Path>) -> tokio::process::Child {
     let mut cmd = Command::new(agentd_bin());
     cmd.args(["up", "--server", server, "--hostname", "tls"]).arg("--state-dir").arg(state).env("AGENTD_AUTH_KEY", key);
@@ -85,7 +28,7 @@ async fn agentd_verifies_the_servers_certificate() {
         );
     }
     let certs = tempfile::tempdir().unwrap();
-    make_certificates(certs.path());
+    test_certificates(certs.path());
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (certs.path().join("server.pem"), certs.path().join("server.key"));
     let server = TestServer::launch(dir.path(), "127.0.0.1:0", move |c| {

@@ -8,8 +8,10 @@ use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use serde::de::DeserializeOwned;
+use tokio_postgres::Row;
 use tokio_postgres::types::{Json, ToSql};
-use tokio_postgres::{NoTls, Row};
+
+mod tls;
 
 use super::{Counts, EventFilter, Pending, Placement};
 use crate::error::{Error, Result};
@@ -77,6 +79,13 @@ fn connect_error(url: &str, e: deadpool_postgres::PoolError) -> Error {
     let deadpool_postgres::PoolError::Backend(e) = e else {
         return Error::Unavailable(format!("cannot connect to PostgreSQL at {shown}: {e}"));
     };
+    let detail = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
+    if detail.contains("certificate") {
+        return Error::Unavailable(format!(
+            "cannot connect to PostgreSQL at {shown}: {detail}; give sslrootcert=<the CA that signed the server's \
+             certificate> and a host the certificate names, or sslmode=verify-ca to check the CA only"
+        ));
+    }
     let hint = match e.code() {
         Some(c) if *c == SqlState::INVALID_PASSWORD || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
             "check the user and password in --store"
@@ -84,7 +93,6 @@ fn connect_error(url: &str, e: deadpool_postgres::PoolError) -> Error {
         Some(c) if *c == SqlState::INVALID_CATALOG_NAME => "create the database (createdb) or name another in --store",
         _ => "check that PostgreSQL runs and that --store names its host and port",
     };
-    let detail = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
     Error::Unavailable(format!("cannot connect to PostgreSQL at {shown}: {detail}; {hint}"))
 }
 
@@ -112,20 +120,15 @@ impl PgStore {
     /// Connects, checks the server version and applies any migrations this build has and the
     /// database lacks.
     pub async fn open(url: &str, max_connections: usize) -> Result<PgStore> {
-        let config = tokio_postgres::Config::from_str(url).map_err(|e| {
+        let (driver_url, ssl_mode, root) = tls::split_url(url)?;
+        let config = tokio_postgres::Config::from_str(&driver_url).map_err(|e| {
             Error::invalid(
                 "store",
                 format!("{} is not a PostgreSQL URL ({e}); e.g. postgres://cordon@db.example/cordon", redact(url)),
             )
         })?;
-        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-            return Err(Error::invalid(
-                "store",
-                "sslmode=require: this build talks to PostgreSQL without TLS; connect over a local socket or a \
-                 trusted network with sslmode=disable or prefer",
-            ));
-        }
-        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let tls = tls::connector(ssl_mode, root.as_deref())?;
+        let manager = Manager::from_config(config, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(max_connections)
             .runtime(Runtime::Tokio1)

@@ -66,6 +66,11 @@ pub struct ControlPlane {
     /// The STUN reflector's address as nodes should dial it, if one runs.
     pub stun_address: Mutex<Option<String>>,
     pub gateways: crate::gateway::Gateways,
+    /// The long-lived tasks the server owns (reaper, audit pruner, gateways, STUN): each ends on
+    /// shutdown, and [`ControlPlane::drain`] waits for them. `None` once drained.
+    tasks: Mutex<Option<tokio::task::JoinSet<()>>>,
+    /// The audit writer, which drains after the gateways: its handle, and what tells it to finish.
+    audit_writer: Mutex<Option<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>)>>,
 }
 
 impl ControlPlane {
@@ -88,9 +93,13 @@ impl ControlPlane {
             relays: crate::relay::Relays::default(),
             stun_address: Mutex::default(),
             gateways,
+            tasks: Mutex::new(Some(tokio::task::JoinSet::new())),
+            audit_writer: Mutex::default(),
         });
-        crate::reaper::spawn(Arc::downgrade(&cp), reaper_rx, clock, cp.shutdown.subscribe());
-        crate::gateway::spawn_audit_writer(Arc::downgrade(&cp), audit_rx);
+        crate::reaper::spawn(&cp, Arc::downgrade(&cp), reaper_rx, clock, cp.shutdown.subscribe());
+        let (finish, finished) = tokio::sync::oneshot::channel();
+        let writer = crate::gateway::spawn_audit_writer(Arc::downgrade(&cp), audit_rx, finished);
+        *cp.audit_writer.lock().unwrap() = Some((finish, writer));
 
         let now = clock.now();
         for tailnet in cp.all_tailnets().await? {
@@ -119,6 +128,54 @@ impl ControlPlane {
 
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()
+    }
+
+    /// Runs `task` as one the server owns; after [`ControlPlane::drain`] it is not started.
+    pub(crate) fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        if let Some(set) = self.tasks.lock().unwrap().as_mut() {
+            // Forget the ones that ended (gateways of deleted tailnets).
+            while set.try_join_next().is_some() {}
+            set.spawn(task);
+        }
+    }
+
+    /// How many owned tasks run now (the audit writer not counted).
+    pub fn running_tasks(&self) -> usize {
+        let mut tasks = self.tasks.lock().unwrap();
+        let Some(set) = tasks.as_mut() else { return 0 };
+        while set.try_join_next().is_some() {}
+        set.len()
+    }
+
+    /// Stops the server's tasks: signals shutdown, waits up to `grace` for every owned task to end
+    /// (aborting the rest), then lets the audit writer commit what the stopped gateways queued last
+    /// and waits for it. Returns how many tasks had to be aborted.
+    pub async fn drain(&self, grace: Duration) -> usize {
+        self.begin_shutdown();
+        let mut aborted = 0;
+        let tasks = self.tasks.lock().unwrap().take();
+        if let Some(mut tasks) = tasks {
+            let deadline = tokio::time::sleep(grace);
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    next = tasks.join_next() => if next.is_none() { break },
+                    _ = &mut deadline => {
+                        tracing::warn!(tasks = tasks.len(), ?grace, "tasks still running after the grace period; stopping them");
+                        aborted = tasks.len();
+                        tasks.shutdown().await;
+                        break;
+                    }
+                }
+            }
+        }
+        let writer = self.audit_writer.lock().unwrap().take();
+        if let Some((finish, writer)) = writer {
+            let _ = finish.send(());
+            let _ = writer.await;
+        }
+        tracing::info!(aborted, "every task of the server has ended");
+        aborted
     }
 
     /// Creates a tailnet and starts its gateway.

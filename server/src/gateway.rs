@@ -89,11 +89,26 @@ impl Gateways {
 }
 
 /// Writes queued gateway audit events, all that queued meanwhile in one commit (group commit), and
-/// tells each request whether its event is durable. Runs until the control plane goes.
-pub fn spawn_audit_writer(cp: Weak<ControlPlane>, mut rx: mpsc::UnboundedReceiver<AuditEntry>) {
+/// tells each request whether its event is durable. Runs until `finish` fires (after the gateways
+/// stopped: it then writes what they queued last and ends) or the control plane goes.
+pub fn spawn_audit_writer(
+    cp: Weak<ControlPlane>,
+    mut rx: mpsc::UnboundedReceiver<AuditEntry>,
+    mut finish: oneshot::Receiver<()>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(AUDIT_BATCH);
-        while rx.recv_many(&mut batch, AUDIT_BATCH).await > 0 {
+        loop {
+            let n = tokio::select! {
+                n = rx.recv_many(&mut batch, AUDIT_BATCH) => n,
+                _ = &mut finish => {
+                    rx.close();
+                    rx.recv_many(&mut batch, AUDIT_BATCH).await
+                }
+            };
+            if n == 0 {
+                return;
+            }
             let Some(cp) = cp.upgrade() else { return };
             let (events, waiting): (Vec<_>, Vec<_>) = batch.drain(..).map(|e| (e.event, e.committed)).unzip();
             let n = events.len();
@@ -108,12 +123,12 @@ pub fn spawn_audit_writer(cp: Weak<ControlPlane>, mut rx: mpsc::UnboundedReceive
                 let _ = w.send(ok);
             }
         }
-    });
+    })
 }
 
 /// Deletes audit events older than the retention, now and then every hour.
-pub fn spawn_audit_pruner(cp: Weak<ControlPlane>, retention: Duration) {
-    tokio::spawn(async move {
+pub fn spawn_audit_pruner(owner: &ControlPlane, cp: Weak<ControlPlane>, retention: Duration) {
+    owner.spawn(async move {
         loop {
             let Some(strong) = cp.upgrade() else { return };
             let mut shutdown = strong.shutdown_signal();
@@ -161,8 +176,9 @@ pub fn start(cp: &Arc<ControlPlane>, tailnet: TailnetId) {
     if !cp.gateways.running.lock().unwrap().insert(tailnet) {
         return;
     }
+    let owner = cp.clone();
     let cp = cp.clone();
-    tokio::spawn(async move {
+    owner.spawn(async move {
         let guard = RunningGuard(&cp.gateways, tailnet);
         let mut shutdown = cp.shutdown_signal();
         let mut backoff = Duration::from_millis(250);

@@ -39,8 +39,14 @@ impl Reaper {
     }
 }
 
-pub fn spawn(cp: Weak<ControlPlane>, mut rx: ReaperQueue, clock: Clock, mut shutdown: watch::Receiver<bool>) {
-    tokio::spawn(async move {
+pub fn spawn(
+    owner: &ControlPlane,
+    cp: Weak<ControlPlane>,
+    mut rx: ReaperQueue,
+    clock: Clock,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    owner.spawn(async move {
         let mut queue: BTreeSet<(SystemTime, Deadline)> = BTreeSet::new();
         loop {
             let next = queue.first().map(|(at, _)| clock.instant_at(*at));

@@ -58,7 +58,7 @@ impl Server {
         if !tailnets.is_empty() {
             tracing::info!(gateways = tailnets.len(), "starting the gateways of live tailnets");
         }
-        crate::gateway::spawn_audit_pruner(Arc::downgrade(&cp), cp.limits.audit_retention);
+        crate::gateway::spawn_audit_pruner(&cp, Arc::downgrade(&cp), cp.limits.audit_retention);
         if let Some(addr) = self.config.stun_listen {
             let socket = tokio::net::UdpSocket::bind(addr)
                 .await
@@ -67,7 +67,7 @@ impl Server {
             let advertised = if bound.ip().is_unspecified() { format!(":{}", bound.port()) } else { bound.to_string() };
             *cp.stun_address.lock().unwrap() = Some(advertised);
             tracing::info!(%bound, "STUN reflector listening");
-            tokio::spawn(crate::stun::reflect(socket, cp.shutdown_signal()));
+            cp.spawn(crate::stun::reflect(socket, cp.shutdown_signal()));
         }
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter.set_serving::<pb::control_server::ControlServer<ControlApi>>().await;
@@ -126,7 +126,7 @@ impl Server {
             result = serve => result.context("gRPC server")?,
             _ = deadline => tracing::warn!(?grace, "grace period over; dropping the calls still in flight"),
         }
-        cp.begin_shutdown();
+        cp.drain(grace).await;
         cp.flush().await.context("final flush")?;
         Ok(())
     }

@@ -287,3 +287,35 @@ async fn postgres_over_tls_honours_sslmode() {
     refused(open(format!("{localhost}?sslmode=verify-full")).await, "a CA the system does not trust", "certificate");
     refused(open(format!("{url}?sslmode=sometimes")).await, "an unknown sslmode", "verify-full");
 }
+
+/// Shutdown waits for the tasks the server owns: the reaper and every tailnet's gateway end on their
+/// own within the grace period (none is aborted), and nothing is started after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_waits_for_every_task_the_server_owns() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = test_store(dir.path()).await.unwrap_or(cordon_server::store::StoreUrl::Sled(dir.path().join("store")));
+    let cp = cordon_server::ControlPlane::open(&store, cordon_server::Limits::default()).await.unwrap();
+    let actor = cordon_server::model::Actor("admin:test".into());
+    let mut tailnets = Vec::new();
+    for i in 0..3 {
+        let spec = cordon_server::model::TailnetSpec {
+            name: format!("t{i}"),
+            owner: "acme".into(),
+            ttl_seconds: 0,
+            labels: Default::default(),
+            cidr: cordon_server::model::Ipv4Cidr::DEFAULT,
+            policy: None,
+            upstreams: vec![],
+        };
+        tailnets.push(cp.create_tailnet(spec, &actor).await.unwrap().id);
+    }
+    eventually(Duration::from_secs(10), "the gateways to run", || async {
+        tailnets.iter().all(|t| cp.gateways.is_running(*t)).then_some(())
+    })
+    .await;
+    assert!(cp.running_tasks() >= 4, "the reaper and three gateways: {}", cp.running_tasks());
+    let aborted = cp.drain(Duration::from_secs(10)).await;
+    assert_eq!(aborted, 0, "every task ended on its own");
+    assert_eq!(cp.gateways.running(), 0);
+    assert_eq!(cp.running_tasks(), 0);
+}

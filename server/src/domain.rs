@@ -147,12 +147,7 @@ pub async fn create_tailnet(
         upstreams: spec
             .upstreams
             .iter()
-            .map(|u| UpstreamInfo {
-                name: u.name.clone(),
-                kind: u.kind.clone(),
-                base_url: u.base_url.clone(),
-                updated_at: now,
-            })
+            .map(|u| UpstreamInfo { name: u.name.clone(), kind: u.kind, base_url: u.base_url.clone(), updated_at: now })
             .collect(),
     };
     tx.put_tailnet(&tailnet).await?;
@@ -729,12 +724,8 @@ pub async fn set_upstream(
     now: SystemTime,
 ) -> Result<UpstreamInfo> {
     let mut t = tailnet(tx, tailnet_id).await?;
-    let info = UpstreamInfo {
-        name: spec.name.clone(),
-        kind: spec.kind.clone(),
-        base_url: spec.base_url.clone(),
-        updated_at: now,
-    };
+    let info =
+        UpstreamInfo { name: spec.name.clone(), kind: spec.kind, base_url: spec.base_url.clone(), updated_at: now };
     let replaced = t.upstreams.iter().any(|u| u.name == info.name);
     t.upstreams.retain(|u| u.name != info.name);
     if t.upstreams.len() >= 16 {
@@ -824,7 +815,8 @@ pub fn record_gateway_requests(tx: &mut Tx, requests: Vec<GatewayEvent>) {
             g.output_tokens,
             if g.rule.is_empty() { String::new() } else { format!(", rule {}", g.rule) }
         );
-        let kind = if g.decision == "blocked" { EventKind::GatewayBlocked } else { EventKind::GatewayRequest };
+        let blocked = g.decision == crate::model::Decision::Blocked;
+        let kind = if blocked { EventKind::GatewayBlocked } else { EventKind::GatewayRequest };
         record(
             tx,
             Draft {

@@ -164,11 +164,45 @@ pub struct Tailnet {
     pub upstreams: Vec<UpstreamInfo>,
 }
 
+/// Which API an upstream speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UpstreamKind {
+    #[serde(rename = "openai")]
+    OpenAi,
+    #[serde(rename = "anthropic")]
+    Anthropic,
+    /// Any provider with OpenAI's chat and responses APIs (vLLM, Ollama, LiteLLM, ...).
+    #[serde(rename = "openai-compatible")]
+    OpenAiCompatible,
+}
+
+impl UpstreamKind {
+    pub const ALL: [UpstreamKind; 3] = [UpstreamKind::OpenAi, UpstreamKind::Anthropic, UpstreamKind::OpenAiCompatible];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamKind::OpenAi => "openai",
+            UpstreamKind::Anthropic => "anthropic",
+            UpstreamKind::OpenAiCompatible => "openai-compatible",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<UpstreamKind> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl fmt::Display for UpstreamKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// An upstream LLM provider as everyone may see it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpstreamInfo {
     pub name: String,
-    pub kind: String,
+    pub kind: UpstreamKind,
     pub base_url: String,
     pub updated_at: SystemTime,
 }
@@ -177,7 +211,7 @@ pub struct UpstreamInfo {
 #[derive(Clone)]
 pub struct UpstreamSpec {
     pub name: String,
-    pub kind: String,
+    pub kind: UpstreamKind,
     pub base_url: String,
     pub api_key: crate::secret::Secret,
 }
@@ -429,6 +463,40 @@ pub struct ToolCallRecord {
     pub blocked: bool,
 }
 
+/// What the gateway did with a request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    /// Passed to the upstream, which answered (also the state of a request not yet decided).
+    #[default]
+    Allowed,
+    /// Refused by a rule of the policy (model, rate, budget, no grant).
+    Denied,
+    /// Cut off because the upstream's answer called a denied tool.
+    Blocked,
+    /// Could not be served (upstream unreachable or failing, client gone, bad request). Also what an
+    /// unknown stored value reads as.
+    #[serde(other)]
+    Failed,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allowed => "allowed",
+            Decision::Denied => "denied",
+            Decision::Blocked => "blocked",
+            Decision::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One request through a gateway, as its audit event records it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct GatewayRequest {
@@ -438,7 +506,7 @@ pub struct GatewayRequest {
     pub upstream: String,
     pub upstream_model: String,
     pub status: u16,
-    pub decision: String,
+    pub decision: Decision,
     pub rule: String,
     pub message: String,
     pub stream: bool,

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::hub::Hub;
 use crate::model::{
     AuthKey, AuthKeySpec, EndReason, Event, EventKind, Node, Presented, RegisterInput, RunIdentity, Tailnet, TailnetId,
-    TailnetSpec, TrustRule, TrustRuleSpec, UpstreamSpec,
+    TailnetSpec, TrustRule, TrustRuleSpec, UpstreamKind, UpstreamSpec,
 };
 use crate::secret::AUTH_KEY_PREFIX;
 use crate::time::to_timestamp;
@@ -43,8 +43,6 @@ pub fn tailnet_spec(req: pb::CreateTailnetRequest) -> Result<TailnetSpec> {
     Ok(TailnetSpec { name: req.name, owner: req.owner, ttl_seconds: req.ttl_seconds, labels, cidr, policy, upstreams })
 }
 
-pub const UPSTREAM_KINDS: [&str; 3] = ["openai", "anthropic", "openai-compatible"];
-
 /// Validates an upstream; `prefix` is put before field names (`upstreams[0].`).
 pub fn upstream_spec(
     prefix: &str,
@@ -55,12 +53,13 @@ pub fn upstream_spec(
 ) -> Result<UpstreamSpec> {
     validate::dns_label(&format!("{prefix}name"), &name)?;
     validate::no_control(&format!("{prefix}base_url"), &base_url)?;
-    if !UPSTREAM_KINDS.contains(&kind.as_str()) {
+    let Some(kind) = UpstreamKind::parse(&kind) else {
+        let kinds: Vec<&str> = UpstreamKind::ALL.iter().map(|k| k.as_str()).collect();
         return Err(Error::invalid(
             format!("{prefix}kind"),
-            format!("{kind} is not one of {}", UPSTREAM_KINDS.join(", "), kind = quote(kind)),
+            format!("{kind} is not one of {}", kinds.join(", "), kind = quote(&kind)),
         ));
-    }
+    };
     let rest = base_url.strip_prefix("https://").or_else(|| base_url.strip_prefix("http://"));
     if rest.is_none_or(|r| r.is_empty() || r.starts_with('/'))
         || base_url.len() > 512
@@ -89,7 +88,7 @@ pub fn upstream_spec(
 pub fn upstream(u: &crate::model::UpstreamInfo) -> pb::UpstreamInfo {
     pb::UpstreamInfo {
         name: u.name.clone(),
-        kind: u.kind.clone(),
+        kind: u.kind.as_str().into(),
         base_url: u.base_url.clone(),
         api_key_set: true,
         updated_at: ts(u.updated_at),
@@ -354,7 +353,7 @@ fn gateway_request(g: &crate::model::GatewayRequest) -> pb::GatewayRequest {
         upstream: g.upstream.clone(),
         upstream_model: g.upstream_model.clone(),
         status: u32::from(g.status),
-        decision: g.decision.clone(),
+        decision: g.decision.as_str().into(),
         rule: g.rule.clone(),
         message: g.message.clone(),
         stream: g.stream,

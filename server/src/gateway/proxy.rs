@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 use super::Gateway;
 use super::rules::{CAPABILITY, Claim, Rules, Who};
 use super::wire::{self, Api, SseMeter};
-use crate::model::{GATEWAY_TAG, GatewayRequest, NodeId, RunIdentity, UpstreamInfo};
+use crate::model::{Decision, GATEWAY_TAG, GatewayRequest, NodeId, RunIdentity, UpstreamInfo, UpstreamKind};
 use crate::store::GatewayEvent;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -78,8 +78,8 @@ impl Drop for Call {
     /// A request whose client went away (or whose gateway stopped) mid-way is still settled and recorded.
     fn drop(&mut self) {
         if !self.done {
-            if self.record.decision.is_empty() || self.record.decision == "allowed" {
-                self.record.decision = "failed".into();
+            if self.record.decision == Decision::Allowed {
+                self.record.decision = Decision::Failed;
                 self.record.message = "the client went away before the response was complete".into();
             }
             self.complete(0);
@@ -91,7 +91,7 @@ impl Call {
     /// Refuses the request in the caller's API format, naming the rule; records it.
     fn deny(mut self, status: u16, rule: &str, code: &str, message: String) -> Response<GatewayBody> {
         let body = wire::error_body(self.anthropic, status, code, &message);
-        self.record.decision = if rule.is_empty() { "failed" } else { "denied" }.into();
+        self.record.decision = if rule.is_empty() { Decision::Failed } else { Decision::Denied };
         self.record.rule = rule.into();
         self.record.status = status;
         self.record.message = message;
@@ -133,7 +133,7 @@ impl Call {
             self.record.request_body = None;
             self.record.response_body = None;
         }
-        let level_blocked = self.record.decision == "blocked";
+        let level_blocked = self.record.decision == Decision::Blocked;
         if level_blocked {
             tracing::warn!(tailnet = %gw.tailnet, node = %self.record.hostname, request = %self.record.request_id, "{}", self.record.message);
         }
@@ -346,8 +346,8 @@ async fn handle(
     }
 
     // The output this request may produce: what it asks for, within the rule.
-    let output_field = match (api, upstream.kind.as_str()) {
-        (Api::Chat, "openai") => "max_completion_tokens",
+    let output_field = match (api, upstream.kind) {
+        (Api::Chat, UpstreamKind::OpenAi) => "max_completion_tokens",
         (Api::Chat, _) | (Api::Messages, _) => "max_tokens",
         (Api::Responses, _) => "max_output_tokens",
         _ => "",
@@ -432,7 +432,7 @@ async fn handle(
     };
     let status = response.status();
     call.record.status = status.as_u16();
-    call.record.decision = if status.is_success() { "allowed" } else { "failed" }.into();
+    call.record.decision = if status.is_success() { Decision::Allowed } else { Decision::Failed };
     let (parts, upstream_body) = response.into_parts();
     let mut out = Response::builder().status(status);
     for name in ["content-type", "retry-after", "retry-after-ms", "x-should-retry", "x-request-id", "request-id"] {
@@ -491,7 +491,7 @@ async fn handle(
             let glob = rules.denied_tool(&tool).unwrap_or_default().to_string();
             let message = wire::denied_tool_message(&tool, &glob);
             let body = wire::error_body(call.anthropic, 403, "tool_denied", &message);
-            call.record.decision = "blocked".into();
+            call.record.decision = Decision::Blocked;
             call.record.rule = "tools".into();
             call.record.status = 403;
             call.record.message = message;
@@ -513,7 +513,7 @@ fn route(upstreams: &[UpstreamInfo], api: Api, model: &str) -> Result<(UpstreamI
     if let Some((prefix, rest)) = model.split_once('/')
         && let Some(u) = upstreams.iter().find(|u| u.name == prefix)
     {
-        if !api.serves(&u.kind) {
+        if !api.serves(u.kind) {
             return Err(format!(
                 "model {model} names upstream {} ({}), which does not serve the {} API",
                 u.name,
@@ -523,7 +523,7 @@ fn route(upstreams: &[UpstreamInfo], api: Api, model: &str) -> Result<(UpstreamI
         }
         return Ok((u.clone(), rest.to_string()));
     }
-    match upstreams.iter().find(|u| api.serves(&u.kind)) {
+    match upstreams.iter().find(|u| api.serves(u.kind)) {
         Some(u) => Ok((u.clone(), model.to_string())),
         None => Err(format!(
             "no upstream of this tailnet serves the {} API (upstreams: {}); add one with SetUpstream",
@@ -545,7 +545,7 @@ fn upstream_request(
     key: &str,
     body: Bytes,
 ) -> Result<Request<Full<Bytes>>, String> {
-    let uri = format!("{}{}", upstream.base_url.trim_end_matches('/'), api.upstream_path(&upstream.kind));
+    let uri = format!("{}{}", upstream.base_url.trim_end_matches('/'), api.upstream_path(upstream.kind));
     let method = if api == Api::Models { Method::GET } else { Method::POST };
     let mut request = Request::builder()
         .method(method)
@@ -564,7 +564,7 @@ fn upstream_request(
         v.set_sensitive(true);
         Ok::<_, String>(v)
     };
-    if upstream.kind == "anthropic" {
+    if upstream.kind == UpstreamKind::Anthropic {
         let version =
             client_headers.get("anthropic-version").cloned().unwrap_or(HeaderValue::from_static("2023-06-01"));
         headers.insert(HeaderName::from_static("anthropic-version"), version);
@@ -641,7 +641,7 @@ async fn models(
         json!({"object": "list", "data": data})
     };
     call.record.status = 200;
-    call.record.decision = "allowed".into();
+    call.record.decision = Decision::Allowed;
     let response = call.with_id(json_response(200, serde_json::to_vec(&body).expect("JSON serializes")));
     let committed = call.finish(0);
     after_commit(response, committed)
@@ -674,11 +674,11 @@ impl Metered {
         call.record.cached_tokens = observed.usage.cached;
         call.record.tool_calls = self.meter.tool_calls();
         if let Some((tool, glob)) = &self.meter.blocked {
-            call.record.decision = "blocked".into();
+            call.record.decision = Decision::Blocked;
             call.record.rule = "tools".into();
             call.record.message = wire::denied_tool_message(tool, glob);
         } else if let Some(why) = failure.or_else(|| observed.error.clone()) {
-            call.record.decision = "failed".into();
+            call.record.decision = Decision::Failed;
             call.record.message = redact_str(&why, self.key.expose());
         }
         if call.log_bodies {
@@ -778,7 +778,7 @@ mod tests {
     fn upstream(name: &str, kind: &str) -> UpstreamInfo {
         UpstreamInfo {
             name: name.into(),
-            kind: kind.into(),
+            kind: UpstreamKind::parse(kind).unwrap(),
             base_url: "http://127.0.0.1:9/v1".into(),
             updated_at: std::time::SystemTime::UNIX_EPOCH,
         }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
-use crate::model::ToolCallRecord;
+use crate::model::{ToolCallRecord, UpstreamKind};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Api {
@@ -34,17 +34,17 @@ impl Api {
     }
 
     /// The upstream kind that serves this API.
-    pub fn serves(self, kind: &str) -> bool {
+    pub fn serves(self, kind: UpstreamKind) -> bool {
         match self {
-            Api::Chat | Api::Responses => kind == "openai" || kind == "openai-compatible",
-            Api::Messages | Api::CountTokens => kind == "anthropic",
+            Api::Chat | Api::Responses => matches!(kind, UpstreamKind::OpenAi | UpstreamKind::OpenAiCompatible),
+            Api::Messages | Api::CountTokens => kind == UpstreamKind::Anthropic,
             Api::Models => true,
         }
     }
 
     /// The path appended to an upstream's base URL (OpenAI's includes `/v1`, Anthropic's does not).
-    pub fn upstream_path(self, kind: &str) -> &'static str {
-        match (self, kind == "anthropic") {
+    pub fn upstream_path(self, kind: UpstreamKind) -> &'static str {
+        match (self, kind == UpstreamKind::Anthropic) {
             (Api::Chat, _) => "/chat/completions",
             (Api::Responses, _) => "/responses",
             (Api::Messages, _) => "/v1/messages",

@@ -185,11 +185,8 @@ impl ServeConfig {
                  and --tls-key, or --insecure-plaintext if something else encrypts the traffic"
             );
         }
-        let store = args
-            .store
-            .or(file.store)
-            .map(|s| StoreUrl::parse(&s).map_err(|e| anyhow::anyhow!("--store: {e}")))
-            .transpose()?;
+        let store =
+            args.store.or(file.store).map(|s| StoreUrl::parse(&s).map_err(|e| anyhow::anyhow!("--{e}"))).transpose()?;
         Ok(ServeConfig {
             listen,
             data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),

@@ -56,16 +56,16 @@ impl Default for Limits {
 
 pub struct ControlPlane {
     store: Store,
-    pub clock: Clock,
-    pub limits: Limits,
+    pub(crate) clock: Clock,
+    pub(crate) limits: Limits,
     reaper: Reaper,
     shutdown: watch::Sender<bool>,
     policies: Policies,
     oidc: Oidc,
-    pub relays: crate::relay::Relays,
+    pub(crate) relays: crate::relay::Relays,
     /// The STUN reflector's address as nodes should dial it, if one runs.
-    pub stun_address: Mutex<Option<String>>,
-    pub gateways: crate::gateway::Gateways,
+    pub(crate) stun_address: Mutex<Option<String>>,
+    pub(crate) gateways: crate::gateway::Gateways,
     /// The long-lived tasks the server owns (reaper, audit pruner, gateways, STUN): each ends on
     /// shutdown, and [`ControlPlane::drain`] waits for them. `None` once drained.
     tasks: Mutex<Option<tokio::task::JoinSet<()>>>,
@@ -488,8 +488,19 @@ impl ControlPlane {
         Presence { cp: self.clone(), node: node.id, ephemeral: node.ephemeral }
     }
 
-    pub(crate) fn now(&self) -> SystemTime {
+    /// The server's clock (paused in tests).
+    pub fn now(&self) -> SystemTime {
         self.clock.now()
+    }
+
+    /// Whether `tailnet`'s gateway runs now.
+    pub fn gateway_running(&self, tailnet: TailnetId) -> bool {
+        self.gateways.is_running(tailnet)
+    }
+
+    /// How many gateways run now.
+    pub fn gateways_running(&self) -> usize {
+        self.gateways.running()
     }
 
     /// Which storage engine holds the records: `sled` or `postgres`.

@@ -36,9 +36,12 @@ impl Server {
         create_private_dir(&config.data_dir)?;
         let (admin_tokens, admin_token_created) = AdminTokens::load_or_create(&config.data_dir)?;
         let url = config.store_url();
-        let control_plane = ControlPlane::open(&url, config.limits.clone())
-            .await
-            .with_context(|| format!("cannot open the store {url}"))?;
+        let opened = ControlPlane::open(&url, config.limits.clone()).await;
+        // PostgreSQL's errors name the server already; sled's need the directory.
+        let control_plane = match url {
+            crate::store::StoreUrl::Sled(_) => opened.with_context(|| format!("cannot open the store {url}"))?,
+            crate::store::StoreUrl::Postgres(_) => opened?,
+        };
         tracing::info!(store = %url, "store open");
         Ok(Server { config, control_plane, admin_tokens: Arc::new(admin_tokens), admin_token_created })
     }

@@ -166,7 +166,7 @@ async fn main() {
     }
     let cp = server.control_plane.clone();
     eventually(Duration::from_secs(60), "every gateway running", || async {
-        (cp.gateways.running() >= idle).then_some(())
+        (cp.gateways_running() >= idle).then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;

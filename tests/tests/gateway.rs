@@ -341,7 +341,7 @@ async fn the_gateway_stops_with_its_tailnet_and_comes_back_after_a_restart_with_
     assert_eq!(s.call("/v1/chat/completions", small("before")).await.0, 200);
     let tailnet: cordon_server::model::TailnetId =
         cordon_server::model::TailnetId::parse("id", &s.joined.tailnet.id).unwrap();
-    assert!(s.server.control_plane.gateways.is_running(tailnet));
+    assert!(s.server.control_plane.gateway_running(tailnet));
     let mut admin = s.server.admin().await;
     let gw = s.joined.node.netmap().borrow().gateway_peer.clone().expect("the node sees the gateway");
     assert_eq!((gw.hostname.as_str(), gw.tags.clone()), ("gateway", vec!["tag:gateway".to_string()]));
@@ -377,7 +377,7 @@ async fn the_gateway_stops_with_its_tailnet_and_comes_back_after_a_restart_with_
         .await
         .unwrap();
     eventually(Duration::from_secs(10), "the gateway stops", || async {
-        (!s.server.control_plane.gateways.is_running(tailnet)).then_some(())
+        (!s.server.control_plane.gateway_running(tailnet)).then_some(())
     })
     .await;
     // The node is cut off too: nothing is left to answer it.

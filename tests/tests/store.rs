@@ -310,12 +310,42 @@ async fn drain_waits_for_every_task_the_server_owns() {
         tailnets.push(cp.create_tailnet(spec, &actor).await.unwrap().id);
     }
     eventually(Duration::from_secs(10), "the gateways to run", || async {
-        tailnets.iter().all(|t| cp.gateways.is_running(*t)).then_some(())
+        tailnets.iter().all(|t| cp.gateway_running(*t)).then_some(())
     })
     .await;
     assert!(cp.running_tasks() >= 4, "the reaper and three gateways: {}", cp.running_tasks());
     let aborted = cp.drain(Duration::from_secs(10)).await;
     assert_eq!(aborted, 0, "every task ended on its own");
-    assert_eq!(cp.gateways.running(), 0);
+    assert_eq!(cp.gateways_running(), 0);
     assert_eq!(cp.running_tasks(), 0);
+}
+
+/// A `--store` that cannot work is one line on stderr saying what to do, and `cordon serve` exits.
+#[tokio::test]
+async fn a_store_that_cannot_be_opened_is_one_line_saying_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let cases = [
+        (format!("postgres://cordon:hunter2@127.0.0.1:{port}/cordon"), "check that PostgreSQL runs"),
+        ("postgres://cordon@127.0.0.1/cordon?sslmode=sometimes".to_string(), "verify-full"),
+        ("mysql://cordon@db/cordon".to_string(), "sled:<dir> or postgres://"),
+    ];
+    for (store, needle) in cases {
+        let out = tokio::time::timeout(
+            Duration::from_secs(60),
+            tokio::process::Command::new(cordon_bin())
+                .args(["serve", "--listen", "127.0.0.1:0", "--stun-listen", "127.0.0.1:0", "--data-dir"])
+                .arg(dir.path())
+                .args(["--store", &store])
+                .output(),
+        )
+        .await
+        .expect("cordon serve gives up by itself")
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{store}: {stderr}");
+        let last = stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap_or_default();
+        assert!(last.contains(needle), "{store}: the last line says what to do: {stderr}");
+        assert!(!stderr.contains("hunter2"), "the password is not shown: {stderr}");
+    }
 }

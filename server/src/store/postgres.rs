@@ -276,7 +276,8 @@ fn record<T: serde::Serialize>(value: &T) -> Json<serde_json::Value> {
 impl Drop for PgTx {
     fn drop(&mut self) {
         let Some(client) = self.client.take() else { return };
-        if !self.open {
+        // Nothing sent (or nothing left open): the connection goes back to the pool as it is.
+        if !self.open || self.unbegun {
             return;
         }
         match tokio::runtime::Handle::try_current() {

@@ -211,6 +211,7 @@ impl ControlPlane {
             tracing::info!(tailnet = %id, nodes = removed.nodes.len(), "tailnet expired");
         }
         self.forget_nodes(&removed.nodes);
+        self.policies.forget(id);
         Ok(())
     }
 

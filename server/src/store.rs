@@ -42,12 +42,13 @@ impl StoreUrl {
             }
             return Ok(StoreUrl::Sled(PathBuf::from(dir)));
         }
-        if text.contains("://") {
+        if let Some((scheme, _)) = text.split_once("://") {
+            // Only the scheme: the rest of a URL may hold a password.
             return Err(Error::invalid(
                 "store",
                 format!(
-                    "{} is not a store this build knows; use sled:<dir> or postgres://user@host/db",
-                    crate::validate::quote(text)
+                    "{}:// is not a store this build knows; use sled:<dir> or postgres://user@host/db",
+                    crate::validate::quote(scheme)
                 ),
             ));
         }
@@ -387,18 +388,11 @@ impl Tx {
     pub async fn all_nodes(&mut self) -> Result<Vec<Node>> {
         each!(self, t => t.all_nodes().await)
     }
-    pub async fn node_by_wireguard_key(&mut self, tailnet: TailnetId, key: &[u8; 32]) -> Result<Option<Node>> {
-        each!(self, t => t.node_by_wireguard_key(tailnet, key).await)
-    }
     pub async fn node_by_session(&mut self, hash: &SecretHash) -> Result<Option<Node>> {
         each!(self, t => t.node_by_session(hash).await)
     }
     pub async fn hostname_taken(&mut self, tailnet: TailnetId, hostname: &str) -> Result<bool> {
         each!(self, t => t.hostname_taken(tailnet, hostname).await)
-    }
-    /// The lowest address in `first..=last` that no node of the tailnet holds.
-    pub async fn free_address(&mut self, tailnet: TailnetId, first: u32, last: u32) -> Result<Option<Ipv4Addr>> {
-        each!(self, t => t.free_address(tailnet, first, last).await)
     }
     /// Where a registering node goes: the node that holds `key` in the tailnet already (if any);
     /// otherwise the lowest free address in `first..=last` and whether `hostname` is taken.

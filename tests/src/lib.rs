@@ -526,3 +526,38 @@ pub fn test_certificates(dir: &Path) {
         "server.pem",
     ]);
 }
+
+/// A real `agentd up` process joined with `secret` and forwarding a loopback port to `gateway:80`,
+/// logging to `log` (with `env` added); returns it and `http://127.0.0.1:PORT` once the gateway answers
+/// through it.
+pub async fn agentd_gateway_forward(
+    server: &str,
+    secret: &str,
+    hostname: &str,
+    state: &Path,
+    log: &Path,
+    env: &[(&str, &str)],
+) -> (tokio::process::Child, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut agent = tokio::process::Command::new(agentd_bin())
+        .args(["up", "--server", server, "--hostname", hostname])
+        .args(["--forward", &format!("127.0.0.1:{port}=gateway:80")])
+        .arg("--state-dir")
+        .arg(state)
+        .env("AGENTD_AUTH_KEY", secret)
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(agent.stdout.take().unwrap()));
+    tokio::time::timeout(Duration::from_secs(20), out.next_line()).await.unwrap().unwrap();
+    let client = llm::http_client();
+    let base = format!("http://127.0.0.1:{port}");
+    eventually(Duration::from_secs(20), "the gateway answers through agentd", || async {
+        llm::request(&client, "GET", &format!("{base}/v1/models"), None, &[]).await.ok().filter(|r| r.0 == 200)
+    })
+    .await;
+    (agent, base)
+}

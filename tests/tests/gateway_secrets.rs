@@ -3,13 +3,11 @@
 //! and fail at the upstream with a provider that repeats the key it got; then every log line, every
 //! response, the audit log, the event stream and `cordon audit export` are searched for both keys.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use cordon_tests::llm::{self, FakeLlm};
 use cordon_tests::*;
 use serde_json::json;
-use tokio::io::AsyncBufReadExt;
 
 const WRONG_KEY: &str = "sk-cordon-test-WRONG-KEY-a81f2b";
 
@@ -50,30 +48,12 @@ async fn upstream_keys_appear_in_no_log_response_or_event() {
         .unwrap()
         .into_inner();
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let state = tempfile::tempdir().unwrap();
     let agentd_log = dir.path().join("agentd.log");
-    let mut agent = tokio::process::Command::new(agentd_bin())
-        .args(["up", "--server", &server.url, "--hostname", "ci-runner"])
-        .args(["--forward", &format!("127.0.0.1:{port}=gateway:80")])
-        .arg("--state-dir")
-        .arg(state.path())
-        .env("AGENTD_AUTH_KEY", &key.secret)
-        .env("AGENTD_LOG", "debug")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&agentd_log).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut out = tokio::io::BufReader::new(agent.stdout.take().unwrap()).lines();
-    tokio::time::timeout(Duration::from_secs(20), out.next_line()).await.unwrap().unwrap();
-
+    let env = [("AGENTD_LOG", "debug")];
+    let (mut agent, base) =
+        agentd_gateway_forward(&server.url, &key.secret, "ci-runner", state.path(), &agentd_log, &env).await;
     let client = llm::http_client();
-    let base = format!("http://127.0.0.1:{port}");
-    eventually(Duration::from_secs(20), "the gateway answers through agentd", || async {
-        llm::request(&client, "GET", &format!("{base}/v1/models"), None, &[]).await.ok().filter(|r| r.0 == 200)
-    })
-    .await;
     let chat = |model: &str, text: &str, stream: bool| json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": text}]});
     let calls = [
         ("/v1/chat/completions", chat("gpt-4o-mini", "hi", false)),

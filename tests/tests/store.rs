@@ -4,13 +4,11 @@
 //! PostgreSQL, where nodes keep their addresses and sessions.
 
 use std::collections::HashSet;
-use std::process::Stdio;
 use std::time::Duration;
 
 use cordon_tests::llm::{self, FakeLlm};
 use cordon_tests::*;
 use serde_json::json;
-use tokio::io::AsyncBufReadExt;
 
 const REQUESTS: usize = 200;
 
@@ -61,27 +59,10 @@ async fn answered_requests_survive(kill: bool) {
     let tailnet = admin.create_tailnet(create).await.unwrap().into_inner();
     let secret = tagged_key(&mut admin, &tailnet.id, &["tag:ci"]).await;
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let state = tempfile::tempdir().unwrap();
-    let mut agent = tokio::process::Command::new(agentd_bin())
-        .args(["up", "--server", &server.url, "--hostname", "runner"])
-        .args(["--forward", &format!("127.0.0.1:{port}=gateway:80")])
-        .arg("--state-dir")
-        .arg(state.path())
-        .env("AGENTD_AUTH_KEY", &secret)
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.path().join("agentd.log")).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut out = tokio::io::BufReader::new(agent.stdout.take().unwrap()).lines();
-    tokio::time::timeout(Duration::from_secs(20), out.next_line()).await.unwrap().unwrap();
+    let log_path = dir.path().join("agentd.log");
+    let (mut agent, base) = agentd_gateway_forward(&server.url, &secret, "runner", state.path(), &log_path, &[]).await;
     let client = llm::http_client();
-    let base = format!("http://127.0.0.1:{port}");
-    eventually(Duration::from_secs(20), "the gateway answers through agentd", || async {
-        llm::request(&client, "GET", &format!("{base}/v1/models"), None, &[]).await.ok().filter(|r| r.0 == 200)
-    })
-    .await;
 
     let calls = (0..REQUESTS).map(|i| {
         let (client, url) = (client.clone(), format!("{base}/v1/chat/completions"));

@@ -427,12 +427,6 @@ impl PgTx {
         self.many("SELECT record FROM nodes ORDER BY id", &[], "node").await
     }
 
-    pub async fn node_by_wireguard_key(&mut self, tailnet: TailnetId, key: &[u8; 32]) -> Result<Option<Node>> {
-        let key: &[u8] = key;
-        self.one("SELECT record FROM nodes WHERE tailnet_id = $1 AND wireguard_key = $2", &[&tailnet.0, &key], "node")
-            .await
-    }
-
     pub async fn node_by_session(&mut self, hash: &SecretHash) -> Result<Option<Node>> {
         let hash: &[u8] = hash;
         self.one(
@@ -447,18 +441,6 @@ impl PgTx {
         let rows =
             self.query("SELECT 1 FROM nodes WHERE tailnet_id = $1 AND hostname = $2", &[&tailnet.0, &hostname]).await?;
         Ok(!rows.is_empty())
-    }
-
-    pub async fn free_address(&mut self, tailnet: TailnetId, first: u32, last: u32) -> Result<Option<Ipv4Addr>> {
-        let first = self.hints.lock().unwrap().get(&tailnet).map_or(first, |h| (*h).max(first));
-        // The lowest candidate is `first` or one past a held address; the (tailnet, address) index
-        // answers both probes.
-        let rows = self.query(FREE_ADDRESS, &[&tailnet.0, &i64::from(first), &i64::from(last)]).await?;
-        let found = rows.first().map(|r| r.get::<_, i64>(0) as u32);
-        if let Some(a) = found {
-            self.hints.lock().unwrap().insert(tailnet, a + 1);
-        }
-        Ok(found.map(Ipv4Addr::from))
     }
 
     pub async fn placement(

@@ -428,7 +428,7 @@ impl SledTx {
         self.all(key::NODES)
     }
 
-    pub async fn node_by_wireguard_key(&mut self, tailnet: TailnetId, k: &[u8; 32]) -> Result<Option<Node>> {
+    async fn node_by_wireguard_key(&mut self, tailnet: TailnetId, k: &[u8; 32]) -> Result<Option<Node>> {
         match self.db.get(key::wireguard_key(tailnet, k)).map_err(storage)? {
             Some(id) => self.get(&key::node(NodeId(key::trailing_uuid(&id)))),
             None => Ok(None),
@@ -446,7 +446,7 @@ impl SledTx {
         self.has(&key::hostname(tailnet, hostname))
     }
 
-    pub async fn free_address(&mut self, tailnet: TailnetId, first: u32, last: u32) -> Result<Option<Ipv4Addr>> {
+    async fn free_address(&mut self, tailnet: TailnetId, first: u32, last: u32) -> Result<Option<Ipv4Addr>> {
         let mut want = self.hints().get(&tailnet).map_or(first, |h| (*h).max(first));
         let prefix = key::addresses(tailnet);
         for item in self.db.range(key::address(tailnet, Ipv4Addr::from(want))..) {

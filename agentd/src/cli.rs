@@ -26,6 +26,9 @@ struct Cli {
     /// Where the node keeps its key and session.
     #[arg(long, global = true, env = "AGENTD_STATE_DIR")]
     state_dir: Option<PathBuf>,
+    /// How log lines look on stderr: `text` for people, `json` (one object per line) for collectors.
+    #[arg(long, global = true, env = "AGENTD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -90,6 +93,9 @@ struct UpArgs {
     /// Advertise this endpoint to peers instead of the address that routes to the server.
     #[arg(long)]
     advertise: Vec<SocketAddr>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9101 [default: off].
+    #[arg(long, env = "AGENTD_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 fn parse_forward(s: &str) -> Result<(SocketAddr, String, u16), String> {
@@ -140,13 +146,9 @@ fn nix_is_root() -> bool {
 
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AGENTD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AGENTD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    init_logging(filter, cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -164,6 +166,26 @@ pub fn main() -> std::process::ExitCode {
         }
     });
     std::process::ExitCode::from(code as u8)
+}
+
+/// The shape of log lines on stderr.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One line per event for people: time, level, target, message, fields.
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `message` and the event's fields by
+    /// name, at the top level.
+    Json,
+}
+
+/// Starts logging to stderr (both binaries use this).
+pub fn init_logging(filter: tracing_subscriber::EnvFilter, format: LogFormat) {
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).with_span_list(false).init(),
+    }
 }
 
 fn fail(e: &Error) -> i32 {
@@ -220,6 +242,22 @@ async fn up(args: UpArgs, state_dir: &Path) -> i32 {
 
     let userspace = args.tun.is_none();
     let mut servers = Vec::new();
+    if let Some(addr) = args.metrics_listen {
+        let listener = match crate::metrics::bind(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("agentd: {e:#}");
+                return 1;
+            }
+        };
+        println!("agentd: metrics at http://{}/metrics", listener.local_addr().unwrap_or(addr));
+        let scraped = node.clone();
+        let scrape = move || {
+            let node = scraped.clone();
+            async move { crate::metrics::render(None, crate::metrics::node_sample(&node.status().await)) }
+        };
+        servers.push(tokio::spawn(crate::metrics::serve(listener, scrape, std::future::pending::<()>())));
+    }
     if let Some(addr) = args.socks5 {
         match bind(addr, "SOCKS5 proxy").await {
             Ok(l) => servers.push(tokio::spawn(serve_proxy(node.clone(), l, userspace, Kind::Socks5))),

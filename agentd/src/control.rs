@@ -133,6 +133,14 @@ pub struct Follow {
     pub commands: mpsc::UnboundedSender<Command>,
     pub shutdown: watch::Receiver<bool>,
     pub server_host: String,
+    pub reconnects: Arc<Reconnects>,
+}
+
+/// How often the node's streams to the server came back after breaking.
+#[derive(Debug, Default)]
+pub struct Reconnects {
+    pub netmap: std::sync::atomic::AtomicU64,
+    pub relay: std::sync::atomic::AtomicU64,
 }
 
 /// The node's side of the relay: its stream's two directions, and what to tell when it comes back.
@@ -141,6 +149,7 @@ pub struct RelayLink {
     pub inbound: mpsc::Sender<(crate::wg::Key, Vec<u8>)>,
     pub netmap: watch::Receiver<Arc<NetMap>>,
     pub commands: mpsc::UnboundedSender<Command>,
+    pub reconnects: Arc<Reconnects>,
 }
 
 /// Keeps the node's relay stream open (reconnecting with backoff) and moves frames both ways. When the
@@ -148,7 +157,7 @@ pub struct RelayLink {
 /// which lost its WireGuard sessions: the node starts a new handshake with it at once instead of waiting
 /// out WireGuard's 15 s of unanswered data.
 pub async fn relay(mut client: Client, session_token: String, link: RelayLink, mut shutdown: watch::Receiver<bool>) {
-    let RelayLink { mut outbound, inbound, netmap, commands } = link;
+    let RelayLink { mut outbound, inbound, netmap, commands, reconnects } = link;
     let mut backoff = Duration::from_millis(250);
     let mut connected_before = false;
     loop {
@@ -165,8 +174,11 @@ pub async fn relay(mut client: Client, session_token: String, link: RelayLink, m
         match call {
             Ok(response) => {
                 backoff = Duration::from_millis(250);
-                if connected_before && let Some(gateway) = &netmap.borrow().gateway_peer {
-                    let _ = commands.send(Command::Rehandshake(gateway.key));
+                if connected_before {
+                    reconnects.relay.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if let Some(gateway) = &netmap.borrow().gateway_peer {
+                        let _ = commands.send(Command::Rehandshake(gateway.key));
+                    }
                 }
                 connected_before = true;
                 let mut frames = response.into_inner();
@@ -275,7 +287,10 @@ pub async fn follow(mut f: Follow, mut stream: NetMapStream) {
                 _ = tokio::time::sleep(wait) => {}
             }
             match watch(client, &f.session_token).await {
-                Ok(s) => break s,
+                Ok(s) => {
+                    f.reconnects.netmap.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    break s;
+                }
                 Err(status) if status.code() == tonic::Code::Unauthenticated => {
                     let ended = Ended {
                         reason: pb::stream_ended::Reason::NodeRemoved,

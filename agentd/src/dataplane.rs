@@ -33,9 +33,17 @@ pub enum Command {
         stun: Option<SocketAddr>,
         relay: bool,
     },
-    Stats(oneshot::Sender<(Drops, Vec<(Key, PeerStats)>)>),
+    Stats(oneshot::Sender<EngineStats>),
     /// A new handshake with this peer now.
     Rehandshake(Key),
+}
+
+/// What the engine counted, for `status` and the metrics.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub drops: Drops,
+    pub traffic: crate::wg::Traffic,
+    pub peers: Vec<(Key, PeerStats)>,
 }
 
 /// The data plane's links to the rest of the node: the relay stream's two directions, and where the
@@ -129,7 +137,7 @@ pub async fn run(
                 Some(Command::Rehandshake(key)) => engine.rehandshake(&key, Instant::now().into_std()),
                 Some(Command::Stats(reply)) => {
                     let peers = engine_peers(&engine);
-                    let _ = reply.send((engine.drops(), peers));
+                    let _ = reply.send(EngineStats { drops: engine.drops(), traffic: engine.traffic(), peers });
                 }
                 None => return,
             },

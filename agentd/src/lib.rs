@@ -11,6 +11,7 @@ pub mod control;
 pub mod dataplane;
 pub mod error;
 pub mod filter;
+pub mod metrics;
 pub mod netmap;
 pub mod node;
 pub mod offload;

@@ -103,6 +103,10 @@ pub struct Status {
     pub endpoint: SocketAddr,
     pub peers: Vec<PeerStatus>,
     pub drops: Drops,
+    /// WireGuard datagrams by path, and handshakes, since the node started.
+    pub traffic: crate::wg::Traffic,
+    /// How often the netmap and relay streams came back after breaking.
+    pub reconnects: (u64, u64),
     pub ended: Option<Ended>,
 }
 
@@ -149,6 +153,7 @@ pub struct Node {
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     endpoint: SocketAddr,
+    reconnects: Arc<control::Reconnects>,
 }
 
 impl Node {
@@ -202,6 +207,7 @@ impl Node {
             inbound: relay_in_tx,
             netmap: node.netmap.clone(),
             commands: node.commands.clone(),
+            reconnects: node.reconnects.clone(),
         };
         let relay =
             tokio::spawn(control::relay(client.clone(), node.session.session_token.clone(), link, shutdown_rx.clone()));
@@ -260,6 +266,7 @@ impl Node {
         let _ = commands.send(Command::SetPaths { stun, relay: netmap.relay });
         let (netmap_tx, netmap_rx) = watch::channel(Arc::new(netmap));
         let (ended_tx, ended_rx) = watch::channel(None);
+        let reconnects = Arc::new(control::Reconnects::default());
         let plane = tokio::spawn(dataplane::run(socket, engine, local, commands_rx, links, shutdown_rx.clone()));
         let follow = Follow {
             client: client.clone(),
@@ -269,6 +276,7 @@ impl Node {
             commands: commands.clone(),
             shutdown: shutdown_rx,
             server_host,
+            reconnects: reconnects.clone(),
         };
         let follower = tokio::spawn(control::follow(follow, stream));
         let node = Node {
@@ -282,6 +290,7 @@ impl Node {
             shutdown,
             tasks: Mutex::new(vec![plane, follower]),
             endpoint,
+            reconnects,
         };
         node.take_down_when_revoked();
         node
@@ -355,7 +364,7 @@ impl Node {
     pub async fn status(&self) -> Status {
         let (tx, rx) = oneshot::channel();
         let _ = self.commands.send(Command::Stats(tx));
-        let (drops, stats) = rx.await.unwrap_or_default();
+        let dataplane::EngineStats { drops, traffic, peers: stats } = rx.await.unwrap_or_default();
         let map = self.netmap.borrow().clone();
         let now = Instant::now();
         let peers = map
@@ -380,6 +389,11 @@ impl Node {
             endpoint: self.endpoint,
             peers,
             drops,
+            traffic,
+            reconnects: (
+                self.reconnects.netmap.load(std::sync::atomic::Ordering::Relaxed),
+                self.reconnects.relay.load(std::sync::atomic::Ordering::Relaxed),
+            ),
             ended: self.ended.borrow().clone(),
         }
     }

@@ -94,6 +94,49 @@ pub struct Drops {
     pub no_endpoint: u64,
 }
 
+/// Datagrams and bytes one way on one kind of path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// What the engine sent and received (WireGuard datagrams, as on the wire), by path, and the
+/// handshakes it completed; counted since the engine started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub direct_tx: Flow,
+    pub direct_rx: Flow,
+    pub relay_tx: Flow,
+    pub relay_rx: Flow,
+    pub handshakes: u64,
+}
+
+impl Flow {
+    fn add(&mut self, bytes: usize) {
+        self.packets += 1;
+        self.bytes += bytes as u64;
+    }
+}
+
+impl Traffic {
+    /// A datagram of `bytes` sent on `route`.
+    fn count(&mut self, route: Route, bytes: usize) {
+        match route {
+            Route::Direct(_) => self.direct_tx.add(bytes),
+            Route::Relay(_) => self.relay_tx.add(bytes),
+        }
+    }
+
+    /// Adds what `other` sent.
+    fn add_sent(&mut self, other: &Traffic) {
+        self.direct_tx.packets += other.direct_tx.packets;
+        self.direct_tx.bytes += other.direct_tx.bytes;
+        self.relay_tx.packets += other.relay_tx.packets;
+        self.relay_tx.bytes += other.relay_tx.bytes;
+    }
+}
+
 /// What `status` shows for one peer.
 #[derive(Clone, Debug, Default)]
 pub struct PeerStats {
@@ -133,6 +176,8 @@ struct Peer {
     expired: bool,
     tx_bytes: u64,
     rx_bytes: u64,
+    /// What went out to this peer, by path (only `*_tx` is used).
+    sent: Traffic,
 }
 
 pub struct Engine {
@@ -149,6 +194,7 @@ pub struct Engine {
     to_local: VecDeque<Vec<u8>>,
     events: VecDeque<Event>,
     drops: Drops,
+    traffic: Traffic,
     buf: Vec<u8>,
     /// Whether the server relays for this node.
     relay: bool,
@@ -182,6 +228,7 @@ impl Engine {
             to_local: VecDeque::new(),
             events: VecDeque::new(),
             drops: Drops::default(),
+            traffic: Traffic::default(),
             buf: vec![0; MAX_DATAGRAM],
             relay: false,
             now_hint: Instant::now(),
@@ -198,6 +245,15 @@ impl Engine {
 
     pub fn public_key(&self) -> Key {
         self.public.to_bytes()
+    }
+
+    /// What went out and came in, by path (what went out is counted as it is queued for sending).
+    pub fn traffic(&self) -> Traffic {
+        let mut t = self.traffic;
+        for peer in self.peers.values() {
+            t.add_sent(&peer.sent);
+        }
+        t
     }
 
     pub fn drops(&self) -> Drops {
@@ -240,6 +296,8 @@ impl Engine {
         for key in gone {
             if let Some(peer) = self.peers.remove(&key) {
                 self.by_index.remove(&peer.index);
+                // What went to it stays counted.
+                self.traffic.add_sent(&peer.sent);
             }
         }
         for (key, config) in wanted {
@@ -345,9 +403,11 @@ impl Engine {
         let ok = match result {
             TunnResult::Done => true,
             TunnResult::WriteToNetwork(out) => {
+                peer.sent.count(back, out.len());
                 self.transmits.push_back(Transmit { dst: back, payload: out.to_vec() });
                 // Flush what Tunn queued while it had no session.
                 while let TunnResult::WriteToNetwork(out) = peer.tunn.decapsulate(None, &[], &mut self.buf) {
+                    peer.sent.count(back, out.len());
                     self.transmits.push_back(Transmit { dst: back, payload: out.to_vec() });
                 }
                 true
@@ -385,6 +445,10 @@ impl Engine {
         peer.last_received = Some(now);
         peer.unanswered_since = None;
         peer.rx_bytes += datagram.len() as u64;
+        match from {
+            Some(_) => self.traffic.direct_rx.add(datagram.len()),
+            None => self.traffic.relay_rx.add(datagram.len()),
+        }
         peer.expired = false;
         if !delivered.is_empty() {
             peer.last_data_received = Some(now);
@@ -397,6 +461,7 @@ impl Engine {
                 peer.handshake_sent = None;
                 peer.last_sent = Some(now);
                 self.events.push_back(Event::HandshakeCompleted { peer: key });
+                self.traffic.handshakes += 1;
                 peer.flush_queue(now, &mut self.buf, &mut self.transmits, &mut self.drops);
                 peer.probe(now, &mut self.buf, &mut self.transmits);
             }
@@ -412,6 +477,7 @@ impl Engine {
                 peer.session_at = Some(now);
                 peer.initiator = false;
                 self.events.push_back(Event::HandshakeCompleted { peer: key });
+                self.traffic.handshakes += 1;
                 peer.flush_queue(now, &mut self.buf, &mut self.transmits, &mut self.drops);
                 peer.probe(now, &mut self.buf, &mut self.transmits);
             }
@@ -495,6 +561,7 @@ impl Peer {
             expired: false,
             tx_bytes: 0,
             rx_bytes: 0,
+            sent: Traffic::default(),
         }
     }
 
@@ -542,6 +609,7 @@ impl Peer {
             self.direct_tx = Some(now);
         }
         self.tx_bytes += payload.len() as u64;
+        self.sent.count(dst, payload.len());
         out.push_back(Transmit { dst, payload: payload.to_vec() });
     }
 
@@ -825,6 +893,16 @@ mod tests {
         p.b.send(&packet(B_ADDR, A_ADDR, b"world"), p.now);
         p.settle();
         assert_eq!(&p.a.poll_local().unwrap()[20..], b"world");
+
+        // Every datagram one side sent, the other received, all on the direct path.
+        let (a, b) = (p.a.traffic(), p.b.traffic());
+        assert_eq!((a.handshakes, b.handshakes), (1, 1));
+        assert!(a.direct_tx.packets >= 2, "{a:?}");
+        assert_eq!(a.direct_tx, b.direct_rx);
+        assert_eq!(b.direct_tx, a.direct_rx);
+        assert_eq!((a.relay_tx, a.relay_rx), (Flow::default(), Flow::default()));
+        p.a.set_peers(vec![]);
+        assert_eq!(p.a.traffic().direct_tx, a.direct_tx, "a removed peer's traffic stays counted");
     }
 
     #[test]

@@ -75,6 +75,32 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Create, list and delete trust rules (nodes join with an OIDC token, e.g. a CI job's).
+    Trust {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: TrustCommand,
+    },
+    /// Set and list the upstream LLM providers of a tailnet's gateway.
+    Upstream {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: UpstreamCommand,
+    },
+    /// The relay's counters since the server started.
+    Relay {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: RelayCommand,
+    },
+    /// Print a shell completion script: `cordon completions bash > /etc/bash_completion.d/cordon`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Move the records of a stopped server from one store to another.
     Store {
         #[command(subcommand)]
@@ -217,6 +243,99 @@ enum PolicyCommand {
         #[arg(long, default_value_t = 0)]
         version: u64,
     },
+    /// List every stored version: who wrote it, when, why, and what changed.
+    History {
+        #[arg(long)]
+        tailnet: String,
+    },
+    /// Show what changed between two versions (default: the previous and the current one), or between
+    /// the current version and a file.
+    Diff {
+        #[arg(long)]
+        tailnet: String,
+        /// The older version [default: the one before --to].
+        #[arg(long)]
+        from: Option<u64>,
+        /// The newer version [default: the current one].
+        #[arg(long, conflicts_with = "file")]
+        to: Option<u64>,
+        /// Compare the current version with this file instead.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Validate a policy file and run its tests without storing it (a dry run of `policy set`).
+    Test {
+        /// Also say what would change from this tailnet's current version.
+        #[arg(long)]
+        tailnet: Option<String>,
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TrustCommand {
+    /// Let nodes that present an OIDC token from ISSUER for AUDIENCE, whose claims match, join with TAGS.
+    Create {
+        #[arg(long)]
+        tailnet: String,
+        /// e.g. https://token.actions.githubusercontent.com
+        #[arg(long)]
+        issuer: String,
+        #[arg(long)]
+        audience: String,
+        /// claim=pattern, `*` matching any run of characters (repeatable), e.g. repository=acme/api.
+        #[arg(long = "claim", value_parser = parse_label)]
+        claims: Vec<(String, String)>,
+        /// tag:name (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// The longest a node it admits may live, e.g. 2h [default: 1h].
+        #[arg(long, value_parser = parse_duration)]
+        max_node_lifetime: Option<Duration>,
+        #[arg(long)]
+        ephemeral: bool,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// List a tailnet's trust rules.
+    List {
+        #[arg(long)]
+        tailnet: String,
+    },
+    /// Delete a trust rule (nodes it admitted stay).
+    Delete { id: String },
+}
+
+#[derive(Subcommand)]
+enum UpstreamCommand {
+    /// Add or replace an upstream. The API key is read from a file or standard input, never from an
+    /// argument (arguments show in `ps` and shell history).
+    Set {
+        #[arg(long)]
+        tailnet: String,
+        /// A DNS label; models are then addressed as NAME/model.
+        name: String,
+        /// openai, anthropic or openai-compatible.
+        #[arg(long)]
+        kind: String,
+        /// e.g. https://api.openai.com/v1 or https://api.anthropic.com
+        #[arg(long)]
+        base_url: String,
+        /// A file holding the API key, or `-` for standard input.
+        #[arg(long)]
+        api_key_file: PathBuf,
+    },
+    /// List a tailnet's upstreams (never their keys).
+    List {
+        #[arg(long)]
+        tailnet: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum RelayCommand {
+    /// Frames and bytes forwarded, and frames dropped by reason.
+    Stats,
 }
 
 #[derive(Subcommand)]
@@ -226,6 +345,8 @@ enum NodeCommand {
         #[arg(long)]
         tailnet: String,
     },
+    /// Show one node: identity, admission, addresses, endpoints, presence.
+    Show { id: String },
     /// Delete (revoke) a node.
     Delete {
         id: String,
@@ -282,6 +403,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Policy { client, command } => policy(&client, command).await,
         Command::Events { client, tailnet, since_revision } => events(&client, tailnet, since_revision).await,
         Command::Audit { client, command } => audit(&client, command).await,
+        Command::Trust { client, command } => trust(&client, command).await,
+        Command::Upstream { client, command } => upstream(&client, command).await,
+        Command::Relay { client, command: RelayCommand::Stats } => relay_stats(&client).await,
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "cordon",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
     }
 }
 
@@ -312,11 +445,12 @@ pub fn log_filter(var: &str) -> tracing_subscriber::EnvFilter {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_env_filter(log_filter("CORDON_LOG")).with_writer(std::io::stderr).init();
+    agentd::cli::init_logging(log_filter("CORDON_LOG"), args.log_format);
     let config = ServeConfig::resolve(args)?;
     let listen = config.listen;
     let tls = config.tls.is_some();
-    let server = Server::open(config).await?;
+    let mut server = Server::open(config).await?;
+    let metrics = server.bind_metrics().await?;
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     let scheme = if tls { "https" } else { "http" };
@@ -324,6 +458,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     match &server.admin_token_created {
         Some(path) => println!("cordon: wrote a new admin token to {} (mode 0600)", path.display()),
         None => println!("cordon: admin token in {}", token_path.display()),
+    }
+    if let Some(metrics) = metrics {
+        println!("cordon: metrics at http://{metrics}/metrics");
     }
     println!("cordon: serving gRPC on {scheme}://{addr} (data in {})", server.config.data_dir.display());
     server.serve(listener, shutdown_signal()).await
@@ -646,12 +783,16 @@ async fn key(client: &ClientArgs, command: KeyCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn policy_json(v: &pb::PolicyVersion) -> Value {
+    json!({"tailnet_id": v.tailnet_id, "version": v.version, "author": v.author, "reason": v.reason,
+        "created_at": time(&v.created_at), "summary": v.summary, "policy_json": v.policy_json})
+}
+
 async fn policy(client: &ClientArgs, command: PolicyCommand) -> anyhow::Result<()> {
     let mut admin = client.connect().await?;
     let version = match command {
         PolicyCommand::Set { tailnet, file, reason, author } => {
-            let policy_json =
-                std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let policy_json = read_text(&file)?;
             admin
                 .set_policy(pb::SetPolicyRequest { tailnet_id: tailnet, policy_json, author, reason })
                 .await
@@ -661,14 +802,70 @@ async fn policy(client: &ClientArgs, command: PolicyCommand) -> anyhow::Result<(
         PolicyCommand::Get { tailnet, version } => {
             admin.get_policy(pb::GetPolicyRequest { tailnet_id: tailnet, version }).await.map_err(status)?.into_inner()
         }
+        PolicyCommand::History { tailnet } => {
+            let history = admin
+                .list_policy_versions(pb::ListPolicyVersionsRequest { tailnet_id: tailnet })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if client.json {
+                let versions: Vec<Value> = history
+                    .versions
+                    .iter()
+                    .map(|v| {
+                        let mut j = policy_json(v);
+                        j["current"] = Value::Bool(v.version == history.current_version);
+                        j
+                    })
+                    .collect();
+                println!("{}", json!({"current_version": history.current_version, "versions": versions}));
+            } else if history.versions.is_empty() {
+                println!("no stored versions: the tailnet runs the default policy (every node may reach every other)");
+            } else {
+                let rows = history
+                    .versions
+                    .iter()
+                    .map(|v| {
+                        let mark = if v.version == history.current_version { "*" } else { "" };
+                        vec![
+                            format!("{}{mark}", v.version),
+                            time(&v.created_at),
+                            v.author.clone(),
+                            v.reason.clone(),
+                            v.summary.clone(),
+                        ]
+                    })
+                    .collect();
+                print_table(&["VERSION", "CREATED", "AUTHOR", "REASON", "SUMMARY"], rows);
+            }
+            return Ok(());
+        }
+        PolicyCommand::Diff { tailnet, from, to, file } => {
+            return policy_diff(client, &mut admin, tailnet, from, to, file).await;
+        }
+        PolicyCommand::Test { tailnet, file } => {
+            let policy_json = read_text(&file)?;
+            let r = admin
+                .test_policy(pb::TestPolicyRequest { tailnet_id: tailnet.unwrap_or_default(), policy_json })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if client.json {
+                println!(
+                    "{}",
+                    json!({"valid": true, "grants": r.grants, "tests_passed": r.tests_passed, "summary": r.summary})
+                );
+            } else {
+                println!("{}: valid, {} grants, {} tests passed", file.display(), r.grants, r.tests_passed);
+                if !r.summary.is_empty() {
+                    println!("would change: {}", r.summary);
+                }
+            }
+            return Ok(());
+        }
     };
     if client.json {
-        println!(
-            "{}",
-            json!({"tailnet_id": version.tailnet_id, "version": version.version, "author": version.author,
-                "reason": version.reason, "created_at": time(&version.created_at), "summary": version.summary,
-                "policy_json": version.policy_json})
-        );
+        println!("{}", policy_json(&version));
     } else if version.version == 0 {
         println!("{}", version.summary);
     } else {
@@ -680,6 +877,206 @@ async fn policy(client: &ClientArgs, command: PolicyCommand) -> anyhow::Result<(
             version.summary
         );
         println!("{}", version.policy_json);
+    }
+    Ok(())
+}
+
+/// A unified diff of two policy versions, or of the current version and a file.
+async fn policy_diff(
+    client: &ClientArgs,
+    admin: &mut Admin,
+    tailnet: String,
+    from: Option<u64>,
+    to: Option<u64>,
+    file: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let mut get = async |version: u64| -> anyhow::Result<pb::PolicyVersion> {
+        let v = admin
+            .get_policy(pb::GetPolicyRequest { tailnet_id: tailnet.clone(), version })
+            .await
+            .map_err(status)?
+            .into_inner();
+        Ok(v)
+    };
+    let (old, new, old_name, new_name) = match file {
+        Some(path) => {
+            let current = get(from.unwrap_or(0)).await?;
+            let name = format!("version {}", current.version);
+            (current.policy_json, read_text(&path)?, name, path.display().to_string())
+        }
+        None => {
+            let newer = get(to.unwrap_or(0)).await?;
+            if newer.version == 0 {
+                bail!("the tailnet runs the default policy: there is no version to compare");
+            }
+            let older_version = from.unwrap_or(newer.version - 1);
+            let old = if older_version == 0 { String::new() } else { get(older_version).await?.policy_json };
+            (old, newer.policy_json, format!("version {older_version}"), format!("version {}", newer.version))
+        }
+    };
+    let diff = similar::TextDiff::from_lines(&old, &new);
+    let text = diff.unified_diff().context_radius(3).header(&old_name, &new_name).to_string();
+    if client.json {
+        println!("{}", json!({"from": old_name, "to": new_name, "changed": !text.is_empty(), "diff": text}));
+    } else if text.is_empty() {
+        println!("no difference between {old_name} and {new_name}");
+    } else {
+        print!("{text}");
+    }
+    Ok(())
+}
+
+/// A file's text, or standard input's for `-`.
+fn read_text(path: &std::path::Path) -> anyhow::Result<String> {
+    if path == std::path::Path::new("-") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).context("cannot read standard input")?;
+        return Ok(text);
+    }
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+async fn trust(client: &ClientArgs, command: TrustCommand) -> anyhow::Result<()> {
+    let mut admin = client.connect().await?;
+    let rule_json = |r: &pb::TrustRule| {
+        json!({"id": r.id, "tailnet_id": r.tailnet_id, "issuer": r.issuer, "audience": r.audience,
+            "claim_conditions": r.claim_conditions, "tags": r.tags,
+            "max_node_lifetime_seconds": r.max_node_lifetime_seconds, "ephemeral": r.ephemeral,
+            "reason": r.reason, "created_by": r.created_by, "created_at": time(&r.created_at)})
+    };
+    let rows = |rules: &[pb::TrustRule]| -> Vec<Vec<String>> {
+        rules
+            .iter()
+            .map(|r| {
+                let claims: Vec<String> = r.claim_conditions.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                vec![
+                    r.id.clone(),
+                    r.issuer.clone(),
+                    r.audience.clone(),
+                    claims.join(","),
+                    r.tags.join(","),
+                    r.reason.clone(),
+                ]
+            })
+            .collect()
+    };
+    let headers = ["ID", "ISSUER", "AUDIENCE", "CLAIMS", "TAGS", "REASON"];
+    match command {
+        TrustCommand::Create { tailnet, issuer, audience, claims, tags, max_node_lifetime, ephemeral, reason } => {
+            let rule = admin
+                .create_trust_rule(pb::CreateTrustRuleRequest {
+                    tailnet_id: tailnet,
+                    issuer,
+                    audience,
+                    claim_conditions: claims.into_iter().collect(),
+                    tags,
+                    max_node_lifetime_seconds: max_node_lifetime.map_or(0, |d| d.as_secs()),
+                    ephemeral,
+                    reason,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if client.json {
+                println!("{}", rule_json(&rule));
+            } else {
+                print_table(&headers, rows(&[rule]));
+            }
+        }
+        TrustCommand::List { tailnet } => {
+            let rules = admin
+                .list_trust_rules(pb::ListTrustRulesRequest { tailnet_id: tailnet })
+                .await
+                .map_err(status)?
+                .into_inner()
+                .rules;
+            if client.json {
+                println!("{}", Value::Array(rules.iter().map(rule_json).collect()));
+            } else {
+                print_table(&headers, rows(&rules));
+            }
+        }
+        TrustCommand::Delete { id } => {
+            admin.delete_trust_rule(pb::DeleteTrustRuleRequest { id: id.clone() }).await.map_err(status)?;
+            if client.json {
+                println!("{}", json!({"id": id, "deleted": true}));
+            } else {
+                println!("deleted trust rule {id}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn upstream_json(u: &pb::UpstreamInfo) -> Value {
+    json!({"name": u.name, "kind": u.kind, "base_url": u.base_url, "api_key_set": u.api_key_set,
+        "updated_at": time(&u.updated_at)})
+}
+
+async fn upstream(client: &ClientArgs, command: UpstreamCommand) -> anyhow::Result<()> {
+    let rows = |ups: &[pb::UpstreamInfo]| -> Vec<Vec<String>> {
+        ups.iter()
+            .map(|u| {
+                let key = if u.api_key_set { "set" } else { "missing" };
+                vec![u.name.clone(), u.kind.clone(), u.base_url.clone(), key.into(), time(&u.updated_at)]
+            })
+            .collect()
+    };
+    let headers = ["NAME", "KIND", "BASE URL", "KEY", "UPDATED"];
+    let upstreams = match command {
+        UpstreamCommand::Set { tailnet, name, kind, base_url, api_key_file } => {
+            // Read the key before connecting, so a wrong path fails without a round trip.
+            let api_key = read_text(&api_key_file)
+                .with_context(|| "the API key is read from --api-key-file (a file, or - for standard input)")?
+                .trim()
+                .to_string();
+            if api_key.is_empty() {
+                bail!("{} holds no API key", api_key_file.display());
+            }
+            let mut admin = client.connect().await?;
+            let info = admin
+                .set_upstream(pb::SetUpstreamRequest { tailnet_id: tailnet, name, kind, base_url, api_key })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if client.json {
+                println!("{}", upstream_json(&info));
+                return Ok(());
+            }
+            vec![info]
+        }
+        UpstreamCommand::List { tailnet } => {
+            let mut admin = client.connect().await?;
+            let t = admin.get_tailnet(pb::GetTailnetRequest { id: tailnet }).await.map_err(status)?.into_inner();
+            if client.json {
+                println!("{}", Value::Array(t.upstreams.iter().map(upstream_json).collect()));
+                return Ok(());
+            }
+            t.upstreams
+        }
+    };
+    print_table(&headers, rows(&upstreams));
+    Ok(())
+}
+
+async fn relay_stats(client: &ClientArgs) -> anyhow::Result<()> {
+    let mut admin = client.connect().await?;
+    let r = admin.get_relay_stats(pb::GetRelayStatsRequest {}).await.map_err(status)?.into_inner();
+    let rows = [
+        ("forwarded_frames", r.forwarded_frames),
+        ("forwarded_bytes", r.forwarded_bytes),
+        ("dropped_unknown_peer", r.dropped_unknown_peer),
+        ("dropped_oversize", r.dropped_oversize),
+        ("dropped_rate", r.dropped_rate),
+        ("dropped_overflow", r.dropped_overflow),
+    ];
+    if client.json {
+        let map: serde_json::Map<String, Value> = rows.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+        println!("{}", Value::Object(map));
+    } else {
+        for (k, v) in rows {
+            println!("{k:<22} {v}");
+        }
     }
     Ok(())
 }
@@ -712,6 +1109,24 @@ async fn node(client: &ClientArgs, command: NodeCommand) -> anyhow::Result<()> {
                     })
                     .collect();
                 print_table(&["ID", "HOSTNAME", "ADDRESS", "STATUS", "TAGS", "OWNER", "EPHEMERAL"], rows);
+            }
+        }
+        NodeCommand::Show { id } => {
+            let n = admin.get_node(pb::GetNodeRequest { id }).await.map_err(status)?.into_inner();
+            let mut v = node_json(&n);
+            v["endpoints"] = json!(n.endpoints);
+            if let Some(a) = &n.admission {
+                v["trust_rule_id"] = json!(a.trust_rule_id);
+                if let Some(run) = &a.run {
+                    v["run"] = json!({"issuer": run.issuer, "subject": run.subject, "claims": run.claims});
+                }
+            }
+            if client.json {
+                println!("{v}");
+            } else {
+                for (k, v) in v.as_object().expect("object") {
+                    println!("{k:<22} {}", v.as_str().map_or_else(|| v.to_string(), str::to_string));
+                }
             }
         }
         NodeCommand::Delete { id, reason } => {

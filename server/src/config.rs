@@ -70,6 +70,14 @@ pub struct ServeArgs {
     /// deleted [default: 90d].
     #[arg(long, env = "CORDON_AUDIT_RETENTION", value_parser = duration_arg)]
     pub audit_retention: Option<Duration>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9090 [default: off]. Plain
+    /// HTTP without authentication: keep it on loopback or a monitoring network.
+    #[arg(long, env = "CORDON_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// How log lines look on stderr: `text` for people, `json` (one object per line) for collectors.
+    /// Not read from the TOML file: logging starts before it is read.
+    #[arg(long, env = "CORDON_LOG_FORMAT", value_enum, default_value_t = agentd::cli::LogFormat::Text)]
+    pub log_format: agentd::cli::LogFormat,
 }
 
 /// The TOML file: the same settings, durations as strings ("30s").
@@ -90,6 +98,7 @@ struct FileConfig {
     cache_mb: Option<u64>,
     stun_listen: Option<SocketAddr>,
     audit_retention: Option<String>,
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -110,6 +119,8 @@ pub struct ServeConfig {
     pub limits: Limits,
     /// Where the STUN reflector listens (UDP); `None` runs none.
     pub stun_listen: Option<SocketAddr>,
+    /// Where `/metrics` is served (HTTP); `None` serves none.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ServeConfig {
@@ -123,6 +134,7 @@ impl ServeConfig {
             shutdown_grace: Duration::from_secs(10),
             limits: Limits::default(),
             stun_listen: Some("127.0.0.1:0".parse().expect("valid")),
+            metrics_listen: None,
         }
     }
 
@@ -198,6 +210,7 @@ impl ServeConfig {
                 .unwrap_or(Duration::from_secs(10)),
             limits,
             stun_listen: Some(args.stun_listen.or(file.stun_listen).unwrap_or(SocketAddr::new(listen.ip(), 3478))),
+            metrics_listen: args.metrics_listen.or(file.metrics_listen),
         })
     }
 }

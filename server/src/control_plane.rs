@@ -66,6 +66,9 @@ pub struct ControlPlane {
     /// The STUN reflector's address as nodes should dial it, if one runs.
     pub(crate) stun_address: Mutex<Option<String>>,
     pub(crate) gateways: crate::gateway::Gateways,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    /// Where `/metrics` is served, once it is.
+    pub(crate) metrics_address: Mutex<Option<std::net::SocketAddr>>,
     /// The long-lived tasks the server owns (reaper, audit pruner, gateways, STUN): each ends on
     /// shutdown, and [`ControlPlane::drain`] waits for them. `None` once drained.
     tasks: Mutex<Option<tokio::task::JoinSet<()>>>,
@@ -81,7 +84,8 @@ impl ControlPlane {
         let clock = Clock::new();
         let (shutdown, _) = watch::channel(false);
         let (reaper, reaper_rx) = Reaper::channel();
-        let (gateways, audit_rx) = crate::gateway::Gateways::new();
+        let metrics = Arc::new(crate::metrics::Metrics::new(store.commit_stats()));
+        let (gateways, audit_rx) = crate::gateway::Gateways::new(metrics.clone());
         let cp = Arc::new(ControlPlane {
             store,
             clock,
@@ -93,6 +97,8 @@ impl ControlPlane {
             relays: crate::relay::Relays::default(),
             stun_address: Mutex::default(),
             gateways,
+            metrics,
+            metrics_address: Mutex::default(),
             tasks: Mutex::new(Some(tokio::task::JoinSet::new())),
             audit_writer: Mutex::default(),
         });
@@ -505,6 +511,21 @@ impl ControlPlane {
     }
 
     /// Which storage engine holds the records: `sled` or `postgres`.
+    /// How many records of each kind the store holds (the metrics' tailnet and node gauges).
+    pub async fn store_counts(&self) -> Result<crate::store::Counts> {
+        self.store.counts().await
+    }
+
+    /// Where `/metrics` is served (after [`crate::serve::Server::serve`] bound it), for tests and logs.
+    pub fn metrics_address(&self) -> Option<std::net::SocketAddr> {
+        *self.metrics_address.lock().unwrap()
+    }
+
+    /// The Prometheus exposition of this server's metrics now.
+    pub async fn render_metrics(&self) -> String {
+        self.metrics.render(self).await
+    }
+
     pub fn store_engine(&self) -> &'static str {
         self.store.engine()
     }
@@ -594,6 +615,29 @@ impl ControlPlane {
             .await?
             .map(Some)
             .ok_or_else(|| Error::not_found("policy version", format!("{version} of tailnet {tailnet_id}")))
+    }
+
+    /// Every stored policy version of a tailnet, oldest first, and the version in force.
+    pub async fn policy_history(&self, tailnet_id: TailnetId) -> Result<(Vec<PolicyRecord>, u64)> {
+        let mut tx = self.store.read().await?;
+        let tailnet = tx.tailnet(tailnet_id).await?.ok_or_else(|| Error::not_found("tailnet", tailnet_id))?;
+        let mut versions = tx.policies_of(tailnet_id).await?;
+        versions.sort_by_key(|r| r.version);
+        Ok((versions, tailnet.policy_version))
+    }
+
+    /// Validates `text` and runs its tests as [`ControlPlane::set_policy`] would, storing nothing; with a
+    /// tailnet, also says what would change from its current version.
+    pub async fn test_policy(&self, tailnet_id: Option<TailnetId>, text: &str) -> Result<(Policy, String)> {
+        let policy = parse_policy(text)?;
+        let summary = match tailnet_id {
+            None => String::new(),
+            Some(id) => {
+                let tailnet = self.get_tailnet(id).await?;
+                policy.diff_summary(&*self.policy(&tailnet).await?)
+            }
+        };
+        Ok((policy, summary))
     }
 
     /// Audit events in revision order, filtered, and whether more follow.

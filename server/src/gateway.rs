@@ -58,16 +58,17 @@ pub struct Gateways {
     running: Mutex<HashSet<TailnetId>>,
     pub(crate) client: Client<Https, Full<Bytes>>,
     audit: mpsc::UnboundedSender<AuditEntry>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Gateways {
-    pub fn new() -> (Gateways, mpsc::UnboundedReceiver<AuditEntry>) {
+    pub fn new(metrics: Arc<crate::metrics::Metrics>) -> (Gateways, mpsc::UnboundedReceiver<AuditEntry>) {
         let (audit, rx) = mpsc::unbounded_channel();
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
             .build(https_connector());
-        (Gateways { running: Mutex::default(), client, audit }, rx)
+        (Gateways { running: Mutex::default(), client, audit, metrics }, rx)
     }
 
     /// How many gateways run now.
@@ -83,7 +84,11 @@ impl Gateways {
     /// that before its last byte leaves, so an answered request always has its event.
     pub(crate) fn record(&self, event: GatewayEvent) -> oneshot::Receiver<bool> {
         let (committed, rx) = oneshot::channel();
-        let _ = self.audit.send(AuditEntry { event, committed });
+        self.metrics.gateway_request(event.tailnet, &event.request);
+        self.metrics.audit_queued();
+        if self.audit.send(AuditEntry { event, committed }).is_err() {
+            self.metrics.audit_written(1);
+        }
         rx
     }
 }
@@ -119,6 +124,7 @@ pub fn spawn_audit_writer(
                     false
                 }
             };
+            cp.metrics.audit_written(n);
             for w in waiting {
                 let _ = w.send(ok);
             }

@@ -145,6 +145,11 @@ impl Hub {
         presence.get(&node).map_or((false, None), |p| (p.streams > 0, p.last_seen))
     }
 
+    /// How many nodes hold a netmap stream now.
+    pub fn online_nodes(&self) -> usize {
+        self.presence.lock().unwrap().values().filter(|p| p.streams > 0).count()
+    }
+
     pub fn forget(&self, node: NodeId) {
         self.presence.lock().unwrap().remove(&node);
     }

@@ -28,6 +28,7 @@ pub struct Server {
     pub admin_tokens: Arc<AdminTokens>,
     /// Set when this start wrote a new admin token.
     pub admin_token_created: Option<PathBuf>,
+    metrics_listener: Option<TcpListener>,
 }
 
 impl Server {
@@ -43,13 +44,25 @@ impl Server {
             crate::store::StoreUrl::Postgres(_) => opened?,
         };
         tracing::info!(store = %url, "store open");
-        Ok(Server { config, control_plane, admin_tokens: Arc::new(admin_tokens), admin_token_created })
+        let admin_tokens = Arc::new(admin_tokens);
+        Ok(Server { config, control_plane, admin_tokens, admin_token_created, metrics_listener: None })
+    }
+
+    /// Binds the metrics listener the configuration asks for (else [`Server::serve`] does); returns
+    /// its address.
+    pub async fn bind_metrics(&mut self) -> anyhow::Result<Option<std::net::SocketAddr>> {
+        if self.metrics_listener.is_none()
+            && let Some(addr) = self.config.metrics_listen
+        {
+            self.metrics_listener = Some(agentd::metrics::bind(addr).await?);
+        }
+        self.metrics_listener.as_ref().map(|l| l.local_addr().context("metrics listener")).transpose()
     }
 
     /// Serves gRPC on `listener` until `signal` completes, then ends every watch stream with a reason
     /// and waits up to the grace period for in-flight calls.
     pub async fn serve(
-        self,
+        mut self,
         listener: TcpListener,
         signal: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
@@ -72,6 +85,26 @@ impl Server {
             tracing::info!(%bound, "STUN reflector listening");
             cp.spawn(crate::stun::reflect(socket, cp.shutdown_signal()));
         }
+        self.bind_metrics().await?;
+        if let Some(listener) = self.metrics_listener.take() {
+            let bound = listener.local_addr()?;
+            *cp.metrics_address.lock().unwrap() = Some(bound);
+            tracing::info!(%bound, "serving metrics at /metrics");
+            let weak = Arc::downgrade(&cp);
+            let scrape = move || {
+                let cp = weak.clone();
+                async move {
+                    match cp.upgrade() {
+                        Some(cp) => cp.render_metrics().await,
+                        None => String::from("# EOF\n"),
+                    }
+                }
+            };
+            let mut stop = cp.shutdown_signal();
+            cp.spawn(agentd::metrics::serve(listener, scrape, async move {
+                crate::control_plane::stopped(&mut stop).await
+            }));
+        }
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter.set_serving::<pb::control_server::ControlServer<ControlApi>>().await;
         health_reporter.set_serving::<pb::node_server::NodeServer<NodeApi>>().await;
@@ -88,6 +121,7 @@ impl Server {
             pb::node_server::NodeServer::new(NodeApi::new(cp.clone())).max_decoding_message_size(MAX_REQUEST_BYTES);
 
         let mut builder = tonic::transport::Server::builder()
+            .layer(crate::metrics::GrpcLayer(cp.metrics.clone()))
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .max_frame_size(Some(64 * 1024));

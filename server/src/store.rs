@@ -200,6 +200,23 @@ enum Engine {
 struct Publisher {
     hub: Arc<Hub>,
     waiting: Mutex<BTreeMap<u64, Change>>,
+    commits: CommitStats,
+}
+
+/// How long commits of write transactions take, and how many are under way (the metrics read them).
+#[derive(Clone, Debug)]
+pub struct CommitStats {
+    pub seconds: prometheus_client::metrics::histogram::Histogram,
+    pub in_flight: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Default for CommitStats {
+    fn default() -> Self {
+        CommitStats {
+            seconds: prometheus_client::metrics::histogram::Histogram::new(crate::metrics::LATENCY_BUCKETS),
+            in_flight: Default::default(),
+        }
+    }
 }
 
 impl Publisher {
@@ -238,11 +255,16 @@ impl Store {
             }
         };
         hub.set_published(revision);
-        Ok(Store { engine, publisher: Arc::new(Publisher { hub, waiting: Mutex::default() }) })
+        let publisher = Publisher { hub, waiting: Mutex::default(), commits: CommitStats::default() };
+        Ok(Store { engine, publisher: Arc::new(publisher) })
     }
 
     pub fn hub(&self) -> &Arc<Hub> {
         &self.publisher.hub
+    }
+
+    pub fn commit_stats(&self) -> &CommitStats {
+        &self.publisher.commits
     }
 
     /// Which engine this is, for logs: `sled` or `postgres`.
@@ -508,13 +530,23 @@ impl Tx {
         let inner = std::mem::replace(&mut self.inner, Inner::Done);
         let pending = std::mem::take(&mut self.pending);
         let publisher = self.publisher.clone();
+        let timed = self.writes;
         let task = tokio::spawn(async move {
+            let start = std::time::Instant::now();
+            let stats = &publisher.commits;
+            if timed {
+                stats.in_flight.inc();
+            }
             let changes = match inner {
-                Inner::Sled(t) => t.commit(pending).await?,
-                Inner::Postgres(t) => t.commit(pending).await?,
+                Inner::Sled(t) => t.commit(pending).await,
+                Inner::Postgres(t) => t.commit(pending).await,
                 Inner::Done => unreachable!("committed twice"),
             };
-            publisher.publish(changes);
+            if timed {
+                stats.in_flight.dec();
+                stats.seconds.observe(start.elapsed().as_secs_f64());
+            }
+            publisher.publish(changes?);
             Ok::<(), Error>(())
         });
         task.await.map_err(|e| Error::Unavailable(format!("commit task failed: {e}")))?

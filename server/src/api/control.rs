@@ -143,6 +143,33 @@ impl pb::control_server::Control for ControlApi {
         }))
     }
 
+    async fn list_policy_versions(
+        &self,
+        req: Request<pb::ListPolicyVersionsRequest>,
+    ) -> Result<Response<pb::ListPolicyVersionsResponse>, Status> {
+        let tailnet = TailnetId::parse("tailnet_id", &req.get_ref().tailnet_id)?;
+        let (versions, current_version) = self.cp.policy_history(tailnet).await?;
+        let versions = versions.iter().map(convert::policy_version).collect();
+        Ok(Response::new(pb::ListPolicyVersionsResponse { versions, current_version }))
+    }
+
+    async fn test_policy(
+        &self,
+        req: Request<pb::TestPolicyRequest>,
+    ) -> Result<Response<pb::TestPolicyResponse>, Status> {
+        let req = req.into_inner();
+        let tailnet = optional_id(&req.tailnet_id, |s| TailnetId::parse("tailnet_id", s))?;
+        if req.policy_json.trim().is_empty() {
+            return Err(Error::invalid("policy_json", "is required (an empty object {} denies everything)").into());
+        }
+        let (policy, summary) = self.cp.test_policy(tailnet, &req.policy_json).await?;
+        Ok(Response::new(pb::TestPolicyResponse {
+            tests_passed: policy.tests.len() as u32,
+            grants: policy.grants.len() as u32,
+            summary,
+        }))
+    }
+
     async fn create_trust_rule(
         &self,
         req: Request<pb::CreateTrustRuleRequest>,
@@ -179,6 +206,15 @@ impl pb::control_server::Control for ControlApi {
         let nodes =
             self.cp.list_nodes(tailnet).await?.iter().filter(|n| !n.gateway).map(|n| convert::node(n, hub)).collect();
         Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    async fn get_node(&self, req: Request<pb::GetNodeRequest>) -> Result<Response<pb::NodeInfo>, Status> {
+        let id = NodeId::parse("id", &req.get_ref().id)?;
+        let node = self.cp.get_node(id).await?;
+        if node.gateway {
+            return Err(Error::not_found("node", id).into());
+        }
+        Ok(Response::new(convert::node(&node, self.cp.hub())))
     }
 
     async fn delete_node(
@@ -255,7 +291,9 @@ impl pb::control_server::Control for ControlApi {
         let cp = self.cp.clone();
         let mut last = if req.since_revision > 0 { req.since_revision } else { cp.hub().published_revision() };
         let (tx, rx) = mpsc::channel(256);
+        let open = cp.metrics.watch_stream("events");
         tokio::spawn(async move {
+            let _counted = open;
             let mut backlog = match replay(&cp, tailnet, &mut last).await {
                 Ok(events) => {
                     tracing::debug!(events = events.len(), last, "WatchEvents: replayed the stored events");

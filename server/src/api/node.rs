@@ -189,7 +189,12 @@ impl pb::node_server::Node for NodeApi {
     ) -> Result<Response<Self::WatchNetMapStream>, Status> {
         let node = self.cp.authenticate_session(&req.get_ref().session_token).await?;
         let rx = netmap_feed(&self.cp, node).await?;
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        let open = self.cp.metrics.watch_stream("netmap");
+        let stream = tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), move |m| {
+            let _counted = &open;
+            m
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn report_endpoints(
@@ -220,7 +225,9 @@ impl pb::node_server::Node for NodeApi {
         let mut inbound = req.into_inner();
         let cp = self.cp.clone();
         let (tx, rx) = mpsc::channel(256);
+        let open = cp.metrics.watch_stream("relay");
         tokio::spawn(async move {
+            let _counted = open;
             let (tailnet, me) = (node.tailnet_id, node.wireguard_public_key);
             let (mailbox, _registration) = cp.relays.register(tailnet, me);
             // The stream ends when the node or its tailnet goes: a removed node relays nothing more.

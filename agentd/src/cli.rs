@@ -20,6 +20,15 @@ use crate::proxy::Kind;
 
 const SOCKET: &str = "agentd.sock";
 
+/// `println!` that does not panic when stdout is gone (a supervisor that read the first line and
+/// closed the pipe): the daemon keeps running and says nothing.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 #[derive(Parser)]
 #[command(name = "agentd", version, about = "Join a Cordon tailnet over WireGuard")]
 struct Cli {
@@ -235,9 +244,12 @@ async fn up(args: UpArgs, state_dir: &Path) -> i32 {
         Err(e) => return fail(&e),
     };
     let status = node.status().await;
-    println!(
+    say!(
         "agentd: up as {} ({}) in tailnet {}, node {}",
-        status.hostname, status.address, status.tailnet, status.node_id
+        status.hostname,
+        status.address,
+        status.tailnet,
+        status.node_id
     );
 
     let userspace = args.tun.is_none();
@@ -250,7 +262,7 @@ async fn up(args: UpArgs, state_dir: &Path) -> i32 {
                 return 1;
             }
         };
-        println!("agentd: metrics at http://{}/metrics", listener.local_addr().unwrap_or(addr));
+        say!("agentd: metrics at http://{}/metrics", listener.local_addr().unwrap_or(addr));
         let scraped = node.clone();
         let scrape = move || {
             let node = scraped.clone();
@@ -273,7 +285,7 @@ async fn up(args: UpArgs, state_dir: &Path) -> i32 {
     for (local, host, port) in args.forwards {
         match bind(local, "forward").await {
             Ok(l) => {
-                println!("agentd: forwarding {local} to {host}:{port}");
+                say!("agentd: forwarding {local} to {host}:{port}");
                 servers.push(tokio::spawn(serve_proxy(node.clone(), l, userspace, Kind::Forward(host, port))));
             }
             Err(code) => return code,
@@ -286,7 +298,7 @@ async fn up(args: UpArgs, state_dir: &Path) -> i32 {
     for served in &args.serves {
         match node.listen(served.port).await {
             Ok(listener) => {
-                println!("agentd: serving tailnet port {} from {}", served.port, served.target);
+                say!("agentd: serving tailnet port {} from {}", served.port, served.target);
                 servers.push(tokio::spawn(serve_local(listener, served.target)));
             }
             Err(e) => return fail(&e),
@@ -303,8 +315,8 @@ async fn up(args: UpArgs, state_dir: &Path) -> i32 {
 
     let mut ended = node.ended();
     let code = tokio::select! {
-        _ = shutdown_signal() => { println!("agentd: stopping"); 0 }
-        _ = down_rx.recv() => { println!("agentd: stopping (agentd down)"); 0 }
+        _ = shutdown_signal() => { say!("agentd: stopping"); 0 }
+        _ = down_rx.recv() => { say!("agentd: stopping (agentd down)"); 0 }
         why = async { ended.wait_for(Option::is_some).await.ok().and_then(|e| e.clone()).map(|e| e.message) } => {
             let why = why.unwrap_or_default();
             eprintln!("agentd: this node was revoked: {why}; tunnels are down, not retrying");
@@ -453,18 +465,22 @@ async fn client(state_dir: &Path, command: &str, raw_json: bool) -> i32 {
     }
     if raw_json || command != "status" {
         if command != "down" {
-            println!("{value:#}");
+            say!("{value:#}");
         }
         return 0;
     }
-    println!(
+    say!(
         "{} {} in {} (node {}, endpoint {})",
-        value["hostname"], value["address"], value["tailnet"], value["node_id"], value["endpoint"]
+        value["hostname"],
+        value["address"],
+        value["tailnet"],
+        value["node_id"],
+        value["endpoint"]
     );
-    println!("{:<20} {:<15} {:<28} {:>10} {:>12} {:>12}", "PEER", "ADDRESS", "PATH", "HANDSHAKE", "TX", "RX");
+    say!("{:<20} {:<15} {:<28} {:>10} {:>12} {:>12}", "PEER", "ADDRESS", "PATH", "HANDSHAKE", "TX", "RX");
     for p in value["peers"].as_array().into_iter().flatten() {
         let handshake = p["last_handshake_seconds_ago"].as_u64().map_or("-".into(), |s| format!("{s}s ago"));
-        println!(
+        say!(
             "{:<20} {:<15} {:<28} {:>10} {:>12} {:>12}",
             p["hostname"].as_str().unwrap_or(""),
             p["addresses"][0].as_str().unwrap_or(""),
@@ -475,7 +491,7 @@ async fn client(state_dir: &Path, command: &str, raw_json: bool) -> i32 {
         );
     }
     for v in value["serving"].as_array().into_iter().flatten() {
-        println!(
+        say!(
             "serving tailnet port {} from {} ({})",
             v["port"],
             v["target"].as_str().unwrap_or(""),

@@ -13,7 +13,7 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Method, Request, Response, StatusCode};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -65,12 +65,19 @@ impl Collector for Sample {
             let kind = if f.counter { MetricType::Counter } else { MetricType::Gauge };
             let mut metric = encoder.encode_descriptor(f.name, f.help, None, kind)?;
             for (labels, value) in &f.series {
-                let series = metric.encode_family(labels)?;
-                if f.counter {
-                    ConstCounter::new(*value).encode(series)?;
-                } else {
-                    ConstGauge::new(i64::try_from(*value).unwrap_or(i64::MAX)).encode(series)?;
+                let encode = |series: MetricEncoder<'_>| {
+                    if f.counter {
+                        ConstCounter::new(*value).encode(series)
+                    } else {
+                        ConstGauge::new(i64::try_from(*value).unwrap_or(i64::MAX)).encode(series)
+                    }
+                };
+                if labels.is_empty() {
+                    // Each unlabelled family has one series, and `name{}` reads badly.
+                    encode(metric)?;
+                    break;
                 }
+                encode(metric.encode_family(labels)?)?;
             }
         }
         Ok(())
@@ -216,7 +223,7 @@ mod tests {
         assert_eq!(text.matches("# TYPE x_drops counter").count(), 1, "{text}");
         assert!(text.contains("x_drops_total{reason=\"a\"} 3\n"), "{text}");
         assert!(text.contains("x_drops_total{reason=\"b\\\"q\"} 4\n"), "label values are escaped: {text}");
-        assert!(text.contains("x_peers 2\n"), "{text}");
+        assert!(text.contains("x_peers 2\n") && !text.contains("{}"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

@@ -167,7 +167,8 @@ impl Metrics {
                 s.gauge("cordon_tailnets", "Live tailnets", vec![], c.tailnets);
                 // The gateways are the server's own nodes, one per tailnet.
                 let nodes = c.nodes.saturating_sub(c.tailnets);
-                let online = cp.hub().online_nodes() as u64;
+                // Each running gateway holds a netmap stream of its own.
+                let online = (cp.hub().online_nodes().saturating_sub(cp.gateways_running())) as u64;
                 let help = "Nodes by state (online: holds a netmap stream)";
                 s.gauge("cordon_nodes", help, vec![("state", "online".into())], online);
                 s.gauge("cordon_nodes", help, vec![("state", "offline".into())], nodes.saturating_sub(online));

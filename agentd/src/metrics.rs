@@ -52,11 +52,27 @@ impl Sample {
     }
 
     fn push(&mut self, name: &'static str, help: &'static str, counter: bool, labels: Labels, value: u64) {
+        // prometheus-client writes label values as given; the exposition format wants these escaped.
+        let labels = labels.into_iter().map(|(k, v)| (k, escape(&v))).collect();
         match self.families.iter_mut().find(|f| f.name == name) {
             Some(f) => f.series.push((labels, value)),
             None => self.families.push(SampleFamily { name, help, counter, series: vec![(labels, value)] }),
         }
     }
+}
+
+/// A label value as the text format writes it: backslash, double quote and newline escaped.
+fn escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 impl Collector for Sample {

@@ -347,14 +347,15 @@ async fn json_logs_of_both_binaries_parse_and_hold_no_secret() {
     let session = std::fs::read_dir(dir.path().join("agent"))
         .unwrap()
         .filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok())
-        .find_map(|text| serde_json::from_str::<Value>(&text).ok()?.get("session_token")?.as_str().map(str::to_string));
+        .find_map(|text| serde_json::from_str::<Value>(&text).ok()?.get("session_token")?.as_str().map(str::to_string))
+        .expect("agentd saved its session");
     for child in [&mut agent, &mut server] {
         let pid = child.id().unwrap().to_string();
         std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         tokio::time::timeout(Duration::from_secs(20), child.wait()).await.expect("exits on SIGTERM").unwrap();
     }
     let mut secrets = vec![admin_token.clone(), secret.clone(), llm::KEY.to_string()];
-    secrets.extend(session);
+    secrets.push(session);
     for log in [&server_log, &agent_log] {
         let lines = json_lines(log);
         assert!(lines.len() > 5, "{} has {} lines", log.display(), lines.len());

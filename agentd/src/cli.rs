@@ -5,7 +5,7 @@
 //! revoked (deleted, its key revoked, its tailnet deleted or expired): it does not retry; 4 the server
 //! refused the credential; 5 the server could not be reached.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -52,7 +52,7 @@ enum Command {
         json: bool,
     },
     /// Who is behind a tailnet address.
-    Whois { address: Ipv4Addr },
+    Whois { address: IpAddr },
     /// Stop the running agentd (the node stays registered).
     Down,
 }
@@ -92,8 +92,9 @@ struct UpArgs {
     /// Forward a local port to a tailnet host: 127.0.0.1:8080=gateway:80 (repeatable).
     #[arg(long = "forward", value_parser = parse_forward)]
     forwards: Vec<(SocketAddr, String, u16)>,
-    /// Offer a local TCP service to peers on a tailnet port (userspace mode; the policy decides who may
-    /// connect): `9100` (tailnet port 9100 to 127.0.0.1:9100) or `2222=127.0.0.1:22` (repeatable).
+    /// Offer a local service to peers on a tailnet port (userspace mode; the policy decides who may
+    /// connect): `9100` (tailnet port 9100 to 127.0.0.1:9100), `2222=127.0.0.1:22`, or with `/udp`
+    /// for a UDP service: `5353/udp`, `5353=127.0.0.1:53/udp` (repeatable).
     #[arg(long = "serve", value_parser = parse_serve)]
     serves: Vec<Served>,
     /// UDP port for WireGuard [default: any free port].
@@ -115,26 +116,34 @@ fn parse_forward(s: &str) -> Result<(SocketAddr, String, u16), String> {
     Ok((local, host.to_string(), port.parse().map_err(|_| usage())?))
 }
 
-/// A local service offered to peers: connections to the node's `port` go to `target`.
+/// A local service offered to peers: connections (or datagrams) to the node's `port` go to `target`.
 #[derive(Clone, Debug)]
 struct Served {
     port: u16,
     target: SocketAddr,
+    udp: bool,
 }
 
 fn parse_serve(s: &str) -> Result<Served, String> {
-    let usage = || format!("{s:?} is not PORT or PORT=HOST:PORT, e.g. 9100 or 2222=127.0.0.1:22");
+    let usage =
+        || format!("{s:?} is not PORT[=HOST:PORT][/udp], e.g. 9100, 2222=127.0.0.1:22 or 5353=127.0.0.1:53/udp");
+    let (spec, udp) = match s.rsplit_once('/') {
+        Some((spec, "udp")) => (spec, true),
+        Some((spec, "tcp")) => (spec, false),
+        Some(_) => return Err(usage()),
+        None => (s, false),
+    };
     let port_of = |p: &str| p.parse::<u16>().ok().filter(|p| *p != 0);
-    match s.split_once('=') {
+    match spec.split_once('=') {
         None => {
-            let port = port_of(s).ok_or_else(usage)?;
-            Ok(Served { port, target: SocketAddr::from((Ipv4Addr::LOCALHOST, port)) })
+            let port = port_of(spec).ok_or_else(usage)?;
+            Ok(Served { port, target: SocketAddr::from((Ipv4Addr::LOCALHOST, port)), udp })
         }
         Some((port, target)) => {
             let port = port_of(port).ok_or_else(usage)?;
             let target =
                 std::net::ToSocketAddrs::to_socket_addrs(target).ok().and_then(|mut a| a.next()).ok_or_else(usage)?;
-            Ok(Served { port, target })
+            Ok(Served { port, target, udp })
         }
     }
 }
@@ -296,10 +305,16 @@ async fn up(args: UpArgs, state_dir: &Path) -> i32 {
         return 2;
     }
     for served in &args.serves {
-        match node.listen(served.port).await {
-            Ok(listener) => {
-                say!("agentd: serving tailnet port {} from {}", served.port, served.target);
-                servers.push(tokio::spawn(serve_local(listener, served.target)));
+        let (port, target) = (served.port, served.target);
+        let server = if served.udp {
+            node.bind_udp(port).map(|socket| tokio::spawn(serve_local_udp(socket, target)))
+        } else {
+            node.listen(port).await.map(|listener| tokio::spawn(serve_local(listener, target)))
+        };
+        match server {
+            Ok(server) => {
+                say!("agentd: serving tailnet port {port}/{} from {target}", protocol(served));
+                servers.push(server);
             }
             Err(e) => return fail(&e),
         }
@@ -380,10 +395,77 @@ async fn serve_local(mut listener: crate::Listener, target: SocketAddr) {
     }
 }
 
+/// How long a UDP flow (one peer address and port) keeps its local socket without traffic.
+const UDP_FLOW_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Relays datagrams between peers and a local UDP service. Each peer address and port gets its own
+/// local socket, as a NAT would give it, so the service's answers go back to the peer that asked; a
+/// flow ends after [`UDP_FLOW_IDLE`] without traffic.
+async fn serve_local_udp(socket: crate::UdpSocket, target: SocketAddr) {
+    let socket = Arc::new(socket);
+    let mut flows: std::collections::HashMap<SocketAddr, tokio::sync::mpsc::Sender<Vec<u8>>> = Default::default();
+    let mut buf = vec![0u8; 65_535];
+    loop {
+        let Ok((n, peer)) = socket.recv_from(&mut buf).await else { return };
+        let mut datagram = buf[..n].to_vec();
+        if let Some(flow) = flows.get(&peer) {
+            match flow.try_send(datagram) {
+                Ok(()) => continue,
+                // The local service is slower than the peer: drop, as a full socket buffer would.
+                Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => continue,
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(d)) => datagram = d,
+            }
+        }
+        flows.retain(|_, f| !f.is_closed());
+        let bind: SocketAddr =
+            if target.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { "[::]:0".parse().unwrap() };
+        let local = match tokio::net::UdpSocket::bind(bind).await {
+            Ok(l) if l.connect(target).await.is_ok() => l,
+            _ => {
+                tracing::info!(%peer, %target, "served UDP port: cannot open a socket to the local service");
+                continue;
+            }
+        };
+        let _ = local.send(&datagram).await;
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        flows.insert(peer, tx);
+        tokio::spawn(udp_flow(socket.clone(), local, peer, rx));
+    }
+}
+
+/// One peer's flow: its datagrams to the local service, and the service's answers back to it.
+async fn udp_flow(
+    tailnet: Arc<crate::UdpSocket>,
+    local: tokio::net::UdpSocket,
+    peer: SocketAddr,
+    mut from_peer: tokio::sync::mpsc::Receiver<Vec<u8>>,
+) {
+    let mut buf = vec![0u8; 65_535];
+    loop {
+        tokio::select! {
+            datagram = from_peer.recv() => match datagram {
+                Some(d) => { let _ = local.send(&d).await; }
+                None => return,
+            },
+            answer = tokio::time::timeout(UDP_FLOW_IDLE, local.recv(&mut buf)) => match answer {
+                Ok(Ok(n)) => { let _ = tailnet.send_to(&buf[..n], peer).await; }
+                // A refused port (ICMP) ends nothing: the service may come back.
+                Ok(Err(_)) => {}
+                Err(_) => return,
+            },
+        }
+    }
+}
+
+fn protocol(served: &Served) -> &'static str {
+    if served.udp { "udp" } else { "tcp" }
+}
+
 fn status_json(s: &Status, serves: &[Served]) -> serde_json::Value {
     json!({
-        "serving": serves.iter().map(|v| json!({"port": v.port, "target": v.target.to_string(), "protocol": "tcp"})).collect::<Vec<_>>(),
-        "node_id": s.node_id, "hostname": s.hostname, "address": s.address.to_string(), "tailnet": s.tailnet,
+        "serving": serves.iter().map(|v| json!({"port": v.port, "target": v.target.to_string(), "protocol": protocol(v)})).collect::<Vec<_>>(),
+        "node_id": s.node_id, "hostname": s.hostname, "address": s.address.to_string(),
+        "address6": s.address6.map(|a| a.to_string()), "tailnet": s.tailnet,
         "endpoint": s.endpoint.to_string(),
         "peers": s.peers.iter().map(|p| json!({
             "id": p.peer.id, "hostname": p.peer.hostname,
@@ -422,7 +504,7 @@ async fn serve_control(
             }
             let reply = match line.trim().split_once(' ').unwrap_or((line.trim(), "")) {
                 ("status", _) => status_json(&node.status().await, &serves),
-                ("whois", ip) => match ip.parse::<Ipv4Addr>().ok().and_then(|ip| node.whois(ip)) {
+                ("whois", ip) => match ip.parse::<IpAddr>().ok().and_then(|ip| node.whois(ip)) {
                     Some(p) => json!({"id": p.id, "hostname": p.hostname, "tags": p.tags, "owner": p.owner,
                         "addresses": p.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
                         "run": p.run.as_ref().map(|r| json!({"issuer": r.issuer, "subject": r.subject, "claims": r.claims}))}),

@@ -26,7 +26,7 @@ pub mod wg;
 pub use error::Error;
 pub use netmap::{NetMap, Peer};
 pub use node::{Hosted, Mode, Node, NodeConfig, PeerStatus, Status};
-pub use stack::{Listener, StackConfig, TcpStream};
+pub use stack::{Listener, StackConfig, TcpStream, UdpSocket};
 
 /// Completes when the flag turns true (or its sender is gone).
 pub(crate) async fn stopped(flag: &mut tokio::sync::watch::Receiver<bool>) {

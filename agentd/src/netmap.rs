@@ -1,7 +1,7 @@
 //! The node's view of its tailnet, kept current from the server's full maps and deltas.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use cordon_proto::v1 as pb;
 
@@ -15,7 +15,8 @@ pub struct Peer {
     pub id: String,
     pub hostname: String,
     pub key: Key,
-    pub addresses: Vec<Ipv4Addr>,
+    /// Its IPv4 address, then its IPv6 one.
+    pub addresses: Vec<IpAddr>,
     pub endpoints: Vec<SocketAddr>,
     pub tags: Vec<String>,
     pub owner: String,
@@ -62,6 +63,8 @@ pub struct NetMap {
     pub tailnet_name: String,
     pub network: Ipv4Addr,
     pub prefix: u8,
+    /// The tailnet's IPv6 range, when the server gives one.
+    pub network6: Option<(Ipv6Addr, u8)>,
     pub gateway: Ipv4Addr,
     /// What this node accepts from its peers.
     pub filter: PacketFilter,
@@ -85,8 +88,9 @@ fn filter_from(proto: Option<&pb::PacketFilter>) -> PacketFilter {
                 .iter()
                 .filter_map(|s| {
                     let (a, p) = s.split_once('/')?;
-                    let prefix: u8 = p.parse().ok().filter(|p| *p <= 32)?;
-                    Some((a.parse().ok()?, prefix))
+                    let address: IpAddr = a.parse().ok()?;
+                    let bits = if address.is_ipv4() { 32 } else { 128 };
+                    Some((address, p.parse().ok().filter(|p| *p <= bits)?))
                 })
                 .collect(),
             protocol: match r.protocol.as_str() {
@@ -111,6 +115,10 @@ impl NetMap {
             .and_then(|(a, p)| Some((a.parse().ok()?, p.parse().ok()?)))
             .filter(|(_, p): &(Ipv4Addr, u8)| *p <= 32)
             .ok_or_else(|| Error::Protocol(format!("a bad range {:?}", full.cidr)))?;
+        let network6 = full
+            .cidr6
+            .split_once('/')
+            .and_then(|(a, p)| Some((a.parse().ok()?, p.parse().ok().filter(|p: &u8| *p <= 128)?)));
         let gateway = full.gateway_address.parse().map_err(|_| Error::Protocol("a bad gateway address".into()))?;
         let peers = full.peers.iter().filter_map(Peer::from_proto).map(|p| (p.id.clone(), p)).collect();
         Ok(NetMap {
@@ -122,6 +130,7 @@ impl NetMap {
             tailnet_name: full.tailnet_name.clone(),
             network,
             prefix,
+            network6,
             gateway,
             filter: filter_from(full.filter.as_ref()),
             stun: full.paths.as_ref().map(|p| p.stun_address.clone()).unwrap_or_default(),
@@ -151,8 +160,25 @@ impl NetMap {
         }
     }
 
+    /// This node's IPv4 address.
     pub fn address(&self) -> Ipv4Addr {
-        self.me.addresses.first().copied().unwrap_or(Ipv4Addr::UNSPECIFIED)
+        self.me
+            .addresses
+            .iter()
+            .find_map(|a| match a {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            })
+            .unwrap_or(Ipv4Addr::UNSPECIFIED)
+    }
+
+    /// This node's IPv6 address, with the tailnet's IPv6 prefix length.
+    pub fn address6(&self) -> Option<(Ipv6Addr, u8)> {
+        let (_, prefix) = self.network6?;
+        self.me.addresses.iter().find_map(|a| match a {
+            IpAddr::V6(v6) => Some((*v6, prefix)),
+            IpAddr::V4(_) => None,
+        })
     }
 
     /// What the WireGuard engine should have: one entry per peer.
@@ -169,22 +195,24 @@ impl NetMap {
             .collect()
     }
 
-    /// A peer name (`laptop`, `laptop.<tailnet>`), `gateway`, or an IPv4 address.
-    pub fn resolve(&self, host: &str) -> Option<Ipv4Addr> {
-        if let Ok(ip) = host.parse() {
+    /// A peer name (`laptop`, `laptop.<tailnet>`), `gateway`, or an address (IPv6 in brackets or not).
+    /// Names resolve to IPv4 addresses.
+    pub fn resolve(&self, host: &str) -> Option<IpAddr> {
+        let literal = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        if let Ok(ip) = literal.parse() {
             return Some(ip);
         }
         let name = host.strip_suffix(&format!(".{}", self.tailnet_name)).unwrap_or(host);
         if name == "gateway" {
-            return Some(self.gateway);
+            return Some(IpAddr::V4(self.gateway));
         }
         if name == self.me.hostname {
-            return Some(self.address());
+            return Some(IpAddr::V4(self.address()));
         }
         self.peers.values().find(|p| p.hostname == name).and_then(|p| p.addresses.first().copied())
     }
 
-    pub fn peer_by_address(&self, ip: Ipv4Addr) -> Option<&Peer> {
+    pub fn peer_by_address(&self, ip: IpAddr) -> Option<&Peer> {
         self.peers.values().chain(&self.gateway_peer).find(|p| p.addresses.contains(&ip))
     }
 }

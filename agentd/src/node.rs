@@ -1,7 +1,7 @@
 //! `Node`: a tailnet member in this process. Many can live in one process (the server hosts one per
 //! tailnet for its gateway); each has its own key, UDP socket, WireGuard engine and stack.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket as StdUdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket as StdUdpSocket};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -16,7 +16,7 @@ use crate::control::{self, Client, Ended, Follow};
 use crate::dataplane::{self, Command, Local};
 use crate::error::Error;
 use crate::netmap::{NetMap, Peer};
-use crate::stack::{Listener, Stack, StackConfig, TcpStream};
+use crate::stack::{Listener, Stack, StackConfig, TcpStream, UdpSocket as TailnetUdpSocket};
 use crate::state::{Session, StateDir};
 use crate::tun::Tun;
 use crate::wg::{Drops, Engine, Key};
@@ -99,6 +99,7 @@ pub struct Status {
     pub node_id: String,
     pub hostname: String,
     pub address: Ipv4Addr,
+    pub address6: Option<Ipv6Addr>,
     pub tailnet: String,
     pub endpoint: SocketAddr,
     pub peers: Vec<PeerStatus>,
@@ -188,10 +189,13 @@ impl Node {
         let netmap = control::first_netmap(&mut stream).await?;
         let server_host = control::server_host(&config.server);
         let local = match &config.mode {
-            Mode::Userspace => Local::Stack(Stack::new(netmap.address(), netmap.prefix, StackConfig::default())),
-            Mode::Tun { name } => {
-                Local::Tun(Tun::create(name, netmap.address(), netmap.prefix).map_err(|e| Error::io("TUN", e))?)
+            Mode::Userspace => {
+                Local::Stack(Stack::new(netmap.address(), netmap.prefix, netmap.address6(), StackConfig::default()))
             }
+            Mode::Tun { name } => Local::Tun(
+                Tun::create(name, netmap.address(), netmap.prefix, netmap.address6())
+                    .map_err(|e| Error::io("TUN", e))?,
+            ),
         };
         tracing::info!(node = %session.node_id, address = %netmap.address(), %endpoint, peers = netmap.peers.len(), "joined tailnet {}", netmap.tailnet_name);
 
@@ -228,7 +232,7 @@ impl Node {
     pub async fn hosted(hosted: Hosted) -> Result<Node, Error> {
         let Hosted { secret, node_id, mut netmap, relay_out, relay_in, stack } = hosted;
         let first = control::first_netmap(&mut netmap).await?;
-        let local = Local::Stack(Stack::new(first.address(), first.prefix, stack));
+        let local = Local::Stack(Stack::new(first.address(), first.prefix, first.address6(), stack));
         let (reflexive, _) = watch::channel(None);
         let links = dataplane::Links { relay_out, relay_in, reflexive };
         let parts = Parts {
@@ -319,6 +323,11 @@ impl Node {
         self.netmap.borrow().address()
     }
 
+    /// The node's IPv6 address, when its tailnet has IPv6.
+    pub fn address6(&self) -> Option<Ipv6Addr> {
+        self.netmap.borrow().address6().map(|(a, _)| a)
+    }
+
     /// The current netmap, and a way to wait for the next.
     pub fn netmap(&self) -> watch::Receiver<Arc<NetMap>> {
         self.netmap.clone()
@@ -340,20 +349,23 @@ impl Node {
     }
 
     pub async fn dial(&self, addr: SocketAddr) -> Result<TcpStream, Error> {
-        let SocketAddr::V4(v4) = addr else {
-            return Err(Error::UnknownHost(addr.to_string()));
-        };
-        self.stack()?.dial(v4).await.map_err(|e| Error::io(format!("dial {addr}"), e))
+        self.stack()?.dial(addr).await.map_err(|e| Error::io(format!("dial {addr}"), e))
     }
 
     /// Dials a peer by name (`laptop`, `gateway`) or address.
     pub async fn dial_host(&self, host: &str, port: u16) -> Result<TcpStream, Error> {
         let ip = self.netmap.borrow().resolve(host).ok_or_else(|| Error::UnknownHost(host.to_string()))?;
-        self.dial(SocketAddr::V4(SocketAddrV4::new(ip, port))).await
+        self.dial(SocketAddr::new(ip, port)).await
     }
 
-    /// Who is behind a tunnel address, from the netmap (no round trip).
-    pub fn whois(&self, ip: Ipv4Addr) -> Option<Peer> {
+    /// A UDP socket on `port` of the node's tailnet addresses (0: any free port).
+    pub fn bind_udp(&self, port: u16) -> Result<TailnetUdpSocket, Error> {
+        self.stack()?.bind_udp(port).map_err(|e| Error::io(format!("bind UDP port {port}"), e))
+    }
+
+    /// Who is behind a tunnel address (IPv4 or IPv6), from the netmap (no round trip).
+    pub fn whois(&self, ip: impl Into<IpAddr>) -> Option<Peer> {
+        let ip = ip.into();
         let map = self.netmap.borrow();
         if map.me.addresses.contains(&ip) {
             return Some(map.me.clone());
@@ -385,6 +397,7 @@ impl Node {
             node_id: self.session.node_id.clone(),
             hostname: map.me.hostname.clone(),
             address: map.address(),
+            address6: map.address6().map(|(a, _)| a),
             tailnet: map.tailnet_name.clone(),
             endpoint: self.endpoint,
             peers,

@@ -42,7 +42,7 @@ async fn dial(node: &Node, host: &str, port: u16, userspace: bool) -> io::Result
         .borrow()
         .resolve(host)
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("unknown host {host}")))?;
-    let stream = TcpStream::connect(SocketAddr::from((ip, port))).await?;
+    let stream = TcpStream::connect(SocketAddr::new(ip, port)).await?;
     stream.set_nodelay(true)?;
     Ok(Box::new(stream))
 }
@@ -80,6 +80,11 @@ async fn socks5(node: &Node, mut client: TcpStream, userspace: bool) -> io::Resu
             let mut ip = [0u8; 4];
             client.read_exact(&mut ip).await?;
             std::net::Ipv4Addr::from(ip).to_string()
+        }
+        4 => {
+            let mut ip = [0u8; 16];
+            client.read_exact(&mut ip).await?;
+            std::net::Ipv6Addr::from(ip).to_string()
         }
         3 => {
             let mut len = [0u8; 1];
@@ -161,9 +166,10 @@ async fn http(node: &Node, mut client: TcpStream, userspace: bool) -> io::Result
     };
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let path = if path.is_empty() { "/" } else { path };
+    // `host`, `host:port`, `[v6]` or `[v6]:port`.
     let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) => (h, p.parse().unwrap_or(80)),
-        None => (authority, 80),
+        Some((h, p)) if !authority.ends_with(']') => (h, p.parse().unwrap_or(80)),
+        _ => (authority, 80),
     };
     let upstream = match dial(node, host, port, userspace).await {
         Ok(u) => u,

@@ -1,5 +1,5 @@
-//! The userspace network stack: smoltcp at the node's tunnel address, and TCP streams and listeners
-//! on it that implement tokio's `AsyncRead`/`AsyncWrite`.
+//! The userspace network stack: smoltcp at the node's tunnel addresses (IPv4 and IPv6), TCP streams
+//! and listeners on it that implement tokio's `AsyncRead`/`AsyncWrite`, and UDP sockets.
 //!
 //! The stack is shared between the data plane task, which feeds it decrypted packets and polls it, and
 //! the streams, which read and write socket buffers directly under a short lock and then wake the data
@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use smoltcp::iface::{Config, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium};
-use smoltcp::socket::tcp;
+use smoltcp::socket::{tcp, udp};
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Notify, mpsc};
@@ -108,6 +108,8 @@ pub(crate) struct Inner {
     orphans: Vec<Orphan>,
     address: Ipv4Addr,
     next_port: u16,
+    /// Ports with a bound UDP socket.
+    udp_ports: HashMap<u16, SocketHandle>,
     config: StackConfig,
 }
 
@@ -120,14 +122,23 @@ pub struct Stack {
 }
 
 impl Stack {
-    pub fn new(address: Ipv4Addr, prefix: u8, stack_config: StackConfig) -> Arc<Stack> {
+    /// A stack at `address/prefix`, and at `ipv6` (address, prefix) when the tailnet has IPv6.
+    pub fn new(
+        address: Ipv4Addr,
+        prefix: u8,
+        ipv6: Option<(std::net::Ipv6Addr, u8)>,
+        stack_config: StackConfig,
+    ) -> Arc<Stack> {
         let mut device = Queues::default();
         let epoch = std::time::Instant::now();
         let mut config = Config::new(HardwareAddress::Ip);
         config.random_seed = rand::random();
         let mut iface = Interface::new(config, &mut device, smoltcp::time::Instant::from_millis(0));
         iface.update_ip_addrs(|addrs| {
-            addrs.push(IpCidr::new(IpAddress::Ipv4(address), prefix)).expect("one address fits");
+            addrs.push(IpCidr::new(IpAddress::Ipv4(address), prefix)).expect("two addresses fit");
+            if let Some((v6, prefix)) = ipv6 {
+                addrs.push(IpCidr::new(IpAddress::Ipv6(v6), prefix)).expect("two addresses fit");
+            }
         });
         Arc::new(Stack {
             inner: Mutex::new(Inner {
@@ -138,6 +149,7 @@ impl Stack {
                 orphans: Vec::new(),
                 address,
                 next_port: 49152 + rand::random::<u16>() % 16_000,
+                udp_ports: HashMap::new(),
                 config: stack_config,
             }),
             wake: Notify::new(),
@@ -196,20 +208,20 @@ impl Stack {
         Ok(Listener { stack: self.clone(), port, accepted: rx })
     }
 
-    pub async fn dial(self: &Arc<Self>, remote: SocketAddrV4) -> io::Result<TcpStream> {
+    pub async fn dial(self: &Arc<Self>, remote: SocketAddr) -> io::Result<TcpStream> {
         let handle = {
             let mut guard = self.inner.lock().unwrap();
             let inner = &mut *guard;
             let mut socket = new_socket(inner.config.tcp_buffer);
             let local_port = inner.ephemeral_port();
-            let remote_ep = IpEndpoint::new(IpAddress::Ipv4(*remote.ip()), remote.port());
+            let remote_ep = IpEndpoint::new(remote.ip().into(), remote.port());
             socket
                 .connect(inner.iface.context(), remote_ep, local_port)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("connect to {remote}: {e}")))?;
             inner.sockets.add(socket)
         };
         self.wake.notify_one();
-        let stream = TcpStream { stack: self.clone(), handle, peer: SocketAddr::V4(remote) };
+        let stream = TcpStream { stack: self.clone(), handle, peer: remote };
         let established = std::future::poll_fn(|cx| {
             let mut inner = self.inner.lock().unwrap();
             let socket = inner.sockets.get_mut::<tcp::Socket>(handle);
@@ -235,6 +247,49 @@ impl Stack {
     pub fn address(&self) -> Ipv4Addr {
         self.inner.lock().unwrap().address
     }
+
+    /// Binds a UDP socket to `port` of the node's addresses (0: an ephemeral port).
+    pub fn bind_udp(self: &Arc<Self>, port: u16) -> io::Result<UdpSocket> {
+        let mut guard = self.inner.lock().unwrap();
+        let inner = &mut *guard;
+        let mut port = port;
+        for _ in 0..16_000 {
+            if port != 0 {
+                break;
+            }
+            let candidate = inner.ephemeral_port();
+            if !inner.udp_ports.contains_key(&candidate) {
+                port = candidate;
+            }
+        }
+        if port == 0 || inner.udp_ports.contains_key(&port) {
+            return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("UDP port {port} is already bound")));
+        }
+        let buffer = |packets: usize, bytes: usize| {
+            udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; packets], vec![0; bytes])
+        };
+        let mut socket = udp::Socket::new(buffer(UDP_PACKETS, UDP_BYTES), buffer(UDP_PACKETS, UDP_BYTES));
+        socket.bind(port).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("bind UDP {port}: {e}")))?;
+        let handle = inner.sockets.add(socket);
+        inner.udp_ports.insert(port, handle);
+        Ok(UdpSocket { stack: self.clone(), handle, port })
+    }
+}
+
+/// Datagrams and bytes a UDP socket queues per direction: what arrives while the reader is busy
+/// beyond this is dropped, as a kernel socket's full receive buffer drops.
+const UDP_PACKETS: usize = 512;
+const UDP_BYTES: usize = 512 * 1024;
+
+/// Converts smoltcp's endpoint to the standard one.
+fn socket_addr(ep: IpEndpoint) -> SocketAddr {
+    SocketAddr::new(
+        match ep.addr {
+            IpAddress::Ipv4(a) => IpAddr::V4(a),
+            IpAddress::Ipv6(a) => IpAddr::V6(a),
+        },
+        ep.port,
+    )
 }
 
 fn new_socket(buffer: usize) -> tcp::Socket<'static> {
@@ -350,10 +405,7 @@ impl Listener {
             let inner = self.stack.inner.lock().unwrap();
             inner.sockets.get::<tcp::Socket>(handle).remote_endpoint()
         };
-        let peer = match peer {
-            Some(IpEndpoint { addr: IpAddress::Ipv4(ip), port }) => SocketAddr::from((ip, port)),
-            _ => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
-        };
+        let peer = peer.map_or(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), socket_addr);
         Ok((TcpStream { stack: self.stack.clone(), handle, peer }, peer))
     }
 
@@ -448,5 +500,76 @@ impl Drop for TcpStream {
         inner.orphans.push(Orphan { handle: self.handle, discarded: 0 });
         drop(inner);
         self.stack.wake.notify_one();
+    }
+}
+
+/// A UDP socket on the node's addresses.
+pub struct UdpSocket {
+    stack: Arc<Stack>,
+    handle: SocketHandle,
+    port: u16,
+}
+
+impl UdpSocket {
+    pub fn local_port(&self) -> u16 {
+        self.port
+    }
+
+    /// The next datagram: its length (at most `buf`'s; the rest is cut, as a kernel socket cuts) and
+    /// who sent it.
+    pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        std::future::poll_fn(|cx| {
+            let mut inner = self.stack.inner.lock().unwrap();
+            let socket = inner.sockets.get_mut::<udp::Socket>(self.handle);
+            match socket.recv() {
+                Ok((data, meta)) => {
+                    let n = data.len().min(buf.len());
+                    buf[..n].copy_from_slice(&data[..n]);
+                    Poll::Ready(Ok((n, socket_addr(meta.endpoint))))
+                }
+                // `recv` fails only when nothing is queued.
+                Err(_) => {
+                    socket.register_recv_waker(cx.waker());
+                    Poll::Pending
+                }
+            }
+        })
+        .await
+    }
+
+    /// Queues one datagram to `to`; waits while the send queue is full.
+    pub async fn send_to(&self, data: &[u8], to: SocketAddr) -> io::Result<()> {
+        if data.len() > UDP_BYTES / 2 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a {} byte datagram is too large", data.len()),
+            ));
+        }
+        let remote = IpEndpoint::new(to.ip().into(), to.port());
+        std::future::poll_fn(|cx| {
+            let mut inner = self.stack.inner.lock().unwrap();
+            let socket = inner.sockets.get_mut::<udp::Socket>(self.handle);
+            match socket.send_slice(data, remote) {
+                Ok(()) => Poll::Ready(Ok(())),
+                Err(udp::SendError::BufferFull) => {
+                    socket.register_send_waker(cx.waker());
+                    Poll::Pending
+                }
+                Err(udp::SendError::Unaddressable) => {
+                    Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidInput, format!("cannot send to {to}"))))
+                }
+            }
+        })
+        .await?;
+        self.stack.wake.notify_one();
+        Ok(())
+    }
+}
+
+impl Drop for UdpSocket {
+    fn drop(&mut self) {
+        let mut inner = self.stack.inner.lock().unwrap();
+        inner.udp_ports.remove(&self.port);
+        inner.sockets.remove(self.handle);
     }
 }

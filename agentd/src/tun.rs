@@ -1,5 +1,5 @@
-//! TUN mode: a real kernel interface with the node's address; the kernel routes the tailnet's range to
-//! it. Needs root (CAP_NET_ADMIN).
+//! TUN mode: a real kernel interface with the node's addresses (IPv4, and IPv6 when the tailnet has
+//! it); the kernel routes the tailnet's ranges to it. Needs root (CAP_NET_ADMIN).
 //!
 //! With offloads (the default where the kernel has them; `AGENTD_TUN_OFFLOAD=0` turns them off) the
 //! device carries a virtio-net header: the kernel hands over TCP segments of up to 64 KiB (TSO), which
@@ -7,7 +7,7 @@
 //! coalesced ([`offload::coalesce`]): one read or write per ~45 packets instead of one per packet.
 
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::offload::{self, VNET_HDR_LEN};
 use crate::stack::MTU;
@@ -23,9 +23,9 @@ pub struct Tun {
 }
 
 impl Tun {
-    /// Creates interface `name` with `address/prefix`, up, MTU 1420; with offloads unless turned off
-    /// or unsupported.
-    pub fn create(name: &str, address: Ipv4Addr, prefix: u8) -> io::Result<Tun> {
+    /// Creates interface `name` with `address/prefix` (and `ipv6`), up, MTU 1420; with offloads
+    /// unless turned off or unsupported. A host with IPv6 turned off keeps the interface IPv4 only.
+    pub fn create(name: &str, address: Ipv4Addr, prefix: u8, ipv6: Option<(Ipv6Addr, u8)>) -> io::Result<Tun> {
         let wanted = std::env::var(OFFLOAD_VAR).map_or(true, |v| v != "0");
         let build = |offload: bool| {
             tun_rs::DeviceBuilder::new()
@@ -43,6 +43,11 @@ impl Tun {
             }
             Err(e) => return Err(create_error(name, e)),
         };
+        if let Some((v6, prefix)) = ipv6
+            && let Err(e) = device.add_address_v6(v6, prefix)
+        {
+            tracing::warn!(interface = name, address = %v6, error = %e, "IPv6 inside the tunnel is unavailable (is IPv6 turned off on this host?); continuing with IPv4");
+        }
         tracing::info!(interface = name, "TUN interface up, offloads {}", if offload { "on" } else { "off" });
         Ok(Tun { device, offload, buf: vec![0; VNET_HDR_LEN + 65_535], coalesced: Vec::new() })
     }

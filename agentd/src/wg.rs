@@ -7,7 +7,7 @@
 //! `Tunn::update_timers`, whose clock is internal.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 
-use crate::filter::PacketFilter;
+use crate::filter::{PacketFilter, UdpFlows};
 
 pub const REKEY_AFTER_TIME: Duration = Duration::from_secs(120);
 pub const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
@@ -39,7 +39,7 @@ pub type Key = [u8; 32];
 pub struct PeerConfig {
     pub key: Key,
     /// The tunnel addresses the peer owns; packets from it must come from one of them.
-    pub addresses: Vec<Ipv4Addr>,
+    pub addresses: Vec<IpAddr>,
     /// Where the peer's WireGuard socket may be reached directly (local and reflexive addresses).
     pub endpoints: Vec<SocketAddr>,
     pub persistent_keepalive: Option<Duration>,
@@ -187,9 +187,11 @@ pub struct Engine {
     rate_reset_at: Option<Instant>,
     peers: HashMap<Key, Peer>,
     by_index: HashMap<u32, Key>,
-    by_address: HashMap<Ipv4Addr, Key>,
+    by_address: HashMap<IpAddr, Key>,
     next_index: u32,
     filter: PacketFilter,
+    /// UDP flows opened from here, whose answers pass the filter.
+    udp_flows: UdpFlows,
     transmits: VecDeque<Transmit>,
     to_local: VecDeque<Vec<u8>>,
     events: VecDeque<Event>,
@@ -224,6 +226,7 @@ impl Engine {
             by_address: HashMap::new(),
             next_index: 1,
             filter: PacketFilter::default(),
+            udp_flows: UdpFlows::default(),
             transmits: VecDeque::new(),
             to_local: VecDeque::new(),
             events: VecDeque::new(),
@@ -338,7 +341,7 @@ impl Engine {
     /// An IP packet from the local stack, to the peer that owns its destination.
     pub fn send(&mut self, packet: &[u8], now: Instant) {
         self.now_hint = now;
-        let Some(dst) = ipv4_destination(packet) else {
+        let Some(dst) = ip_destination(packet) else {
             self.drops.no_route += 1;
             return;
         };
@@ -346,6 +349,9 @@ impl Engine {
             self.drops.no_route += 1;
             return;
         };
+        if !self.filter.allows_all() {
+            self.udp_flows.note_outbound(packet, now);
+        }
         let peer = self.peers.get_mut(&key).expect("indexed peers exist");
         peer.send(packet, now, &mut self.buf, &mut self.transmits, &mut self.drops);
     }
@@ -413,15 +419,19 @@ impl Engine {
                 true
             }
             TunnResult::WriteToTunnelV4(packet, source) => {
-                if peer.config.addresses.contains(&source) {
+                if peer.config.addresses.contains(&IpAddr::V4(source)) {
                     delivered.push(packet.to_vec());
                 } else {
                     self.drops.bad_source += 1;
                 }
                 true
             }
-            TunnResult::WriteToTunnelV6(..) => {
-                self.drops.bad_source += 1;
+            TunnResult::WriteToTunnelV6(packet, source) => {
+                if peer.config.addresses.contains(&IpAddr::V6(source)) {
+                    delivered.push(packet.to_vec());
+                } else {
+                    self.drops.bad_source += 1;
+                }
                 true
             }
             TunnResult::Err(WireGuardError::DuplicateCounter) => {
@@ -484,7 +494,7 @@ impl Engine {
             _ => {}
         }
         for packet in delivered {
-            if self.filter.allows_inbound(&packet) {
+            if self.filter.allows_inbound(&packet) || self.udp_flows.is_answer(&packet, now) {
                 self.to_local.push_back(packet);
             } else {
                 self.drops.filtered += 1;
@@ -768,20 +778,13 @@ impl Peer {
     }
 }
 
-/// The destination of an IPv4 packet.
-pub fn ipv4_destination(packet: &[u8]) -> Option<Ipv4Addr> {
-    if packet.len() < 20 || packet[0] >> 4 != 4 {
-        return None;
+/// The destination of an IPv4 or IPv6 packet.
+pub fn ip_destination(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first()? >> 4 {
+        4 if packet.len() >= 20 => Some(IpAddr::V4(Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]))),
+        6 if packet.len() >= 40 => Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&packet[24..40]).ok()?))),
+        _ => None,
     }
-    Some(Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]))
-}
-
-/// The source of an IPv4 packet.
-pub fn ipv4_source(packet: &[u8]) -> Option<Ipv4Addr> {
-    if packet.len() < 20 || packet[0] >> 4 != 4 {
-        return None;
-    }
-    Some(Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]))
 }
 
 #[cfg(test)]
@@ -825,13 +828,13 @@ mod tests {
         let b_key = b.public_key();
         a.set_peers(vec![PeerConfig {
             key: b_key,
-            addresses: vec![B_ADDR],
+            addresses: vec![B_ADDR.into()],
             endpoints: vec![endpoint(2)],
             persistent_keepalive: None,
         }]);
         b.set_peers(vec![PeerConfig {
             key: a_key,
-            addresses: vec![A_ADDR],
+            addresses: vec![A_ADDR.into()],
             endpoints: vec![endpoint(1)],
             persistent_keepalive: None,
         }]);
@@ -875,6 +878,43 @@ mod tests {
         fn events(engine: &mut Engine) -> Vec<Event> {
             std::iter::from_fn(|| engine.poll_event()).collect()
         }
+    }
+
+    /// A minimal IPv6 packet from `src` to `dst` carrying `payload` (UDP as next header).
+    fn packet6(src: Ipv6Addr, dst: Ipv6Addr, payload: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; 40];
+        p[0] = 0x60;
+        p[4..6].copy_from_slice(&(payload.len() as u16).to_be_bytes());
+        p[6] = 17;
+        p[7] = 64;
+        p[8..24].copy_from_slice(&src.octets());
+        p[24..40].copy_from_slice(&dst.octets());
+        p.extend_from_slice(payload);
+        p
+    }
+
+    #[test]
+    fn ipv6_packets_route_by_destination_and_are_checked_by_source() {
+        let mut p = pair();
+        let (a6, b6): (Ipv6Addr, Ipv6Addr) = ("fd00::6440:2".parse().unwrap(), "fd00::6440:3".parse().unwrap());
+        let (a_key, b_key) = (p.a.public_key(), p.b.public_key());
+        let config = |key, v4: Ipv4Addr, v6: Ipv6Addr, port| PeerConfig {
+            key,
+            addresses: vec![v4.into(), v6.into()],
+            endpoints: vec![endpoint(port)],
+            persistent_keepalive: None,
+        };
+        p.a.set_peers(vec![config(b_key, B_ADDR, b6, 2)]);
+        p.b.set_peers(vec![config(a_key, A_ADDR, a6, 1)]);
+        p.a.send(&packet6(a6, b6, b"six"), p.now);
+        p.settle();
+        assert_eq!(&p.b.poll_local().expect("an IPv6 packet arrives")[40..], b"six");
+        p.a.send(&packet6("fd00::6440:99".parse().unwrap(), b6, b"spoof"), p.now);
+        p.settle();
+        assert!(p.b.poll_local().is_none());
+        assert_eq!(p.b.drops().bad_source, 1);
+        p.a.send(&packet6(a6, "fd00::6440:77".parse().unwrap(), b"nobody"), p.now);
+        assert_eq!(p.a.drops().no_route, 1);
     }
 
     #[test]
@@ -941,7 +981,7 @@ mod tests {
         p.b = Engine::new(StaticSecret::from([2u8; 32]));
         p.b.set_peers(vec![PeerConfig {
             key: a_key,
-            addresses: vec![A_ADDR],
+            addresses: vec![A_ADDR.into()],
             endpoints: vec![endpoint(1)],
             persistent_keepalive: None,
         }]);
@@ -1035,7 +1075,7 @@ mod tests {
         let mut stranger = Engine::new(StaticSecret::from([3u8; 32]));
         stranger.set_peers(vec![PeerConfig {
             key: p.b.public_key(),
-            addresses: vec![B_ADDR],
+            addresses: vec![B_ADDR.into()],
             endpoints: vec![endpoint(2)],
             persistent_keepalive: None,
         }]);
@@ -1054,13 +1094,13 @@ mod tests {
         let b_key = p.b.public_key();
         let c = PeerConfig {
             key: [9u8; 32],
-            addresses: vec![Ipv4Addr::new(100, 64, 0, 4)],
+            addresses: vec![Ipv4Addr::new(100, 64, 0, 4).into()],
             endpoints: vec![endpoint(3)],
             persistent_keepalive: None,
         };
         let b = PeerConfig {
             key: b_key,
-            addresses: vec![B_ADDR],
+            addresses: vec![B_ADDR.into()],
             endpoints: vec![endpoint(2)],
             persistent_keepalive: None,
         };

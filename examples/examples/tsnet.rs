@@ -43,10 +43,7 @@ async fn main() -> anyhow::Result<()> {
             tokio::spawn(async move {
                 let service = service_fn(move |_req: hyper::Request<hyper::body::Incoming>| {
                     // Who is calling, from the netmap: no round trip, no credential.
-                    let caller = match peer.ip() {
-                        std::net::IpAddr::V4(ip) => node.whois(ip),
-                        std::net::IpAddr::V6(_) => None,
-                    };
+                    let caller = node.whois(peer.ip());
                     let text = match caller {
                         Some(p) => format!("hello {} (tags {:?}) from {}\n", p.hostname, p.tags, node.node_id()),
                         None => format!("hello stranger at {peer}\n"),

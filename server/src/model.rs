@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 use std::time::SystemTime;
 
@@ -126,6 +126,36 @@ impl Ipv4Cidr {
     /// The last usable address (the broadcast address is not handed out).
     pub fn last_node_address(&self) -> u32 {
         (u64::from(u32::from(self.network)) + self.size() - 2) as u32
+    }
+}
+
+/// A tailnet's IPv6 addressing: a unique local prefix (RFC 4193: `fd` and a 40-bit global id, here
+/// taken from a hash of the tailnet's id, so nothing is stored or allocated) with the IPv4 range mapped
+/// into the last 32 bits. A node's IPv6 address follows from its IPv4 one, so the two are unique
+/// together, a packet filter for IPv4 sources maps rule by rule, and a node keeps both across restarts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv6Map {
+    prefix: u128,
+}
+
+impl Ipv6Map {
+    pub fn of(tailnet: TailnetId) -> Ipv6Map {
+        use sha2::Digest;
+        let digest = sha2::Sha256::new().chain_update(b"cordon ula ").chain_update(tailnet.as_bytes()).finalize();
+        let mut prefix = [0u8; 16];
+        prefix[0] = 0xfd;
+        prefix[1..6].copy_from_slice(&digest[..5]);
+        Ipv6Map { prefix: u128::from_be_bytes(prefix) }
+    }
+
+    /// The IPv6 address that goes with an IPv4 address of the tailnet.
+    pub fn address(&self, v4: Ipv4Addr) -> Ipv6Addr {
+        Ipv6Addr::from(self.prefix | u128::from(u32::from(v4)))
+    }
+
+    /// An IPv4 network (address, prefix length) as the IPv6 network it maps to.
+    pub fn network(&self, (v4, len): (Ipv4Addr, u8)) -> (Ipv6Addr, u8) {
+        (self.address(v4), 96 + len.min(32))
     }
 }
 
@@ -573,5 +603,27 @@ impl Actor {
 
     pub fn node(id: NodeId) -> Self {
         Actor(format!("node:{id}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_map_is_a_unique_local_prefix_per_tailnet_with_the_ipv4_address_inside() {
+        let (a, b) = (TailnetId::generate(), TailnetId::generate());
+        let (map_a, map_b) = (Ipv6Map::of(a), Ipv6Map::of(b));
+        assert_eq!(map_a, Ipv6Map::of(a), "derived, not random");
+        let v4 = Ipv4Addr::new(100, 64, 0, 7);
+        let v6 = map_a.address(v4);
+        assert_eq!(v6.octets()[0], 0xfd);
+        assert_eq!(v6.octets()[6..12], [0; 6]);
+        assert_eq!(v6.octets()[12..], v4.octets());
+        assert_ne!(v6, map_b.address(v4), "tailnets get different prefixes");
+        let (net, len) = map_a.network((Ipv4Addr::new(100, 64, 0, 0), 10));
+        assert_eq!(len, 106);
+        assert_eq!(net, map_a.address(Ipv4Addr::new(100, 64, 0, 0)));
+        assert_eq!(map_a.network((v4, 32)), (v6, 128));
     }
 }

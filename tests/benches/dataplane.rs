@@ -4,8 +4,11 @@
 //! In one run:
 //! - iperf3 TCP throughput over the bare veth pair between two namespaces, over two `agentd` in TUN
 //!   mode on that pair, and over two `wireguard-go` peers on the same pair;
+//! - the same over the tunnel's IPv6 addresses (TUN mode), against IPv4;
 //! - userspace mode: bytes through an in-process forward (local TCP → node → WireGuard → node) against
 //!   the same transfer over bare loopback TCP;
+//! - the `agentd` binary in userspace mode both ways: a peer dialing its `--serve` port (inbound) against
+//!   its `--forward` to that peer (outbound);
 //! - time from starting `agentd up` to the first byte received from a peer through its forward;
 //! - idle RSS of the `agentd` process and of one in-process `Node`.
 
@@ -40,6 +43,9 @@ async fn main() {
     }
     if run("userspace") {
         userspace(&mut figures).await;
+    }
+    if run("serve") {
+        serve(&mut figures).await;
     }
     if run("relay") {
         relay(&mut figures).await;
@@ -131,6 +137,7 @@ async fn namespaces(figures: &mut Figures) {
     })
     .await;
     let agentd_tun = iperf(&a, &b, &beta.addresses[0]).await;
+    let agentd_tun6 = iperf(&a, &b, &beta.addresses[1]).await;
     let agentd_rss = agents.iter().filter_map(|c| c.id()).filter_map(rss_of).max().unwrap_or(0);
     drop(agents);
 
@@ -190,7 +197,9 @@ async fn namespaces(figures: &mut Figures) {
         agentd_tun / wireguard_go,
         agentd_tun / bare
     );
+    println!("iperf3 TCP, two agentd (TUN) over IPv6 {}  = {:.2}x IPv4", gbit(agentd_tun6), agentd_tun6 / agentd_tun);
     println!("iperf3 TCP, two wireguard-go          {}  = {:.3}x bare veth", gbit(wireguard_go), wireguard_go / bare);
+    figures.record("tun6_gbit", agentd_tun6 / 1e9, Better::Higher);
     figures.record("tun_gbit", agentd_tun / 1e9, Better::Higher);
     figures.record("tun_vs_wireguard_go", agentd_tun / wireguard_go, Better::Higher);
     println!("agentd (TUN) RSS after the transfer   {:.1} MiB\n", agentd_rss as f64 / (1 << 20) as f64);
@@ -295,6 +304,73 @@ async fn userspace(figures: &mut Figures) {
         through / loopback
     );
     figures.record("userspace_forward_gbit", through / 1e9, Better::Higher);
+}
+
+/// The `agentd` binary (release, userspace mode) against an in-process peer, both ways: the peer dials
+/// agentd's `--serve` port, which agentd joins to a local sink (inbound); a local client pushes into
+/// agentd's `--forward`, which agentd carries to the peer's sink (outbound).
+async fn serve(figures: &mut Figures) {
+    build_agentd();
+    let total = 512 << 20;
+    let server = TestServer::start().await;
+    let mut admin = server.admin().await;
+    let tailnet = create_tailnet(&mut admin, "serve").await;
+    let (_, secret) = create_key(&mut admin, &tailnet.id, true, false).await;
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let peer = start_node(&server, &secret, dirs.0.path(), "peer").await;
+
+    // A local sink for inbound bytes, and the peer's sink for outbound ones.
+    let local_sink = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sink_port = local_sink.local_addr().unwrap().port();
+    let (inbound_tx, inbound_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (s, _) = local_sink.accept().await.unwrap();
+        sink(s, total, inbound_tx).await;
+    });
+    let mut peer_sink = peer.listen(5203).await.unwrap();
+    let (outbound_tx, outbound_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (s, _) = peer_sink.accept().await.unwrap();
+        sink(s, total, outbound_tx).await;
+    });
+
+    let forward_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let _agentd = tokio::process::Command::new(agentd_bin())
+        .args(["up", "--server", &server.url, "--hostname", "edge"])
+        .args(["--serve", &format!("5204=127.0.0.1:{sink_port}")])
+        .args(["--forward", &format!("127.0.0.1:{forward_port}=peer:5203")])
+        .arg("--state-dir")
+        .arg(dirs.1.path())
+        .env("AGENTD_AUTH_KEY", &secret)
+        .env("AGENTD_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    peer.netmap().wait_for(|m| m.resolve("edge").is_some()).await.unwrap();
+
+    let chunk = vec![0x5au8; 256 * 1024];
+    let mut stream = eventually(Duration::from_secs(20), "agentd's served port", || async {
+        peer.dial_host("edge", 5204).await.ok()
+    })
+    .await;
+    let start = Instant::now();
+    let mut sent = 0;
+    while sent < total {
+        stream.write_all(&chunk).await.unwrap();
+        sent += chunk.len();
+    }
+    stream.shutdown().await.unwrap();
+    let inbound = (total * 8) as f64 / inbound_rx.await.unwrap().duration_since(start).as_secs_f64();
+    let outbound = push(std::net::SocketAddr::from(([127, 0, 0, 1], forward_port)), total, outbound_rx).await;
+    println!(
+        "serve: 512 MiB into agentd's --serve port (inbound) {}  = {:.2}x outbound",
+        gbit(inbound),
+        inbound / outbound
+    );
+    println!("serve: 512 MiB out through agentd's --forward       {}", gbit(outbound));
+    figures.record("serve_inbound_gbit", inbound / 1e9, Better::Higher);
+    figures.record("forward_outbound_gbit", outbound / 1e9, Better::Higher);
 }
 
 /// Median round trip of a 64-byte message over `stream`.

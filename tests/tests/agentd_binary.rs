@@ -190,7 +190,7 @@ async fn first_start_and_unwritable_state_say_what_to_do() {
 
 const SERVE_POLICY: &str = r#"{
   "tagOwners": { "tag:sensor": [], "tag:collector": [], "tag:other": [] },
-  "grants": [ { "src": ["tag:collector"], "dst": ["tag:sensor"], "ip": ["tcp:9100", "tcp:2222"] } ]
+  "grants": [ { "src": ["tag:collector"], "dst": ["tag:sensor"], "ip": ["tcp:9100", "tcp:2222", "udp:5353"] } ]
 }"#;
 
 /// A local service on loopback that answers each connection with `text` and closes.
@@ -205,6 +205,33 @@ async fn local_service(text: &'static str) -> u16 {
     port
 }
 
+/// A local UDP service on loopback that answers each datagram with it in upper case.
+async fn local_udp_service() -> u16 {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = socket.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let _ = socket.send_to(&buf[..n].to_ascii_uppercase(), from).await;
+        }
+    });
+    port
+}
+
+/// Sends `text` from a UDP socket of `node` to `to` until an answer comes; the answer.
+async fn udp_ask(node: &Node, to: std::net::SocketAddr, text: &str) -> String {
+    let socket = node.bind_udp(0).unwrap();
+    eventually(Duration::from_secs(10), &format!("a UDP answer from {to}"), || async {
+        socket.send_to(text.as_bytes(), to).await.ok()?;
+        let mut buf = [0u8; 2048];
+        let (n, from) =
+            tokio::time::timeout(Duration::from_millis(500), socket.recv_from(&mut buf)).await.ok()?.ok()?;
+        assert_eq!(from, to, "the answer comes from the served address");
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })
+    .await
+}
+
 /// An edge node without root offers local services to the peer the policy lets in, and to nobody else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_offers_local_services_to_the_peers_the_policy_lets_in() {
@@ -215,12 +242,14 @@ async fn serve_offers_local_services_to_the_peers_the_policy_lets_in() {
     let tailnet = admin.create_tailnet(req).await.unwrap().into_inner();
     let metrics = local_service("metrics 42\n").await;
     let ssh = local_service("SSH-2.0-test\n").await;
+    let dns = local_udp_service().await;
 
-    // The sensor: the real binary, userspace mode, serving two ports.
+    // The sensor: the real binary, userspace mode, serving two TCP ports and a UDP one.
     let state = tempfile::tempdir().unwrap();
     let mut sensor = Command::new(agentd_bin())
         .args(["up", "--server", &server.url, "--hostname", "sensor"])
         .args(["--serve", &format!("9100=127.0.0.1:{metrics}"), "--serve", &format!("2222=127.0.0.1:{ssh}")])
+        .args(["--serve", &format!("5353=127.0.0.1:{dns}/udp")])
         .arg("--state-dir")
         .arg(state.path())
         .env("AGENTD_AUTH_KEY", tagged_key(&mut admin, &tailnet.id, &["tag:sensor"]).await)
@@ -230,7 +259,7 @@ async fn serve_offers_local_services_to_the_peers_the_policy_lets_in() {
         .unwrap();
     let mut lines = BufReader::new(sensor.stdout.take().unwrap()).lines();
     let mut served = 0;
-    while served < 2 {
+    while served < 3 {
         let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await.unwrap().unwrap().unwrap();
         served += usize::from(line.starts_with("agentd: serving tailnet port"));
     }
@@ -256,18 +285,41 @@ async fn serve_offers_local_services_to_the_peers_the_policy_lets_in() {
         s.read_to_string(&mut got).await.unwrap();
         assert_eq!(got, want, "tailnet port {port}");
     }
-    // The other node is not granted the ports: its SYN is filtered before the sensor's stack sees it.
-    let sensor_ip = collector.netmap().borrow().resolve("sensor").unwrap();
-    let refused =
-        tokio::time::timeout(Duration::from_secs(2), other.dial(std::net::SocketAddr::from((sensor_ip, 9100)))).await;
-    assert!(!matches!(refused, Ok(Ok(_))), "an ungranted peer connected to a served port");
+    // Over IPv6 too, and UDP over both.
+    let record = collector.netmap().borrow().peers.values().find(|p| p.hostname == "sensor").unwrap().clone();
+    let (sensor_ip, sensor_ip6) = (record.addresses[0], record.addresses[1]);
+    assert!(sensor_ip.is_ipv4() && sensor_ip6.is_ipv6(), "{:?}", record.addresses);
+    let mut s = collector.dial(std::net::SocketAddr::new(sensor_ip6, 9100)).await.unwrap();
+    let mut got = String::new();
+    s.read_to_string(&mut got).await.unwrap();
+    assert_eq!(got, "metrics 42\n", "tailnet port 9100 over IPv6");
+    for ip in [sensor_ip, sensor_ip6] {
+        assert_eq!(udp_ask(&collector, std::net::SocketAddr::new(ip, 5353), "query").await, "QUERY");
+    }
+
+    // The other node is not granted the ports: its SYN is filtered before the sensor's stack sees it,
+    // over either family, and so are its datagrams.
+    for ip in [sensor_ip, sensor_ip6] {
+        let refused =
+            tokio::time::timeout(Duration::from_secs(2), other.dial(std::net::SocketAddr::new(ip, 9100))).await;
+        assert!(!matches!(refused, Ok(Ok(_))), "an ungranted peer connected to a served port at {ip}");
+    }
+    let socket = other.bind_udp(0).unwrap();
+    socket.send_to(b"query", std::net::SocketAddr::new(sensor_ip, 5353)).await.unwrap();
+    let mut buf = [0u8; 64];
+    let answer = tokio::time::timeout(Duration::from_secs(2), socket.recv_from(&mut buf)).await;
+    assert!(answer.is_err(), "an ungranted peer got a UDP answer");
 
     let status = agentd(&["status", "--json"], state.path()).await;
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     let ports: Vec<u64> = status["serving"].as_array().unwrap().iter().map(|v| v["port"].as_u64().unwrap()).collect();
-    assert_eq!(ports, vec![9100, 2222]);
+    assert_eq!(ports, vec![9100, 2222, 5353]);
     assert_eq!(status["serving"][1]["target"], format!("127.0.0.1:{ssh}"));
+    assert_eq!(status["serving"][2]["protocol"], "udp");
+    assert!(status["address6"].as_str().is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok()), "{status}");
     let bad = agentd(&["up", "--server", &server.url, "--serve", "0"], state.path()).await;
     assert_eq!(bad.status.code(), Some(2), "a bad --serve is a usage error");
+    let bad = agentd(&["up", "--server", &server.url, "--serve", "53/sctp"], state.path()).await;
+    assert_eq!(bad.status.code(), Some(2), "an unknown protocol is a usage error");
     let _ = sensor.kill().await;
 }

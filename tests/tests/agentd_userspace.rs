@@ -56,6 +56,45 @@ async fn sixteen_mib_across_the_tunnel() {
     assert!(beta.last_handshake.is_some() && beta.tx_bytes > 16 << 20, "{beta:?}");
 }
 
+/// Each node has an IPv6 address in its tailnet's unique local prefix, ending in its IPv4 address;
+/// TCP and UDP work over it, and whois knows the caller by either address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_inside_the_tunnel() {
+    let server = TestServer::start().await;
+    let NodePair { a, b, .. } = node_pair(&server, "six", None).await;
+    let (a6, b6) = (a.address6().expect("alpha has IPv6"), b.address6().expect("beta has IPv6"));
+    assert_eq!(a6.octets()[0], 0xfd, "a unique local address: {a6}");
+    assert_eq!(a6.octets()[..12], b6.octets()[..12], "one prefix per tailnet");
+    assert_eq!(a6.octets()[12..], a.address().octets(), "the IPv4 address inside");
+
+    let mut listener = b.listen(9600).await.unwrap();
+    let server_side = tokio::spawn(async move {
+        let (mut stream, peer) = listener.accept().await.unwrap();
+        stream.write_all(b"over six").await.unwrap();
+        peer
+    });
+    let mut stream = a.dial(std::net::SocketAddr::new(b6.into(), 9600)).await.unwrap();
+    let mut got = String::new();
+    stream.read_to_string(&mut got).await.unwrap();
+    assert_eq!(got, "over six");
+    let peer = server_side.await.unwrap();
+    assert_eq!(peer.ip(), std::net::IpAddr::V6(a6), "the caller is seen at its IPv6 address");
+    assert_eq!(b.whois(peer.ip()).map(|p| p.hostname), Some("alpha".to_string()));
+
+    let (ua, ub) = (a.bind_udp(0).unwrap(), b.bind_udp(5300).unwrap());
+    let to = std::net::SocketAddr::new(b6.into(), 5300);
+    let (n, from) = eventually(Duration::from_secs(10), "a datagram over IPv6", || async {
+        ua.send_to(b"hello six", to).await.ok()?;
+        let mut buf = [0u8; 64];
+        let (n, from) = tokio::time::timeout(Duration::from_millis(300), ub.recv_from(&mut buf)).await.ok()?.ok()?;
+        Some((n, from))
+    })
+    .await;
+    assert_eq!((n, from.ip()), (9, std::net::IpAddr::V6(a6)));
+    assert_eq!(from.port(), ua.local_port());
+    assert!(b.bind_udp(5300).is_err(), "a bound UDP port is refused a second time");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_peer_can_no_longer_reach_the_other() {
     let server = TestServer::start().await;

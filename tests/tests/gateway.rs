@@ -345,8 +345,11 @@ async fn the_gateway_stops_with_its_tailnet_and_comes_back_after_a_restart_with_
     let mut admin = s.server.admin().await;
     let gw = s.joined.node.netmap().borrow().gateway_peer.clone().expect("the node sees the gateway");
     assert_eq!((gw.hostname.as_str(), gw.tags.clone()), ("gateway", vec!["tag:gateway".to_string()]));
-    assert_eq!(gw.addresses, vec![std::net::Ipv4Addr::new(100, 64, 0, 1)]);
-    assert_eq!(s.joined.node.whois(gw.addresses[0]).map(|p| p.id), Some(gw.id.clone()));
+    assert_eq!(gw.addresses[0], std::net::Ipv4Addr::new(100, 64, 0, 1));
+    assert!(gw.addresses[1].is_ipv6(), "and an IPv6 address: {:?}", gw.addresses);
+    for address in &gw.addresses {
+        assert_eq!(s.joined.node.whois(*address).map(|p| p.id), Some(gw.id.clone()));
+    }
     let nodes = admin.list_nodes(pb::ListNodesRequest { tailnet_id: s.joined.tailnet.id.clone() }).await.unwrap();
     assert_eq!(nodes.into_inner().nodes.len(), 1, "ListNodes shows the machines admitted, not the gateway");
     let refused =

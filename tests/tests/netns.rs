@@ -2,7 +2,8 @@
 //! mode reach each other by ping and TCP, and `agentd` interoperates with Debian's `wireguard-go`
 //! configured with `wg` from a node record registered through the Node API. Each runs with TUN
 //! offloads on (the default) and forced off (`AGENTD_TUN_OFFLOAD=0`), and moves 8 MiB both ways with a
-//! digest, so that segmentation and coalescing are exercised by real kernel TCP.
+//! digest, so that segmentation and coalescing are exercised by real kernel TCP. Both tests also run
+//! over the tunnel's IPv6 addresses.
 //!
 //! Topology per test: namespaces A and B, each with a veth to this process's namespace (where the
 //! server listens) and a veth between them that carries the WireGuard UDP traffic.
@@ -15,9 +16,9 @@ use cordon_tests::v1 as pb;
 use cordon_tests::*;
 use tokio::process::Child;
 
-const ECHO_SERVER: &str = "import socket,sys\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind((sys.argv[1],int(sys.argv[2])));s.listen(8)\nwhile True:\n c,_=s.accept();d=c.recv(65536);c.sendall(d[::-1]);c.close()\n";
+const ECHO_SERVER: &str = "import socket,sys\ns=socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET);s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind((sys.argv[1],int(sys.argv[2])));s.listen(8)\nwhile True:\n c,_=s.accept();d=c.recv(65536);c.sendall(d[::-1]);c.close()\n";
 /// Reads the byte count, then that many bytes, and answers with their SHA-256.
-const DIGEST_SERVER: &str = "import socket,sys,hashlib\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind((sys.argv[1],int(sys.argv[2])));s.listen(8)\nwhile True:\n c,_=s.accept();n=int(c.recv(16).decode());h=hashlib.sha256();g=0\n while g<n:\n  d=c.recv(1<<20)\n  if not d: break\n  h.update(d);g+=len(d)\n c.sendall(h.hexdigest().encode());c.close()\n";
+const DIGEST_SERVER: &str = "import socket,sys,hashlib\ns=socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET);s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind((sys.argv[1],int(sys.argv[2])));s.listen(8)\nwhile True:\n c,_=s.accept();n=int(c.recv(16).decode());h=hashlib.sha256();g=0\n while g<n:\n  d=c.recv(1<<20)\n  if not d: break\n  h.update(d);g+=len(d)\n c.sendall(h.hexdigest().encode());c.close()\n";
 /// Sends a 16-byte count then that many random bytes; prints whether the server's digest matches.
 const DIGEST_CLIENT: &str = "import socket,sys,hashlib,os\nn=int(sys.argv[3]);data=os.urandom(n)\nc=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=10)\nc.sendall(str(n).encode().ljust(16));c.sendall(data)\nr=b''\nwhile True:\n d=c.recv(100)\n if not d: break\n r+=d\nprint('match' if r.decode()==hashlib.sha256(data).hexdigest() else 'mismatch')\n";
 const BULK: usize = 8 << 20;
@@ -166,6 +167,7 @@ async fn two_agentd(subnet: u8, offload: Offload, test: &str) {
     let a = node_named(&mut admin, &tailnet.id, "alpha").await;
     let b = node_named(&mut admin, &tailnet.id, "beta").await;
     let (a_addr, b_addr) = (a.addresses[0].clone(), b.addresses[0].clone());
+    let (a_addr6, b_addr6) = (a.addresses[1].clone(), b.addresses[1].clone());
 
     eventually(Duration::from_secs(20), "ping over the tunnel", || async {
         let out = s.a.tokio_command("ping").args(["-c", "1", "-W", "1", &b_addr]).output().await.ok()?;
@@ -180,6 +182,19 @@ async fn two_agentd(subnet: u8, offload: Offload, test: &str) {
     bulk_transfer(&s.a, &b_addr, 7100, "alpha to beta").await;
     let _bulk_a = python_server(&s.a, DIGEST_SERVER, &a_addr, 7100);
     bulk_transfer(&s.b, &a_addr, 7100, "beta to alpha").await;
+
+    // The same over IPv6 inside the tunnel.
+    eventually(Duration::from_secs(20), "ping -6 over the tunnel", || async {
+        let out = s.a.tokio_command("ping").args(["-6", "-c", "1", "-W", "1", &b_addr6]).output().await.ok()?;
+        out.status.success().then_some(())
+    })
+    .await;
+    let _server_b6 = echo_server(&s.b, &b_addr6, 7200);
+    tcp_round_trip(&s.a, &b_addr6, 7200, "through two agentd over IPv6").await;
+    let _server_a6 = echo_server(&s.a, &a_addr6, 7200);
+    tcp_round_trip(&s.b, &a_addr6, 7200, "and back over IPv6").await;
+    let _bulk_b6 = python_server(&s.b, DIGEST_SERVER, &b_addr6, 7300);
+    bulk_transfer(&s.a, &b_addr6, 7300, "alpha to beta over IPv6").await;
     assert_offload(state_a.path(), offload);
     assert_offload(state_b.path(), offload);
 }
@@ -219,7 +234,8 @@ async fn interop(subnet: u8, offload: Offload, test: &str) {
     req.wireguard_public_key = base64::engine::general_purpose::STANDARD.decode(&public).unwrap();
     req.endpoints = vec![format!("{}:51821", s.b_link)];
     let wg_node = nodes.register(req).await.unwrap().into_inner().node.unwrap();
-    let wg_addr = wg_node.addresses[0].clone();
+    let (wg_addr, wg_addr6) = (wg_node.addresses[0].clone(), wg_node.addresses[1].clone());
+    let prefix6 = tailnet.cidr6.split_once('/').expect("the tailnet has an IPv6 range").1.to_string();
 
     let state = tempfile::tempdir().unwrap();
     let agent = Agent {
@@ -233,7 +249,7 @@ async fn interop(subnet: u8, offload: Offload, test: &str) {
     let _agent = agentd_tun(agent, offload);
     let agent = node_named(&mut admin, &tailnet.id, "alpha").await;
     let agent_key = base64::engine::general_purpose::STANDARD.encode(&agent.wireguard_public_key);
-    let agent_addr = agent.addresses[0].clone();
+    let (agent_addr, agent_addr6) = (agent.addresses[0].clone(), agent.addresses[1].clone());
 
     // wireguard-go in B, configured with wg from the node records.
     let iface = netns::unique("wg");
@@ -264,11 +280,12 @@ async fn interop(subnet: u8, offload: Offload, test: &str) {
         "peer",
         &agent_key,
         "allowed-ips",
-        &format!("{agent_addr}/32"),
+        &format!("{agent_addr}/32,{agent_addr6}/128"),
         "endpoint",
         &format!("{}:51820", s.a_link),
     ]);
     s.b.run(&["ip", "addr", "add", &format!("{wg_addr}/10"), "dev", &iface]);
+    s.b.run(&["ip", "-6", "addr", "add", &format!("{wg_addr6}/{prefix6}"), "dev", &iface]);
     s.b.run(&["ip", "link", "set", &iface, "mtu", "1420", "up"]);
 
     // TCP both ways.
@@ -280,6 +297,13 @@ async fn interop(subnet: u8, offload: Offload, test: &str) {
     bulk_transfer(&s.a, &wg_addr, 7101, "agentd to wireguard-go").await;
     let _bulk_a = python_server(&s.a, DIGEST_SERVER, &agent_addr, 7102);
     bulk_transfer(&s.b, &agent_addr, 7102, "wireguard-go to agentd").await;
+    // And over the IPv6 addresses inside the tunnel.
+    let _server_b6 = echo_server(&s.b, &wg_addr6, 7201);
+    tcp_round_trip(&s.a, &wg_addr6, 7201, "agentd to wireguard-go over IPv6").await;
+    let _server_a6 = echo_server(&s.a, &agent_addr6, 7202);
+    tcp_round_trip(&s.b, &agent_addr6, 7202, "wireguard-go to agentd over IPv6").await;
+    let _bulk_b6 = python_server(&s.b, DIGEST_SERVER, &wg_addr6, 7301);
+    bulk_transfer(&s.a, &wg_addr6, 7301, "agentd to wireguard-go over IPv6").await;
     assert_offload(state.path(), offload);
     let handshakes = String::from_utf8(s.b.run(&["wg", "show", &iface, "latest-handshakes"]).stdout).unwrap();
     assert!(handshakes.contains(&agent_key), "{handshakes}");

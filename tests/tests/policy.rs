@@ -273,10 +273,17 @@ async fn the_filter_drops_what_the_policy_does_not_grant() {
             }
         });
     }
-    let mut s = sensor.dial_host("collector", 9000).await.expect("the granted port works");
-    let mut reply = Vec::new();
-    s.read_to_end(&mut reply).await.unwrap();
-    assert_eq!(reply, b"ok");
+    let collector6 = collector.address6().expect("the collector has IPv6");
+    for target in [None, Some(collector6)] {
+        let mut s = match target {
+            None => sensor.dial_host("collector", 9000).await,
+            Some(v6) => sensor.dial(std::net::SocketAddr::new(v6.into(), 9000)).await,
+        }
+        .expect("the granted port works, over IPv4 and IPv6");
+        let mut reply = Vec::new();
+        s.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, b"ok");
+    }
 
     // Port 22 is not granted: the collector's filter drops the SYNs.
     let before = collector.status().await.drops.filtered;
@@ -284,6 +291,11 @@ async fn the_filter_drops_what_the_policy_does_not_grant() {
     assert!(!matches!(denied, Ok(Ok(_))), "an ungranted port must not connect");
     let after = collector.status().await.drops.filtered;
     assert!(after > before, "the collector's filter counted the dropped packets ({before} -> {after})");
+    let denied =
+        tokio::time::timeout(Duration::from_secs(3), sensor.dial(std::net::SocketAddr::new(collector6.into(), 22)))
+            .await;
+    assert!(!matches!(denied, Ok(Ok(_))), "an ungranted port must not connect over IPv6 either");
+    assert!(collector.status().await.drops.filtered > after, "the IPv6 SYNs were filtered too");
 
     // Sensors do not see each other at all.
     assert!(sensor.netmap().borrow().resolve("sensor2").is_none());

@@ -46,7 +46,7 @@ async fn everything_is_there_after_a_restart() {
 
     // The key still works and the next address is fresh.
     let c = register(&mut nodes, &secret, "c").await;
-    assert_eq!(c.node.unwrap().addresses, ["100.64.0.4"]);
+    assert_eq!(c.node.unwrap().addresses[0], "100.64.0.4");
     let events_after = admin.list_audit_events(pb::ListAuditEventsRequest::default()).await.unwrap().into_inner();
     assert_eq!(&events_after.events[..events_before.events.len()], &events_before.events[..]);
     assert!(events_after.events.last().unwrap().revision > events_before.events.last().unwrap().revision);

@@ -9,8 +9,8 @@ use cordon_proto::v1 as pb;
 use crate::error::{Error, Result};
 use crate::hub::Hub;
 use crate::model::{
-    AuthKey, AuthKeySpec, EndReason, Event, EventKind, Node, Presented, RegisterInput, RunIdentity, Tailnet, TailnetId,
-    TailnetSpec, TrustRule, TrustRuleSpec, UpstreamKind, UpstreamSpec,
+    AuthKey, AuthKeySpec, EndReason, Event, EventKind, Ipv6Map, Node, Presented, RegisterInput, RunIdentity, Tailnet,
+    TailnetId, TailnetSpec, TrustRule, TrustRuleSpec, UpstreamKind, UpstreamSpec,
 };
 use crate::secret::AUTH_KEY_PREFIX;
 use crate::time::to_timestamp;
@@ -256,6 +256,7 @@ pub fn tailnet(t: &Tailnet) -> pb::Tailnet {
         owner: t.owner.clone(),
         labels: t.labels.clone().into_iter().collect(),
         cidr: t.cidr.to_string(),
+        cidr6: cidr6(t),
         gateway_address: t.cidr.gateway().to_string(),
         created_at: ts(t.created_at),
         expires_at: t.expires_at.map(to_timestamp),
@@ -267,6 +268,12 @@ pub fn tailnet(t: &Tailnet) -> pb::Tailnet {
     }
 }
 
+/// The tailnet's IPv6 range, `address/prefix`.
+pub fn cidr6(t: &Tailnet) -> String {
+    let (network, prefix) = Ipv6Map::of(t.id).network((t.cidr.network, t.cidr.prefix));
+    format!("{network}/{prefix}")
+}
+
 pub fn node(n: &Node, hub: &Hub) -> pb::NodeInfo {
     let (online, last_seen) = hub.presence(n.id);
     pb::NodeInfo {
@@ -274,7 +281,7 @@ pub fn node(n: &Node, hub: &Hub) -> pb::NodeInfo {
         tailnet_id: n.tailnet_id.to_string(),
         hostname: n.hostname.clone(),
         wireguard_public_key: n.wireguard_public_key.to_vec(),
-        addresses: vec![n.address.to_string()],
+        addresses: vec![n.address.to_string(), Ipv6Map::of(n.tailnet_id).address(n.address).to_string()],
         tags: n.tags.clone(),
         owner: n.owner.clone(),
         admission: Some(pb::Admission {
@@ -388,14 +395,21 @@ pub fn policy_version(p: &crate::model::PolicyRecord) -> pb::PolicyVersion {
     }
 }
 
-/// A node's packet filter as the netmap carries it.
-pub fn packet_filter(rules: Option<&[crate::policy::FilterRule]>) -> pb::PacketFilter {
+/// A node's packet filter as the netmap carries it: each IPv4 source with the IPv6 network it maps to.
+pub fn packet_filter(rules: Option<&[crate::policy::FilterRule]>, ipv6: Ipv6Map) -> pb::PacketFilter {
     use crate::policy::Proto;
     let Some(rules) = rules else { return pb::PacketFilter { allow_all: true, rules: vec![] } };
     let rules = rules
         .iter()
         .map(|r| pb::FilterRule {
-            sources: r.sources.iter().map(|(a, p)| format!("{a}/{p}")).collect(),
+            sources: r
+                .sources
+                .iter()
+                .flat_map(|&(a, p)| {
+                    let (a6, p6) = ipv6.network((a, p));
+                    [format!("{a}/{p}"), format!("{a6}/{p6}")]
+                })
+                .collect(),
             protocol: match r.ports.proto {
                 Proto::Any => "*",
                 Proto::Tcp => "tcp",

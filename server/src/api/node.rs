@@ -10,7 +10,7 @@ use super::{BoxStream, convert};
 use crate::control_plane::ControlPlane;
 use crate::error::Error;
 use crate::hub::{NetChange, NetMapUpdate};
-use crate::model::{Actor, EndReason, Node, NodeId, Tailnet};
+use crate::model::{Actor, EndReason, Ipv6Map, Node, NodeId, Tailnet};
 use crate::netview::NetView;
 use crate::store::Snapshot;
 
@@ -40,8 +40,9 @@ fn full(view: &NetView, tailnet: &Tailnet, revision: u64, cp: &ControlPlane) -> 
             tailnet_id: tailnet.id.to_string(),
             tailnet_name: tailnet.name.clone(),
             cidr: tailnet.cidr.to_string(),
+            cidr6: convert::cidr6(tailnet),
             gateway_address: tailnet.cidr.gateway().to_string(),
-            filter: Some(convert::packet_filter(view.filter().as_deref())),
+            filter: Some(convert::packet_filter(view.filter().as_deref(), Ipv6Map::of(tailnet.id))),
             paths: Some(pb::PathInfo {
                 stun_address: cp.stun_address.lock().unwrap().clone().unwrap_or_default(),
                 relay: true,
@@ -91,7 +92,9 @@ fn translate(view: &mut NetView, update: &NetMapUpdate, cp: &ControlPlane) -> (O
         peers_updated: nodes(&delta.updated),
         peers_removed: delta.removed.iter().filter(|id| Some(**id) != gateway_id).map(ToString::to_string).collect(),
         self_: delta.me.as_ref().map(|n| convert::node(n, hub)),
-        filter: delta.filter_changed.then(|| convert::packet_filter(view.filter().as_deref())),
+        filter: delta
+            .filter_changed
+            .then(|| convert::packet_filter(view.filter().as_deref(), Ipv6Map::of(view.me().tailnet_id))),
         gateway: delta.added.iter().chain(&delta.updated).find(|n| n.gateway).map(|n| convert::node(n, hub)),
         gateway_removed: gateway_id.is_some_and(|g| delta.removed.contains(&g)),
     };

@@ -3,7 +3,7 @@
 //! through event by event.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -238,10 +238,7 @@ async fn handle(
         saw_usage: false,
         done: false,
     };
-    let caller = match peer.ip() {
-        IpAddr::V4(ip) => gateway.node.whois(ip).filter(|p| p.id != gateway.node_id),
-        IpAddr::V6(_) => None,
-    };
+    let caller = gateway.node.whois(peer.ip()).filter(|p| p.id != gateway.node_id);
     let Some(caller) = caller else {
         let message = format!("{} is not a node of this tailnet", peer.ip());
         return Ok(call.deny(403, "identity", "unknown_node", message));

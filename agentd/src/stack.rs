@@ -252,16 +252,19 @@ impl Stack {
     pub fn bind_udp(self: &Arc<Self>, port: u16) -> io::Result<UdpSocket> {
         let mut guard = self.inner.lock().unwrap();
         let inner = &mut *guard;
-        let mut port = port;
-        for _ in 0..16_000 {
-            if port != 0 {
-                break;
+        let port = if port != 0 {
+            port
+        } else {
+            let mut free = 0;
+            for _ in 0..16_000 {
+                let candidate = inner.ephemeral_port();
+                if !inner.udp_ports.contains_key(&candidate) {
+                    free = candidate;
+                    break;
+                }
             }
-            let candidate = inner.ephemeral_port();
-            if !inner.udp_ports.contains_key(&candidate) {
-                port = candidate;
-            }
-        }
+            free
+        };
         if port == 0 || inner.udp_ports.contains_key(&port) {
             return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("UDP port {port} is already bound")));
         }
@@ -283,13 +286,7 @@ const UDP_BYTES: usize = 512 * 1024;
 
 /// Converts smoltcp's endpoint to the standard one.
 fn socket_addr(ep: IpEndpoint) -> SocketAddr {
-    SocketAddr::new(
-        match ep.addr {
-            IpAddress::Ipv4(a) => IpAddr::V4(a),
-            IpAddress::Ipv6(a) => IpAddr::V6(a),
-        },
-        ep.port,
-    )
+    SocketAddr::new(IpAddr::from(ep.addr), ep.port)
 }
 
 fn new_socket(buffer: usize) -> tcp::Socket<'static> {

@@ -40,6 +40,7 @@ mod redacted {
     redacted_debug!(UpstreamConfig { name, kind, base_url } secret { api_key });
     redacted_debug!(SetUpstreamRequest { tailnet_id, name, kind, base_url } secret { api_key });
     redacted_debug!(CreateAuthKeyResponse { key } secret { secret });
+    redacted_debug!(CreateAdminTokenResponse { token } secret { secret });
     redacted_debug!(RegisterResponse { node, tailnet } secret { session_token });
     redacted_debug!(WatchNetMapRequest {} secret { session_token });
     redacted_debug!(ReportEndpointsRequest { endpoints } secret { session_token });
@@ -74,6 +75,7 @@ mod redacted {
                     }
                 ),
                 format!("{:?}", CreateAuthKeyResponse { secret: "cordon-auth-SECRET".into(), key: None }),
+                format!("{:?}", CreateAdminTokenResponse { secret: "cordon-admin-SECRET".into(), token: None }),
                 format!(
                     "{:?}",
                     RegisterRequest {

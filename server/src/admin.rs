@@ -1,20 +1,27 @@
-//! Admin tokens: the one written to `<data-dir>/admin.token` on first start, and how calls prove it.
+//! Admin credentials: the bootstrap token written to `<data-dir>/admin.token` on first start (role
+//! `admin`, every owner), the tokens made through the API (a role and an optional owner scope, stored as
+//! hashes), and how a call proves one.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+use std::time::SystemTime;
 
 use anyhow::Context;
 
-use crate::model::{Actor, SecretHash};
+use crate::model::{Actor, AdminToken, Principal, Role, SecretHash};
 use crate::secret::{self, ADMIN_PREFIX, Secret};
 
 pub const TOKEN_FILE: &str = "admin.token";
 
-/// The admin tokens the server accepts, by hash.
-#[derive(Clone, Debug)]
+/// The admin credentials the server accepts, by hash: the bootstrap ones, and a copy of the stored
+/// tokens that every create and revoke updates, so that a call is authenticated without a store read.
+#[derive(Debug)]
 pub struct AdminTokens {
     tokens: Vec<(SecretHash, Actor)>,
+    issued: RwLock<HashMap<SecretHash, AdminToken>>,
 }
 
 /// The actor name of a token: `admin:` and the first 8 hex digits of its hash.
@@ -59,13 +66,34 @@ impl AdminTokens {
                 (h, actor_of(&h))
             })
             .collect();
-        AdminTokens { tokens }
+        AdminTokens { tokens, issued: RwLock::new(HashMap::new()) }
     }
 
-    /// The actor a bearer token stands for, if it is an admin token.
-    pub fn authenticate(&self, token: &str) -> Option<Actor> {
+    /// Takes in a stored token (made, revoked, or read at start).
+    pub fn remember(&self, token: AdminToken) {
+        self.issued.write().unwrap().insert(token.secret_hash, token);
+    }
+
+    /// Who a bearer token stands for, or why it is refused.
+    pub fn authenticate(&self, token: &str, now: SystemTime) -> Result<Principal, &'static str> {
         let h = secret::hash(token);
         // Comparing digests, not tokens, keeps the comparison independent of the secret's bytes.
-        self.tokens.iter().find(|(known, _)| *known == h).map(|(_, actor)| actor.clone())
+        if let Some((_, actor)) = self.tokens.iter().find(|(known, _)| *known == h) {
+            return Ok(Principal { actor: actor.clone(), role: Role::Admin, scope: None });
+        }
+        let issued = self.issued.read().unwrap();
+        let token = issued.get(&h).ok_or("admin token not recognised by this server")?;
+        if token.revoked_at.is_some() {
+            return Err("admin token revoked");
+        }
+        if !token.live(now) {
+            return Err("admin token expired; ask an admin for a new one");
+        }
+        Ok(Principal { actor: token_actor(&token.name), role: token.role, scope: token.owner_scope.clone() })
     }
+}
+
+/// How events name a token made through the API.
+pub fn token_actor(name: &str) -> Actor {
+    Actor(format!("token:{name}"))
 }

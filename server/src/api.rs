@@ -11,13 +11,26 @@ use std::sync::Arc;
 use tonic::{Request, Status};
 
 use crate::admin::AdminTokens;
-use crate::model::Actor;
+use crate::model::{Action, Principal};
 
 pub type BoxStream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// The admin actor that the interceptor attached to the request.
-fn actor<T>(req: &Request<T>) -> Result<Actor, Status> {
-    req.extensions().get::<Actor>().cloned().ok_or_else(|| Status::unauthenticated("missing admin token"))
+/// The caller, if its role may do `action`; `call` names the RPC in the refusal.
+fn principal<T>(req: &Request<T>, action: Action, call: &str) -> Result<Principal, Status> {
+    let principal =
+        req.extensions().get::<Principal>().cloned().ok_or_else(|| Status::unauthenticated("missing admin token"))?;
+    if !principal.role.allows(action) {
+        let needs = match action {
+            Action::Read => "any role",
+            Action::Write => "the operator or admin role",
+            Action::ManageTokens => "the admin role",
+        };
+        return Err(Status::permission_denied(format!(
+            "{call} needs {needs}; this token has the {} role",
+            principal.role.name()
+        )));
+    }
+    Ok(principal)
 }
 
 /// The bearer token of a request, if any.
@@ -26,7 +39,7 @@ pub fn bearer<T>(req: &Request<T>) -> Option<&str> {
     value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")).map(str::trim)
 }
 
-/// Checks `authorization: Bearer <admin token>` and attaches the admin's [`Actor`].
+/// Checks `authorization: Bearer <admin token>` and attaches the caller's [`Principal`].
 pub fn admin_interceptor(tokens: Arc<AdminTokens>) -> impl tonic::service::Interceptor + Clone {
     move |mut req: Request<()>| {
         let Some(token) = bearer(&req) else {
@@ -34,10 +47,8 @@ pub fn admin_interceptor(tokens: Arc<AdminTokens>) -> impl tonic::service::Inter
                 "missing admin token: send 'authorization: Bearer <token>' with the token from <data-dir>/admin.token",
             ));
         };
-        let actor = tokens
-            .authenticate(token)
-            .ok_or_else(|| Status::unauthenticated("admin token not recognised by this server"))?;
-        req.extensions_mut().insert(actor);
+        let principal = tokens.authenticate(token, std::time::SystemTime::now()).map_err(Status::unauthenticated)?;
+        req.extensions_mut().insert(principal);
         Ok(req)
     }
 }

@@ -82,6 +82,13 @@ enum Command {
         #[command(subcommand)]
         command: TrustCommand,
     },
+    /// Create, list and revoke admin tokens with a role and an owner scope (admin role only).
+    Token {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Set and list the upstream LLM providers of a tailnet's gateway.
     Upstream {
         #[command(flatten)]
@@ -296,6 +303,9 @@ enum TrustCommand {
         ephemeral: bool,
         #[arg(long, default_value = "")]
         reason: String,
+        /// A claim whose value owns the nodes the rule admits, e.g. actor (who triggered the run).
+        #[arg(long, default_value = "")]
+        owner_claim: String,
     },
     /// List a tailnet's trust rules.
     List {
@@ -304,6 +314,41 @@ enum TrustCommand {
     },
     /// Delete a trust rule (nodes it admitted stay).
     Delete { id: String },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Make a token; its secret is printed once.
+    Create {
+        /// A name for it (lowercase letters, digits, '-'); events and tagOwners say token:<name>.
+        name: String,
+        #[arg(long, value_enum)]
+        role: TokenRole,
+        /// Confine it to the tailnets of this owner.
+        #[arg(long)]
+        owner: Option<String>,
+        /// How long it lives, e.g. 30d [default: no expiry].
+        #[arg(long, value_parser = parse_duration)]
+        expires_in: Option<Duration>,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// List tokens (a scoped admin sees its own scope's).
+    List,
+    /// Revoke a token at once.
+    Revoke {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TokenRole {
+    Admin,
+    Operator,
+    Auditor,
+    Approver,
 }
 
 #[derive(Subcommand)]
@@ -404,6 +449,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Events { client, tailnet, since_revision } => events(&client, tailnet, since_revision).await,
         Command::Audit { client, command } => audit(&client, command).await,
         Command::Trust { client, command } => trust(&client, command).await,
+        Command::Token { client, command } => token(&client, command).await,
         Command::Upstream { client, command } => upstream(&client, command).await,
         Command::Relay { client, command: RelayCommand::Stats } => relay_stats(&client).await,
         Command::Completions { shell } => {
@@ -942,7 +988,8 @@ async fn trust(client: &ClientArgs, command: TrustCommand) -> anyhow::Result<()>
         json!({"id": r.id, "tailnet_id": r.tailnet_id, "issuer": r.issuer, "audience": r.audience,
             "claim_conditions": r.claim_conditions, "tags": r.tags,
             "max_node_lifetime_seconds": r.max_node_lifetime_seconds, "ephemeral": r.ephemeral,
-            "reason": r.reason, "created_by": r.created_by, "created_at": time(&r.created_at)})
+            "reason": r.reason, "owner_claim": r.owner_claim, "created_by": r.created_by,
+            "created_at": time(&r.created_at)})
     };
     let rows = |rules: &[pb::TrustRule]| -> Vec<Vec<String>> {
         rules
@@ -962,7 +1009,17 @@ async fn trust(client: &ClientArgs, command: TrustCommand) -> anyhow::Result<()>
     };
     let headers = ["ID", "ISSUER", "AUDIENCE", "CLAIMS", "TAGS", "REASON"];
     match command {
-        TrustCommand::Create { tailnet, issuer, audience, claims, tags, max_node_lifetime, ephemeral, reason } => {
+        TrustCommand::Create {
+            tailnet,
+            issuer,
+            audience,
+            claims,
+            tags,
+            max_node_lifetime,
+            ephemeral,
+            reason,
+            owner_claim,
+        } => {
             let rule = admin
                 .create_trust_rule(pb::CreateTrustRuleRequest {
                     tailnet_id: tailnet,
@@ -973,6 +1030,7 @@ async fn trust(client: &ClientArgs, command: TrustCommand) -> anyhow::Result<()>
                     max_node_lifetime_seconds: max_node_lifetime.map_or(0, |d| d.as_secs()),
                     ephemeral,
                     reason,
+                    owner_claim,
                 })
                 .await
                 .map_err(status)?
@@ -1002,6 +1060,88 @@ async fn trust(client: &ClientArgs, command: TrustCommand) -> anyhow::Result<()>
                 println!("{}", json!({"id": id, "deleted": true}));
             } else {
                 println!("deleted trust rule {id}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn token(client: &ClientArgs, command: TokenCommand) -> anyhow::Result<()> {
+    let mut admin = client.connect().await?;
+    let role_name = |r: i32| match pb::Role::try_from(r) {
+        Ok(pb::Role::Admin) => "admin",
+        Ok(pb::Role::Operator) => "operator",
+        Ok(pb::Role::Auditor) => "auditor",
+        Ok(pb::Role::Approver) => "approver",
+        _ => "?",
+    };
+    let token_json = |t: &pb::AdminToken| {
+        json!({"id": t.id, "name": t.name, "role": role_name(t.role), "owner_scope": t.owner_scope,
+            "created_by": t.created_by, "reason": t.reason, "created_at": time(&t.created_at),
+            "expires_at": t.expires_at.as_ref().map(|_| time(&t.expires_at)),
+            "revoked_at": t.revoked_at.as_ref().map(|_| time(&t.revoked_at))})
+    };
+    let rows = |tokens: &[pb::AdminToken]| -> Vec<Vec<String>> {
+        tokens
+            .iter()
+            .map(|t| {
+                let state = if t.revoked_at.is_some() { "revoked".to_string() } else { time(&t.expires_at) };
+                vec![
+                    t.id.clone(),
+                    t.name.clone(),
+                    role_name(t.role).into(),
+                    t.owner_scope.clone(),
+                    state,
+                    t.created_by.clone(),
+                ]
+            })
+            .collect()
+    };
+    let headers = ["ID", "NAME", "ROLE", "OWNER SCOPE", "EXPIRES", "CREATED BY"];
+    match command {
+        TokenCommand::Create { name, role, owner, expires_in, reason } => {
+            let role = match role {
+                TokenRole::Admin => pb::Role::Admin,
+                TokenRole::Operator => pb::Role::Operator,
+                TokenRole::Auditor => pb::Role::Auditor,
+                TokenRole::Approver => pb::Role::Approver,
+            };
+            let r = admin
+                .create_admin_token(pb::CreateAdminTokenRequest {
+                    name,
+                    role: role.into(),
+                    owner_scope: owner.unwrap_or_default(),
+                    expires_in_seconds: expires_in.map_or(0, |d| d.as_secs()),
+                    reason,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let token = r.token.unwrap_or_default();
+            if client.json {
+                let mut v = token_json(&token);
+                v["secret"] = Value::String(r.secret);
+                println!("{v}");
+            } else {
+                print_table(&headers, rows(&[token]));
+                println!("\nsecret (shown only now): {}", r.secret);
+            }
+        }
+        TokenCommand::List => {
+            let tokens =
+                admin.list_admin_tokens(pb::ListAdminTokensRequest {}).await.map_err(status)?.into_inner().tokens;
+            if client.json {
+                println!("{}", Value::Array(tokens.iter().map(token_json).collect()));
+            } else {
+                print_table(&headers, rows(&tokens));
+            }
+        }
+        TokenCommand::Revoke { id, reason } => {
+            admin.revoke_admin_token(pb::RevokeAdminTokenRequest { id: id.clone(), reason }).await.map_err(status)?;
+            if client.json {
+                println!("{}", json!({"id": id, "revoked": true}));
+            } else {
+                println!("revoked admin token {id}");
             }
         }
     }

@@ -13,12 +13,13 @@ use crate::hub::Hub;
 use crate::model::{
     Actor, AuthKey, AuthKeyId, AuthKeySpec, EndReason, Node, NodeId, Registration, Tailnet, TailnetId, TailnetSpec,
 };
+use crate::model::{AdminToken, AdminTokenId, AdminTokenSpec, Principal, Role};
 use crate::model::{Credential, PolicyRecord, Presented, RegisterInput, TrustRule, TrustRuleId, TrustRuleSpec};
 use crate::model::{Event, UpstreamInfo, UpstreamSpec};
 use crate::oidc::{Oidc, Refusal};
 use crate::policy::Policy;
 use crate::reaper::{Deadline, Reaper};
-use crate::secret::{AUTH_KEY_PREFIX, SESSION_PREFIX, Secret};
+use crate::secret::{ADMIN_PREFIX, AUTH_KEY_PREFIX, SESSION_PREFIX, Secret};
 use crate::store::{EventFilter, GatewayEvent, GatewayKeys, Snapshot, Store, StoreOptions, StoreUrl};
 use crate::validate::LabelRequirement;
 
@@ -52,6 +53,13 @@ impl Default for Limits {
             audit_retention: Duration::from_secs(90 * 86_400),
         }
     }
+}
+
+/// A record found by its own id whose tailnet a scope check needs.
+#[derive(Clone, Copy, Debug)]
+pub enum Target {
+    AuthKey(AuthKeyId),
+    TrustRule(TrustRuleId),
 }
 
 pub struct ControlPlane {
@@ -271,21 +279,38 @@ impl ControlPlane {
         Ok(policy.capabilities(&src, dst, name))
     }
 
-    /// Refuses tags the tailnet's policy does not declare in `tagOwners`.
-    async fn require_declared_tags(&self, tailnet: TailnetId, tags: &[String]) -> Result<()> {
+    /// Refuses tags the tailnet's policy does not declare in `tagOwners`, and tags whose owners do not
+    /// include the caller (`token:<name>` or `role:<role>`; the admin role may hand out any declared
+    /// tag, as Tailscale's admins may). Without a policy every tag may be handed out.
+    async fn require_tag_owners(&self, tailnet: TailnetId, tags: &[String], by: &Principal) -> Result<()> {
         let policy = self.policy(&self.get_tailnet(tailnet).await?).await?;
-        match tags.iter().enumerate().find(|(_, t)| !policy.tag_defined(t)) {
-            Some((i, tag)) => Err(Error::invalid(
+        if let Some((i, tag)) = tags.iter().enumerate().find(|(_, t)| !policy.tag_defined(t)) {
+            return Err(Error::invalid(
                 format!("tags[{i}]"),
                 format!("{tag} is not declared in the tailnet policy's tagOwners"),
-            )),
-            None => Ok(()),
+            ));
         }
+        if by.role == Role::Admin || !policy.explicit {
+            return Ok(());
+        }
+        let names = by.owner_names();
+        for tag in tags {
+            let owners = policy.tag_owners.get(tag).map(Vec::as_slice).unwrap_or_default();
+            if !owners.iter().any(|o| names.contains(o)) {
+                return Err(Error::PermissionDenied(format!(
+                    "{tag}: its tagOwners in the tailnet policy do not include {} (owners: [{}])",
+                    names.join(" or "),
+                    owners.join(", ")
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Creates an auth key; the secret is returned here and never again.
-    pub async fn create_auth_key(&self, spec: AuthKeySpec, actor: &Actor) -> Result<(AuthKey, Secret)> {
-        self.require_declared_tags(spec.tailnet_id, &spec.tags).await?;
+    pub async fn create_auth_key(&self, spec: AuthKeySpec, by: &Principal) -> Result<(AuthKey, Secret)> {
+        self.require_tag_owners(spec.tailnet_id, &spec.tags, by).await?;
+        let actor = &by.actor;
         let expires_in = match spec.expires_in_seconds {
             0 => self.limits.default_auth_key_expiry,
             s => Duration::from_secs(s),
@@ -395,8 +420,9 @@ impl ControlPlane {
         Err(Error::Unauthenticated(format!("oidc_token: {refusal}")))
     }
 
-    pub async fn create_trust_rule(&self, spec: TrustRuleSpec, actor: &Actor) -> Result<TrustRule> {
-        self.require_declared_tags(spec.tailnet_id, &spec.tags).await?;
+    pub async fn create_trust_rule(&self, spec: TrustRuleSpec, by: &Principal) -> Result<TrustRule> {
+        self.require_tag_owners(spec.tailnet_id, &spec.tags, by).await?;
+        let actor = &by.actor;
         let rule =
             TrustRule { id: TrustRuleId::generate(), spec, created_by: actor.0.clone(), created_at: self.clock.now() };
         let mut tx = self.store.write().await?;
@@ -410,6 +436,33 @@ impl ControlPlane {
         let mut tx = self.store.write().await?;
         domain::delete_trust_rule(&mut tx, id, actor, self.clock.now()).await?;
         tx.commit().await
+    }
+
+    /// Makes an admin token; the secret is returned here and never again.
+    pub async fn create_admin_token(&self, spec: AdminTokenSpec, by: &Principal) -> Result<(AdminToken, Secret)> {
+        let secret = Secret::generate(ADMIN_PREFIX);
+        let mut tx = self.store.write().await?;
+        let token = domain::create_admin_token(&mut tx, spec, secret.hash(), by, self.clock.now()).await?;
+        tx.commit().await?;
+        tracing::info!(token = %token.name, role = token.role.name(), "admin token created");
+        Ok((token, secret))
+    }
+
+    /// The admin tokens `by` may see (all, for a caller with no owner scope); `None`: every token.
+    pub async fn list_admin_tokens(&self, by: Option<&Principal>) -> Result<Vec<AdminToken>> {
+        let mut tx = self.store.read().await?;
+        match by {
+            Some(by) => domain::admin_tokens(&mut tx, by).await,
+            None => tx.admin_tokens().await,
+        }
+    }
+
+    pub async fn revoke_admin_token(&self, id: AdminTokenId, reason: &str, by: &Principal) -> Result<AdminToken> {
+        let mut tx = self.store.write().await?;
+        let token = domain::revoke_admin_token(&mut tx, id, reason, by, self.clock.now()).await?;
+        tx.commit().await?;
+        tracing::info!(token = %token.name, "admin token revoked");
+        Ok(token)
     }
 
     /// The live node a session token belongs to.
@@ -576,6 +629,19 @@ impl ControlPlane {
             }
             if done {
                 return Ok((out, false));
+            }
+        }
+    }
+
+    /// The tailnet an auth key or trust rule belongs to (for scope checks).
+    pub async fn tailnet_of(&self, target: Target) -> Result<TailnetId> {
+        let mut tx = self.store.read().await?;
+        match target {
+            Target::AuthKey(id) => {
+                tx.auth_key(id).await?.map(|k| k.tailnet_id).ok_or_else(|| Error::not_found("auth key", id))
+            }
+            Target::TrustRule(id) => {
+                tx.trust_rule(id).await?.map(|r| r.spec.tailnet_id).ok_or_else(|| Error::not_found("trust rule", id))
             }
         }
     }

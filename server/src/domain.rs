@@ -12,9 +12,9 @@ use std::time::{Duration, SystemTime};
 use crate::error::{Error, Result};
 use crate::hub::NetChange;
 use crate::model::{
-    Actor, AuthKey, AuthKeyId, AuthKeySpec, Credential, EndReason, Event, EventKind, KeyState, Node, NodeId,
-    PolicyRecord, Registration, RunIdentity, SecretHash, Tailnet, TailnetId, TailnetSpec, TrustRule, TrustRuleId,
-    UpstreamInfo, UpstreamSpec,
+    Actor, AdminToken, AdminTokenId, AdminTokenSpec, AuthKey, AuthKeyId, AuthKeySpec, Credential, EndReason, Event,
+    EventKind, KeyState, Node, NodeId, PolicyRecord, Principal, Registration, RunIdentity, SecretHash, Tailnet,
+    TailnetId, TailnetSpec, TrustRule, TrustRuleId, UpstreamInfo, UpstreamSpec,
 };
 use crate::policy::Policy;
 use crate::store::{GatewayEvent, GatewayKeys, Placement, Tx};
@@ -451,16 +451,28 @@ async fn admit(tx: &mut Tx, credential: &Credential, now: SystemTime) -> Result<
                 auth_key: Some(auth_key.id),
             })
         }
-        Credential::Federated { rule, .. } => {
+        Credential::Federated { rule, identity } => {
             let rule = tx
                 .trust_rule(*rule)
                 .await?
                 .ok_or_else(|| Error::Unauthenticated("oidc_token: the trust rule was deleted".into()))?;
+            // The run's owner: the person the rule's owner claim names (who triggered the run).
+            let owner = match rule.spec.owner_claim.as_str() {
+                "" => None,
+                claim => match identity.claims.get(claim).filter(|v| !v.is_empty() && v.len() <= 128) {
+                    Some(value) => Some(value.clone()),
+                    None => {
+                        return Err(Error::Unauthenticated(format!(
+                            "oidc_token: the trust rule takes the owner from claim {claim}, which the token lacks"
+                        )));
+                    }
+                },
+            };
             Ok(Admitted {
                 field: "trust rule",
                 tailnet: rule.spec.tailnet_id,
                 tags: rule.spec.tags,
-                owner: None,
+                owner,
                 ephemeral: rule.spec.ephemeral,
                 lifetime: Some(Duration::from_secs(rule.spec.max_node_lifetime_seconds)),
                 auth_key: None,
@@ -560,7 +572,7 @@ pub async fn register(
         }
     };
     let summary = match &node.identity {
-        Some(run) => format!("{summary} via trust rule ({} {})", run.issuer, run.subject),
+        Some(run) => format!("{summary} via trust rule ({} {}), owned by {}", run.issuer, run.subject, node.owner),
         None => summary,
     };
     record(
@@ -797,6 +809,101 @@ pub async fn delete_trust_rule(tx: &mut Tx, id: TrustRuleId, actor: &Actor, now:
 }
 
 // -----------------------------------------------------------------------------------------------------
+// Admin tokens
+
+/// Makes an admin token. A scoped caller makes tokens of its own scope only; names are unique among
+/// live tokens (events and `tagOwners` name tokens by name).
+pub async fn create_admin_token(
+    tx: &mut Tx,
+    spec: AdminTokenSpec,
+    secret_hash: SecretHash,
+    by: &Principal,
+    now: SystemTime,
+) -> Result<AdminToken> {
+    if let Some(scope) = &by.scope
+        && spec.owner_scope.as_ref() != Some(scope)
+    {
+        return Err(Error::PermissionDenied(format!(
+            "owner_scope: a token scoped to {} makes tokens of that scope only",
+            crate::validate::quote(scope)
+        )));
+    }
+    if tx.admin_tokens().await?.iter().any(|t| t.live(now) && t.name == spec.name) {
+        return Err(Error::invalid(
+            "name",
+            format!("a live token is named {}; revoke it or choose another name", crate::validate::quote(&spec.name)),
+        ));
+    }
+    let token = AdminToken {
+        id: AdminTokenId::generate(),
+        name: spec.name,
+        role: spec.role,
+        owner_scope: spec.owner_scope,
+        secret_hash,
+        created_by: by.actor.0.clone(),
+        reason: spec.reason,
+        created_at: now,
+        expires_at: (spec.expires_in_seconds > 0).then(|| now + Duration::from_secs(spec.expires_in_seconds)),
+        revoked_at: None,
+    };
+    tx.put_admin_token(&token).await?;
+    record(
+        tx,
+        Draft {
+            kind: EventKind::AdminTokenCreated,
+            actor: &by.actor,
+            reason: &token.reason,
+            summary: format!(
+                "admin token {} created: role {}, {}",
+                token.name,
+                token.role.name(),
+                token.owner_scope.as_deref().map_or("every owner".to_string(), |s| format!("owner {s}"))
+            ),
+            ..Draft::at(now)
+        },
+    );
+    Ok(token)
+}
+
+/// The tokens a caller may see: all of them, or those of its own scope.
+pub async fn admin_tokens(tx: &mut Tx, by: &Principal) -> Result<Vec<AdminToken>> {
+    let mut tokens = tx.admin_tokens().await?;
+    tokens.retain(|t| by.scope.is_none() || t.owner_scope == by.scope);
+    Ok(tokens)
+}
+
+/// Revokes a token at once; revoking one already revoked changes nothing.
+pub async fn revoke_admin_token(
+    tx: &mut Tx,
+    id: AdminTokenId,
+    reason: &str,
+    by: &Principal,
+    now: SystemTime,
+) -> Result<AdminToken> {
+    let mut token = admin_tokens(tx, by)
+        .await?
+        .into_iter()
+        .find(|t| t.id == id)
+        .ok_or_else(|| Error::not_found("admin token", id))?;
+    if token.revoked_at.is_some() {
+        return Ok(token);
+    }
+    token.revoked_at = Some(now);
+    tx.put_admin_token(&token).await?;
+    record(
+        tx,
+        Draft {
+            kind: EventKind::AdminTokenRevoked,
+            actor: &by.actor,
+            reason,
+            summary: format!("admin token {} revoked", token.name),
+            ..Draft::at(now)
+        },
+    );
+    Ok(token)
+}
+
+// -----------------------------------------------------------------------------------------------------
 // Audit
 
 /// Records gateway requests, one audit event each.
@@ -858,6 +965,9 @@ pub async fn copy_store(source: &crate::store::Store, target: &crate::store::Sto
     }
     let mut from = source.read().await?;
     let mut to = target.write().await?;
+    for token in from.admin_tokens().await? {
+        to.put_admin_token(&token).await?;
+    }
     let mut after = None;
     loop {
         let page = from.tailnets(None, after, 256).await?;

@@ -69,6 +69,130 @@ id_type!(
     /// Identifies a trust rule.
     TrustRuleId
 );
+id_type!(
+    /// Identifies an admin token (not its secret).
+    AdminTokenId
+);
+
+/// What an admin credential may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Everything, admin tokens included.
+    Admin,
+    /// Tailnets, keys, trust rules, nodes, upstreams and policy; not tokens.
+    Operator,
+    /// Read only: get, list, audit, events.
+    Auditor,
+    /// Read, and approve policy proposals.
+    Approver,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Admin, Role::Operator, Role::Auditor, Role::Approver];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Operator => "operator",
+            Role::Auditor => "auditor",
+            Role::Approver => "approver",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.name() == s)
+    }
+
+    /// Whether the role may do `action`.
+    pub fn allows(self, action: Action) -> bool {
+        match action {
+            Action::Read => true,
+            Action::Write => matches!(self, Role::Admin | Role::Operator),
+            Action::ManageTokens => self == Role::Admin,
+        }
+    }
+}
+
+/// The kinds of thing an admin call does, as far as roles are concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Get, list, audit, events, dry runs.
+    Read,
+    /// Create, change or delete tailnets and what they hold.
+    Write,
+    /// Create, list or revoke admin tokens.
+    ManageTokens,
+}
+
+/// An admin credential made through the API (the bootstrap token lives in the data directory).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct AdminToken {
+    pub id: AdminTokenId,
+    pub name: String,
+    pub role: Role,
+    /// Confines the token to the tailnets of this owner.
+    pub owner_scope: Option<String>,
+    pub secret_hash: SecretHash,
+    pub created_by: String,
+    pub reason: String,
+    pub created_at: SystemTime,
+    pub expires_at: Option<SystemTime>,
+    pub revoked_at: Option<SystemTime>,
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminToken")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .field("owner_scope", &self.owner_scope)
+            .field("secret_hash", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+impl AdminToken {
+    pub fn live(&self, now: SystemTime) -> bool {
+        self.revoked_at.is_none() && self.expires_at.is_none_or(|e| e > now)
+    }
+}
+
+/// What a caller supplies to create an admin token.
+#[derive(Clone, Debug)]
+pub struct AdminTokenSpec {
+    pub name: String,
+    pub role: Role,
+    pub owner_scope: Option<String>,
+    pub expires_in_seconds: u64,
+    pub reason: String,
+}
+
+/// Who is calling the admin API, and what they may do: the actor that events name, the role, and the
+/// owner whose tailnets they are confined to (`None`: every owner).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal {
+    pub actor: Actor,
+    pub role: Role,
+    pub scope: Option<String>,
+}
+
+impl Principal {
+    /// Whether the caller sees tailnets of `owner`.
+    pub fn sees_owner(&self, owner: &str) -> bool {
+        self.scope.as_deref().is_none_or(|s| s == owner)
+    }
+
+    /// The names `tagOwners` may use for this caller: `token:<name>` (for an API token) and `role:<role>`.
+    pub fn owner_names(&self) -> Vec<String> {
+        let mut names = vec![format!("role:{}", self.role.name())];
+        if let Some(name) = self.actor.0.strip_prefix("token:") {
+            names.push(format!("token:{name}"));
+        }
+        names
+    }
+}
 
 /// Who a federated node is: issuer, subject, and the claims of the run that admitted it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -452,6 +576,9 @@ pub struct TrustRuleSpec {
     pub max_node_lifetime_seconds: u64,
     pub ephemeral: bool,
     pub reason: String,
+    /// The claim whose value owns the nodes the rule admits; empty: the tailnet's owner.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub owner_claim: String,
 }
 
 /// What a caller supplies to create an auth key.
@@ -483,6 +610,8 @@ pub enum EventKind {
     UpstreamSet,
     GatewayRequest,
     GatewayBlocked,
+    AdminTokenCreated,
+    AdminTokenRevoked,
 }
 
 /// A tool call seen in a gateway response.

@@ -246,10 +246,17 @@ impl Oidc {
                 None => return Err(Refusal::Rule(format!("condition {claim}: the token has no {claim} claim"))),
             }
         }
-        let run: BTreeMap<String, String> = RUN_CLAIMS
+        let mut run: BTreeMap<String, String> = RUN_CLAIMS
             .iter()
             .filter_map(|c| other.get(*c).and_then(claim_string).map(|v| (c.to_string(), v)))
             .collect();
+        // The claim the rule takes the run's owner from is kept with the run, whatever it is.
+        let owner_claim = &rule.spec.owner_claim;
+        if !owner_claim.is_empty()
+            && let Some(value) = value_of(owner_claim)
+        {
+            run.insert(owner_claim.clone(), value);
+        }
         let expires: SystemTime = claims.expiration().into();
         Ok(Verified {
             identity: RunIdentity { issuer: rule.spec.issuer.clone(), subject, claims: run },

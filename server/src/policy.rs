@@ -307,6 +307,16 @@ impl Policy {
                     if owner.starts_with("group:") && !policy.groups.contains_key(&owner) {
                         return Err(err(&format!("{path}[{i}]"), pos, format!("{owner} is not defined in groups")));
                     }
+                    if let Some(role) = owner.strip_prefix("role:")
+                        && crate::model::Role::parse(role).is_none()
+                    {
+                        let message = format!("{} is not a role: admin, operator, auditor or approver", quote(&owner));
+                        return Err(err(&format!("{path}[{i}]"), pos, message));
+                    }
+                    if owner.strip_prefix("token:").is_some_and(|name| !name_ok(name)) {
+                        let message = "a token is named token:<lowercase letters, digits, '-'>";
+                        return Err(err(&format!("{path}[{i}]"), pos, message));
+                    }
                     list.push(owner);
                 }
                 policy.tag_owners.insert(name.clone(), list);

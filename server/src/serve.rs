@@ -114,7 +114,10 @@ impl Server {
             .build_v1()
             .context("reflection service")?;
 
-        let control = pb::control_server::ControlServer::new(ControlApi::new(cp.clone()))
+        for token in cp.list_admin_tokens(None).await? {
+            self.admin_tokens.remember(token);
+        }
+        let control = pb::control_server::ControlServer::new(ControlApi::new(cp.clone(), self.admin_tokens.clone()))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
         let control = InterceptedService::new(control, admin_interceptor(self.admin_tokens.clone()));
         let node =

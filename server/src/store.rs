@@ -18,8 +18,8 @@ use std::time::SystemTime;
 use crate::error::{Error, Result};
 use crate::hub::{Change, Hub, NetChange, NetMapUpdate};
 use crate::model::{
-    AuthKey, AuthKeyId, Event, Node, NodeId, PolicyRecord, RunIdentity, SecretHash, Tailnet, TailnetId, TrustRule,
-    TrustRuleId,
+    AdminToken, AuthKey, AuthKeyId, Event, Node, NodeId, PolicyRecord, RunIdentity, SecretHash, Tailnet, TailnetId,
+    TrustRule, TrustRuleId,
 };
 use crate::secret::Secret;
 
@@ -140,6 +140,7 @@ pub struct Counts {
     pub policy_versions: u64,
     pub upstream_keys: u64,
     pub events: u64,
+    pub admin_tokens: u64,
 }
 
 impl Counts {
@@ -148,7 +149,7 @@ impl Counts {
     }
 
     /// Each kind with its count, for people.
-    pub fn rows(&self) -> [(&'static str, u64); 7] {
+    pub fn rows(&self) -> [(&'static str, u64); 8] {
         [
             ("tailnets", self.tailnets),
             ("nodes", self.nodes),
@@ -157,6 +158,7 @@ impl Counts {
             ("policy versions", self.policy_versions),
             ("upstream keys", self.upstream_keys),
             ("audit events", self.events),
+            ("admin tokens", self.admin_tokens),
         ]
     }
 }
@@ -398,6 +400,14 @@ impl Tx {
     /// upstream keys, its gateway). Audit events stay.
     pub async fn delete_tailnet(&mut self, id: TailnetId) -> Result<()> {
         write_op!(self, t => t.delete_tailnet(id).await)
+    }
+
+    // Admin tokens (revoked ones stay, for the record)
+    pub async fn admin_tokens(&mut self) -> Result<Vec<AdminToken>> {
+        each!(self, t => t.admin_tokens().await)
+    }
+    pub async fn put_admin_token(&mut self, token: &AdminToken) -> Result<()> {
+        write_op!(self, t => t.put_admin_token(token).await)
     }
 
     // Nodes

@@ -162,7 +162,12 @@ impl TestServer {
     }
 
     pub async fn admin(&self) -> Admin {
-        ControlClient::with_interceptor(self.channel().await, Bearer::new(&self.admin_token))
+        self.admin_as(&self.admin_token).await
+    }
+
+    /// An admin client that presents `token` (one made with CreateAdminToken, say).
+    pub async fn admin_as(&self, token: &str) -> Admin {
+        ControlClient::with_interceptor(self.channel().await, Bearer::new(token))
     }
 
     pub async fn nodes(&self) -> Nodes {

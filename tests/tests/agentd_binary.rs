@@ -100,6 +100,29 @@ async fn forwards_proxies_status_and_revocation() {
     s.read_to_string(&mut r).await.unwrap();
     assert!(r.ends_with("you sent GET /socks HTTP/1.1"), "{r}");
 
+    // SOCKS5 with an IPv6 address (address type 4): the peer's address inside the tunnel.
+    let web6 = peer.address6().expect("the peer has IPv6");
+    let mut s = TcpStream::connect(("127.0.0.1", socks)).await.unwrap();
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    s.read_exact(&mut greeting).await.unwrap();
+    let mut request = vec![5, 1, 0, 4];
+    request.extend_from_slice(&web6.octets());
+    request.extend_from_slice(&80u16.to_be_bytes());
+    s.write_all(&request).await.unwrap();
+    s.read_exact(&mut reply).await.unwrap();
+    assert_eq!(reply[1], 0, "SOCKS5 connect to {web6} succeeded");
+    s.write_all(b"GET /socks6 HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut r = String::new();
+    s.read_to_string(&mut r).await.unwrap();
+    assert!(r.ends_with("you sent GET /socks6 HTTP/1.1"), "{r}");
+
+    // HTTP proxy, absolute URL with a bracketed IPv6 host and no port.
+    let mut s = TcpStream::connect(("127.0.0.1", http)).await.unwrap();
+    s.write_all(format!("GET http://[{web6}]/six HTTP/1.1\r\n\r\n").as_bytes()).await.unwrap();
+    let mut r = String::new();
+    s.read_to_string(&mut r).await.unwrap();
+    assert!(r.ends_with("you sent GET /six HTTP/1.1"), "{r}");
+
     // HTTP proxy, absolute URL: the request line reaches the peer in origin form.
     let mut s = TcpStream::connect(("127.0.0.1", http)).await.unwrap();
     s.write_all(b"GET http://web/v1/models HTTP/1.1\r\nhost: web\r\nproxy-connection: keep-alive\r\n\r\n")
@@ -121,9 +144,11 @@ async fn forwards_proxies_status_and_revocation() {
     assert_eq!(status["hostname"], "laptop");
     assert_eq!(status["peers"][0]["hostname"], "web");
     assert!(status["peers"][0]["path"].as_str().unwrap().starts_with("direct 127.0.0.1:"), "{status}");
-    let whois = agentd(&["whois", &peer.address().to_string()], state.path()).await;
-    let whois: serde_json::Value = serde_json::from_slice(&whois.stdout).unwrap();
-    assert_eq!(whois["id"], peer.node_id());
+    for address in [peer.address().to_string(), web6.to_string()] {
+        let whois = agentd(&["whois", &address], state.path()).await;
+        let whois: serde_json::Value = serde_json::from_slice(&whois.stdout).unwrap();
+        assert_eq!(whois["id"], peer.node_id(), "whois {address}");
+    }
     let table = agentd(&["status"], state.path()).await;
     assert!(String::from_utf8_lossy(&table.stdout).contains("PEER"), "{table:?}");
 

@@ -6,7 +6,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use cordon_server::api::control::ControlApi;
 use cordon_server::api::node::NodeApi;
-use cordon_server::model::Actor;
+use cordon_server::model::{Actor, Principal, Role};
 use cordon_server::store::StoreUrl;
 use cordon_server::{ControlPlane, Limits};
 use cordon_tests::v1 as pb;
@@ -25,12 +25,13 @@ struct InProcess {
 async fn start(limits: Limits) -> InProcess {
     let dir = tempfile::tempdir().unwrap();
     let cp = ControlPlane::open(&StoreUrl::Sled(dir.path().join("store")), limits).await.unwrap();
-    InProcess { control: ControlApi::new(cp.clone()), node: NodeApi::new(cp.clone()), cp, _dir: dir }
+    let tokens = std::sync::Arc::new(cordon_server::admin::AdminTokens::from_tokens([]));
+    InProcess { control: ControlApi::new(cp.clone(), tokens), node: NodeApi::new(cp.clone()), cp, _dir: dir }
 }
 
 fn admin<T>(message: T) -> Request<T> {
     let mut r = Request::new(message);
-    r.extensions_mut().insert(Actor("admin:test".into()));
+    r.extensions_mut().insert(Principal { actor: Actor("admin:test".into()), role: Role::Admin, scope: None });
     r
 }
 

@@ -32,6 +32,7 @@ async fn rule(admin: &mut Admin, tailnet: &str, issuer: &str, repository: &str) 
             max_node_lifetime_seconds: 1800,
             ephemeral: true,
             reason: "CI of acme/api".into(),
+            owner_claim: String::new(),
         })
         .await
         .expect("create trust rule")
@@ -231,4 +232,47 @@ async fn an_agentd_node_joins_with_a_token_and_whois_shows_its_run() {
     assert_eq!(run.claims["repository"], "acme/api");
     assert_eq!(run.claims["run_id"], "1234567");
     assert_eq!(run.subject, "repo:acme/api:ref:refs/heads/main");
+}
+
+/// A rule that names an owner claim makes each run's node owned by the person in that claim (GitHub's
+/// `actor`: who triggered the run); a token without the claim is refused, naming it.
+#[tokio::test]
+async fn the_owner_claim_makes_the_person_who_triggered_the_run_its_owner() {
+    let issuer = Issuer::start(&["rsa1"]).await;
+    let server = TestServer::start().await;
+    let mut admin = server.admin().await;
+    let mut nodes = server.nodes().await;
+    let tailnet = create_tailnet(&mut admin, "runs").await;
+    let mut req = pb::CreateTrustRuleRequest {
+        tailnet_id: tailnet.id.clone(),
+        issuer: issuer.url.clone(),
+        audience: AUDIENCE.into(),
+        claim_conditions: [("repository".to_string(), "acme/api".to_string())].into(),
+        tags: vec!["tag:ci".into()],
+        owner_claim: "actor".into(),
+        ..Default::default()
+    };
+    let rule = admin.create_trust_rule(req.clone()).await.unwrap().into_inner();
+    assert_eq!(rule.owner_claim, "actor");
+
+    let token = sign(&issuer.claims(AUDIENCE, "acme/api"), "rsa1", "rsa1");
+    let node = nodes.register(oidc_request(&token, "runner")).await.unwrap().into_inner().node.unwrap();
+    assert_eq!(node.owner, "octocat", "the run is owned by the person who triggered it");
+    let events = admin
+        .list_audit_events(pb::ListAuditEventsRequest { node_id: node.id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert!(events[0].summary.contains("owned by octocat"), "{}", events[0].summary);
+
+    let mut claims = issuer.claims(AUDIENCE, "acme/api");
+    claims.as_object_mut().unwrap().remove("actor");
+    let message = refused(&mut nodes, &sign(&claims, "rsa1", "rsa1")).await;
+    assert!(message.contains("claim actor"), "{message}");
+
+    req.owner_claim = "not a claim".into();
+    let bad = admin.create_trust_rule(req).await.unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().starts_with("owner_claim"), "{}", bad.message());
 }

@@ -6,47 +6,91 @@ use cordon_proto::v1 as pb;
 use tokio::sync::{broadcast, mpsc};
 use tonic::{Request, Response, Status};
 
-use super::{BoxStream, actor, convert};
-use crate::control_plane::ControlPlane;
+use super::{BoxStream, convert, principal};
+use crate::admin::AdminTokens;
+use crate::control_plane::{ControlPlane, Target};
 use crate::error::Error;
-use crate::model::{AuthKeyId, NodeId, TailnetId};
+use crate::model::{Action, AdminTokenId, AuthKeyId, NodeId, Principal, TailnetId, TrustRuleId};
 use crate::store::EventFilter;
 use crate::time::from_timestamp;
 use crate::validate;
 
 pub struct ControlApi {
     cp: Arc<ControlPlane>,
+    tokens: Arc<AdminTokens>,
 }
 
 impl ControlApi {
-    pub fn new(cp: Arc<ControlPlane>) -> Self {
-        ControlApi { cp }
+    pub fn new(cp: Arc<ControlPlane>, tokens: Arc<AdminTokens>) -> Self {
+        ControlApi { cp, tokens }
     }
 
-    fn tailnet_message(&self, t: &crate::model::Tailnet) -> Result<pb::Tailnet, Error> {
-        Ok(convert::tailnet(t))
+    /// Refuses a tailnet outside the caller's owner scope as not found, exactly as a missing one: a
+    /// scoped token learns nothing of other owners' tailnets.
+    async fn in_scope(&self, p: &Principal, tailnet: TailnetId) -> Result<(), Error> {
+        let Some(scope) = &p.scope else { return Ok(()) };
+        match self.cp.get_tailnet(tailnet).await? {
+            t if &t.owner == scope => Ok(()),
+            _ => Err(Error::not_found("tailnet", tailnet)),
+        }
+    }
+
+    /// The same for a node, key or rule found by its own id: out of scope is "not found" under its name.
+    async fn target_in_scope(
+        &self,
+        p: &Principal,
+        tailnet: TailnetId,
+        what: &'static str,
+        id: impl ToString,
+    ) -> Result<(), Error> {
+        self.in_scope(p, tailnet).await.map_err(|_| Error::not_found(what, id.to_string()))
+    }
+
+    /// Scoped tokens read events of one tailnet at a time (events of a deleted tailnet no longer say
+    /// whose it was).
+    async fn events_scope(&self, p: &Principal, tailnet: Option<TailnetId>) -> Result<(), Error> {
+        match (tailnet, &p.scope) {
+            (Some(t), _) => self.in_scope(p, t).await,
+            (None, Some(scope)) => Err(Error::invalid(
+                "tailnet_id",
+                format!("is required for a token scoped to owner {}", validate::quote(scope)),
+            )),
+            (None, None) => Ok(()),
+        }
     }
 }
 
 #[tonic::async_trait]
 impl pb::control_server::Control for ControlApi {
     async fn create_tailnet(&self, req: Request<pb::CreateTailnetRequest>) -> Result<Response<pb::Tailnet>, Status> {
-        let actor = actor(&req)?;
+        let p = principal(&req, Action::Write, "CreateTailnet")?;
         let spec = convert::tailnet_spec(req.into_inner())?;
-        let tailnet = self.cp.create_tailnet(spec, &actor).await?;
+        if !p.sees_owner(&spec.owner) {
+            return Err(Error::PermissionDenied(format!(
+                "owner: this token is scoped to owner {}; it creates tailnets of that owner only",
+                validate::quote(p.scope.as_deref().unwrap_or_default())
+            ))
+            .into());
+        }
+        let tailnet = self.cp.create_tailnet(spec, &p.actor).await?;
         Ok(Response::new(convert::tailnet(&tailnet)))
     }
 
     async fn get_tailnet(&self, req: Request<pb::GetTailnetRequest>) -> Result<Response<pb::Tailnet>, Status> {
+        let p = principal(&req, Action::Read, "GetTailnet")?;
         let id = TailnetId::parse("id", &req.get_ref().id)?;
         let tailnet = self.cp.get_tailnet(id).await?;
-        Ok(Response::new(self.tailnet_message(&tailnet)?))
+        if !p.sees_owner(&tailnet.owner) {
+            return Err(Error::not_found("tailnet", id).into());
+        }
+        Ok(Response::new(convert::tailnet(&tailnet)))
     }
 
     async fn list_tailnets(
         &self,
         req: Request<pb::ListTailnetsRequest>,
     ) -> Result<Response<pb::ListTailnetsResponse>, Status> {
+        let p = principal(&req, Action::Read, "ListTailnets")?;
         let req = req.into_inner();
         let owner = if req.owner.is_empty() {
             None
@@ -54,6 +98,11 @@ impl pb::control_server::Control for ControlApi {
             validate::owner("owner", &req.owner)?;
             Some(req.owner.as_str())
         };
+        // A scoped token lists its owner's tailnets only (none, if it asks for another owner's).
+        if owner.is_some_and(|o| !p.sees_owner(o)) {
+            return Ok(Response::new(pb::ListTailnetsResponse::default()));
+        }
+        let owner = owner.or(p.scope.as_deref());
         let selector = validate::label_selector("label_selector", &req.label_selector)?;
         let limit = validate::page_size("page_size", req.page_size)?;
         let after = convert::page_token("page_token", &req.page_token, |t| TailnetId::parse("", t).ok())?;
@@ -62,7 +111,7 @@ impl pb::control_server::Control for ControlApi {
             (true, Some(last)) => last.id.to_string(),
             _ => String::new(),
         };
-        let tailnets = tailnets.iter().map(|t| self.tailnet_message(t)).collect::<Result<_, _>>()?;
+        let tailnets = tailnets.iter().map(convert::tailnet).collect();
         Ok(Response::new(pb::ListTailnetsResponse { tailnets, next_page_token }))
     }
 
@@ -70,11 +119,12 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::DeleteTailnetRequest>,
     ) -> Result<Response<pb::DeleteTailnetResponse>, Status> {
-        let actor = actor(&req)?;
+        let p = principal(&req, Action::Write, "DeleteTailnet")?;
         let req = req.into_inner();
         let id = TailnetId::parse("id", &req.id)?;
         validate::reason("reason", &req.reason)?;
-        let removed = self.cp.delete_tailnet(id, &req.reason, &actor).await?;
+        self.in_scope(&p, id).await?;
+        let removed = self.cp.delete_tailnet(id, &req.reason, &p.actor).await?;
         Ok(Response::new(pb::DeleteTailnetResponse {
             nodes_revoked: removed.nodes.len() as u32,
             keys_deleted: removed.keys,
@@ -85,9 +135,10 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::CreateAuthKeyRequest>,
     ) -> Result<Response<pb::CreateAuthKeyResponse>, Status> {
-        let actor = actor(&req)?;
+        let p = principal(&req, Action::Write, "CreateAuthKey")?;
         let spec = convert::auth_key_spec(req.into_inner())?;
-        let (key, secret) = self.cp.create_auth_key(spec, &actor).await?;
+        self.in_scope(&p, spec.tailnet_id).await?;
+        let (key, secret) = self.cp.create_auth_key(spec, &p).await?;
         Ok(Response::new(pb::CreateAuthKeyResponse {
             key: Some(convert::auth_key(&key, self.cp.now())),
             secret: secret.into_exposed(),
@@ -98,7 +149,9 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::ListAuthKeysRequest>,
     ) -> Result<Response<pb::ListAuthKeysResponse>, Status> {
+        let p = principal(&req, Action::Read, "ListAuthKeys")?;
         let tailnet = TailnetId::parse("tailnet_id", &req.get_ref().tailnet_id)?;
+        self.in_scope(&p, tailnet).await?;
         let now = self.cp.now();
         let keys = self.cp.list_auth_keys(tailnet).await?.iter().map(|k| convert::auth_key(k, now)).collect();
         Ok(Response::new(pb::ListAuthKeysResponse { keys }))
@@ -108,20 +161,25 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::RevokeAuthKeyRequest>,
     ) -> Result<Response<pb::RevokeAuthKeyResponse>, Status> {
-        let actor = actor(&req)?;
+        let p = principal(&req, Action::Write, "RevokeAuthKey")?;
         let req = req.into_inner();
         let id = AuthKeyId::parse("id", &req.id)?;
         validate::reason("reason", &req.reason)?;
-        let nodes = self.cp.revoke_auth_key(id, &req.reason, req.keep_nodes, &actor).await?;
+        if p.scope.is_some() {
+            self.target_in_scope(&p, self.cp.tailnet_of(Target::AuthKey(id)).await?, "auth key", id).await?;
+        }
+        let nodes = self.cp.revoke_auth_key(id, &req.reason, req.keep_nodes, &p.actor).await?;
         Ok(Response::new(pb::RevokeAuthKeyResponse { nodes_revoked: nodes.len() as u32 }))
     }
 
     async fn set_policy(&self, req: Request<pb::SetPolicyRequest>) -> Result<Response<pb::PolicyVersion>, Status> {
-        let actor = actor(&req)?;
+        let p = principal(&req, Action::Write, "SetPolicy")?;
+        let actor = p.actor.clone();
         let req = req.into_inner();
         let tailnet = TailnetId::parse("tailnet_id", &req.tailnet_id)?;
         validate::reason("reason", &req.reason)?;
         validate::reason("author", &req.author)?;
+        self.in_scope(&p, tailnet).await?;
         if req.policy_json.trim().is_empty() {
             return Err(Error::invalid("policy_json", "is required (an empty object {} denies everything)").into());
         }
@@ -130,8 +188,10 @@ impl pb::control_server::Control for ControlApi {
     }
 
     async fn get_policy(&self, req: Request<pb::GetPolicyRequest>) -> Result<Response<pb::PolicyVersion>, Status> {
+        let p = principal(&req, Action::Read, "GetPolicy")?;
         let req = req.into_inner();
         let tailnet = TailnetId::parse("tailnet_id", &req.tailnet_id)?;
+        self.in_scope(&p, tailnet).await?;
         let record = self.cp.get_policy(tailnet, req.version).await?;
         Ok(Response::new(match record {
             Some(r) => convert::policy_version(&r),
@@ -147,7 +207,9 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::ListPolicyVersionsRequest>,
     ) -> Result<Response<pb::ListPolicyVersionsResponse>, Status> {
+        let p = principal(&req, Action::Read, "ListPolicyVersions")?;
         let tailnet = TailnetId::parse("tailnet_id", &req.get_ref().tailnet_id)?;
+        self.in_scope(&p, tailnet).await?;
         let (versions, current_version) = self.cp.policy_history(tailnet).await?;
         let versions = versions.iter().map(convert::policy_version).collect();
         Ok(Response::new(pb::ListPolicyVersionsResponse { versions, current_version }))
@@ -157,8 +219,12 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::TestPolicyRequest>,
     ) -> Result<Response<pb::TestPolicyResponse>, Status> {
+        let p = principal(&req, Action::Read, "TestPolicy")?;
         let req = req.into_inner();
         let tailnet = optional_id(&req.tailnet_id, |s| TailnetId::parse("tailnet_id", s))?;
+        if let Some(t) = tailnet {
+            self.in_scope(&p, t).await?;
+        }
         if req.policy_json.trim().is_empty() {
             return Err(Error::invalid("policy_json", "is required (an empty object {} denies everything)").into());
         }
@@ -174,9 +240,10 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::CreateTrustRuleRequest>,
     ) -> Result<Response<pb::TrustRule>, Status> {
-        let actor = actor(&req)?;
+        let p = principal(&req, Action::Write, "CreateTrustRule")?;
         let spec = convert::trust_rule_spec(req.into_inner())?;
-        let rule = self.cp.create_trust_rule(spec, &actor).await?;
+        self.in_scope(&p, spec.tailnet_id).await?;
+        let rule = self.cp.create_trust_rule(spec, &p).await?;
         Ok(Response::new(convert::trust_rule(&rule)))
     }
 
@@ -184,7 +251,9 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::ListTrustRulesRequest>,
     ) -> Result<Response<pb::ListTrustRulesResponse>, Status> {
+        let p = principal(&req, Action::Read, "ListTrustRules")?;
         let tailnet = TailnetId::parse("tailnet_id", &req.get_ref().tailnet_id)?;
+        self.in_scope(&p, tailnet).await?;
         let rules = self.cp.list_trust_rules(tailnet).await?.iter().map(convert::trust_rule).collect();
         Ok(Response::new(pb::ListTrustRulesResponse { rules }))
     }
@@ -193,14 +262,19 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::DeleteTrustRuleRequest>,
     ) -> Result<Response<pb::DeleteTrustRuleResponse>, Status> {
-        let actor = actor(&req)?;
-        let id = crate::model::TrustRuleId::parse("id", &req.get_ref().id)?;
-        self.cp.delete_trust_rule(id, &actor).await?;
+        let p = principal(&req, Action::Write, "DeleteTrustRule")?;
+        let id = TrustRuleId::parse("id", &req.get_ref().id)?;
+        if p.scope.is_some() {
+            self.target_in_scope(&p, self.cp.tailnet_of(Target::TrustRule(id)).await?, "trust rule", id).await?;
+        }
+        self.cp.delete_trust_rule(id, &p.actor).await?;
         Ok(Response::new(pb::DeleteTrustRuleResponse {}))
     }
 
     async fn list_nodes(&self, req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let p = principal(&req, Action::Read, "ListNodes")?;
         let tailnet = TailnetId::parse("tailnet_id", &req.get_ref().tailnet_id)?;
+        self.in_scope(&p, tailnet).await?;
         let hub = self.cp.hub();
         // The gateway is the server's own, not a machine the caller admitted.
         let nodes =
@@ -209,11 +283,13 @@ impl pb::control_server::Control for ControlApi {
     }
 
     async fn get_node(&self, req: Request<pb::GetNodeRequest>) -> Result<Response<pb::NodeInfo>, Status> {
+        let p = principal(&req, Action::Read, "GetNode")?;
         let id = NodeId::parse("id", &req.get_ref().id)?;
         let node = self.cp.get_node(id).await?;
         if node.gateway {
             return Err(Error::not_found("node", id).into());
         }
+        self.target_in_scope(&p, node.tailnet_id, "node", id).await?;
         Ok(Response::new(convert::node(&node, self.cp.hub())))
     }
 
@@ -221,11 +297,14 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::DeleteNodeRequest>,
     ) -> Result<Response<pb::DeleteNodeResponse>, Status> {
-        let actor = actor(&req)?;
+        let p = principal(&req, Action::Write, "DeleteNode")?;
         let req = req.into_inner();
         let id = NodeId::parse("id", &req.id)?;
         validate::reason("reason", &req.reason)?;
-        self.cp.remove_node(id, crate::model::EndReason::NodeRemoved, "node deleted", &req.reason, &actor).await?;
+        if p.scope.is_some() {
+            self.target_in_scope(&p, self.cp.get_node(id).await?.tailnet_id, "node", id).await?;
+        }
+        self.cp.remove_node(id, crate::model::EndReason::NodeRemoved, "node deleted", &req.reason, &p.actor).await?;
         Ok(Response::new(pb::DeleteNodeResponse {}))
     }
 
@@ -233,6 +312,7 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::ListAuditEventsRequest>,
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
+        let p = principal(&req, Action::Read, "ListAuditEvents")?;
         let req = req.into_inner();
         let filter = EventFilter {
             tailnet: optional_id(&req.tailnet_id, |s| TailnetId::parse("tailnet_id", s))?,
@@ -247,6 +327,7 @@ impl pb::control_server::Control for ControlApi {
         {
             return Err(Error::invalid("until", "is before since").into());
         }
+        self.events_scope(&p, filter.tailnet).await?;
         let (events, more) = self.cp.list_events(&filter).await?;
         let next_page_token = match (more, events.last()) {
             (true, Some(last)) => last.revision.to_string(),
@@ -257,15 +338,27 @@ impl pb::control_server::Control for ControlApi {
     }
 
     async fn set_upstream(&self, req: Request<pb::SetUpstreamRequest>) -> Result<Response<pb::UpstreamInfo>, Status> {
-        let actor = actor(&req)?;
+        let p = principal(&req, Action::Write, "SetUpstream")?;
         let req = req.into_inner();
         let tailnet = TailnetId::parse("tailnet_id", &req.tailnet_id)?;
         let spec = convert::upstream_spec("", req.name, req.kind, req.base_url, req.api_key)?;
-        let info = self.cp.set_upstream(tailnet, spec, &actor).await?;
+        self.in_scope(&p, tailnet).await?;
+        let info = self.cp.set_upstream(tailnet, spec, &p.actor).await?;
         Ok(Response::new(convert::upstream(&info)))
     }
 
-    async fn get_relay_stats(&self, _: Request<pb::GetRelayStatsRequest>) -> Result<Response<pb::RelayStats>, Status> {
+    async fn get_relay_stats(
+        &self,
+        req: Request<pb::GetRelayStatsRequest>,
+    ) -> Result<Response<pb::RelayStats>, Status> {
+        let p = principal(&req, Action::Read, "GetRelayStats")?;
+        if let Some(scope) = &p.scope {
+            return Err(Error::PermissionDenied(format!(
+                "GetRelayStats counts every tailnet's traffic; this token is scoped to owner {}",
+                validate::quote(scope)
+            ))
+            .into());
+        }
         let c = self.cp.relays.counts();
         Ok(Response::new(pb::RelayStats {
             forwarded_frames: c.forwarded_frames,
@@ -283,8 +376,10 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let p = principal(&req, Action::Read, "WatchEvents")?;
         let req = req.into_inner();
         let tailnet = optional_id(&req.tailnet_id, |s| TailnetId::parse("tailnet_id", s))?;
+        self.events_scope(&p, tailnet).await?;
         // Subscribe before reading the backlog so that nothing falls between the two.
         let mut live = self.cp.hub().subscribe_events();
         let mut shutdown = self.cp.shutdown_signal();
@@ -338,6 +433,42 @@ impl pb::control_server::Control for ControlApi {
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn create_admin_token(
+        &self,
+        req: Request<pb::CreateAdminTokenRequest>,
+    ) -> Result<Response<pb::CreateAdminTokenResponse>, Status> {
+        let p = principal(&req, Action::ManageTokens, "CreateAdminToken")?;
+        let spec = convert::admin_token_spec(req.into_inner())?;
+        let (token, secret) = self.cp.create_admin_token(spec, &p).await?;
+        self.tokens.remember(token.clone());
+        Ok(Response::new(pb::CreateAdminTokenResponse {
+            token: Some(convert::admin_token(&token)),
+            secret: secret.into_exposed(),
+        }))
+    }
+
+    async fn list_admin_tokens(
+        &self,
+        req: Request<pb::ListAdminTokensRequest>,
+    ) -> Result<Response<pb::ListAdminTokensResponse>, Status> {
+        let p = principal(&req, Action::ManageTokens, "ListAdminTokens")?;
+        let tokens = self.cp.list_admin_tokens(Some(&p)).await?.iter().map(convert::admin_token).collect();
+        Ok(Response::new(pb::ListAdminTokensResponse { tokens }))
+    }
+
+    async fn revoke_admin_token(
+        &self,
+        req: Request<pb::RevokeAdminTokenRequest>,
+    ) -> Result<Response<pb::RevokeAdminTokenResponse>, Status> {
+        let p = principal(&req, Action::ManageTokens, "RevokeAdminToken")?;
+        let req = req.into_inner();
+        let id = AdminTokenId::parse("id", &req.id)?;
+        validate::reason("reason", &req.reason)?;
+        let token = self.cp.revoke_admin_token(id, &req.reason, &p).await?;
+        self.tokens.remember(token);
+        Ok(Response::new(pb::RevokeAdminTokenResponse {}))
     }
 }
 

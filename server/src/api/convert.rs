@@ -9,8 +9,9 @@ use cordon_proto::v1 as pb;
 use crate::error::{Error, Result};
 use crate::hub::Hub;
 use crate::model::{
-    AuthKey, AuthKeySpec, EndReason, Event, EventKind, Ipv6Map, Node, Presented, RegisterInput, RunIdentity, Tailnet,
-    TailnetId, TailnetSpec, TrustRule, TrustRuleSpec, UpstreamKind, UpstreamSpec,
+    AdminToken, AdminTokenSpec, AuthKey, AuthKeySpec, EndReason, Event, EventKind, Ipv6Map, Node, Presented,
+    RegisterInput, Role, RunIdentity, Tailnet, TailnetId, TailnetSpec, TrustRule, TrustRuleSpec, UpstreamKind,
+    UpstreamSpec,
 };
 use crate::secret::AUTH_KEY_PREFIX;
 use crate::time::to_timestamp;
@@ -209,6 +210,11 @@ pub fn trust_rule_spec(req: pb::CreateTrustRuleRequest) -> Result<TrustRuleSpec>
         }
     };
     validate::reason("reason", &req.reason)?;
+    if !req.owner_claim.is_empty()
+        && (req.owner_claim.len() > 64 || !req.owner_claim.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+    {
+        return Err(Error::invalid("owner_claim", "a claim name is 1-64 of letters, digits and '_'"));
+    }
     Ok(TrustRuleSpec {
         tailnet_id,
         issuer: req.issuer.trim_end_matches('/').to_string(),
@@ -218,7 +224,67 @@ pub fn trust_rule_spec(req: pb::CreateTrustRuleRequest) -> Result<TrustRuleSpec>
         max_node_lifetime_seconds: lifetime,
         ephemeral: req.ephemeral,
         reason: req.reason,
+        owner_claim: req.owner_claim,
     })
+}
+
+/// The longest an admin token may live: ten years.
+const MAX_TOKEN_SECONDS: u64 = 10 * 365 * 24 * 3600;
+
+pub fn admin_token_spec(req: pb::CreateAdminTokenRequest) -> Result<AdminTokenSpec> {
+    validate::dns_label("name", &req.name)?;
+    let role = match pb::Role::try_from(req.role) {
+        Ok(pb::Role::Admin) => Role::Admin,
+        Ok(pb::Role::Operator) => Role::Operator,
+        Ok(pb::Role::Auditor) => Role::Auditor,
+        Ok(pb::Role::Approver) => Role::Approver,
+        _ => {
+            return Err(Error::invalid("role", "is required: ROLE_ADMIN, ROLE_OPERATOR, ROLE_AUDITOR or ROLE_APPROVER"));
+        }
+    };
+    let owner_scope = if req.owner_scope.is_empty() {
+        None
+    } else {
+        validate::owner("owner_scope", &req.owner_scope)?;
+        Some(req.owner_scope)
+    };
+    if req.expires_in_seconds > MAX_TOKEN_SECONDS {
+        return Err(Error::invalid(
+            "expires_in_seconds",
+            format!("at most {MAX_TOKEN_SECONDS} (ten years); 0 = no expiry"),
+        ));
+    }
+    validate::reason("reason", &req.reason)?;
+    Ok(AdminTokenSpec {
+        name: req.name,
+        role,
+        owner_scope,
+        expires_in_seconds: req.expires_in_seconds,
+        reason: req.reason,
+    })
+}
+
+pub fn role(r: Role) -> pb::Role {
+    match r {
+        Role::Admin => pb::Role::Admin,
+        Role::Operator => pb::Role::Operator,
+        Role::Auditor => pb::Role::Auditor,
+        Role::Approver => pb::Role::Approver,
+    }
+}
+
+pub fn admin_token(t: &AdminToken) -> pb::AdminToken {
+    pb::AdminToken {
+        id: t.id.to_string(),
+        name: t.name.clone(),
+        role: role(t.role).into(),
+        owner_scope: t.owner_scope.clone().unwrap_or_default(),
+        created_by: t.created_by.clone(),
+        reason: t.reason.clone(),
+        created_at: ts(t.created_at),
+        expires_at: t.expires_at.map(to_timestamp),
+        revoked_at: t.revoked_at.map(to_timestamp),
+    }
 }
 
 pub fn trust_rule(r: &TrustRule) -> pb::TrustRule {
@@ -234,6 +300,7 @@ pub fn trust_rule(r: &TrustRule) -> pb::TrustRule {
         reason: r.spec.reason.clone(),
         created_by: r.created_by.clone(),
         created_at: ts(r.created_at),
+        owner_claim: r.spec.owner_claim.clone(),
     }
 }
 
@@ -332,6 +399,8 @@ fn event_kind(kind: EventKind) -> pb::EventKind {
         EventKind::UpstreamSet => pb::EventKind::UpstreamSet,
         EventKind::GatewayRequest => pb::EventKind::GatewayRequest,
         EventKind::GatewayBlocked => pb::EventKind::GatewayBlocked,
+        EventKind::AdminTokenCreated => pb::EventKind::AdminTokenCreated,
+        EventKind::AdminTokenRevoked => pb::EventKind::AdminTokenRevoked,
     }
 }
 

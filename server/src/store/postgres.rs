@@ -29,7 +29,8 @@ const FREE_ADDRESS: &str = "SELECT c.a FROM (SELECT $2::bigint AS a UNION ALL \
      ORDER BY c.a LIMIT 1";
 
 /// Schema versions, each with the SQL that reaches it from the one before.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("postgres/0001_initial.sql"))];
+const MIGRATIONS: &[(i32, &str)] =
+    &[(1, include_str!("postgres/0001_initial.sql")), (2, include_str!("postgres/0002_admin_tokens.sql"))];
 
 /// The oldest server this engine is tested against (`server_version_num`).
 const MIN_SERVER_VERSION: i32 = 130_000;
@@ -207,7 +208,7 @@ impl PgStore {
                 "SELECT (SELECT count(*) FROM tailnets), (SELECT count(*) FROM nodes), \
                  (SELECT count(*) FROM auth_keys), (SELECT count(*) FROM trust_rules), \
                  (SELECT count(*) FROM policy_versions), (SELECT count(*) FROM upstream_keys), \
-                 (SELECT count(*) FROM events)",
+                 (SELECT count(*) FROM events), (SELECT count(*) FROM admin_tokens)",
                 &[],
             )
             .await
@@ -220,6 +221,7 @@ impl PgStore {
             trust_rules: n(3),
             policy_versions: n(4),
             upstream_keys: n(5),
+            admin_tokens: n(7),
             events: n(6),
         })
     }
@@ -559,6 +561,19 @@ impl PgTx {
             "INSERT INTO auth_keys (id, tailnet_id, secret_hash, record) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (id) DO UPDATE SET record = excluded.record",
             params![k.id.0, k.tailnet_id.0, k.secret_hash.to_vec(), record(k)],
+        );
+        Ok(())
+    }
+
+    pub async fn admin_tokens(&mut self) -> Result<Vec<crate::model::AdminToken>> {
+        self.many("SELECT record FROM admin_tokens ORDER BY id", &[], "admin token").await
+    }
+
+    pub async fn put_admin_token(&mut self, t: &crate::model::AdminToken) -> Result<()> {
+        self.queue(
+            "INSERT INTO admin_tokens (id, name, secret_hash, record) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (id) DO UPDATE SET record = excluded.record",
+            params![t.id.0, t.name.clone(), t.secret_hash.to_vec(), record(t)],
         );
         Ok(())
     }

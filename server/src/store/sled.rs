@@ -93,6 +93,10 @@ mod key {
     pub fn gateway(t: TailnetId) -> Vec<u8> {
         join(b"g/", &[t.as_bytes()])
     }
+    pub const ADMIN_TOKENS: &[u8] = b"at/";
+    pub fn admin_token(id: crate::model::AdminTokenId) -> Vec<u8> {
+        join(ADMIN_TOKENS, &[id.as_bytes()])
+    }
     pub const TRUST_RULES: &[u8] = b"r/";
     pub fn trust_rule(id: TrustRuleId) -> Vec<u8> {
         join(TRUST_RULES, &[id.as_bytes()])
@@ -247,6 +251,7 @@ impl SledStore {
             policy_versions: count(key::POLICIES),
             upstream_keys: count(key::UPSTREAM_KEYS),
             events: count(key::EVENTS),
+            admin_tokens: count(key::ADMIN_TOKENS),
         })
     }
 }
@@ -422,6 +427,15 @@ impl SledTx {
 
     pub async fn nodes_of(&mut self, tailnet: TailnetId) -> Result<Vec<Node>> {
         self.indexed(key::tailnet_nodes(tailnet), |id| key::node(NodeId(id)))
+    }
+
+    pub async fn admin_tokens(&mut self) -> Result<Vec<crate::model::AdminToken>> {
+        self.all(key::ADMIN_TOKENS)
+    }
+
+    pub async fn put_admin_token(&mut self, token: &crate::model::AdminToken) -> Result<()> {
+        self.put(&key::admin_token(token.id), token);
+        Ok(())
     }
 
     pub async fn all_nodes(&mut self) -> Result<Vec<Node>> {

@@ -1,0 +1,465 @@
+//! Governance: admin tokens with a role and an owner scope, checked over every admin RPC (each role,
+//! on a tailnet of its own owner and of another), token lifecycle through the CLI, and `tagOwners`
+//! that name tokens and roles.
+
+use std::time::Duration;
+
+use cordon_tests::v1 as pb;
+use cordon_tests::*;
+use tonic::Code;
+
+const OWN: &str = "acme";
+const OTHER: &str = "globex";
+
+/// What a call touches: a tailnet with a key, a trust rule, a policy and a node.
+#[derive(Clone)]
+struct Ids {
+    tailnet: String,
+    key: String,
+    rule: String,
+    node: String,
+}
+
+async fn make_ids(root: &mut Admin, nodes: &mut Nodes, owner: &str, name: &str) -> Ids {
+    let mut req = tailnet_request(name);
+    req.owner = owner.into();
+    let tailnet = root.create_tailnet(req).await.unwrap().into_inner().id;
+    let (key, secret) = create_key(root, &tailnet, true, false).await;
+    let rule = root.create_trust_rule(trust_rule(&tailnet)).await.unwrap().into_inner().id;
+    let node = register(nodes, &secret, "n").await.node.unwrap().id;
+    Ids { tailnet, key: key.id, rule, node }
+}
+
+fn trust_rule(tailnet: &str) -> pb::CreateTrustRuleRequest {
+    pb::CreateTrustRuleRequest {
+        tailnet_id: tailnet.into(),
+        issuer: "https://issuer.example".into(),
+        audience: "cordon".into(),
+        claim_conditions: [("repository".to_string(), "acme/api".to_string())].into(),
+        tags: vec!["tag:ci".into()],
+        ..Default::default()
+    }
+}
+
+/// Every tailnet-bound admin RPC.
+#[derive(Clone, Copy, Debug)]
+enum Call {
+    CreateTailnet,
+    GetTailnet,
+    ListTailnets,
+    DeleteTailnet,
+    CreateAuthKey,
+    ListAuthKeys,
+    RevokeAuthKey,
+    SetPolicy,
+    GetPolicy,
+    ListPolicyVersions,
+    TestPolicy,
+    CreateTrustRule,
+    ListTrustRules,
+    DeleteTrustRule,
+    ListNodes,
+    GetNode,
+    DeleteNode,
+    ListAuditEvents,
+    SetUpstream,
+    WatchEvents,
+}
+
+const CALLS: [Call; 20] = [
+    Call::CreateTailnet,
+    Call::GetTailnet,
+    Call::ListTailnets,
+    Call::DeleteTailnet,
+    Call::CreateAuthKey,
+    Call::ListAuthKeys,
+    Call::RevokeAuthKey,
+    Call::SetPolicy,
+    Call::GetPolicy,
+    Call::ListPolicyVersions,
+    Call::TestPolicy,
+    Call::CreateTrustRule,
+    Call::ListTrustRules,
+    Call::DeleteTrustRule,
+    Call::ListNodes,
+    Call::GetNode,
+    Call::DeleteNode,
+    Call::ListAuditEvents,
+    Call::SetUpstream,
+    Call::WatchEvents,
+];
+
+impl Call {
+    fn writes(self) -> bool {
+        use Call::*;
+        matches!(
+            self,
+            CreateTailnet
+                | DeleteTailnet
+                | CreateAuthKey
+                | RevokeAuthKey
+                | SetPolicy
+                | CreateTrustRule
+                | DeleteTrustRule
+                | DeleteNode
+                | SetUpstream
+        )
+    }
+
+    /// Calls that consume what they act on get fresh records each time.
+    fn destroys(self) -> bool {
+        matches!(self, Call::DeleteTailnet | Call::RevokeAuthKey | Call::DeleteTrustRule | Call::DeleteNode)
+    }
+
+    /// Runs the call on `ids` (owned by `owner`); what a read returned is not looked at here.
+    async fn run(self, admin: &mut Admin, ids: &Ids, owner: &str) -> Result<(), tonic::Status> {
+        let t = ids.tailnet.clone();
+        match self {
+            Call::CreateTailnet => {
+                let mut req = tailnet_request("made");
+                req.owner = owner.into();
+                admin.create_tailnet(req).await.map(drop)
+            }
+            Call::GetTailnet => admin.get_tailnet(pb::GetTailnetRequest { id: t }).await.map(drop),
+            Call::ListTailnets => {
+                let req = pb::ListTailnetsRequest { owner: owner.into(), ..Default::default() };
+                let listed = admin.list_tailnets(req).await?.into_inner().tailnets;
+                // Another owner's tailnets are invisible to a scoped token: an empty list, as if none.
+                match listed.is_empty() {
+                    true => Err(tonic::Status::not_found("no tailnet listed")),
+                    false => Ok(()),
+                }
+            }
+            Call::DeleteTailnet => {
+                admin.delete_tailnet(pb::DeleteTailnetRequest { id: t, reason: "test".into() }).await.map(drop)
+            }
+            Call::CreateAuthKey => {
+                let req = pb::CreateAuthKeyRequest { tailnet_id: t, expires_in_seconds: 60, ..Default::default() };
+                admin.create_auth_key(req).await.map(drop)
+            }
+            Call::ListAuthKeys => admin.list_auth_keys(pb::ListAuthKeysRequest { tailnet_id: t }).await.map(drop),
+            Call::RevokeAuthKey => admin
+                .revoke_auth_key(pb::RevokeAuthKeyRequest { id: ids.key.clone(), ..Default::default() })
+                .await
+                .map(drop),
+            Call::SetPolicy => {
+                let req = pb::SetPolicyRequest {
+                    tailnet_id: t,
+                    policy_json: r#"{"tagOwners": {"tag:ci": ["role:operator"]}, "grants": [{"src": ["*"], "dst": ["*"], "ip": ["*"]}]}"#.into(),
+                    author: "test".into(),
+                    reason: "test".into(),
+                };
+                admin.set_policy(req).await.map(drop)
+            }
+            Call::GetPolicy => admin.get_policy(pb::GetPolicyRequest { tailnet_id: t, version: 0 }).await.map(drop),
+            Call::ListPolicyVersions => {
+                admin.list_policy_versions(pb::ListPolicyVersionsRequest { tailnet_id: t }).await.map(drop)
+            }
+            Call::TestPolicy => {
+                let req = pb::TestPolicyRequest { tailnet_id: t, policy_json: "{}".into() };
+                admin.test_policy(req).await.map(drop)
+            }
+            Call::CreateTrustRule => admin.create_trust_rule(trust_rule(&t)).await.map(drop),
+            Call::ListTrustRules => admin.list_trust_rules(pb::ListTrustRulesRequest { tailnet_id: t }).await.map(drop),
+            Call::DeleteTrustRule => {
+                admin.delete_trust_rule(pb::DeleteTrustRuleRequest { id: ids.rule.clone() }).await.map(drop)
+            }
+            Call::ListNodes => admin.list_nodes(pb::ListNodesRequest { tailnet_id: t }).await.map(drop),
+            Call::GetNode => admin.get_node(pb::GetNodeRequest { id: ids.node.clone() }).await.map(drop),
+            Call::DeleteNode => {
+                admin.delete_node(pb::DeleteNodeRequest { id: ids.node.clone(), reason: "test".into() }).await.map(drop)
+            }
+            Call::ListAuditEvents => {
+                let req = pb::ListAuditEventsRequest { tailnet_id: t, ..Default::default() };
+                admin.list_audit_events(req).await.map(drop)
+            }
+            Call::SetUpstream => {
+                let req = pb::SetUpstreamRequest {
+                    tailnet_id: t,
+                    name: "openai".into(),
+                    kind: "openai".into(),
+                    base_url: "http://127.0.0.1:9/v1".into(),
+                    api_key: "sk-test".into(),
+                };
+                admin.set_upstream(req).await.map(drop)
+            }
+            Call::WatchEvents => {
+                let req = pb::WatchEventsRequest { tailnet_id: t, since_revision: 1 };
+                admin.watch_events(req).await.map(drop)
+            }
+        }
+    }
+}
+
+const ROLES: [(pb::Role, &str); 4] = [
+    (pb::Role::Admin, "admin"),
+    (pb::Role::Operator, "operator"),
+    (pb::Role::Auditor, "auditor"),
+    (pb::Role::Approver, "approver"),
+];
+
+async fn token(root: &mut Admin, name: &str, role: pb::Role, owner_scope: &str) -> String {
+    let req = pb::CreateAdminTokenRequest {
+        name: name.into(),
+        role: role.into(),
+        owner_scope: owner_scope.into(),
+        reason: "test".into(),
+        ..Default::default()
+    };
+    root.create_admin_token(req).await.expect("create admin token").into_inner().secret
+}
+
+/// What a token of `role` scoped to OWN gets for `call` on a tailnet of OWN (`own`) or of OTHER.
+fn expected(role: &str, call: Call, own: bool) -> Code {
+    let may = !call.writes() || matches!(role, "admin" | "operator");
+    match (may, own, call) {
+        (false, _, _) => Code::PermissionDenied,
+        (true, true, _) => Code::Ok,
+        (true, false, Call::CreateTailnet) => Code::PermissionDenied,
+        (true, false, _) => Code::NotFound,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_role_on_its_own_and_another_owners_tailnets() {
+    let server = TestServer::start().await;
+    let mut root = server.admin().await;
+    let mut nodes = server.nodes().await;
+    let own = make_ids(&mut root, &mut nodes, OWN, "own").await;
+    let other = make_ids(&mut root, &mut nodes, OTHER, "other").await;
+    let mut checked = 0;
+    for (role, name) in ROLES {
+        let secret = token(&mut root, &format!("{name}-acme"), role, OWN).await;
+        let mut admin = server.admin_as(&secret).await;
+        for call in CALLS {
+            for (is_own, shared, owner) in [(true, &own, OWN), (false, &other, OTHER)] {
+                let ids = if call.destroys() {
+                    make_ids(&mut root, &mut nodes, owner, "fresh").await
+                } else {
+                    shared.clone()
+                };
+                let got = match call.run(&mut admin, &ids, owner).await {
+                    Ok(()) => Code::Ok,
+                    Err(status) => {
+                        assert!(!status.message().is_empty(), "{name} {call:?}: a refusal says why");
+                        status.code()
+                    }
+                };
+                let want = expected(name, call, is_own);
+                assert_eq!(got, want, "{name} token scoped to {OWN}: {call:?} on {owner}'s tailnet");
+                checked += 1;
+            }
+        }
+        // Relay counters span every tenant: a scoped token may not read them.
+        let relay = admin.get_relay_stats(pb::GetRelayStatsRequest {}).await.unwrap_err();
+        assert_eq!(relay.code(), Code::PermissionDenied, "{name}");
+        // A scoped token reads events one tailnet at a time.
+        let all = admin.list_audit_events(pb::ListAuditEventsRequest::default()).await.unwrap_err();
+        assert_eq!(all.code(), Code::InvalidArgument, "{name}");
+        assert!(all.message().contains("tailnet_id"), "{}", all.message());
+    }
+    assert_eq!(checked, 4 * CALLS.len() * 2);
+
+    // Unscoped tokens of each role reach every owner's tailnets as far as their role goes.
+    for (role, name) in ROLES {
+        let secret = token(&mut root, &format!("{name}-all"), role, "").await;
+        let mut admin = server.admin_as(&secret).await;
+        for call in [Call::GetTailnet, Call::ListNodes, Call::SetUpstream, Call::CreateAuthKey] {
+            let got = call.run(&mut admin, &other, OTHER).await.map_or_else(|s| s.code(), |()| Code::Ok);
+            assert_eq!(got, expected(name, call, true), "unscoped {name}: {call:?}");
+        }
+        let relay = admin.get_relay_stats(pb::GetRelayStatsRequest {}).await.map(drop);
+        assert!(relay.is_ok(), "unscoped {name} reads relay stats: {relay:?}");
+    }
+
+    // Only the admin role manages tokens; a scoped admin makes tokens of its own scope only and sees
+    // only those.
+    let scoped_admin = server.admin_as(&token(&mut root, "acme-admin", pb::Role::Admin, OWN).await).await;
+    for (role, name) in ROLES.into_iter().skip(1) {
+        let mut admin = server.admin_as(&token(&mut root, &format!("{name}-tokens"), role, "").await).await;
+        let refused = admin.list_admin_tokens(pb::ListAdminTokensRequest {}).await.unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{name} lists tokens");
+        assert!(refused.message().contains("admin role"), "{}", refused.message());
+    }
+    let mut scoped_admin = scoped_admin;
+    let req = |scope: &str| pb::CreateAdminTokenRequest {
+        name: format!("made-{}", if scope.is_empty() { "all" } else { scope }),
+        role: pb::Role::Operator.into(),
+        owner_scope: scope.into(),
+        ..Default::default()
+    };
+    for scope in ["", OTHER] {
+        let refused = scoped_admin.create_admin_token(req(scope)).await.unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "a scoped admin makes a token for {scope:?}");
+    }
+    scoped_admin.create_admin_token(req(OWN)).await.expect("a scoped admin makes a token of its scope");
+    let visible = scoped_admin.list_admin_tokens(pb::ListAdminTokensRequest {}).await.unwrap().into_inner().tokens;
+    assert!(!visible.is_empty() && visible.iter().all(|t| t.owner_scope == OWN), "{visible:?}");
+    let unscoped = root.list_admin_tokens(pb::ListAdminTokensRequest {}).await.unwrap().into_inner().tokens;
+    let foreign = unscoped.iter().find(|t| t.owner_scope.is_empty()).unwrap();
+    let refused = scoped_admin
+        .revoke_admin_token(pb::RevokeAdminTokenRequest { id: foreign.id.clone(), reason: String::new() })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::NotFound, "a scoped admin cannot revoke another scope's token");
+}
+
+async fn cordon(server: &TestServer, token: &str, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(cordon_bin())
+        .args(args)
+        .args(["--server", &server.url, "--token", token, "--json"])
+        .output()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_through_the_cli_act_under_their_name_until_revoked_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_in(dir.path(), Default::default()).await;
+    let root = server.admin_token.clone();
+    let out = cordon(&server, &root, &["token", "create", "ci-bot", "--role", "operator", "--owner", OWN]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let made: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let secret = made["secret"].as_str().unwrap().to_string();
+    assert!(secret.starts_with("cordon-admin-"));
+    assert_eq!((made["role"].as_str(), made["owner_scope"].as_str()), (Some("operator"), Some(OWN)));
+    let listed = cordon(&server, &root, &["token", "list"]).await;
+    let listed = String::from_utf8_lossy(&listed.stdout).to_string();
+    assert!(listed.contains("ci-bot") && !listed.contains(&secret), "the list never shows a secret: {listed}");
+    let again = cordon(&server, &root, &["token", "create", "ci-bot", "--role", "auditor"]).await;
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("name"), "a live name is not reused");
+
+    // The token acts under its name: events say token:ci-bot.
+    let mut bot = server.admin_as(&secret).await;
+    let mut req = tailnet_request("bot-made");
+    req.owner = OWN.into();
+    let tailnet = bot.create_tailnet(req).await.unwrap().into_inner();
+    let events = bot
+        .list_audit_events(pb::ListAuditEventsRequest { tailnet_id: tailnet.id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(events[0].actor, "token:ci-bot", "{events:?}");
+
+    // It survives a restart (stored, as a hash), then is refused at once when revoked.
+    server.stop().await;
+    let server = TestServer::start_in(dir.path(), Default::default()).await;
+    let mut bot = server.admin_as(&secret).await;
+    bot.get_tailnet(pb::GetTailnetRequest { id: tailnet.id.clone() }).await.expect("the token works after a restart");
+    let id = made["id"].as_str().unwrap();
+    let revoked = cordon(&server, &root, &["token", "revoke", id, "--reason", "rotated"]).await;
+    assert!(revoked.status.success(), "{}", String::from_utf8_lossy(&revoked.stderr));
+    let refused = bot.get_tailnet(pb::GetTailnetRequest { id: tailnet.id.clone() }).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    assert!(refused.message().contains("revoked"), "{}", refused.message());
+    let mut root_client = server.admin().await;
+    let events = root_client.list_audit_events(pb::ListAuditEventsRequest::default()).await.unwrap().into_inner();
+    let kinds: Vec<i32> = events.events.iter().map(|e| e.kind).collect();
+    assert!(kinds.contains(&(pb::EventKind::AdminTokenCreated as i32)), "{kinds:?}");
+    let revocation = events.events.iter().find(|e| e.kind == pb::EventKind::AdminTokenRevoked as i32).unwrap();
+    assert_eq!(revocation.reason, "rotated");
+    assert!(!format!("{events:?}").contains(&secret), "no event shows the secret");
+
+    // An expiring token is refused once its time is up.
+    let short = root_client
+        .create_admin_token(pb::CreateAdminTokenRequest {
+            name: "brief".into(),
+            role: pb::Role::Auditor.into(),
+            expires_in_seconds: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    let brief = server.admin_as(&short).await;
+    let refusal = eventually(Duration::from_secs(10), "the token to expire", || {
+        let mut brief = brief.clone();
+        async move { brief.list_tailnets(pb::ListTailnetsRequest::default()).await.err() }
+    })
+    .await;
+    assert_eq!(refusal.code(), Code::Unauthenticated);
+    assert!(refusal.message().contains("expired"), "{}", refusal.message());
+
+    // Bad input names the field.
+    let bad = root_client
+        .create_admin_token(pb::CreateAdminTokenRequest { name: "Not A Name".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().starts_with("name"), "{}", bad.message());
+    let bad = root_client
+        .create_admin_token(pb::CreateAdminTokenRequest { name: "x".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert!(bad.message().starts_with("role"), "{}", bad.message());
+}
+
+const OWNED_TAGS: &str = r#"{
+  "tagOwners": {
+    "tag:ci": ["token:ci-bot"],
+    "tag:ops": ["role:operator"],
+    "tag:prod": []
+  },
+  "grants": [ { "src": ["*"], "dst": ["*"], "ip": ["*"] } ]
+}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_are_handed_out_only_by_their_owners() {
+    let server = TestServer::start().await;
+    let mut root = server.admin().await;
+    let mut req = tailnet_request("tags");
+    req.policy_json = OWNED_TAGS.into();
+    let tailnet = root.create_tailnet(req).await.unwrap().into_inner().id;
+    let ci_bot = server.admin_as(&token(&mut root, "ci-bot", pb::Role::Operator, OWN).await).await;
+    let other_bot = server.admin_as(&token(&mut root, "other-bot", pb::Role::Operator, OWN).await).await;
+    let key = |tags: &[&str]| pb::CreateAuthKeyRequest {
+        tailnet_id: tailnet.clone(),
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        expires_in_seconds: 60,
+        ..Default::default()
+    };
+    let rule = |tag: &str| {
+        let mut r = trust_rule(&tailnet);
+        r.tags = vec![tag.into()];
+        r
+    };
+    for (mut client, name, allowed) in
+        [(ci_bot, "ci-bot", vec!["tag:ci", "tag:ops"]), (other_bot, "other-bot", vec!["tag:ops"])]
+    {
+        for tag in ["tag:ci", "tag:ops", "tag:prod"] {
+            let by_key = client.create_auth_key(key(&[tag])).await;
+            let by_rule = client.create_trust_rule(rule(tag)).await;
+            if allowed.contains(&tag) {
+                assert!(by_key.is_ok() && by_rule.is_ok(), "{name} hands out {tag}: {by_key:?} {by_rule:?}");
+            } else {
+                for refused in [by_key.map(drop).unwrap_err(), by_rule.map(drop).unwrap_err()] {
+                    assert_eq!(refused.code(), Code::PermissionDenied, "{name} hands out {tag}");
+                    assert!(refused.message().contains(tag), "the refusal names the tag: {}", refused.message());
+                }
+            }
+        }
+        // A tag among several that the caller does not own refuses the whole key.
+        assert!(client.create_auth_key(key(&["tag:ops", "tag:prod"])).await.is_err());
+    }
+    // The admin role hands out any declared tag; an undeclared one is refused for everybody.
+    root.create_auth_key(key(&["tag:prod", "tag:ci"])).await.expect("admins hand out any declared tag");
+    let undeclared = root.create_auth_key(key(&["tag:nope"])).await.unwrap_err();
+    assert_eq!(undeclared.code(), Code::InvalidArgument);
+
+    // tagOwners entries are checked when the policy is set.
+    let bad = root
+        .set_policy(pb::SetPolicyRequest {
+            tailnet_id: tailnet.clone(),
+            policy_json: r#"{"tagOwners": {"tag:x": ["role:root"]}}"#.into(),
+            author: "t".into(),
+            reason: "t".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().contains("role:root") && bad.message().contains("not a role"), "{}", bad.message());
+}

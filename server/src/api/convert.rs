@@ -239,7 +239,10 @@ pub fn admin_token_spec(req: pb::CreateAdminTokenRequest) -> Result<AdminTokenSp
         Ok(pb::Role::Auditor) => Role::Auditor,
         Ok(pb::Role::Approver) => Role::Approver,
         _ => {
-            return Err(Error::invalid("role", "is required: ROLE_ADMIN, ROLE_OPERATOR, ROLE_AUDITOR or ROLE_APPROVER"));
+            return Err(Error::invalid(
+                "role",
+                "is required: ROLE_ADMIN, ROLE_OPERATOR, ROLE_AUDITOR or ROLE_APPROVER",
+            ));
         }
     };
     let owner_scope = if req.owner_scope.is_empty() {

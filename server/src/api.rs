@@ -23,7 +23,8 @@ fn principal<T>(req: &Request<T>, action: Action, call: &str) -> Result<Principa
         let needs = match action {
             Action::Read => "any role",
             Action::Write => "the operator or admin role",
-            Action::ManageTokens => "the admin role",
+            Action::ManageTokens | Action::Govern => "the admin role",
+            Action::Approve => "the approver or admin role",
         };
         return Err(Status::permission_denied(format!(
             "{call} needs {needs}; this token has the {} role",

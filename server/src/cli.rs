@@ -169,6 +169,9 @@ enum TailnetCommand {
         /// A policy file (JSON, comments allowed); default: every node may reach every other.
         #[arg(long)]
         policy: Option<PathBuf>,
+        /// Later policy changes wait for another principal's approval (`cordon policy approve`).
+        #[arg(long)]
+        require_approval: bool,
     },
     /// List tailnets.
     List {
@@ -277,6 +280,51 @@ enum PolicyCommand {
         tailnet: Option<String>,
         file: PathBuf,
     },
+    /// Propose a policy file for another principal to approve (validated and diffed now).
+    Propose {
+        #[arg(long)]
+        tailnet: String,
+        file: PathBuf,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[arg(long, default_value = "")]
+        author: String,
+        /// How long it waits for a decision, e.g. 2d [default: 7d].
+        #[arg(long, value_parser = parse_duration)]
+        expires_in: Option<Duration>,
+    },
+    /// Approve a proposal (approver or admin role; not its proposer): it becomes the current version.
+    Approve {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Reject a proposal.
+    Reject {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// List a tailnet's proposals, pending and decided.
+    Proposals {
+        #[arg(long)]
+        tailnet: String,
+    },
+    /// Require approval for this tailnet's policy changes, or stop requiring it (admin role).
+    Approval {
+        #[arg(long)]
+        tailnet: String,
+        #[arg(value_enum)]
+        required: OnOff,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Subcommand)]
@@ -680,7 +728,7 @@ const TAILNET_HEADERS: [&str; 7] = ["ID", "NAME", "OWNER", "CIDR", "NODES", "EXP
 async fn tailnet(client: &ClientArgs, command: TailnetCommand) -> anyhow::Result<()> {
     let mut admin = client.connect().await?;
     match command {
-        TailnetCommand::Create { name, owner, ttl, labels, cidr, policy } => {
+        TailnetCommand::Create { name, owner, ttl, labels, cidr, policy, require_approval } => {
             let t = admin
                 .create_tailnet(pb::CreateTailnetRequest {
                     name,
@@ -689,6 +737,7 @@ async fn tailnet(client: &ClientArgs, command: TailnetCommand) -> anyhow::Result
                     labels: labels.into_iter().collect(),
                     cidr: cidr.unwrap_or_default(),
                     upstreams: vec![],
+                    require_policy_approval: require_approval,
                     policy_json: match &policy {
                         Some(path) => std::fs::read_to_string(path)
                             .with_context(|| format!("cannot read the policy file {}", path.display()))?,
@@ -830,8 +879,46 @@ async fn key(client: &ClientArgs, command: KeyCommand) -> anyhow::Result<()> {
 }
 
 fn policy_json(v: &pb::PolicyVersion) -> Value {
-    json!({"tailnet_id": v.tailnet_id, "version": v.version, "author": v.author, "reason": v.reason,
-        "created_at": time(&v.created_at), "summary": v.summary, "policy_json": v.policy_json})
+    let mut j = json!({"tailnet_id": v.tailnet_id, "version": v.version, "author": v.author, "reason": v.reason,
+        "created_at": time(&v.created_at), "summary": v.summary, "policy_json": v.policy_json});
+    if let Some(p) = &v.proposal {
+        j["proposal"] = proposal_json(p);
+    }
+    j
+}
+
+fn proposal_json(p: &pb::PolicyProposal) -> Value {
+    let state = match pb::ProposalState::try_from(p.state) {
+        Ok(pb::ProposalState::Pending) => "pending",
+        Ok(pb::ProposalState::Approved) => "approved",
+        Ok(pb::ProposalState::Rejected) => "rejected",
+        Ok(pb::ProposalState::Expired) => "expired",
+        _ => "?",
+    };
+    json!({"id": p.id, "tailnet_id": p.tailnet_id, "state": state, "author": p.author, "proposed_by": p.proposed_by,
+        "reason": p.reason, "created_at": time(&p.created_at), "expires_at": time(&p.expires_at),
+        "base_version": p.base_version, "summary": p.summary, "decided_by": p.decided_by,
+        "decided_at": p.decided_at.as_ref().map(|_| time(&p.decided_at)), "decision_reason": p.decision_reason,
+        "version": p.version, "policy_json": p.policy_json})
+}
+
+/// Prints proposals as JSON or a table.
+fn print_proposals(json: bool, proposals: &[pb::PolicyProposal]) {
+    if json {
+        println!("{}", Value::Array(proposals.iter().map(proposal_json).collect()));
+        return;
+    }
+    let rows = proposals
+        .iter()
+        .map(|p| {
+            let j = proposal_json(p);
+            ["id", "state", "proposed_by", "decided_by", "summary"]
+                .iter()
+                .map(|k| j[*k].as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .collect();
+    print_table(&["ID", "STATE", "PROPOSED BY", "DECIDED BY", "CHANGES"], rows);
 }
 
 async fn policy(client: &ClientArgs, command: PolicyCommand) -> anyhow::Result<()> {
@@ -909,9 +996,50 @@ async fn policy(client: &ClientArgs, command: PolicyCommand) -> anyhow::Result<(
             }
             return Ok(());
         }
+        PolicyCommand::Propose { tailnet, file, reason, author, expires_in } => {
+            let policy_json = read_text(&file)?;
+            let req = pb::ProposePolicyRequest {
+                tailnet_id: tailnet,
+                policy_json,
+                author,
+                reason,
+                expires_in_seconds: expires_in.map_or(0, |d| d.as_secs()),
+            };
+            let proposal = admin.propose_policy(req).await.map_err(status)?.into_inner();
+            print_proposals(client.json, &[proposal]);
+            return Ok(());
+        }
+        PolicyCommand::Approve { id, reason } => {
+            admin.approve_policy(pb::DecidePolicyRequest { id, reason }).await.map_err(status)?.into_inner()
+        }
+        PolicyCommand::Reject { id, reason } => {
+            let proposal = admin.reject_policy(pb::DecidePolicyRequest { id, reason }).await.map_err(status)?;
+            print_proposals(client.json, &[proposal.into_inner()]);
+            return Ok(());
+        }
+        PolicyCommand::Proposals { tailnet } => {
+            let req = pb::ListPolicyProposalsRequest { tailnet_id: tailnet };
+            let proposals = admin.list_policy_proposals(req).await.map_err(status)?.into_inner().proposals;
+            print_proposals(client.json, &proposals);
+            return Ok(());
+        }
+        PolicyCommand::Approval { tailnet, required, reason } => {
+            let req = pb::SetPolicyApprovalRequest { tailnet_id: tailnet, required: required == OnOff::On, reason };
+            let t = admin.set_policy_approval(req).await.map_err(status)?.into_inner();
+            if client.json {
+                println!("{}", json!({"tailnet_id": t.id, "require_policy_approval": t.require_policy_approval}));
+            } else {
+                let state = if t.require_policy_approval { "need" } else { "do not need" };
+                println!("policy changes of {} {state} approval", t.name);
+            }
+            return Ok(());
+        }
     };
     if client.json {
         println!("{}", policy_json(&version));
+    } else if let Some(proposal) = &version.proposal {
+        println!("{}", version.summary);
+        print_proposals(false, std::slice::from_ref(proposal));
     } else if version.version == 0 {
         println!("{}", version.summary);
     } else {

@@ -13,7 +13,9 @@ use crate::hub::Hub;
 use crate::model::{
     Actor, AuthKey, AuthKeyId, AuthKeySpec, EndReason, Node, NodeId, Registration, Tailnet, TailnetId, TailnetSpec,
 };
-use crate::model::{AdminToken, AdminTokenId, AdminTokenSpec, Principal, Role};
+use crate::model::{
+    AdminToken, AdminTokenId, AdminTokenSpec, PolicyProposal, Principal, ProposalId, ProposalState, Role,
+};
 use crate::model::{Credential, PolicyRecord, Presented, RegisterInput, TrustRule, TrustRuleId, TrustRuleSpec};
 use crate::model::{Event, UpstreamInfo, UpstreamSpec};
 use crate::oidc::{Oidc, Refusal};
@@ -53,6 +55,16 @@ impl Default for Limits {
             audit_retention: Duration::from_secs(90 * 86_400),
         }
     }
+}
+
+/// How long a policy proposal waits for a decision unless the proposer says otherwise.
+pub const PROPOSAL_LIFETIME: Duration = Duration::from_secs(7 * 86_400);
+
+/// What SetPolicy did: a new version, or (on a tailnet that requires approval) a proposal.
+#[derive(Debug)]
+pub enum PolicyChange {
+    Set(PolicyRecord),
+    Proposed(PolicyProposal),
 }
 
 /// A record found by its own id whose tailnet a scope check needs.
@@ -120,6 +132,9 @@ impl ControlPlane {
             if let Some(at) = tailnet.expires_at {
                 cp.reaper.schedule(at, Deadline::TailnetTtl(tailnet.id));
             }
+        }
+        for proposal in cp.store.read().await?.pending_proposals().await? {
+            cp.reaper.schedule(proposal.expires_at, Deadline::ProposalExpiry(proposal.id));
         }
         for node in cp.store.read().await?.all_nodes().await?.into_iter().filter(|n| !n.gateway) {
             cp.reaper.schedule(node.expires_at, Deadline::NodeExpiry(node.id));
@@ -242,6 +257,8 @@ impl ControlPlane {
     }
 
     /// Validates and stores a new policy version.
+    /// Makes `text` the tailnet's policy, or, on a tailnet that requires approval, stores it as a
+    /// proposal for another principal to approve.
     pub async fn set_policy(
         &self,
         tailnet_id: TailnetId,
@@ -249,20 +266,165 @@ impl ControlPlane {
         author: String,
         reason: String,
         actor: &Actor,
-    ) -> Result<PolicyRecord> {
+    ) -> Result<PolicyChange> {
         let policy = Arc::new(parse_policy(&text)?);
         let author = if author.is_empty() { actor.0.clone() } else { author };
         let mut tx = self.store.write().await?;
         let tailnet = tx.tailnet(tailnet_id).await?.ok_or_else(|| Error::not_found("tailnet", tailnet_id))?;
         let previous = self.policies.current(&mut tx, &tailnet).await?;
         let now = self.clock.now();
+        if tailnet.approval_required {
+            let proposal = PolicyProposal {
+                id: ProposalId::generate(),
+                tailnet_id,
+                text,
+                author,
+                proposed_by: actor.0.clone(),
+                reason,
+                created_at: now,
+                expires_at: now + PROPOSAL_LIFETIME,
+                base_version: tailnet.policy_version,
+                summary: policy.diff_summary(&previous),
+                state: ProposalState::Pending,
+                decided_by: None,
+                decided_at: None,
+                decision_reason: String::new(),
+                version: 0,
+            };
+            return self.store_proposal(tx, proposal, actor).await.map(PolicyChange::Proposed);
+        }
         let record =
             domain::set_policy(&mut tx, tailnet_id, text, policy.clone(), &previous, author, reason, actor, now)
                 .await?;
         tx.commit().await?;
         self.policies.remember(tailnet_id, record.version, policy);
         tracing::info!(tailnet = %tailnet_id, version = record.version, actor = %actor.0, "policy set");
+        Ok(PolicyChange::Set(record))
+    }
+
+    /// Proposes a policy document (validated, its tests run) on any tailnet; on one that does not
+    /// require approval it still waits for one.
+    pub async fn propose_policy(
+        &self,
+        tailnet_id: TailnetId,
+        text: String,
+        author: String,
+        reason: String,
+        lifetime: Duration,
+        actor: &Actor,
+    ) -> Result<PolicyProposal> {
+        let policy = parse_policy(&text)?;
+        let mut tx = self.store.write().await?;
+        let tailnet = tx.tailnet(tailnet_id).await?.ok_or_else(|| Error::not_found("tailnet", tailnet_id))?;
+        let previous = self.policies.current(&mut tx, &tailnet).await?;
+        let now = self.clock.now();
+        let proposal = PolicyProposal {
+            id: ProposalId::generate(),
+            tailnet_id,
+            text,
+            author: if author.is_empty() { actor.0.clone() } else { author },
+            proposed_by: actor.0.clone(),
+            reason,
+            created_at: now,
+            expires_at: now + lifetime,
+            base_version: tailnet.policy_version,
+            summary: policy.diff_summary(&previous),
+            state: ProposalState::Pending,
+            decided_by: None,
+            decided_at: None,
+            decision_reason: String::new(),
+            version: 0,
+        };
+        self.store_proposal(tx, proposal, actor).await
+    }
+
+    async fn store_proposal(
+        &self,
+        mut tx: crate::store::Tx,
+        proposal: PolicyProposal,
+        actor: &Actor,
+    ) -> Result<PolicyProposal> {
+        let proposal = domain::propose_policy(&mut tx, proposal, actor).await?;
+        tx.commit().await?;
+        self.reaper.schedule(proposal.expires_at, Deadline::ProposalExpiry(proposal.id));
+        tracing::info!(tailnet = %proposal.tailnet_id, proposal = %proposal.id, actor = %actor.0, "policy proposed");
+        Ok(proposal)
+    }
+
+    /// The proposal's tailnet (for scope checks).
+    pub async fn proposal(&self, id: ProposalId) -> Result<PolicyProposal> {
+        self.store.read().await?.proposal(id).await?.ok_or_else(|| Error::not_found("policy proposal", id))
+    }
+
+    pub async fn list_proposals(&self, tailnet_id: TailnetId) -> Result<Vec<PolicyProposal>> {
+        let mut tx = self.store.read().await?;
+        tx.tailnet(tailnet_id).await?.ok_or_else(|| Error::not_found("tailnet", tailnet_id))?;
+        tx.proposals_of(tailnet_id).await
+    }
+
+    /// Approves a pending proposal of someone else's: its document becomes the next version, if the
+    /// version it was diffed against is current still.
+    pub async fn approve_policy(&self, id: ProposalId, reason: &str, by: &Actor) -> Result<PolicyRecord> {
+        let now = self.clock.now();
+        let mut tx = self.store.write().await?;
+        let proposal = domain::pending_proposal(&mut tx, id, by, now).await?;
+        let tailnet =
+            tx.tailnet(proposal.tailnet_id).await?.ok_or_else(|| Error::not_found("tailnet", proposal.tailnet_id))?;
+        if tailnet.policy_version != proposal.base_version {
+            return Err(Error::FailedPrecondition(format!(
+                "the policy changed since this proposal (v{} is current, it was made against v{}); propose again",
+                tailnet.policy_version, proposal.base_version
+            )));
+        }
+        let policy = Arc::new(parse_policy(&proposal.text)?);
+        let previous = self.policies.current(&mut tx, &tailnet).await?;
+        let record = domain::set_policy(
+            &mut tx,
+            tailnet.id,
+            proposal.text.clone(),
+            policy.clone(),
+            &previous,
+            proposal.author.clone(),
+            proposal.reason.clone(),
+            by,
+            now,
+        )
+        .await?;
+        domain::decide_proposal(&mut tx, proposal, ProposalState::Approved, record.version, reason, by, now).await?;
+        tx.commit().await?;
+        self.policies.remember(tailnet.id, record.version, policy);
+        tracing::info!(tailnet = %tailnet.id, version = record.version, proposal = %id, actor = %by.0, "policy approved");
         Ok(record)
+    }
+
+    pub async fn reject_policy(&self, id: ProposalId, reason: &str, by: &Actor) -> Result<PolicyProposal> {
+        let now = self.clock.now();
+        let mut tx = self.store.write().await?;
+        let proposal = domain::pending_proposal(&mut tx, id, by, now).await?;
+        let proposal = domain::decide_proposal(&mut tx, proposal, ProposalState::Rejected, 0, reason, by, now).await?;
+        tx.commit().await?;
+        Ok(proposal)
+    }
+
+    /// Marks a proposal expired at its deadline (the reaper calls this).
+    pub async fn expire_proposal(&self, id: ProposalId) -> Result<()> {
+        let mut tx = self.store.write().await?;
+        domain::expire_proposal(&mut tx, id, self.clock.now()).await?;
+        tx.commit().await
+    }
+
+    pub async fn set_policy_approval(
+        &self,
+        tailnet_id: TailnetId,
+        required: bool,
+        reason: &str,
+        actor: &Actor,
+    ) -> Result<Tailnet> {
+        let mut tx = self.store.write().await?;
+        let tailnet =
+            domain::set_policy_approval(&mut tx, tailnet_id, required, reason, actor, self.clock.now()).await?;
+        tx.commit().await?;
+        Ok(tailnet)
     }
 
     /// The values of capability `name` that `node` has towards `dst` under its tailnet's policy.

@@ -13,8 +13,9 @@ use crate::error::{Error, Result};
 use crate::hub::NetChange;
 use crate::model::{
     Actor, AdminToken, AdminTokenId, AdminTokenSpec, AuthKey, AuthKeyId, AuthKeySpec, Credential, EndReason, Event,
-    EventKind, KeyState, Node, NodeId, PolicyRecord, Principal, Registration, RunIdentity, SecretHash, Tailnet,
-    TailnetId, TailnetSpec, TrustRule, TrustRuleId, UpstreamInfo, UpstreamSpec,
+    EventKind, KeyState, Node, NodeId, PolicyProposal, PolicyRecord, Principal, ProposalId, ProposalState,
+    Registration, RunIdentity, SecretHash, Tailnet, TailnetId, TailnetSpec, TrustRule, TrustRuleId, UpstreamInfo,
+    UpstreamSpec,
 };
 use crate::policy::Policy;
 use crate::store::{GatewayEvent, GatewayKeys, Placement, Tx};
@@ -142,6 +143,7 @@ pub async fn create_tailnet(
         expires_at: (spec.ttl_seconds > 0).then(|| now + Duration::from_secs(spec.ttl_seconds)),
         ttl_seconds: spec.ttl_seconds,
         created_by: actor.0.clone(),
+        approval_required: spec.approval_required,
         node_count: 0,
         policy_version: u64::from(spec.policy.is_some()),
         upstreams: spec
@@ -304,6 +306,118 @@ pub async fn set_policy(
     );
     tx.netmap(tailnet_id, NetChange::PolicyChanged { policy, updated });
     Ok(record_)
+}
+
+// -----------------------------------------------------------------------------------------------------
+// Policy change control
+
+/// Turns the requirement for approved policy changes on or off.
+pub async fn set_policy_approval(
+    tx: &mut Tx,
+    tailnet_id: TailnetId,
+    required: bool,
+    reason: &str,
+    actor: &Actor,
+    now: SystemTime,
+) -> Result<Tailnet> {
+    let mut t = tailnet(tx, tailnet_id).await?;
+    if t.approval_required != required {
+        t.approval_required = required;
+        tx.put_tailnet(&t).await?;
+        record(
+            tx,
+            Draft {
+                kind: EventKind::PolicyApprovalSet,
+                tailnet: Some(tailnet_id),
+                actor,
+                reason,
+                summary: format!("policy changes {} approval", if required { "now need" } else { "no longer need" }),
+                ..Draft::at(now)
+            },
+        );
+    }
+    Ok(t)
+}
+
+/// Stores a validated document as a proposal against the current version.
+pub async fn propose_policy(tx: &mut Tx, proposal: PolicyProposal, actor: &Actor) -> Result<PolicyProposal> {
+    tailnet(tx, proposal.tailnet_id).await?;
+    tx.put_proposal(&proposal).await?;
+    record(
+        tx,
+        Draft {
+            kind: EventKind::PolicyProposed,
+            tailnet: Some(proposal.tailnet_id),
+            actor,
+            reason: &proposal.reason,
+            summary: format!(
+                "policy proposal {} by {} against v{}: {}",
+                proposal.id, proposal.author, proposal.base_version, proposal.summary
+            ),
+            ..Draft::at(proposal.created_at)
+        },
+    );
+    Ok(proposal)
+}
+
+/// A pending proposal that `by` may decide: not expired (an expired one is marked so), not its own.
+pub async fn pending_proposal(tx: &mut Tx, id: ProposalId, by: &Actor, now: SystemTime) -> Result<PolicyProposal> {
+    let proposal = tx.proposal(id).await?.ok_or_else(|| Error::not_found("policy proposal", id))?;
+    if proposal.state != ProposalState::Pending {
+        return Err(Error::FailedPrecondition(format!("policy proposal {id} is {} already", proposal.state.name())));
+    }
+    if proposal.expires_at <= now {
+        return Err(Error::FailedPrecondition(format!(
+            "policy proposal {id} expired at {}; propose it again",
+            crate::time::rfc3339(proposal.expires_at)
+        )));
+    }
+    if proposal.proposed_by == by.0 {
+        return Err(Error::PermissionDenied(format!(
+            "policy proposal {id} was proposed by {}; another principal must decide it",
+            proposal.proposed_by
+        )));
+    }
+    Ok(proposal)
+}
+
+/// Records the decision on a pending proposal (see [`pending_proposal`]).
+pub async fn decide_proposal(
+    tx: &mut Tx,
+    mut proposal: PolicyProposal,
+    state: ProposalState,
+    version: u64,
+    reason: &str,
+    by: &Actor,
+    now: SystemTime,
+) -> Result<PolicyProposal> {
+    proposal.state = state;
+    proposal.decided_by = Some(by.0.clone());
+    proposal.decided_at = Some(now);
+    proposal.decision_reason = reason.to_string();
+    proposal.version = version;
+    tx.put_proposal(&proposal).await?;
+    let (kind, summary) = match state {
+        ProposalState::Approved => {
+            (EventKind::PolicyApproved, format!("policy proposal {} approved as v{version}", proposal.id))
+        }
+        ProposalState::Rejected => (EventKind::PolicyRejected, format!("policy proposal {} rejected", proposal.id)),
+        ProposalState::Expired | ProposalState::Pending => {
+            (EventKind::PolicyProposalExpired, format!("policy proposal {} expired undecided", proposal.id))
+        }
+    };
+    record(tx, Draft { kind, tailnet: Some(proposal.tailnet_id), actor: by, reason, summary, ..Draft::at(now) });
+    Ok(proposal)
+}
+
+/// Marks a proposal expired if it is still pending past its expiry.
+pub async fn expire_proposal(tx: &mut Tx, id: ProposalId, now: SystemTime) -> Result<()> {
+    match tx.proposal(id).await? {
+        Some(p) if p.state == ProposalState::Pending && p.expires_at <= now => {
+            decide_proposal(tx, p, ProposalState::Expired, 0, "", &SYSTEM, now).await.map(drop)
+        }
+        _ => Ok(()),
+    }
 }
 
 // -----------------------------------------------------------------------------------------------------
@@ -987,6 +1101,9 @@ pub async fn copy_store(source: &crate::store::Store, target: &crate::store::Sto
             }
             for policy in from.policies_of(t.id).await? {
                 to.put_policy(&policy).await?;
+            }
+            for proposal in from.proposals_of(t.id).await? {
+                to.put_proposal(&proposal).await?;
             }
             for (name, key) in from.upstream_keys_of(t.id).await? {
                 to.put_upstream_key(t.id, &name, &key).await?;

@@ -73,6 +73,10 @@ id_type!(
     /// Identifies an admin token (not its secret).
     AdminTokenId
 );
+id_type!(
+    /// Identifies a policy proposal.
+    ProposalId
+);
 
 /// What an admin credential may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -109,7 +113,8 @@ impl Role {
         match action {
             Action::Read => true,
             Action::Write => matches!(self, Role::Admin | Role::Operator),
-            Action::ManageTokens => self == Role::Admin,
+            Action::ManageTokens | Action::Govern => self == Role::Admin,
+            Action::Approve => matches!(self, Role::Admin | Role::Approver),
         }
     }
 }
@@ -123,6 +128,10 @@ pub enum Action {
     Write,
     /// Create, list or revoke admin tokens.
     ManageTokens,
+    /// Change a tailnet's governance settings (whether policy changes need approval).
+    Govern,
+    /// Approve or reject a policy proposal.
+    Approve,
 }
 
 /// An admin credential made through the API (the bootstrap token lives in the data directory).
@@ -316,6 +325,9 @@ pub struct Tailnet {
     /// The gateway's upstreams, without their keys (stored apart, write-only).
     #[serde(default)]
     pub upstreams: Vec<UpstreamInfo>,
+    /// Policy changes wait for a second principal's approval (see [`PolicyProposal`]).
+    #[serde(default)]
+    pub approval_required: bool,
 }
 
 /// Which API an upstream speaks.
@@ -392,6 +404,7 @@ pub struct TailnetSpec {
     /// The first policy, already validated: its text and the parsed form.
     pub policy: Option<(String, std::sync::Arc<crate::policy::Policy>)>,
     pub upstreams: Vec<UpstreamSpec>,
+    pub approval_required: bool,
 }
 
 /// One accepted version of a tailnet's policy.
@@ -404,6 +417,54 @@ pub struct PolicyRecord {
     pub reason: String,
     pub created_at: SystemTime,
     pub summary: String,
+}
+
+/// Where a policy proposal stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProposalState {
+    Pending,
+    Approved,
+    Rejected,
+    Expired,
+}
+
+impl ProposalState {
+    pub fn name(self) -> &'static str {
+        match self {
+            ProposalState::Pending => "pending",
+            ProposalState::Approved => "approved",
+            ProposalState::Rejected => "rejected",
+            ProposalState::Expired => "expired",
+        }
+    }
+}
+
+/// A policy document waiting for approval on a tailnet that requires it. Only an approval by another
+/// principal makes it the current version.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PolicyProposal {
+    pub id: ProposalId,
+    pub tailnet_id: TailnetId,
+    pub text: String,
+    /// Who wrote the document (free text), and the credential that proposed it.
+    pub author: String,
+    pub proposed_by: String,
+    pub reason: String,
+    pub created_at: SystemTime,
+    pub expires_at: SystemTime,
+    /// The version it was validated and diffed against; approval needs that version to be current still.
+    pub base_version: u64,
+    /// What it changes against the base version.
+    pub summary: String,
+    pub state: ProposalState,
+    pub decided_by: Option<String>,
+    pub decided_at: Option<SystemTime>,
+    #[serde(default)]
+    pub decision_reason: String,
+    /// The version approval made.
+    #[serde(default)]
+    pub version: u64,
 }
 
 /// A 32-byte secret hash (auth key secrets and session tokens are stored only as these).
@@ -612,6 +673,11 @@ pub enum EventKind {
     GatewayBlocked,
     AdminTokenCreated,
     AdminTokenRevoked,
+    PolicyProposed,
+    PolicyApproved,
+    PolicyRejected,
+    PolicyProposalExpired,
+    PolicyApprovalSet,
 }
 
 /// A tool call seen in a gateway response.

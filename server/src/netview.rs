@@ -271,6 +271,7 @@ mod tests {
             node_count: 0,
             policy_version: 0,
             upstreams: vec![],
+            approval_required: false,
         }
     }
 

@@ -1,5 +1,5 @@
 //! The reaper: one task that sleeps until the next deadline (tailnet TTL, node expiry, idle ephemeral
-//! node) and acts on it at that second, instead of sweeping on an interval.
+//! node, policy proposal expiry) and acts on it at that second, instead of sweeping on an interval.
 
 use std::collections::BTreeSet;
 use std::sync::Weak;
@@ -10,13 +10,14 @@ use tokio::sync::{mpsc, watch};
 use crate::clock::Clock;
 use crate::control_plane::ControlPlane;
 use crate::error::Error;
-use crate::model::{NodeId, TailnetId};
+use crate::model::{NodeId, ProposalId, TailnetId};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Deadline {
     TailnetTtl(TailnetId),
     NodeExpiry(NodeId),
     EphemeralIdle(NodeId),
+    ProposalExpiry(ProposalId),
 }
 
 /// Schedules deadlines. Each is re-checked against the store when it fires, so a stale one is harmless.
@@ -81,6 +82,7 @@ async fn fire(cp: &ControlPlane, what: Deadline) -> bool {
         Deadline::TailnetTtl(id) => cp.expire_tailnet(id).await,
         Deadline::NodeExpiry(id) => cp.expire_node(id).await,
         Deadline::EphemeralIdle(id) => cp.reap_idle_ephemeral(id).await,
+        Deadline::ProposalExpiry(id) => cp.expire_proposal(id).await,
     };
     match result {
         Ok(()) | Err(Error::NotFound { .. }) => true,

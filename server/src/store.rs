@@ -402,6 +402,21 @@ impl Tx {
         write_op!(self, t => t.delete_tailnet(id).await)
     }
 
+    // Policy proposals (decided ones stay, for the record)
+    pub async fn proposal(&mut self, id: crate::model::ProposalId) -> Result<Option<crate::model::PolicyProposal>> {
+        each!(self, t => t.proposal(id).await)
+    }
+    pub async fn proposals_of(&mut self, tailnet: TailnetId) -> Result<Vec<crate::model::PolicyProposal>> {
+        each!(self, t => t.proposals_of(tailnet).await)
+    }
+    /// Pending proposals of every tailnet (their expiry is scheduled at start).
+    pub async fn pending_proposals(&mut self) -> Result<Vec<crate::model::PolicyProposal>> {
+        each!(self, t => t.pending_proposals().await)
+    }
+    pub async fn put_proposal(&mut self, proposal: &crate::model::PolicyProposal) -> Result<()> {
+        write_op!(self, t => t.put_proposal(proposal).await)
+    }
+
     // Admin tokens (revoked ones stay, for the record)
     pub async fn admin_tokens(&mut self) -> Result<Vec<AdminToken>> {
         each!(self, t => t.admin_tokens().await)

@@ -94,6 +94,7 @@ fn main() {
         node_count: NODES as u32,
         policy_version: 1,
         upstreams: vec![],
+        approval_required: false,
     };
     let nodes: Vec<Node> = (0..NODES).map(|i| node(i, tailnet.id)).collect();
     let ids: Vec<String> = nodes.iter().map(|n| n.id.to_string()).collect();

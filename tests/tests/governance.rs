@@ -463,3 +463,175 @@ async fn tags_are_handed_out_only_by_their_owners() {
     assert_eq!(bad.code(), Code::InvalidArgument);
     assert!(bad.message().contains("role:root") && bad.message().contains("not a role"), "{}", bad.message());
 }
+
+const LOCKDOWN: &str = r#"{ "tagOwners": { "tag:ci": [] }, "grants": [] }"#;
+
+/// The next netmap message of a stream.
+async fn next_netmap(stream: &mut tonic::Streaming<pb::NetMap>) -> pb::NetMap {
+    tokio::time::timeout(Duration::from_secs(10), stream.message()).await.expect("a netmap message").unwrap().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_changes_wait_for_another_principals_approval() {
+    let server = TestServer::start().await;
+    let mut root = server.admin().await;
+    let mut ops = server.admin_as(&token(&mut root, "ops", pb::Role::Operator, OWN).await).await;
+    let rev_secret = token(&mut root, "rev", pb::Role::Approver, OWN).await;
+    let mut rev = server.admin_as(&rev_secret).await;
+    let mut req = tailnet_request("governed");
+    req.require_policy_approval = true;
+    let tailnet = ops.create_tailnet(req).await.unwrap().into_inner();
+    assert!(tailnet.require_policy_approval);
+    let (_, secret) = create_key(&mut root, &tailnet.id, true, false).await;
+    let mut nodes = server.nodes().await;
+    let joined = register(&mut nodes, &secret, "worker").await;
+    let mut stream =
+        nodes.watch_net_map(pb::WatchNetMapRequest { session_token: joined.session_token }).await.unwrap().into_inner();
+    let first = next_netmap(&mut stream).await;
+    assert!(matches!(first.update, Some(pb::net_map::Update::Full(ref f)) if f.filter.as_ref().unwrap().allow_all));
+
+    // SetPolicy by an operator stores a proposal: validated, diffed, and not in force.
+    let set = ops
+        .set_policy(pb::SetPolicyRequest {
+            tailnet_id: tailnet.id.clone(),
+            policy_json: LOCKDOWN.into(),
+            author: "alice".into(),
+            reason: "lock down CI".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(set.version, 0, "no version yet");
+    let proposal = set.proposal.expect("a proposal");
+    assert_eq!(proposal.state, pb::ProposalState::Pending as i32);
+    assert_eq!((proposal.proposed_by.as_str(), proposal.base_version), ("token:ops", 0));
+    assert!(!proposal.summary.is_empty(), "the diff against the current version is shown");
+    let current = root.get_policy(pb::GetPolicyRequest { tailnet_id: tailnet.id.clone(), version: 0 }).await.unwrap();
+    assert_eq!(current.into_inner().version, 0, "the default policy is still in force");
+    let bad = ops
+        .set_policy(pb::SetPolicyRequest {
+            tailnet_id: tailnet.id.clone(),
+            policy_json: r#"{"grants": [{"src": ["tag:nope"], "dst": ["*"], "ip": ["*"]}]}"#.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument, "a proposal is validated like a version");
+
+    // Who may decide: not an operator, not its proposer.
+    let decide = |id: &str| pb::DecidePolicyRequest { id: id.into(), reason: "reviewed".into() };
+    let refused = ops.approve_policy(decide(&proposal.id)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "an operator cannot approve");
+    assert!(refused.message().contains("approver"), "{}", refused.message());
+    let own = root
+        .propose_policy(pb::ProposePolicyRequest {
+            tailnet_id: tailnet.id.clone(),
+            policy_json: "{}".into(),
+            reason: "mine".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let refused = root.approve_policy(decide(&own.id)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "the proposer cannot approve its own proposal");
+    assert!(refused.message().contains("another principal"), "{}", refused.message());
+
+    // The approver approves: only now the netmaps change.
+    let version = rev.approve_policy(decide(&proposal.id)).await.unwrap().into_inner();
+    assert_eq!((version.version, version.author.as_str()), (1, "alice"));
+    let next = next_netmap(&mut stream).await;
+    match next.update {
+        Some(pb::net_map::Update::Delta(d)) => {
+            assert!(!d.filter.expect("the filter changed").allow_all, "the approved policy is in force")
+        }
+        other => panic!("expected the approved policy's delta first, got {other:?}"),
+    }
+    // A proposal made against an older version is stale; rejecting it is still possible.
+    let stale = rev.approve_policy(decide(&own.id)).await.unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+    assert!(stale.message().contains("propose again"), "{}", stale.message());
+    let rejected = rev.reject_policy(decide(&own.id)).await.unwrap().into_inner();
+    assert_eq!((rejected.state, rejected.decided_by.as_str()), (pb::ProposalState::Rejected as i32, "token:rev"));
+    let again = rev.approve_policy(decide(&own.id)).await.unwrap_err();
+    assert_eq!(again.code(), Code::FailedPrecondition, "a decided proposal stays decided");
+
+    // Proposals expire undecided.
+    let brief = ops
+        .propose_policy(pb::ProposePolicyRequest {
+            tailnet_id: tailnet.id.clone(),
+            policy_json: "{}".into(),
+            reason: "soon gone".into(),
+            expires_in_seconds: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let list = |mut admin: Admin, tailnet: String| async move {
+        let req = pb::ListPolicyProposalsRequest { tailnet_id: tailnet };
+        admin.list_policy_proposals(req).await.unwrap().into_inner().proposals
+    };
+    eventually(Duration::from_secs(10), "the proposal to expire", || {
+        let (admin, id, tailnet) = (rev.clone(), brief.id.clone(), tailnet.id.clone());
+        async move {
+            let proposals = list(admin, tailnet).await;
+            proposals.iter().any(|p| p.id == id && p.state == pb::ProposalState::Expired as i32).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(rev.approve_policy(decide(&brief.id)).await.unwrap_err().code(), Code::FailedPrecondition);
+    let states: Vec<i32> = list(ops.clone(), tailnet.id.clone()).await.iter().map(|p| p.state).collect();
+    assert_eq!(states.len(), 3, "{states:?}");
+
+    // Every step is in the audit log with who and why.
+    let events = root
+        .list_audit_events(pb::ListAuditEventsRequest { tailnet_id: tailnet.id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let find = |kind: pb::EventKind| events.iter().filter(move |e| e.kind == kind as i32);
+    assert_eq!(find(pb::EventKind::PolicyProposed).count(), 3);
+    let approved = find(pb::EventKind::PolicyApproved).next().unwrap();
+    assert_eq!((approved.actor.as_str(), approved.reason.as_str()), ("token:rev", "reviewed"));
+    let changed = find(pb::EventKind::PolicyChanged).next().unwrap();
+    assert!(changed.summary.contains("v1 by alice"), "{}", changed.summary);
+    assert_eq!(find(pb::EventKind::PolicyRejected).count(), 1);
+    assert_eq!(find(pb::EventKind::PolicyProposalExpired).count(), 1);
+
+    // Only an admin turns the requirement off; then SetPolicy applies at once.
+    let off = |required| pb::SetPolicyApprovalRequest { tailnet_id: tailnet.id.clone(), required, reason: "t".into() };
+    assert_eq!(ops.set_policy_approval(off(false)).await.unwrap_err().code(), Code::PermissionDenied);
+    assert!(!root.set_policy_approval(off(false)).await.unwrap().into_inner().require_policy_approval);
+    let direct = ops
+        .set_policy(pb::SetPolicyRequest {
+            tailnet_id: tailnet.id.clone(),
+            policy_json: "{}".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((direct.version, direct.proposal.is_none()), (2, true));
+
+    // The CLI: propose with the operator, approve with the approver.
+    root.set_policy_approval(off(true)).await.unwrap();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), LOCKDOWN).unwrap();
+    let ops_secret = token(&mut root, "ops-cli", pb::Role::Operator, OWN).await;
+    let path = file.path().to_str().unwrap();
+    let out =
+        cordon(&server, &ops_secret, &["policy", "propose", "--tailnet", &tailnet.id, path, "--reason", "cli"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let proposed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = proposed[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(proposed[0]["state"], "pending");
+    let out = cordon(&server, &rev_secret, &["policy", "approve", &id, "--reason", "ok"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let approved: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(approved["version"], 3);
+    let out = cordon(&server, &rev_secret, &["policy", "proposals", "--tailnet", &tailnet.id]).await;
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().iter().filter(|p| p["state"] == "approved").count(), 2);
+}

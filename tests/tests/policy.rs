@@ -209,10 +209,14 @@ async fn each_node_sees_only_what_it_may_reach() {
     assert_eq!((rule.protocol.as_str(), rule.first_port, rule.last_port), ("tcp", 9000, 9000));
     let mut sources = rule.sources.clone();
     sources.sort();
-    let mut want = vec![
-        format!("{}/32", s1.node.as_ref().unwrap().addresses[0]),
-        format!("{}/32", s2.node.as_ref().unwrap().addresses[0]),
-    ];
+    // Each source in both families: the IPv4 address and the IPv6 one that ends in it.
+    let mut want: Vec<String> = [&s1, &s2]
+        .iter()
+        .flat_map(|s| {
+            let addresses = &s.node.as_ref().unwrap().addresses;
+            [format!("{}/32", addresses[0]), format!("{}/128", addresses[1])]
+        })
+        .collect();
     want.sort();
     assert_eq!(sources, want);
 
@@ -220,7 +224,7 @@ async fn each_node_sees_only_what_it_may_reach() {
     let s3 = register(&mut nodes, &sensor_key, "s3").await;
     let d = delta(next_netmap(&mut c_stream).await);
     assert_eq!(d.peers_added[0].hostname, "s3");
-    assert_eq!(d.filter.unwrap().rules[0].sources.len(), 3);
+    assert_eq!(d.filter.unwrap().rules[0].sources.len(), 6, "three sources in two families");
     quiet(&mut s1_stream).await;
 
     // A policy that changes only the sensors' filter reaches only the sensors.

@@ -67,6 +67,7 @@ async fn deadlines_survive_a_restart() {
         cidr: cordon_server::model::Ipv4Cidr::DEFAULT,
         policy: None,
         upstreams: vec![],
+        approval_required: false,
     };
     let tailnet = cp.create_tailnet(spec, &actor).await.unwrap();
     cp.begin_shutdown();

@@ -287,6 +287,7 @@ async fn drain_waits_for_every_task_the_server_owns() {
             cidr: cordon_server::model::Ipv4Cidr::DEFAULT,
             policy: None,
             upstreams: vec![],
+            approval_required: false,
         };
         tailnets.push(cp.create_tailnet(spec, &actor).await.unwrap().id);
     }

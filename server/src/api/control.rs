@@ -8,9 +8,9 @@ use tonic::{Request, Response, Status};
 
 use super::{BoxStream, convert, principal};
 use crate::admin::AdminTokens;
-use crate::control_plane::{ControlPlane, Target};
+use crate::control_plane::{ControlPlane, PROPOSAL_LIFETIME, PolicyChange, Target};
 use crate::error::Error;
-use crate::model::{Action, AdminTokenId, AuthKeyId, NodeId, Principal, TailnetId, TrustRuleId};
+use crate::model::{Action, AdminTokenId, AuthKeyId, NodeId, Principal, ProposalId, TailnetId, TrustRuleId};
 use crate::store::EventFilter;
 use crate::time::from_timestamp;
 use crate::validate;
@@ -44,6 +44,23 @@ impl ControlApi {
         id: impl ToString,
     ) -> Result<(), Error> {
         self.in_scope(p, tailnet).await.map_err(|_| Error::not_found(what, id.to_string()))
+    }
+
+    /// The caller of ApprovePolicy or RejectPolicy, if it may decide the proposal it names.
+    async fn decision(
+        &self,
+        req: Request<pb::DecidePolicyRequest>,
+        call: &str,
+    ) -> Result<(Principal, ProposalId, String), Status> {
+        let p = principal(&req, Action::Approve, call)?;
+        let req = req.into_inner();
+        let id = ProposalId::parse("id", &req.id)?;
+        validate::reason("reason", &req.reason)?;
+        if p.scope.is_some() {
+            let tailnet = self.cp.proposal(id).await?.tailnet_id;
+            self.target_in_scope(&p, tailnet, "policy proposal", id).await?;
+        }
+        Ok((p, id, req.reason))
     }
 
     /// Scoped tokens read events of one tailnet at a time (events of a deleted tailnet no longer say
@@ -183,8 +200,16 @@ impl pb::control_server::Control for ControlApi {
         if req.policy_json.trim().is_empty() {
             return Err(Error::invalid("policy_json", "is required (an empty object {} denies everything)").into());
         }
-        let record = self.cp.set_policy(tailnet, req.policy_json, req.author, req.reason, &actor).await?;
-        Ok(Response::new(convert::policy_version(&record)))
+        Ok(Response::new(match self.cp.set_policy(tailnet, req.policy_json, req.author, req.reason, &actor).await? {
+            PolicyChange::Set(record) => convert::policy_version(&record),
+            PolicyChange::Proposed(proposal) => pb::PolicyVersion {
+                tailnet_id: proposal.tailnet_id.to_string(),
+                version: 0,
+                summary: format!("proposed, waiting for approval: {}", proposal.summary),
+                proposal: Some(convert::proposal(&proposal)),
+                ..Default::default()
+            },
+        }))
     }
 
     async fn get_policy(&self, req: Request<pb::GetPolicyRequest>) -> Result<Response<pb::PolicyVersion>, Status> {
@@ -433,6 +458,74 @@ impl pb::control_server::Control for ControlApi {
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn set_policy_approval(
+        &self,
+        req: Request<pb::SetPolicyApprovalRequest>,
+    ) -> Result<Response<pb::Tailnet>, Status> {
+        let p = principal(&req, Action::Govern, "SetPolicyApproval")?;
+        let req = req.into_inner();
+        let tailnet = TailnetId::parse("tailnet_id", &req.tailnet_id)?;
+        validate::reason("reason", &req.reason)?;
+        self.in_scope(&p, tailnet).await?;
+        let tailnet = self.cp.set_policy_approval(tailnet, req.required, &req.reason, &p.actor).await?;
+        Ok(Response::new(convert::tailnet(&tailnet)))
+    }
+
+    async fn propose_policy(
+        &self,
+        req: Request<pb::ProposePolicyRequest>,
+    ) -> Result<Response<pb::PolicyProposal>, Status> {
+        let p = principal(&req, Action::Write, "ProposePolicy")?;
+        let req = req.into_inner();
+        let tailnet = TailnetId::parse("tailnet_id", &req.tailnet_id)?;
+        validate::reason("reason", &req.reason)?;
+        validate::reason("author", &req.author)?;
+        if req.policy_json.trim().is_empty() {
+            return Err(Error::invalid("policy_json", "is required (an empty object {} denies everything)").into());
+        }
+        let lifetime = match req.expires_in_seconds {
+            0 => PROPOSAL_LIFETIME,
+            s if s <= validate::TTL_MAX => std::time::Duration::from_secs(s),
+            s => {
+                let rule = format!("{s} is more than 2592000 (30 days)");
+                return Err(Error::invalid("expires_in_seconds", rule).into());
+            }
+        };
+        self.in_scope(&p, tailnet).await?;
+        let proposal =
+            self.cp.propose_policy(tailnet, req.policy_json, req.author, req.reason, lifetime, &p.actor).await?;
+        Ok(Response::new(convert::proposal(&proposal)))
+    }
+
+    async fn approve_policy(
+        &self,
+        req: Request<pb::DecidePolicyRequest>,
+    ) -> Result<Response<pb::PolicyVersion>, Status> {
+        let (p, id, reason) = self.decision(req, "ApprovePolicy").await?;
+        let record = self.cp.approve_policy(id, &reason, &p.actor).await?;
+        Ok(Response::new(convert::policy_version(&record)))
+    }
+
+    async fn reject_policy(
+        &self,
+        req: Request<pb::DecidePolicyRequest>,
+    ) -> Result<Response<pb::PolicyProposal>, Status> {
+        let (p, id, reason) = self.decision(req, "RejectPolicy").await?;
+        let proposal = self.cp.reject_policy(id, &reason, &p.actor).await?;
+        Ok(Response::new(convert::proposal(&proposal)))
+    }
+
+    async fn list_policy_proposals(
+        &self,
+        req: Request<pb::ListPolicyProposalsRequest>,
+    ) -> Result<Response<pb::ListPolicyProposalsResponse>, Status> {
+        let p = principal(&req, Action::Read, "ListPolicyProposals")?;
+        let tailnet = TailnetId::parse("tailnet_id", &req.get_ref().tailnet_id)?;
+        self.in_scope(&p, tailnet).await?;
+        let proposals = self.cp.list_proposals(tailnet).await?.iter().map(convert::proposal).collect();
+        Ok(Response::new(pb::ListPolicyProposalsResponse { proposals }))
     }
 
     async fn create_admin_token(

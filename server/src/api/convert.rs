@@ -41,7 +41,16 @@ pub fn tailnet_spec(req: pb::CreateTailnetRequest) -> Result<TailnetSpec> {
         }
         upstreams.push(spec);
     }
-    Ok(TailnetSpec { name: req.name, owner: req.owner, ttl_seconds: req.ttl_seconds, labels, cidr, policy, upstreams })
+    Ok(TailnetSpec {
+        name: req.name,
+        owner: req.owner,
+        ttl_seconds: req.ttl_seconds,
+        labels,
+        cidr,
+        policy,
+        upstreams,
+        approval_required: req.require_policy_approval,
+    })
 }
 
 /// Validates an upstream; `prefix` is put before field names (`upstreams[0].`).
@@ -335,6 +344,7 @@ pub fn tailnet(t: &Tailnet) -> pb::Tailnet {
         node_count: t.node_count,
         policy_version: t.policy_version,
         upstreams: t.upstreams.iter().map(upstream).collect(),
+        require_policy_approval: t.approval_required,
     }
 }
 
@@ -404,6 +414,11 @@ fn event_kind(kind: EventKind) -> pb::EventKind {
         EventKind::GatewayBlocked => pb::EventKind::GatewayBlocked,
         EventKind::AdminTokenCreated => pb::EventKind::AdminTokenCreated,
         EventKind::AdminTokenRevoked => pb::EventKind::AdminTokenRevoked,
+        EventKind::PolicyProposed => pb::EventKind::PolicyProposed,
+        EventKind::PolicyApproved => pb::EventKind::PolicyApproved,
+        EventKind::PolicyRejected => pb::EventKind::PolicyRejected,
+        EventKind::PolicyProposalExpired => pb::EventKind::PolicyProposalExpired,
+        EventKind::PolicyApprovalSet => pb::EventKind::PolicyApprovalSet,
     }
 }
 
@@ -464,6 +479,34 @@ pub fn policy_version(p: &crate::model::PolicyRecord) -> pb::PolicyVersion {
         reason: p.reason.clone(),
         created_at: ts(p.created_at),
         summary: p.summary.clone(),
+        proposal: None,
+    }
+}
+
+pub fn proposal(p: &crate::model::PolicyProposal) -> pb::PolicyProposal {
+    use crate::model::ProposalState;
+    pb::PolicyProposal {
+        id: p.id.to_string(),
+        tailnet_id: p.tailnet_id.to_string(),
+        policy_json: p.text.clone(),
+        author: p.author.clone(),
+        proposed_by: p.proposed_by.clone(),
+        reason: p.reason.clone(),
+        created_at: ts(p.created_at),
+        expires_at: ts(p.expires_at),
+        base_version: p.base_version,
+        summary: p.summary.clone(),
+        state: match p.state {
+            ProposalState::Pending => pb::ProposalState::Pending,
+            ProposalState::Approved => pb::ProposalState::Approved,
+            ProposalState::Rejected => pb::ProposalState::Rejected,
+            ProposalState::Expired => pb::ProposalState::Expired,
+        }
+        .into(),
+        decided_by: p.decided_by.clone().unwrap_or_default(),
+        decided_at: p.decided_at.map(to_timestamp),
+        decision_reason: p.decision_reason.clone(),
+        version: p.version,
     }
 }
 

@@ -29,8 +29,11 @@ const FREE_ADDRESS: &str = "SELECT c.a FROM (SELECT $2::bigint AS a UNION ALL \
      ORDER BY c.a LIMIT 1";
 
 /// Schema versions, each with the SQL that reaches it from the one before.
-const MIGRATIONS: &[(i32, &str)] =
-    &[(1, include_str!("postgres/0001_initial.sql")), (2, include_str!("postgres/0002_admin_tokens.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("postgres/0001_initial.sql")),
+    (2, include_str!("postgres/0002_admin_tokens.sql")),
+    (3, include_str!("postgres/0003_policy_proposals.sql")),
+];
 
 /// The oldest server this engine is tested against (`server_version_num`).
 const MIN_SERVER_VERSION: i32 = 130_000;
@@ -65,7 +68,11 @@ fn db(e: tokio_postgres::Error) -> Error {
             Error::Unavailable("the store refused a write that conflicted with another; retry".into())
         }
         _ if e.is_closed() => Error::Unavailable("lost the connection to PostgreSQL; retry".into()),
-        _ => Error::Storage(format!("postgres: {e}")),
+        // The server's message and SQLSTATE, not its detail (which can quote row values).
+        _ => match e.as_db_error() {
+            Some(d) => Error::Storage(format!("postgres: {} ({})", d.message(), d.code().code())),
+            None => Error::Storage(format!("postgres: {e}")),
+        },
     }
 }
 
@@ -574,6 +581,33 @@ impl PgTx {
             "INSERT INTO admin_tokens (id, name, secret_hash, record) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (id) DO UPDATE SET record = excluded.record",
             params![t.id.0, t.name.clone(), t.secret_hash.to_vec(), record(t)],
+        );
+        Ok(())
+    }
+
+    pub async fn proposal(&mut self, id: crate::model::ProposalId) -> Result<Option<crate::model::PolicyProposal>> {
+        self.one("SELECT record FROM policy_proposals WHERE id = $1", &[&id.0], "policy proposal").await
+    }
+
+    pub async fn proposals_of(&mut self, tailnet: TailnetId) -> Result<Vec<crate::model::PolicyProposal>> {
+        self.many(
+            "SELECT record FROM policy_proposals WHERE tailnet_id = $1 ORDER BY id",
+            &[&tailnet.0],
+            "policy proposal",
+        )
+        .await
+    }
+
+    pub async fn pending_proposals(&mut self) -> Result<Vec<crate::model::PolicyProposal>> {
+        self.many("SELECT record FROM policy_proposals WHERE state = 'pending' ORDER BY id", &[], "policy proposal")
+            .await
+    }
+
+    pub async fn put_proposal(&mut self, p: &crate::model::PolicyProposal) -> Result<()> {
+        self.queue(
+            "INSERT INTO policy_proposals (id, tailnet_id, state, record) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (id) DO UPDATE SET state = excluded.state, record = excluded.record",
+            params![p.id.0, p.tailnet_id.0, p.state.name().to_string(), record(p)],
         );
         Ok(())
     }

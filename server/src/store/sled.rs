@@ -93,6 +93,16 @@ mod key {
     pub fn gateway(t: TailnetId) -> Vec<u8> {
         join(b"g/", &[t.as_bytes()])
     }
+    pub const PROPOSALS: &[u8] = b"pp/";
+    pub fn proposal(id: crate::model::ProposalId) -> Vec<u8> {
+        join(PROPOSALS, &[id.as_bytes()])
+    }
+    pub fn tailnet_proposals(t: TailnetId) -> Vec<u8> {
+        join(b"tpp/", &[t.as_bytes()])
+    }
+    pub fn tailnet_proposal(t: TailnetId, p: crate::model::ProposalId) -> Vec<u8> {
+        join(b"tpp/", &[t.as_bytes(), p.as_bytes()])
+    }
     pub const ADMIN_TOKENS: &[u8] = b"at/";
     pub fn admin_token(id: crate::model::AdminTokenId) -> Vec<u8> {
         join(ADMIN_TOKENS, &[id.as_bytes()])
@@ -413,6 +423,11 @@ impl SledTx {
             self.del(&key::trust_rule(TrustRuleId(key::trailing_uuid(&k))));
             self.del(&k);
         }
+        for item in self.db.scan_prefix(key::tailnet_proposals(id)) {
+            let (k, _) = item.map_err(storage)?;
+            self.del(&key::proposal(crate::model::ProposalId(key::trailing_uuid(&k))));
+            self.del(&k);
+        }
         self.del(&key::gateway(id));
         self.del(&key::tailnet(id));
         if let Some(w) = self.writer.as_mut() {
@@ -427,6 +442,25 @@ impl SledTx {
 
     pub async fn nodes_of(&mut self, tailnet: TailnetId) -> Result<Vec<Node>> {
         self.indexed(key::tailnet_nodes(tailnet), |id| key::node(NodeId(id)))
+    }
+
+    pub async fn proposal(&mut self, id: crate::model::ProposalId) -> Result<Option<crate::model::PolicyProposal>> {
+        self.get(&key::proposal(id))
+    }
+
+    pub async fn proposals_of(&mut self, tailnet: TailnetId) -> Result<Vec<crate::model::PolicyProposal>> {
+        self.indexed(key::tailnet_proposals(tailnet), |id| key::proposal(crate::model::ProposalId(id)))
+    }
+
+    pub async fn pending_proposals(&mut self) -> Result<Vec<crate::model::PolicyProposal>> {
+        let all: Vec<crate::model::PolicyProposal> = self.all(key::PROPOSALS)?;
+        Ok(all.into_iter().filter(|p| p.state == crate::model::ProposalState::Pending).collect())
+    }
+
+    pub async fn put_proposal(&mut self, p: &crate::model::PolicyProposal) -> Result<()> {
+        self.put(&key::proposal(p.id), p);
+        self.put_raw(&key::tailnet_proposal(p.tailnet_id, p.id), &[]);
+        Ok(())
     }
 
     pub async fn admin_tokens(&mut self) -> Result<Vec<crate::model::AdminToken>> {

@@ -1,6 +1,6 @@
 //! Governance: admin tokens with a role and an owner scope, checked over every admin RPC (each role,
-//! on a tailnet of its own owner and of another), token lifecycle through the CLI, and `tagOwners`
-//! that name tokens and roles.
+//! on a tailnet of its own owner and of another), token lifecycle through the CLI, `tagOwners` that
+//! name tokens and roles, and policy changes that wait for another principal's approval.
 
 use std::time::Duration;
 
@@ -11,13 +11,14 @@ use tonic::Code;
 const OWN: &str = "acme";
 const OTHER: &str = "globex";
 
-/// What a call touches: a tailnet with a key, a trust rule, a policy and a node.
+/// What a call touches: a tailnet with a key, a trust rule, a node and a pending policy proposal.
 #[derive(Clone)]
 struct Ids {
     tailnet: String,
     key: String,
     rule: String,
     node: String,
+    proposal: String,
 }
 
 async fn make_ids(root: &mut Admin, nodes: &mut Nodes, owner: &str, name: &str) -> Ids {
@@ -27,7 +28,17 @@ async fn make_ids(root: &mut Admin, nodes: &mut Nodes, owner: &str, name: &str) 
     let (key, secret) = create_key(root, &tailnet, true, false).await;
     let rule = root.create_trust_rule(trust_rule(&tailnet)).await.unwrap().into_inner().id;
     let node = register(nodes, &secret, "n").await.node.unwrap().id;
-    Ids { tailnet, key: key.id, rule, node }
+    let proposal = root
+        .propose_policy(pb::ProposePolicyRequest {
+            tailnet_id: tailnet.clone(),
+            policy_json: r#"{"grants": [{"src": ["*"], "dst": ["*"], "ip": ["*"]}]}"#.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    Ids { tailnet, key: key.id, rule, node, proposal }
 }
 
 fn trust_rule(tailnet: &str) -> pb::CreateTrustRuleRequest {
@@ -64,9 +75,14 @@ enum Call {
     ListAuditEvents,
     SetUpstream,
     WatchEvents,
+    ProposePolicy,
+    ApprovePolicy,
+    RejectPolicy,
+    ListPolicyProposals,
+    SetPolicyApproval,
 }
 
-const CALLS: [Call; 20] = [
+const CALLS: [Call; 25] = [
     Call::CreateTailnet,
     Call::GetTailnet,
     Call::ListTailnets,
@@ -87,28 +103,45 @@ const CALLS: [Call; 20] = [
     Call::ListAuditEvents,
     Call::SetUpstream,
     Call::WatchEvents,
+    Call::ProposePolicy,
+    Call::ApprovePolicy,
+    Call::RejectPolicy,
+    Call::ListPolicyProposals,
+    Call::SetPolicyApproval,
 ];
 
+/// Which roles may make a call.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Needs {
+    AnyRole,
+    Write,
+    Approve,
+    Admin,
+}
+
 impl Call {
-    fn writes(self) -> bool {
+    fn needs(self) -> Needs {
         use Call::*;
-        matches!(
-            self,
-            CreateTailnet
-                | DeleteTailnet
-                | CreateAuthKey
-                | RevokeAuthKey
-                | SetPolicy
-                | CreateTrustRule
-                | DeleteTrustRule
-                | DeleteNode
-                | SetUpstream
-        )
+        match self {
+            CreateTailnet | DeleteTailnet | CreateAuthKey | RevokeAuthKey | SetPolicy | CreateTrustRule
+            | DeleteTrustRule | DeleteNode | SetUpstream | ProposePolicy => Needs::Write,
+            ApprovePolicy | RejectPolicy => Needs::Approve,
+            SetPolicyApproval => Needs::Admin,
+            _ => Needs::AnyRole,
+        }
     }
 
     /// Calls that consume what they act on get fresh records each time.
     fn destroys(self) -> bool {
-        matches!(self, Call::DeleteTailnet | Call::RevokeAuthKey | Call::DeleteTrustRule | Call::DeleteNode)
+        matches!(
+            self,
+            Call::DeleteTailnet
+                | Call::RevokeAuthKey
+                | Call::DeleteTrustRule
+                | Call::DeleteNode
+                | Call::ApprovePolicy
+                | Call::RejectPolicy
+        )
     }
 
     /// Runs the call on `ids` (owned by `owner`); what a read returned is not looked at here.
@@ -187,6 +220,25 @@ impl Call {
                 let req = pb::WatchEventsRequest { tailnet_id: t, since_revision: 1 };
                 admin.watch_events(req).await.map(drop)
             }
+            Call::ProposePolicy => {
+                let req = pb::ProposePolicyRequest { tailnet_id: t, policy_json: "{}".into(), ..Default::default() };
+                admin.propose_policy(req).await.map(drop)
+            }
+            Call::ApprovePolicy => admin
+                .approve_policy(pb::DecidePolicyRequest { id: ids.proposal.clone(), reason: String::new() })
+                .await
+                .map(drop),
+            Call::RejectPolicy => admin
+                .reject_policy(pb::DecidePolicyRequest { id: ids.proposal.clone(), reason: String::new() })
+                .await
+                .map(drop),
+            Call::ListPolicyProposals => {
+                admin.list_policy_proposals(pb::ListPolicyProposalsRequest { tailnet_id: t }).await.map(drop)
+            }
+            Call::SetPolicyApproval => {
+                let req = pb::SetPolicyApprovalRequest { tailnet_id: t, required: false, reason: String::new() };
+                admin.set_policy_approval(req).await.map(drop)
+            }
         }
     }
 }
@@ -211,7 +263,12 @@ async fn token(root: &mut Admin, name: &str, role: pb::Role, owner_scope: &str) 
 
 /// What a token of `role` scoped to OWN gets for `call` on a tailnet of OWN (`own`) or of OTHER.
 fn expected(role: &str, call: Call, own: bool) -> Code {
-    let may = !call.writes() || matches!(role, "admin" | "operator");
+    let may = match call.needs() {
+        Needs::AnyRole => true,
+        Needs::Write => matches!(role, "admin" | "operator"),
+        Needs::Approve => matches!(role, "admin" | "approver"),
+        Needs::Admin => role == "admin",
+    };
     match (may, own, call) {
         (false, _, _) => Code::PermissionDenied,
         (true, true, _) => Code::Ok,

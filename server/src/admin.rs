@@ -6,12 +6,12 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 use std::time::SystemTime;
 
 use anyhow::Context;
 
-use crate::model::{Actor, AdminToken, Principal, Role, SecretHash};
+use crate::model::{Actor, AdminToken, AdminTrustRule, Principal, Role, SecretHash};
 use crate::secret::{self, ADMIN_PREFIX, Secret};
 
 pub const TOKEN_FILE: &str = "admin.token";
@@ -22,6 +22,22 @@ pub const TOKEN_FILE: &str = "admin.token";
 pub struct AdminTokens {
     tokens: Vec<(SecretHash, Actor)>,
     issued: RwLock<HashMap<SecretHash, AdminToken>>,
+    /// The admin trust rules (keyless orchestration), as stored.
+    rules: RwLock<Vec<AdminTrustRule>>,
+    /// OIDC tokens already verified, by hash, with whom they stand for and until when: an orchestrator
+    /// sends the same token with every call of its run.
+    sessions: Mutex<HashMap<SecretHash, (Principal, SystemTime)>>,
+}
+
+/// An admin call's bearer token that is not a Cordon token but may be an OIDC ID token; the API
+/// checks it against the admin trust rules. `Debug` never shows it.
+#[derive(Clone)]
+pub struct OidcBearer(pub String);
+
+impl std::fmt::Debug for OidcBearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OidcBearer(<redacted>)")
+    }
 }
 
 /// The actor name of a token: `admin:` and the first 8 hex digits of its hash.
@@ -66,12 +82,43 @@ impl AdminTokens {
                 (h, actor_of(&h))
             })
             .collect();
-        AdminTokens { tokens, issued: RwLock::new(HashMap::new()) }
+        AdminTokens {
+            tokens,
+            issued: RwLock::new(HashMap::new()),
+            rules: RwLock::new(Vec::new()),
+            sessions: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Takes in a stored token (made, revoked, or read at start).
     pub fn remember(&self, token: AdminToken) {
         self.issued.write().unwrap().insert(token.secret_hash, token);
+    }
+
+    /// Replaces the admin trust rules (at start, and after each create and delete).
+    pub fn set_rules(&self, rules: Vec<AdminTrustRule>) {
+        *self.rules.write().unwrap() = rules;
+        self.sessions.lock().unwrap().clear();
+    }
+
+    /// The admin trust rules for tokens of `issuer`.
+    pub fn rules_for(&self, issuer: &str) -> Vec<AdminTrustRule> {
+        self.rules.read().unwrap().iter().filter(|r| r.issuer == issuer).cloned().collect()
+    }
+
+    /// Who an OIDC token verified before stands for, while it is valid.
+    pub fn oidc_session(&self, token: &str, now: SystemTime) -> Option<Principal> {
+        let mut sessions = self.sessions.lock().unwrap();
+        sessions.retain(|_, (_, until)| *until > now);
+        sessions.get(&secret::hash(token)).map(|(p, _)| p.clone())
+    }
+
+    pub fn remember_oidc_session(&self, token: &str, principal: Principal, until: SystemTime) {
+        let mut sessions = self.sessions.lock().unwrap();
+        // A run makes a handful of tokens; a flood of distinct ones only costs verification again.
+        if sessions.len() < 10_000 {
+            sessions.insert(secret::hash(token), (principal, until));
+        }
     }
 
     /// Who a bearer token stands for, or why it is refused.

@@ -89,6 +89,13 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Keyless orchestration: let OIDC ID tokens that match a rule act as admin credentials.
+    AdminTrust {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: AdminTrustCommand,
+    },
     /// Set and list the upstream LLM providers of a tailnet's gateway.
     Upstream {
         #[command(flatten)]
@@ -391,6 +398,31 @@ enum TokenCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum AdminTrustCommand {
+    /// Tokens from ISSUER for AUDIENCE whose claims match act with ROLE over OWNER's tailnets.
+    Create {
+        name: String,
+        #[arg(long)]
+        issuer: String,
+        #[arg(long)]
+        audience: String,
+        /// claim=pattern, `*` matching any run of characters (repeatable), e.g. repository=acme/infra.
+        #[arg(long = "claim", value_parser = parse_label)]
+        claims: Vec<(String, String)>,
+        #[arg(long, value_enum)]
+        role: TokenRole,
+        #[arg(long)]
+        owner: Option<String>,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    List,
+    Delete {
+        id: String,
+    },
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum TokenRole {
     Admin,
@@ -498,6 +530,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit { client, command } => audit(&client, command).await,
         Command::Trust { client, command } => trust(&client, command).await,
         Command::Token { client, command } => token(&client, command).await,
+        Command::AdminTrust { client, command } => admin_trust(&client, command).await,
         Command::Upstream { client, command } => upstream(&client, command).await,
         Command::Relay { client, command: RelayCommand::Stats } => relay_stats(&client).await,
         Command::Completions { shell } => {
@@ -1194,15 +1227,84 @@ async fn trust(client: &ClientArgs, command: TrustCommand) -> anyhow::Result<()>
     Ok(())
 }
 
-async fn token(client: &ClientArgs, command: TokenCommand) -> anyhow::Result<()> {
-    let mut admin = client.connect().await?;
-    let role_name = |r: i32| match pb::Role::try_from(r) {
+fn role_name(r: i32) -> &'static str {
+    match pb::Role::try_from(r) {
         Ok(pb::Role::Admin) => "admin",
         Ok(pb::Role::Operator) => "operator",
         Ok(pb::Role::Auditor) => "auditor",
         Ok(pb::Role::Approver) => "approver",
         _ => "?",
+    }
+}
+
+fn pb_role(role: TokenRole) -> pb::Role {
+    match role {
+        TokenRole::Admin => pb::Role::Admin,
+        TokenRole::Operator => pb::Role::Operator,
+        TokenRole::Auditor => pb::Role::Auditor,
+        TokenRole::Approver => pb::Role::Approver,
+    }
+}
+
+async fn admin_trust(client: &ClientArgs, command: AdminTrustCommand) -> anyhow::Result<()> {
+    let mut admin = client.connect().await?;
+    let rule_json = |r: &pb::AdminTrustRule| {
+        json!({"id": r.id, "name": r.name, "issuer": r.issuer, "audience": r.audience,
+            "claim_conditions": r.claim_conditions, "role": role_name(r.role), "owner_scope": r.owner_scope,
+            "reason": r.reason, "created_by": r.created_by, "created_at": time(&r.created_at)})
     };
+    let rows = |rules: &[pb::AdminTrustRule]| -> Vec<Vec<String>> {
+        rules
+            .iter()
+            .map(|r| {
+                let claims: Vec<String> = r.claim_conditions.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let role = role_name(r.role).to_string();
+                vec![r.id.clone(), r.name.clone(), r.issuer.clone(), claims.join(","), role, r.owner_scope.clone()]
+            })
+            .collect()
+    };
+    let headers = ["ID", "NAME", "ISSUER", "CLAIMS", "ROLE", "OWNER SCOPE"];
+    match command {
+        AdminTrustCommand::Create { name, issuer, audience, claims, role, owner, reason } => {
+            let req = pb::CreateAdminTrustRuleRequest {
+                name,
+                issuer,
+                audience,
+                claim_conditions: claims.into_iter().collect(),
+                role: pb_role(role).into(),
+                owner_scope: owner.unwrap_or_default(),
+                reason,
+            };
+            let rule = admin.create_admin_trust_rule(req).await.map_err(status)?.into_inner();
+            if client.json {
+                println!("{}", rule_json(&rule));
+            } else {
+                print_table(&headers, rows(&[rule]));
+            }
+        }
+        AdminTrustCommand::List => {
+            let req = pb::ListAdminTrustRulesRequest {};
+            let rules = admin.list_admin_trust_rules(req).await.map_err(status)?.into_inner().rules;
+            if client.json {
+                println!("{}", Value::Array(rules.iter().map(rule_json).collect()));
+            } else {
+                print_table(&headers, rows(&rules));
+            }
+        }
+        AdminTrustCommand::Delete { id } => {
+            admin.delete_admin_trust_rule(pb::DeleteAdminTrustRuleRequest { id: id.clone() }).await.map_err(status)?;
+            if client.json {
+                println!("{}", json!({"id": id, "deleted": true}));
+            } else {
+                println!("deleted admin trust rule {id}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn token(client: &ClientArgs, command: TokenCommand) -> anyhow::Result<()> {
+    let mut admin = client.connect().await?;
     let token_json = |t: &pb::AdminToken| {
         json!({"id": t.id, "name": t.name, "role": role_name(t.role), "owner_scope": t.owner_scope,
             "created_by": t.created_by, "reason": t.reason, "created_at": time(&t.created_at),
@@ -1228,12 +1330,7 @@ async fn token(client: &ClientArgs, command: TokenCommand) -> anyhow::Result<()>
     let headers = ["ID", "NAME", "ROLE", "OWNER SCOPE", "EXPIRES", "CREATED BY"];
     match command {
         TokenCommand::Create { name, role, owner, expires_in, reason } => {
-            let role = match role {
-                TokenRole::Admin => pb::Role::Admin,
-                TokenRole::Operator => pb::Role::Operator,
-                TokenRole::Auditor => pb::Role::Auditor,
-                TokenRole::Approver => pb::Role::Approver,
-            };
+            let role = pb_role(role);
             let r = admin
                 .create_admin_token(pb::CreateAdminTokenRequest {
                     name,

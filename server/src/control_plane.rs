@@ -14,7 +14,8 @@ use crate::model::{
     Actor, AuthKey, AuthKeyId, AuthKeySpec, EndReason, Node, NodeId, Registration, Tailnet, TailnetId, TailnetSpec,
 };
 use crate::model::{
-    AdminToken, AdminTokenId, AdminTokenSpec, PolicyProposal, Principal, ProposalId, ProposalState, Role,
+    AdminToken, AdminTokenId, AdminTokenSpec, AdminTrustRule, PolicyProposal, Principal, ProposalId, ProposalState,
+    Role,
 };
 use crate::model::{Credential, PolicyRecord, Presented, RegisterInput, TrustRule, TrustRuleId, TrustRuleSpec};
 use crate::model::{Event, UpstreamInfo, UpstreamSpec};
@@ -567,7 +568,7 @@ impl ControlPlane {
         let now = self.clock.now();
         let mut refusal = String::new();
         for rule in rules {
-            match self.oidc.verify(token, &rule, now).await {
+            match self.oidc.verify(token, rule.expectation(), now).await {
                 Ok(verified) => {
                     if let Some(jti) = &verified.jti {
                         self.oidc.check_replay(&rule.spec.issuer, jti, verified.expires, now)?;
@@ -580,6 +581,62 @@ impl ControlPlane {
             }
         }
         Err(Error::Unauthenticated(format!("oidc_token: {refusal}")))
+    }
+
+    /// Who an OIDC ID token stands for as an admin credential: the first of `rules` (those of its issuer)
+    /// that accepts it, and until when. No replay check: an orchestrator sends the same token with every
+    /// call of its run, until the token expires.
+    pub async fn verify_admin_oidc(&self, token: &str, rules: Vec<AdminTrustRule>) -> Result<(Principal, SystemTime)> {
+        if rules.is_empty() {
+            return Err(Error::Unauthenticated(
+                "admin token not recognised: neither a cordon-admin- token nor an ID token an admin trust rule accepts"
+                    .into(),
+            ));
+        }
+        let now = self.clock.now();
+        let mut refusal = String::new();
+        for rule in rules {
+            let expect = crate::oidc::Expectation {
+                issuer: &rule.issuer,
+                audience: &rule.audience,
+                conditions: &rule.conditions,
+                owner_claim: "",
+            };
+            match self.oidc.verify(token, expect, now).await {
+                Ok(verified) => {
+                    let actor = Actor(format!("oidc:{}:{}", rule.name, verified.identity.subject));
+                    tracing::info!(rule = %rule.name, actor = %actor.0, "admin OIDC token accepted");
+                    let principal = Principal { actor, role: rule.role, scope: rule.owner_scope.clone() };
+                    return Ok((principal, verified.expires));
+                }
+                Err(Refusal::Token(why)) => return Err(Error::Unauthenticated(format!("admin OIDC token: {why}"))),
+                Err(Refusal::Rule(why)) => refusal = why,
+            }
+        }
+        Err(Error::Unauthenticated(format!("admin OIDC token: {refusal}")))
+    }
+
+    pub async fn create_admin_trust_rule(&self, rule: AdminTrustRule, by: &Principal) -> Result<AdminTrustRule> {
+        let mut tx = self.store.write().await?;
+        let rule = domain::create_admin_trust_rule(&mut tx, rule, by).await?;
+        tx.commit().await?;
+        tracing::info!(rule = %rule.name, issuer = %rule.issuer, role = rule.role.name(), "admin trust rule created");
+        Ok(rule)
+    }
+
+    /// The admin trust rules `by` may see; `None`: all of them.
+    pub async fn list_admin_trust_rules(&self, by: Option<&Principal>) -> Result<Vec<AdminTrustRule>> {
+        let mut tx = self.store.read().await?;
+        match by {
+            Some(by) => domain::admin_trust_rules(&mut tx, by).await,
+            None => tx.admin_trust_rules().await,
+        }
+    }
+
+    pub async fn delete_admin_trust_rule(&self, id: crate::model::AdminTrustRuleId, by: &Principal) -> Result<()> {
+        let mut tx = self.store.write().await?;
+        domain::delete_admin_trust_rule(&mut tx, id, by, self.clock.now()).await?;
+        tx.commit().await
     }
 
     pub async fn create_trust_rule(&self, spec: TrustRuleSpec, by: &Principal) -> Result<TrustRule> {

@@ -12,10 +12,10 @@ use std::time::{Duration, SystemTime};
 use crate::error::{Error, Result};
 use crate::hub::NetChange;
 use crate::model::{
-    Actor, AdminToken, AdminTokenId, AdminTokenSpec, AuthKey, AuthKeyId, AuthKeySpec, Credential, EndReason, Event,
-    EventKind, KeyState, Node, NodeId, PolicyProposal, PolicyRecord, Principal, ProposalId, ProposalState,
-    Registration, RunIdentity, SecretHash, Tailnet, TailnetId, TailnetSpec, TrustRule, TrustRuleId, UpstreamInfo,
-    UpstreamSpec,
+    Actor, AdminToken, AdminTokenId, AdminTokenSpec, AdminTrustRule, AdminTrustRuleId, AuthKey, AuthKeyId, AuthKeySpec,
+    Credential, EndReason, Event, EventKind, KeyState, Node, NodeId, PolicyProposal, PolicyRecord, Principal,
+    ProposalId, ProposalState, Registration, RunIdentity, SecretHash, Tailnet, TailnetId, TailnetSpec, TrustRule,
+    TrustRuleId, UpstreamInfo, UpstreamSpec,
 };
 use crate::policy::Policy;
 use crate::store::{GatewayEvent, GatewayKeys, Placement, Tx};
@@ -979,6 +979,77 @@ pub async fn create_admin_token(
     Ok(token)
 }
 
+/// Stores an admin trust rule. As with tokens, a scoped caller makes rules of its own scope only, and
+/// names are unique.
+pub async fn create_admin_trust_rule(tx: &mut Tx, rule: AdminTrustRule, by: &Principal) -> Result<AdminTrustRule> {
+    if let Some(scope) = &by.scope
+        && rule.owner_scope.as_ref() != Some(scope)
+    {
+        return Err(Error::PermissionDenied(format!(
+            "owner_scope: a credential scoped to {} makes rules of that scope only",
+            crate::validate::quote(scope)
+        )));
+    }
+    if tx.admin_trust_rules().await?.iter().any(|r| r.name == rule.name) {
+        return Err(Error::invalid(
+            "name",
+            format!("an admin trust rule is named {} already", crate::validate::quote(&rule.name)),
+        ));
+    }
+    tx.put_admin_trust_rule(&rule).await?;
+    let conditions: Vec<String> = rule.conditions.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    record(
+        tx,
+        Draft {
+            kind: EventKind::AdminTrustRuleCreated,
+            actor: &by.actor,
+            reason: &rule.reason,
+            summary: format!(
+                "admin trust rule {} for {} (aud {}) where [{}]: role {}, {}",
+                rule.name,
+                rule.issuer,
+                rule.audience,
+                conditions.join(", "),
+                rule.role.name(),
+                rule.owner_scope.as_deref().map_or("every owner".to_string(), |s| format!("owner {s}"))
+            ),
+            ..Draft::at(rule.created_at)
+        },
+    );
+    Ok(rule)
+}
+
+/// The admin trust rules a caller may see.
+pub async fn admin_trust_rules(tx: &mut Tx, by: &Principal) -> Result<Vec<AdminTrustRule>> {
+    let mut rules = tx.admin_trust_rules().await?;
+    rules.retain(|r| by.scope.is_none() || r.owner_scope == by.scope);
+    Ok(rules)
+}
+
+pub async fn delete_admin_trust_rule(
+    tx: &mut Tx,
+    id: AdminTrustRuleId,
+    by: &Principal,
+    now: SystemTime,
+) -> Result<AdminTrustRule> {
+    let rule = admin_trust_rules(tx, by)
+        .await?
+        .into_iter()
+        .find(|r| r.id == id)
+        .ok_or_else(|| Error::not_found("admin trust rule", id))?;
+    tx.delete_admin_trust_rule(id).await?;
+    record(
+        tx,
+        Draft {
+            kind: EventKind::AdminTrustRuleDeleted,
+            actor: &by.actor,
+            summary: format!("admin trust rule {} deleted", rule.name),
+            ..Draft::at(now)
+        },
+    );
+    Ok(rule)
+}
+
 /// The tokens a caller may see: all of them, or those of its own scope.
 pub async fn admin_tokens(tx: &mut Tx, by: &Principal) -> Result<Vec<AdminToken>> {
     let mut tokens = tx.admin_tokens().await?;
@@ -1081,6 +1152,9 @@ pub async fn copy_store(source: &crate::store::Store, target: &crate::store::Sto
     let mut to = target.write().await?;
     for token in from.admin_tokens().await? {
         to.put_admin_token(&token).await?;
+    }
+    for rule in from.admin_trust_rules().await? {
+        to.put_admin_trust_rule(&rule).await?;
     }
     let mut after = None;
     loop {

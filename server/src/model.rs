@@ -77,6 +77,10 @@ id_type!(
     /// Identifies a policy proposal.
     ProposalId
 );
+id_type!(
+    /// Identifies an admin trust rule.
+    AdminTrustRuleId
+);
 
 /// What an admin credential may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -166,6 +170,23 @@ impl AdminToken {
     pub fn live(&self, now: SystemTime) -> bool {
         self.revoked_at.is_none() && self.expires_at.is_none_or(|e| e > now)
     }
+}
+
+/// Keyless orchestration: an OIDC ID token from `issuer` for `audience` whose claims meet `conditions`
+/// (a CI job's, say) is an admin credential with `role`, confined to `owner_scope`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AdminTrustRule {
+    pub id: AdminTrustRuleId,
+    /// Events name a caller it admitted `oidc:<name>:<subject>`.
+    pub name: String,
+    pub issuer: String,
+    pub audience: String,
+    pub conditions: BTreeMap<String, String>,
+    pub role: Role,
+    pub owner_scope: Option<String>,
+    pub reason: String,
+    pub created_by: String,
+    pub created_at: SystemTime,
 }
 
 /// What a caller supplies to create an admin token.
@@ -678,6 +699,8 @@ pub enum EventKind {
     PolicyRejected,
     PolicyProposalExpired,
     PolicyApprovalSet,
+    AdminTrustRuleCreated,
+    AdminTrustRuleDeleted,
 }
 
 /// A tool call seen in a gateway response.

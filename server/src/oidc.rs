@@ -64,6 +64,27 @@ pub enum Refusal {
     Rule(String),
 }
 
+/// What a rule (a node trust rule or an admin one) expects of a token.
+#[derive(Clone, Copy, Debug)]
+pub struct Expectation<'a> {
+    pub issuer: &'a str,
+    pub audience: &'a str,
+    pub conditions: &'a BTreeMap<String, String>,
+    /// A claim kept with the run's identity besides the usual ones; empty for none.
+    pub owner_claim: &'a str,
+}
+
+impl TrustRule {
+    pub fn expectation(&self) -> Expectation<'_> {
+        Expectation {
+            issuer: &self.spec.issuer,
+            audience: &self.spec.audience,
+            conditions: &self.spec.conditions,
+            owner_claim: &self.spec.owner_claim,
+        }
+    }
+}
+
 /// A token a rule accepted.
 #[derive(Debug)]
 pub struct Verified {
@@ -198,18 +219,16 @@ impl Oidc {
         Ok(set)
     }
 
-    /// Checks `token` against `rule` at time `now`.
-    pub async fn verify(&self, token: &str, rule: &TrustRule, now: SystemTime) -> Result<Verified, Refusal> {
+    /// Checks `token` against what `rule` expects at time `now`.
+    pub async fn verify(&self, token: &str, rule: Expectation<'_>, now: SystemTime) -> Result<Verified, Refusal> {
         let kid = segment_json(token, 0).and_then(|h| h.get("kid").and_then(|k| k.as_str()).map(str::to_string));
-        let keys = self
-            .keys(&rule.spec.issuer, kid.as_deref())
-            .await
-            .map_err(|e| Refusal::Token(format!("issuer keys: {e}")))?;
+        let keys =
+            self.keys(rule.issuer, kid.as_deref()).await.map_err(|e| Refusal::Token(format!("issuer keys: {e}")))?;
         let parsed = Token::from_str(token).map_err(|_| Refusal::Token("not a valid ID token".into()))?;
-        let issuer = IssuerUrl::new(rule.spec.issuer.clone()).map_err(|_| Refusal::Rule("issuer: not a URL".into()))?;
+        let issuer = IssuerUrl::new(rule.issuer.to_string()).map_err(|_| Refusal::Rule("issuer: not a URL".into()))?;
         let checked_at: chrono::DateTime<chrono::Utc> = (now - SKEW).into();
         let latest_iat: chrono::DateTime<chrono::Utc> = (now + SKEW).into();
-        let verifier = IdTokenVerifier::new_public_client(ClientId::new(rule.spec.audience.clone()), issuer, keys)
+        let verifier = IdTokenVerifier::new_public_client(ClientId::new(rule.audience.to_string()), issuer, keys)
             .set_allowed_algs([CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256, CoreJwsSigningAlgorithm::EcdsaP256Sha256])
             .set_time_fn(move || checked_at)
             .set_issue_time_verifier_fn(move |iat| {
@@ -218,7 +237,7 @@ impl Oidc {
         let claims = parsed.claims(&verifier, |_: Option<&Nonce>| Ok(())).map_err(|e| match e {
             ClaimsVerificationError::Expired(_) => Refusal::Token("expired".into()),
             ClaimsVerificationError::InvalidAudience(_) => {
-                Refusal::Rule(format!("audience: the token is not for {:?}", rule.spec.audience))
+                Refusal::Rule(format!("audience: the token is not for {:?}", rule.audience))
             }
             ClaimsVerificationError::InvalidIssuer(_) => Refusal::Rule("issuer: does not match the rule".into()),
             ClaimsVerificationError::SignatureVerification(e) => Refusal::Token(format!("signature: {e}")),
@@ -234,7 +253,7 @@ impl Oidc {
         let value_of = |claim: &str| -> Option<String> {
             if claim == "sub" { Some(subject.clone()) } else { other.get(claim).and_then(claim_string) }
         };
-        for (claim, pattern) in &rule.spec.conditions {
+        for (claim, pattern) in rule.conditions {
             match value_of(claim) {
                 Some(value) if glob_match(pattern, &value) => {}
                 Some(value) => {
@@ -251,15 +270,15 @@ impl Oidc {
             .filter_map(|c| other.get(*c).and_then(claim_string).map(|v| (c.to_string(), v)))
             .collect();
         // The claim the rule takes the run's owner from is kept with the run, whatever it is.
-        let owner_claim = &rule.spec.owner_claim;
+        let owner_claim = rule.owner_claim;
         if !owner_claim.is_empty()
             && let Some(value) = value_of(owner_claim)
         {
-            run.insert(owner_claim.clone(), value);
+            run.insert(owner_claim.to_string(), value);
         }
         let expires: SystemTime = claims.expiration().into();
         Ok(Verified {
-            identity: RunIdentity { issuer: rule.spec.issuer.clone(), subject, claims: run },
+            identity: RunIdentity { issuer: rule.issuer.to_string(), subject, claims: run },
             jti: other.get("jti").and_then(claim_string),
             expires,
         })

@@ -417,6 +417,17 @@ impl Tx {
         write_op!(self, t => t.put_proposal(proposal).await)
     }
 
+    // Admin trust rules
+    pub async fn admin_trust_rules(&mut self) -> Result<Vec<crate::model::AdminTrustRule>> {
+        each!(self, t => t.admin_trust_rules().await)
+    }
+    pub async fn put_admin_trust_rule(&mut self, rule: &crate::model::AdminTrustRule) -> Result<()> {
+        write_op!(self, t => t.put_admin_trust_rule(rule).await)
+    }
+    pub async fn delete_admin_trust_rule(&mut self, id: crate::model::AdminTrustRuleId) -> Result<()> {
+        write_op!(self, t => t.delete_admin_trust_rule(id).await)
+    }
+
     // Admin tokens (revoked ones stay, for the record)
     pub async fn admin_tokens(&mut self) -> Result<Vec<AdminToken>> {
         each!(self, t => t.admin_tokens().await)

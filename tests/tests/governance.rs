@@ -692,3 +692,84 @@ async fn policy_changes_wait_for_another_principals_approval() {
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(listed.as_array().unwrap().iter().filter(|p| p["state"] == "approved").count(), 2);
 }
+
+/// Keyless orchestration: a CI job's OIDC ID token, accepted by an admin trust rule, is an admin
+/// credential with the rule's role and scope, for every call of the run; each failing check is named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orchestrators_oidc_token_is_an_admin_credential_through_an_admin_trust_rule() {
+    use cordon_tests::oidc::{Issuer, sign};
+    const AUDIENCE: &str = "https://cordon.example/admin";
+    let issuer = Issuer::start(&["rsa1"]).await;
+    let server = TestServer::start().await;
+    let mut root = server.admin().await;
+    let rule = root
+        .create_admin_trust_rule(pb::CreateAdminTrustRuleRequest {
+            name: "orchestrator".into(),
+            issuer: issuer.url.clone(),
+            audience: AUDIENCE.into(),
+            claim_conditions: [("repository".to_string(), "acme/infra".to_string())].into(),
+            role: pb::Role::Operator.into(),
+            owner_scope: OWN.into(),
+            reason: "CI provisions run tailnets".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((rule.role, rule.owner_scope.as_str()), (pb::Role::Operator as i32, OWN));
+
+    // One token, several calls of the run.
+    let token = sign(&issuer.claims(AUDIENCE, "acme/infra"), "rsa1", "rsa1");
+    let mut ci = server.admin_as(&token).await;
+    let mut req = tailnet_request("run-1");
+    req.owner = OWN.into();
+    let tailnet = ci.create_tailnet(req).await.expect("the run's token creates a tailnet").into_inner();
+    ci.get_tailnet(pb::GetTailnetRequest { id: tailnet.id.clone() }).await.expect("and reads it again");
+    let events = ci
+        .list_audit_events(pb::ListAuditEventsRequest { tailnet_id: tailnet.id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(events[0].actor, "oidc:orchestrator:repo:acme/infra:ref:refs/heads/main", "events name the run");
+    // Within the rule's role and scope only.
+    let mut other = tailnet_request("elsewhere");
+    other.owner = OTHER.into();
+    assert_eq!(ci.create_tailnet(other).await.unwrap_err().code(), Code::PermissionDenied);
+    let tokens = ci.list_admin_tokens(pb::ListAdminTokensRequest {}).await.unwrap_err();
+    assert_eq!(tokens.code(), Code::PermissionDenied, "an operator rule cannot manage tokens");
+
+    // Each failing check, named, never echoing the token.
+    let mut claims = issuer.claims(AUDIENCE, "acme/web");
+    let cases = [
+        (sign(&claims, "rsa1", "rsa1"), "condition repository"),
+        (sign(&issuer.claims("https://other.example", "acme/infra"), "rsa1", "rsa1"), "audience"),
+        (
+            {
+                claims = issuer.claims(AUDIENCE, "acme/infra");
+                claims["exp"] = serde_json::json!(1_000_000_000);
+                sign(&claims, "rsa1", "rsa1")
+            },
+            "expired",
+        ),
+        ("not.a.token".to_string(), "not recognised"),
+        ("garbage".to_string(), "not recognised"),
+    ];
+    for (bad, why) in cases {
+        let refused = server.admin_as(&bad).await.list_tailnets(pb::ListTailnetsRequest::default()).await.unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated, "{why}");
+        assert!(refused.message().contains(why), "{why}: {}", refused.message());
+        assert!(!refused.message().contains(&bad), "the refusal never repeats the token");
+    }
+
+    // Deleting the rule ends the run's access at once, even for a token that worked.
+    root.delete_admin_trust_rule(pb::DeleteAdminTrustRuleRequest { id: rule.id.clone() }).await.unwrap();
+    let refused = ci.get_tailnet(pb::GetTailnetRequest { id: tailnet.id.clone() }).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    let listed = root.list_admin_trust_rules(pb::ListAdminTrustRulesRequest {}).await.unwrap().into_inner();
+    assert!(listed.rules.is_empty());
+    let all = root.list_audit_events(pb::ListAuditEventsRequest::default()).await.unwrap().into_inner().events;
+    for kind in [pb::EventKind::AdminTrustRuleCreated, pb::EventKind::AdminTrustRuleDeleted] {
+        assert!(all.iter().any(|e| e.kind == kind as i32), "{kind:?} is an audit event");
+    }
+    assert!(!format!("{all:?}").contains(&token), "no event holds the token");
+}

@@ -6,8 +6,8 @@ use cordon_proto::v1 as pb;
 use tokio::sync::{broadcast, mpsc};
 use tonic::{Request, Response, Status};
 
-use super::{BoxStream, convert, principal};
-use crate::admin::AdminTokens;
+use super::{BoxStream, authorize, convert};
+use crate::admin::{AdminTokens, OidcBearer};
 use crate::control_plane::{ControlPlane, PROPOSAL_LIFETIME, PolicyChange, Target};
 use crate::error::Error;
 use crate::model::{Action, AdminTokenId, AuthKeyId, NodeId, Principal, ProposalId, TailnetId, TrustRuleId};
@@ -23,6 +23,25 @@ pub struct ControlApi {
 impl ControlApi {
     pub fn new(cp: Arc<ControlPlane>, tokens: Arc<AdminTokens>) -> Self {
         ControlApi { cp, tokens }
+    }
+
+    /// The caller, if its role may do `action`: an admin token the interceptor recognised, or an OIDC
+    /// ID token that an admin trust rule accepts (keyless orchestration).
+    async fn principal<T>(&self, req: &Request<T>, action: Action, call: &str) -> Result<Principal, Status> {
+        let principal = match (req.extensions().get::<Principal>(), req.extensions().get::<OidcBearer>()) {
+            (Some(p), _) => p.clone(),
+            (None, Some(OidcBearer(token))) => match self.tokens.oidc_session(token, self.cp.now()) {
+                Some(p) => p,
+                None => {
+                    let rules = crate::oidc::unverified_issuer(token).map(|i| self.tokens.rules_for(&i));
+                    let (p, until) = self.cp.verify_admin_oidc(token, rules.unwrap_or_default()).await?;
+                    self.tokens.remember_oidc_session(token, p.clone(), until);
+                    p
+                }
+            },
+            (None, None) => return Err(Status::unauthenticated("missing admin token")),
+        };
+        authorize(principal, action, call)
     }
 
     /// Refuses a tailnet outside the caller's owner scope as not found, exactly as a missing one: a
@@ -52,7 +71,7 @@ impl ControlApi {
         req: Request<pb::DecidePolicyRequest>,
         call: &str,
     ) -> Result<(Principal, ProposalId, String), Status> {
-        let p = principal(&req, Action::Approve, call)?;
+        let p = self.principal(&req, Action::Approve, call).await?;
         let req = req.into_inner();
         let id = ProposalId::parse("id", &req.id)?;
         validate::reason("reason", &req.reason)?;
@@ -80,7 +99,7 @@ impl ControlApi {
 #[tonic::async_trait]
 impl pb::control_server::Control for ControlApi {
     async fn create_tailnet(&self, req: Request<pb::CreateTailnetRequest>) -> Result<Response<pb::Tailnet>, Status> {
-        let p = principal(&req, Action::Write, "CreateTailnet")?;
+        let p = self.principal(&req, Action::Write, "CreateTailnet").await?;
         let spec = convert::tailnet_spec(req.into_inner())?;
         if !p.sees_owner(&spec.owner) {
             return Err(Error::PermissionDenied(format!(
@@ -94,7 +113,7 @@ impl pb::control_server::Control for ControlApi {
     }
 
     async fn get_tailnet(&self, req: Request<pb::GetTailnetRequest>) -> Result<Response<pb::Tailnet>, Status> {
-        let p = principal(&req, Action::Read, "GetTailnet")?;
+        let p = self.principal(&req, Action::Read, "GetTailnet").await?;
         let id = TailnetId::parse("id", &req.get_ref().id)?;
         let tailnet = self.cp.get_tailnet(id).await?;
         if !p.sees_owner(&tailnet.owner) {
@@ -107,7 +126,7 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::ListTailnetsRequest>,
     ) -> Result<Response<pb::ListTailnetsResponse>, Status> {
-        let p = principal(&req, Action::Read, "ListTailnets")?;
+        let p = self.principal(&req, Action::Read, "ListTailnets").await?;
         let req = req.into_inner();
         let owner = if req.owner.is_empty() {
             None
@@ -136,7 +155,7 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::DeleteTailnetRequest>,
     ) -> Result<Response<pb::DeleteTailnetResponse>, Status> {
-        let p = principal(&req, Action::Write, "DeleteTailnet")?;
+        let p = self.principal(&req, Action::Write, "DeleteTailnet").await?;
         let req = req.into_inner();
         let id = TailnetId::parse("id", &req.id)?;
         validate::reason("reason", &req.reason)?;
@@ -152,7 +171,7 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::CreateAuthKeyRequest>,
     ) -> Result<Response<pb::CreateAuthKeyResponse>, Status> {
-        let p = principal(&req, Action::Write, "CreateAuthKey")?;
+        let p = self.principal(&req, Action::Write, "CreateAuthKey").await?;
         let spec = convert::auth_key_spec(req.into_inner())?;
         self.in_scope(&p, spec.tailnet_id).await?;
         let (key, secret) = self.cp.create_auth_key(spec, &p).await?;
@@ -166,7 +185,7 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::ListAuthKeysRequest>,
     ) -> Result<Response<pb::ListAuthKeysResponse>, Status> {
-        let p = principal(&req, Action::Read, "ListAuthKeys")?;
+        let p = self.principal(&req, Action::Read, "ListAuthKeys").await?;
         let tailnet = TailnetId::parse("tailnet_id", &req.get_ref().tailnet_id)?;
         self.in_scope(&p, tailnet).await?;
         let now = self.cp.now();
@@ -178,7 +197,7 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::RevokeAuthKeyRequest>,
     ) -> Result<Response<pb::RevokeAuthKeyResponse>, Status> {
-        let p = principal(&req, Action::Write, "RevokeAuthKey")?;
+        let p = self.principal(&req, Action::Write, "RevokeAuthKey").await?;
         let req = req.into_inner();
         let id = AuthKeyId::parse("id", &req.id)?;
         validate::reason("reason", &req.reason)?;
@@ -190,7 +209,7 @@ impl pb::control_server::Control for ControlApi {
     }
 
     async fn set_policy(&self, req: Request<pb::SetPolicyRequest>) -> Result<Response<pb::PolicyVersion>, Status> {
-        let p = principal(&req, Action::Write, "SetPolicy")?;
+        let p = self.principal(&req, Action::Write, "SetPolicy").await?;
         let actor = p.actor.clone();
         let req = req.into_inner();
         let tailnet = TailnetId::parse("tailnet_id", &req.tailnet_id)?;
@@ -213,7 +232,7 @@ impl pb::control_server::Control for ControlApi {
     }
 
     async fn get_policy(&self, req: Request<pb::GetPolicyRequest>) -> Result<Response<pb::PolicyVersion>, Status> {
-        let p = principal(&req, Action::Read, "GetPolicy")?;
+        let p = self.principal(&req, Action::Read, "GetPolicy").await?;
         let req = req.into_inner();
         let tailnet = TailnetId::parse("tailnet_id", &req.tailnet_id)?;
         self.in_scope(&p, tailnet).await?;
@@ -232,7 +251,7 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::ListPolicyVersionsRequest>,
     ) -> Result<Response<pb::ListPolicyVersionsResponse>, Status> {
-        let p = principal(&req, Action::Read, "ListPolicyVersions")?;
+        let p = self.principal(&req, Action::Read, "ListPolicyVersions").await?;
         let tailnet = TailnetId::parse("tailnet_id", &req.get_ref().tailnet_id)?;
         self.in_scope(&p, tailnet).await?;
         let (versions, current_version) = self.cp.policy_history(tailnet).await?;
@@ -244,7 +263,7 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::TestPolicyRequest>,
     ) -> Result<Response<pb::TestPolicyResponse>, Status> {
-        let p = principal(&req, Action::Read, "TestPolicy")?;
+        let p = self.principal(&req, Action::Read, "TestPolicy").await?;
         let req = req.into_inner();
         let tailnet = optional_id(&req.tailnet_id, |s| TailnetId::parse("tailnet_id", s))?;
         if let Some(t) = tailnet {
@@ -265,7 +284,7 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::CreateTrustRuleRequest>,
     ) -> Result<Response<pb::TrustRule>, Status> {
-        let p = principal(&req, Action::Write, "CreateTrustRule")?;
+        let p = self.principal(&req, Action::Write, "CreateTrustRule").await?;
         let spec = convert::trust_rule_spec(req.into_inner())?;
         self.in_scope(&p, spec.tailnet_id).await?;
         let rule = self.cp.create_trust_rule(spec, &p).await?;
@@ -276,7 +295,7 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::ListTrustRulesRequest>,
     ) -> Result<Response<pb::ListTrustRulesResponse>, Status> {
-        let p = principal(&req, Action::Read, "ListTrustRules")?;
+        let p = self.principal(&req, Action::Read, "ListTrustRules").await?;
         let tailnet = TailnetId::parse("tailnet_id", &req.get_ref().tailnet_id)?;
         self.in_scope(&p, tailnet).await?;
         let rules = self.cp.list_trust_rules(tailnet).await?.iter().map(convert::trust_rule).collect();
@@ -287,7 +306,7 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::DeleteTrustRuleRequest>,
     ) -> Result<Response<pb::DeleteTrustRuleResponse>, Status> {
-        let p = principal(&req, Action::Write, "DeleteTrustRule")?;
+        let p = self.principal(&req, Action::Write, "DeleteTrustRule").await?;
         let id = TrustRuleId::parse("id", &req.get_ref().id)?;
         if p.scope.is_some() {
             self.target_in_scope(&p, self.cp.tailnet_of(Target::TrustRule(id)).await?, "trust rule", id).await?;
@@ -297,7 +316,7 @@ impl pb::control_server::Control for ControlApi {
     }
 
     async fn list_nodes(&self, req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
-        let p = principal(&req, Action::Read, "ListNodes")?;
+        let p = self.principal(&req, Action::Read, "ListNodes").await?;
         let tailnet = TailnetId::parse("tailnet_id", &req.get_ref().tailnet_id)?;
         self.in_scope(&p, tailnet).await?;
         let hub = self.cp.hub();
@@ -308,7 +327,7 @@ impl pb::control_server::Control for ControlApi {
     }
 
     async fn get_node(&self, req: Request<pb::GetNodeRequest>) -> Result<Response<pb::NodeInfo>, Status> {
-        let p = principal(&req, Action::Read, "GetNode")?;
+        let p = self.principal(&req, Action::Read, "GetNode").await?;
         let id = NodeId::parse("id", &req.get_ref().id)?;
         let node = self.cp.get_node(id).await?;
         if node.gateway {
@@ -322,7 +341,7 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::DeleteNodeRequest>,
     ) -> Result<Response<pb::DeleteNodeResponse>, Status> {
-        let p = principal(&req, Action::Write, "DeleteNode")?;
+        let p = self.principal(&req, Action::Write, "DeleteNode").await?;
         let req = req.into_inner();
         let id = NodeId::parse("id", &req.id)?;
         validate::reason("reason", &req.reason)?;
@@ -337,7 +356,7 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::ListAuditEventsRequest>,
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
-        let p = principal(&req, Action::Read, "ListAuditEvents")?;
+        let p = self.principal(&req, Action::Read, "ListAuditEvents").await?;
         let req = req.into_inner();
         let filter = EventFilter {
             tailnet: optional_id(&req.tailnet_id, |s| TailnetId::parse("tailnet_id", s))?,
@@ -363,7 +382,7 @@ impl pb::control_server::Control for ControlApi {
     }
 
     async fn set_upstream(&self, req: Request<pb::SetUpstreamRequest>) -> Result<Response<pb::UpstreamInfo>, Status> {
-        let p = principal(&req, Action::Write, "SetUpstream")?;
+        let p = self.principal(&req, Action::Write, "SetUpstream").await?;
         let req = req.into_inner();
         let tailnet = TailnetId::parse("tailnet_id", &req.tailnet_id)?;
         let spec = convert::upstream_spec("", req.name, req.kind, req.base_url, req.api_key)?;
@@ -376,7 +395,7 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::GetRelayStatsRequest>,
     ) -> Result<Response<pb::RelayStats>, Status> {
-        let p = principal(&req, Action::Read, "GetRelayStats")?;
+        let p = self.principal(&req, Action::Read, "GetRelayStats").await?;
         if let Some(scope) = &p.scope {
             return Err(Error::PermissionDenied(format!(
                 "GetRelayStats counts every tailnet's traffic; this token is scoped to owner {}",
@@ -401,7 +420,7 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        let p = principal(&req, Action::Read, "WatchEvents")?;
+        let p = self.principal(&req, Action::Read, "WatchEvents").await?;
         let req = req.into_inner();
         let tailnet = optional_id(&req.tailnet_id, |s| TailnetId::parse("tailnet_id", s))?;
         self.events_scope(&p, tailnet).await?;
@@ -464,7 +483,7 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::SetPolicyApprovalRequest>,
     ) -> Result<Response<pb::Tailnet>, Status> {
-        let p = principal(&req, Action::Govern, "SetPolicyApproval")?;
+        let p = self.principal(&req, Action::Govern, "SetPolicyApproval").await?;
         let req = req.into_inner();
         let tailnet = TailnetId::parse("tailnet_id", &req.tailnet_id)?;
         validate::reason("reason", &req.reason)?;
@@ -477,7 +496,7 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::ProposePolicyRequest>,
     ) -> Result<Response<pb::PolicyProposal>, Status> {
-        let p = principal(&req, Action::Write, "ProposePolicy")?;
+        let p = self.principal(&req, Action::Write, "ProposePolicy").await?;
         let req = req.into_inner();
         let tailnet = TailnetId::parse("tailnet_id", &req.tailnet_id)?;
         validate::reason("reason", &req.reason)?;
@@ -521,18 +540,49 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::ListPolicyProposalsRequest>,
     ) -> Result<Response<pb::ListPolicyProposalsResponse>, Status> {
-        let p = principal(&req, Action::Read, "ListPolicyProposals")?;
+        let p = self.principal(&req, Action::Read, "ListPolicyProposals").await?;
         let tailnet = TailnetId::parse("tailnet_id", &req.get_ref().tailnet_id)?;
         self.in_scope(&p, tailnet).await?;
         let proposals = self.cp.list_proposals(tailnet).await?.iter().map(convert::proposal).collect();
         Ok(Response::new(pb::ListPolicyProposalsResponse { proposals }))
     }
 
+    async fn create_admin_trust_rule(
+        &self,
+        req: Request<pb::CreateAdminTrustRuleRequest>,
+    ) -> Result<Response<pb::AdminTrustRule>, Status> {
+        let p = self.principal(&req, Action::ManageTokens, "CreateAdminTrustRule").await?;
+        let rule = convert::admin_trust_rule_spec(req.into_inner(), &p.actor, self.cp.now())?;
+        let rule = self.cp.create_admin_trust_rule(rule, &p).await?;
+        self.tokens.set_rules(self.cp.list_admin_trust_rules(None).await?);
+        Ok(Response::new(convert::admin_trust_rule(&rule)))
+    }
+
+    async fn list_admin_trust_rules(
+        &self,
+        req: Request<pb::ListAdminTrustRulesRequest>,
+    ) -> Result<Response<pb::ListAdminTrustRulesResponse>, Status> {
+        let p = self.principal(&req, Action::ManageTokens, "ListAdminTrustRules").await?;
+        let rules = self.cp.list_admin_trust_rules(Some(&p)).await?.iter().map(convert::admin_trust_rule).collect();
+        Ok(Response::new(pb::ListAdminTrustRulesResponse { rules }))
+    }
+
+    async fn delete_admin_trust_rule(
+        &self,
+        req: Request<pb::DeleteAdminTrustRuleRequest>,
+    ) -> Result<Response<pb::DeleteAdminTrustRuleResponse>, Status> {
+        let p = self.principal(&req, Action::ManageTokens, "DeleteAdminTrustRule").await?;
+        let id = crate::model::AdminTrustRuleId::parse("id", &req.get_ref().id)?;
+        self.cp.delete_admin_trust_rule(id, &p).await?;
+        self.tokens.set_rules(self.cp.list_admin_trust_rules(None).await?);
+        Ok(Response::new(pb::DeleteAdminTrustRuleResponse {}))
+    }
+
     async fn create_admin_token(
         &self,
         req: Request<pb::CreateAdminTokenRequest>,
     ) -> Result<Response<pb::CreateAdminTokenResponse>, Status> {
-        let p = principal(&req, Action::ManageTokens, "CreateAdminToken")?;
+        let p = self.principal(&req, Action::ManageTokens, "CreateAdminToken").await?;
         let spec = convert::admin_token_spec(req.into_inner())?;
         let (token, secret) = self.cp.create_admin_token(spec, &p).await?;
         self.tokens.remember(token.clone());
@@ -546,7 +596,7 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::ListAdminTokensRequest>,
     ) -> Result<Response<pb::ListAdminTokensResponse>, Status> {
-        let p = principal(&req, Action::ManageTokens, "ListAdminTokens")?;
+        let p = self.principal(&req, Action::ManageTokens, "ListAdminTokens").await?;
         let tokens = self.cp.list_admin_tokens(Some(&p)).await?.iter().map(convert::admin_token).collect();
         Ok(Response::new(pb::ListAdminTokensResponse { tokens }))
     }
@@ -555,7 +605,7 @@ impl pb::control_server::Control for ControlApi {
         &self,
         req: Request<pb::RevokeAdminTokenRequest>,
     ) -> Result<Response<pb::RevokeAdminTokenResponse>, Status> {
-        let p = principal(&req, Action::ManageTokens, "RevokeAdminToken")?;
+        let p = self.principal(&req, Action::ManageTokens, "RevokeAdminToken").await?;
         let req = req.into_inner();
         let id = AdminTokenId::parse("id", &req.id)?;
         validate::reason("reason", &req.reason)?;

@@ -184,17 +184,25 @@ fn issuer_url(field: &str, s: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn trust_rule_spec(req: pb::CreateTrustRuleRequest) -> Result<TrustRuleSpec> {
-    let tailnet_id = TailnetId::parse("tailnet_id", &req.tailnet_id)?;
-    issuer_url("issuer", &req.issuer)?;
-    if req.audience.is_empty() || req.audience.len() > 256 {
+/// The issuer, audience and claim conditions of a trust rule (for nodes or admins).
+fn oidc_expectation(
+    issuer: &str,
+    audience: &str,
+    conditions: &std::collections::HashMap<String, String>,
+) -> Result<()> {
+    issuer_url("issuer", issuer)?;
+    if audience.is_empty() || audience.len() > 256 {
         return Err(Error::invalid("audience", "is required, at most 256 characters"));
     }
-    validate::no_control("audience", &req.audience)?;
-    if req.claim_conditions.len() > 16 {
+    validate::no_control("audience", audience)?;
+    claim_conditions(conditions)
+}
+
+fn claim_conditions(conditions: &std::collections::HashMap<String, String>) -> Result<()> {
+    if conditions.len() > 16 {
         return Err(Error::invalid("claim_conditions", "at most 16 conditions"));
     }
-    for (claim, pattern) in &req.claim_conditions {
+    for (claim, pattern) in conditions {
         let field = format!("claim_conditions[{}]", quote(claim));
         if claim.is_empty() || claim.len() > 64 || !claim.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Err(Error::invalid(field, "a claim name is 1-64 of letters, digits and '_'"));
@@ -204,12 +212,62 @@ pub fn trust_rule_spec(req: pb::CreateTrustRuleRequest) -> Result<TrustRuleSpec>
         }
         validate::no_control(&field, pattern)?;
     }
-    if req.claim_conditions.is_empty() {
+    if conditions.is_empty() {
         return Err(Error::invalid(
             "claim_conditions",
             "name at least one condition (e.g. repository): without one, every token of the issuer would be admitted",
         ));
     }
+    Ok(())
+}
+
+pub fn admin_trust_rule_spec(
+    req: pb::CreateAdminTrustRuleRequest,
+    by: &crate::model::Actor,
+    now: SystemTime,
+) -> Result<crate::model::AdminTrustRule> {
+    validate::dns_label("name", &req.name)?;
+    oidc_expectation(&req.issuer, &req.audience, &req.claim_conditions)?;
+    let role = role_of(req.role)?;
+    let owner_scope = if req.owner_scope.is_empty() {
+        None
+    } else {
+        validate::owner("owner_scope", &req.owner_scope)?;
+        Some(req.owner_scope)
+    };
+    validate::reason("reason", &req.reason)?;
+    Ok(crate::model::AdminTrustRule {
+        id: crate::model::AdminTrustRuleId::generate(),
+        name: req.name,
+        issuer: req.issuer.trim_end_matches('/').to_string(),
+        audience: req.audience,
+        conditions: req.claim_conditions.into_iter().collect(),
+        role,
+        owner_scope,
+        reason: req.reason,
+        created_by: by.0.clone(),
+        created_at: now,
+    })
+}
+
+pub fn admin_trust_rule(r: &crate::model::AdminTrustRule) -> pb::AdminTrustRule {
+    pb::AdminTrustRule {
+        id: r.id.to_string(),
+        name: r.name.clone(),
+        issuer: r.issuer.clone(),
+        audience: r.audience.clone(),
+        claim_conditions: r.conditions.clone().into_iter().collect(),
+        role: role(r.role).into(),
+        owner_scope: r.owner_scope.clone().unwrap_or_default(),
+        reason: r.reason.clone(),
+        created_by: r.created_by.clone(),
+        created_at: ts(r.created_at),
+    }
+}
+
+pub fn trust_rule_spec(req: pb::CreateTrustRuleRequest) -> Result<TrustRuleSpec> {
+    let tailnet_id = TailnetId::parse("tailnet_id", &req.tailnet_id)?;
+    oidc_expectation(&req.issuer, &req.audience, &req.claim_conditions)?;
     let tags = validate::tags("tags", &req.tags)?;
     let lifetime = match req.max_node_lifetime_seconds {
         0 => 3600,
@@ -242,18 +300,7 @@ const MAX_TOKEN_SECONDS: u64 = 10 * 365 * 24 * 3600;
 
 pub fn admin_token_spec(req: pb::CreateAdminTokenRequest) -> Result<AdminTokenSpec> {
     validate::dns_label("name", &req.name)?;
-    let role = match pb::Role::try_from(req.role) {
-        Ok(pb::Role::Admin) => Role::Admin,
-        Ok(pb::Role::Operator) => Role::Operator,
-        Ok(pb::Role::Auditor) => Role::Auditor,
-        Ok(pb::Role::Approver) => Role::Approver,
-        _ => {
-            return Err(Error::invalid(
-                "role",
-                "is required: ROLE_ADMIN, ROLE_OPERATOR, ROLE_AUDITOR or ROLE_APPROVER",
-            ));
-        }
-    };
+    let role = role_of(req.role)?;
     let owner_scope = if req.owner_scope.is_empty() {
         None
     } else {
@@ -274,6 +321,16 @@ pub fn admin_token_spec(req: pb::CreateAdminTokenRequest) -> Result<AdminTokenSp
         expires_in_seconds: req.expires_in_seconds,
         reason: req.reason,
     })
+}
+
+fn role_of(role: i32) -> Result<Role> {
+    match pb::Role::try_from(role) {
+        Ok(pb::Role::Admin) => Ok(Role::Admin),
+        Ok(pb::Role::Operator) => Ok(Role::Operator),
+        Ok(pb::Role::Auditor) => Ok(Role::Auditor),
+        Ok(pb::Role::Approver) => Ok(Role::Approver),
+        _ => Err(Error::invalid("role", "is required: ROLE_ADMIN, ROLE_OPERATOR, ROLE_AUDITOR or ROLE_APPROVER")),
+    }
 }
 
 pub fn role(r: Role) -> pb::Role {
@@ -419,6 +476,8 @@ fn event_kind(kind: EventKind) -> pb::EventKind {
         EventKind::PolicyRejected => pb::EventKind::PolicyRejected,
         EventKind::PolicyProposalExpired => pb::EventKind::PolicyProposalExpired,
         EventKind::PolicyApprovalSet => pb::EventKind::PolicyApprovalSet,
+        EventKind::AdminTrustRuleCreated => pb::EventKind::AdminTrustRuleCreated,
+        EventKind::AdminTrustRuleDeleted => pb::EventKind::AdminTrustRuleDeleted,
     }
 }
 

@@ -33,6 +33,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("postgres/0001_initial.sql")),
     (2, include_str!("postgres/0002_admin_tokens.sql")),
     (3, include_str!("postgres/0003_policy_proposals.sql")),
+    (4, include_str!("postgres/0004_admin_trust_rules.sql")),
 ];
 
 /// The oldest server this engine is tested against (`server_version_num`).
@@ -582,6 +583,24 @@ impl PgTx {
              ON CONFLICT (id) DO UPDATE SET record = excluded.record",
             params![t.id.0, t.name.clone(), t.secret_hash.to_vec(), record(t)],
         );
+        Ok(())
+    }
+
+    pub async fn admin_trust_rules(&mut self) -> Result<Vec<crate::model::AdminTrustRule>> {
+        self.many("SELECT record FROM admin_trust_rules ORDER BY id", &[], "admin trust rule").await
+    }
+
+    pub async fn put_admin_trust_rule(&mut self, r: &crate::model::AdminTrustRule) -> Result<()> {
+        self.queue(
+            "INSERT INTO admin_trust_rules (id, issuer, record) VALUES ($1, $2, $3) \
+             ON CONFLICT (id) DO UPDATE SET issuer = excluded.issuer, record = excluded.record",
+            params![r.id.0, r.issuer.clone(), record(r)],
+        );
+        Ok(())
+    }
+
+    pub async fn delete_admin_trust_rule(&mut self, id: crate::model::AdminTrustRuleId) -> Result<()> {
+        self.queue("DELETE FROM admin_trust_rules WHERE id = $1", params![id.0]);
         Ok(())
     }
 

@@ -103,6 +103,10 @@ mod key {
     pub fn tailnet_proposal(t: TailnetId, p: crate::model::ProposalId) -> Vec<u8> {
         join(b"tpp/", &[t.as_bytes(), p.as_bytes()])
     }
+    pub const ADMIN_TRUST_RULES: &[u8] = b"atr/";
+    pub fn admin_trust_rule(id: crate::model::AdminTrustRuleId) -> Vec<u8> {
+        join(ADMIN_TRUST_RULES, &[id.as_bytes()])
+    }
     pub const ADMIN_TOKENS: &[u8] = b"at/";
     pub fn admin_token(id: crate::model::AdminTokenId) -> Vec<u8> {
         join(ADMIN_TOKENS, &[id.as_bytes()])
@@ -460,6 +464,20 @@ impl SledTx {
     pub async fn put_proposal(&mut self, p: &crate::model::PolicyProposal) -> Result<()> {
         self.put(&key::proposal(p.id), p);
         self.put_raw(&key::tailnet_proposal(p.tailnet_id, p.id), &[]);
+        Ok(())
+    }
+
+    pub async fn admin_trust_rules(&mut self) -> Result<Vec<crate::model::AdminTrustRule>> {
+        self.all(key::ADMIN_TRUST_RULES)
+    }
+
+    pub async fn put_admin_trust_rule(&mut self, rule: &crate::model::AdminTrustRule) -> Result<()> {
+        self.put(&key::admin_trust_rule(rule.id), rule);
+        Ok(())
+    }
+
+    pub async fn delete_admin_trust_rule(&mut self, id: crate::model::AdminTrustRuleId) -> Result<()> {
+        self.del(&key::admin_trust_rule(id));
         Ok(())
     }
 

@@ -89,6 +89,13 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Who can reach what, and who granted it (`cordon access report --tailnet ID [--json|--csv]`).
+    Access {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: AccessCommand,
+    },
     /// Keyless orchestration: let OIDC ID tokens that match a rule act as admin credentials.
     AdminTrust {
         #[command(flatten)]
@@ -399,6 +406,19 @@ enum TokenCommand {
 }
 
 #[derive(Subcommand)]
+enum AccessCommand {
+    /// For every node: what it may reach and on which ports, its AI gateway rules, how it was admitted
+    /// and by whom; for every tag: who may hand it out and what carries it.
+    Report {
+        #[arg(long)]
+        tailnet: String,
+        /// One row per node and peer it may reach, as CSV.
+        #[arg(long, conflicts_with = "json")]
+        csv: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum AdminTrustCommand {
     /// Tokens from ISSUER for AUDIENCE whose claims match act with ROLE over OWNER's tailnets.
     Create {
@@ -531,6 +551,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Trust { client, command } => trust(&client, command).await,
         Command::Token { client, command } => token(&client, command).await,
         Command::AdminTrust { client, command } => admin_trust(&client, command).await,
+        Command::Access { client, command: AccessCommand::Report { tailnet, csv } } => {
+            access_report(&client, tailnet, csv).await
+        }
         Command::Upstream { client, command } => upstream(&client, command).await,
         Command::Relay { client, command: RelayCommand::Stats } => relay_stats(&client).await,
         Command::Completions { shell } => {
@@ -1244,6 +1267,114 @@ fn pb_role(role: TokenRole) -> pb::Role {
         TokenRole::Auditor => pb::Role::Auditor,
         TokenRole::Approver => pb::Role::Approver,
     }
+}
+
+/// A CSV field, quoted when it must be.
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
+}
+
+async fn access_report(client: &ClientArgs, tailnet: String, csv: bool) -> anyhow::Result<()> {
+    let mut admin = client.connect().await?;
+    let r = admin.get_access_report(pb::GetAccessReportRequest { tailnet_id: tailnet }).await.map_err(status)?;
+    let r = r.into_inner();
+    let node_json = |n: &pb::NodeAccess| {
+        json!({"node_id": n.node_id, "hostname": n.hostname, "tags": n.tags, "owner": n.owner,
+            "admitted_by": n.admitted_by, "admission_created_by": n.admission_created_by,
+            "admission_reason": n.admission_reason, "run_claims": n.run_claims, "online": n.online,
+            "last_seen": n.last_seen.as_ref().map(|_| time(&n.last_seen)),
+            "reach": n.reach.iter().map(|r| json!({"peer_id": r.peer_id, "peer": r.peer_hostname, "ports": r.ports}))
+                .collect::<Vec<_>>(),
+            "ai_capabilities": serde_json::from_str::<Value>(&n.ai_capabilities_json).unwrap_or(Value::Null)})
+    };
+    if client.json {
+        let tags: Vec<Value> = r
+            .tags
+            .iter()
+            .map(|t| {
+                json!({"tag": t.tag, "owners": t.owners, "nodes": t.nodes, "auth_keys": t.auth_keys,
+                "trust_rules": t.trust_rules})
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({"tailnet_id": r.tailnet_id, "tailnet": r.tailnet_name, "owner": r.owner,
+                "generated_at": time(&r.generated_at), "policy_version": r.policy_version,
+                "policy_author": r.policy_author, "policy_reason": r.policy_reason,
+                "policy_set_at": r.policy_set_at.as_ref().map(|_| time(&r.policy_set_at)),
+                "policy_approved_by": r.policy_approved_by,
+                "nodes": r.nodes.iter().map(node_json).collect::<Vec<_>>(), "tags": tags})
+        );
+        return Ok(());
+    }
+    let header = [
+        "tailnet",
+        "policy_version",
+        "policy_author",
+        "policy_approved_by",
+        "node_id",
+        "hostname",
+        "tags",
+        "owner",
+        "admitted_by",
+        "admission_created_by",
+        "admission_reason",
+        "last_seen",
+        "peer",
+        "ports",
+        "ai_capabilities",
+    ];
+    let mut rows = Vec::new();
+    for n in &r.nodes {
+        let reach: Vec<(String, String)> = if n.reach.is_empty() {
+            vec![(String::new(), String::new())]
+        } else {
+            n.reach.iter().map(|r| (r.peer_hostname.clone(), r.ports.join(" "))).collect()
+        };
+        for (peer, ports) in reach {
+            rows.push(vec![
+                r.tailnet_name.clone(),
+                r.policy_version.to_string(),
+                r.policy_author.clone(),
+                r.policy_approved_by.clone(),
+                n.node_id.clone(),
+                n.hostname.clone(),
+                n.tags.join(" "),
+                n.owner.clone(),
+                n.admitted_by.clone(),
+                n.admission_created_by.clone(),
+                n.admission_reason.clone(),
+                n.last_seen.as_ref().map(|_| time(&n.last_seen)).unwrap_or_default(),
+                peer,
+                ports,
+                n.ai_capabilities_json.clone(),
+            ]);
+        }
+    }
+    if csv {
+        println!("{}", header.join(","));
+        for row in rows {
+            println!("{}", row.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(","));
+        }
+        return Ok(());
+    }
+    println!(
+        "tailnet {} (owner {}), policy v{} by {}{}",
+        r.tailnet_name,
+        r.owner,
+        r.policy_version,
+        if r.policy_author.is_empty() {
+            "nobody (default: every node may reach every other)"
+        } else {
+            &r.policy_author
+        },
+        if r.policy_approved_by.is_empty() { String::new() } else { format!(", approved by {}", r.policy_approved_by) }
+    );
+    let table = rows
+        .into_iter()
+        .map(|row| vec![row[5].clone(), row[6].clone(), row[8].clone(), row[12].clone(), row[13].clone()]);
+    print_table(&["NODE", "TAGS", "ADMITTED BY", "MAY REACH", "PORTS"], table.collect());
+    Ok(())
 }
 
 async fn admin_trust(client: &ClientArgs, command: AdminTrustCommand) -> anyhow::Result<()> {

@@ -1,6 +1,7 @@
 //! Cordon's control plane: the admin and node gRPC APIs over a domain core and two storage engines
 //! (sled, PostgreSQL), the reaper of expiring tailnets and nodes, and the `cordon` command line.
 
+pub mod access;
 pub mod admin;
 pub mod api;
 pub mod cli;

@@ -773,3 +773,98 @@ async fn an_orchestrators_oidc_token_is_an_admin_credential_through_an_admin_tru
     }
     assert!(!format!("{all:?}").contains(&token), "no event holds the token");
 }
+
+const REPORTED: &str = r#"{
+  "tagOwners": { "tag:ci": ["role:operator"], "tag:db": [], "tag:sensor": [] },
+  "grants": [
+    { "src": ["tag:ci"], "dst": ["tag:db"], "ip": ["tcp:5432"] },
+    { "src": ["tag:sensor"], "dst": ["tag:db"], "ip": ["udp:53", "icmp"] },
+    { "src": ["tag:ci"], "dst": ["gateway"], "ip": ["tcp:80"],
+      "app": { "cordon.dev/cap/ai": [ { "models": ["openai/gpt-4o-mini"], "rpm": 30 } ] } }
+  ]
+}"#;
+
+/// The access report of a known policy: what each node may reach, its gateway rules, how it was admitted,
+/// who may hand out each tag, and which policy version (and author) it all comes from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_report_says_who_can_reach_what_and_who_granted_it() {
+    let server = TestServer::start().await;
+    let mut root = server.admin().await;
+    let mut req = tailnet_request("audited");
+    req.policy_json = REPORTED.into();
+    let tailnet = root.create_tailnet(req).await.unwrap().into_inner();
+    let nodes = server.nodes().await;
+    let join = |tags: &[&str], host: &'static str| {
+        let (mut root, tailnet) = (root.clone(), tailnet.id.clone());
+        let tags: Vec<String> = tags.iter().map(|t| t.to_string()).collect();
+        let mut nodes = nodes.clone();
+        async move {
+            let key = pb::CreateAuthKeyRequest {
+                tailnet_id: tailnet,
+                tags,
+                reusable: true,
+                expires_in_seconds: 600,
+                reason: format!("admit {host}"),
+                ..Default::default()
+            };
+            let secret = root.create_auth_key(key).await.unwrap().into_inner().secret;
+            register(&mut nodes, &secret, host).await.node.unwrap()
+        }
+    };
+    let ci = join(&["tag:ci"], "ci").await;
+    let db = join(&["tag:db"], "db").await;
+    let sensor = join(&["tag:sensor"], "sensor").await;
+
+    let auditor = token(&mut root, "auditor", pb::Role::Auditor, OWN).await;
+    let mut auditor = server.admin_as(&auditor).await;
+    let report = auditor
+        .get_access_report(pb::GetAccessReportRequest { tailnet_id: tailnet.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.policy_version, 1);
+    assert!(report.policy_author.starts_with("admin:"), "{}", report.policy_author);
+    let node = |id: &str| report.nodes.iter().find(|n| n.node_id == id).unwrap();
+    let reach = |n: &pb::NodeAccess| -> Vec<(String, Vec<String>)> {
+        n.reach.iter().map(|r| (r.peer_hostname.clone(), r.ports.clone())).collect()
+    };
+    let ci_reach =
+        [("gateway".to_string(), vec!["tcp:80".to_string()]), ("db".to_string(), vec!["tcp:5432".to_string()])];
+    assert_eq!(reach(node(&ci.id)), ci_reach, "ci reaches the gateway on 80 and db on 5432, nothing else");
+    assert_eq!(reach(node(&sensor.id)), [("db".to_string(), vec!["icmp".to_string(), "udp:53".to_string()])]);
+    assert!(reach(node(&db.id)).is_empty(), "nothing is granted to db");
+    let ci_ai: serde_json::Value = serde_json::from_str(&node(&ci.id).ai_capabilities_json).unwrap();
+    assert_eq!(ci_ai[0]["models"][0], "openai/gpt-4o-mini");
+    assert_eq!(node(&db.id).ai_capabilities_json, "[]", "db may not use the gateway");
+    let admitted = node(&ci.id);
+    assert!(admitted.admitted_by.starts_with("auth key "), "{}", admitted.admitted_by);
+    assert_eq!(admitted.admission_reason, "admit ci");
+    assert!(admitted.admission_created_by.starts_with("admin:"));
+    let tag = |name: &str| report.tags.iter().find(|t| t.tag == name).unwrap();
+    assert_eq!(
+        (tag("tag:ci").owners.clone(), tag("tag:ci").nodes.clone()),
+        (vec!["role:operator".to_string()], vec!["ci".to_string()])
+    );
+    assert_eq!(tag("tag:ci").auth_keys.len(), 1);
+    assert!(tag("tag:db").owners.is_empty(), "only admins hand out tag:db");
+
+    // The CLI: JSON and CSV.
+    let out = cordon(&server, &server.admin_token, &["access", "report", "--tailnet", &tailnet.id]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["nodes"].as_array().unwrap().len(), 3);
+    let csv = tokio::process::Command::new(cordon_bin())
+        .args(["access", "report", "--tailnet", &tailnet.id, "--csv", "--server", &server.url, "--token"])
+        .arg(&server.admin_token)
+        .output()
+        .await
+        .unwrap();
+    let csv = String::from_utf8(csv.stdout).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert!(lines[0].starts_with("tailnet,policy_version,"), "{csv}");
+    assert!(lines.iter().any(|l| l.contains(",ci,") && l.contains(",db,tcp:5432,")), "{csv}");
+    // Another owner's auditor sees nothing of it.
+    let mut other = server.admin_as(&token(&mut root, "other-auditor", pb::Role::Auditor, OTHER).await).await;
+    let refused = other.get_access_report(pb::GetAccessReportRequest { tailnet_id: tailnet.id.clone() }).await;
+    assert_eq!(refused.unwrap_err().code(), Code::NotFound);
+}

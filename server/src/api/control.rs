@@ -547,6 +547,17 @@ impl pb::control_server::Control for ControlApi {
         Ok(Response::new(pb::ListPolicyProposalsResponse { proposals }))
     }
 
+    async fn get_access_report(
+        &self,
+        req: Request<pb::GetAccessReportRequest>,
+    ) -> Result<Response<pb::AccessReport>, Status> {
+        let p = self.principal(&req, Action::Read, "GetAccessReport").await?;
+        let tailnet = TailnetId::parse("tailnet_id", &req.get_ref().tailnet_id)?;
+        self.in_scope(&p, tailnet).await?;
+        let report = crate::access::report(&self.cp, tailnet).await?;
+        Ok(Response::new(convert::access_report(&report)))
+    }
+
     async fn create_admin_trust_rule(
         &self,
         req: Request<pb::CreateAdminTrustRuleRequest>,

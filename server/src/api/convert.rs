@@ -569,6 +569,57 @@ pub fn proposal(p: &crate::model::PolicyProposal) -> pb::PolicyProposal {
     }
 }
 
+pub fn access_report(r: &crate::access::AccessReport) -> pb::AccessReport {
+    pb::AccessReport {
+        tailnet_id: r.tailnet_id.to_string(),
+        tailnet_name: r.tailnet_name.clone(),
+        owner: r.owner.clone(),
+        generated_at: ts(r.generated_at),
+        policy_version: r.policy_version,
+        policy_author: r.policy_author.clone(),
+        policy_reason: r.policy_reason.clone(),
+        policy_set_at: r.policy_set_at.map(to_timestamp),
+        policy_approved_by: r.policy_approved_by.clone(),
+        nodes: r
+            .nodes
+            .iter()
+            .map(|n| pb::NodeAccess {
+                node_id: n.node.id.to_string(),
+                hostname: n.node.hostname.clone(),
+                tags: n.node.tags.clone(),
+                owner: n.node.owner.clone(),
+                admitted_by: n.admitted_by.clone(),
+                admission_created_by: n.admission_created_by.clone(),
+                admission_reason: n.admission_reason.clone(),
+                run_claims: n.run.as_ref().map(|r| r.claims.clone().into_iter().collect()).unwrap_or_default(),
+                online: n.online,
+                last_seen: n.last_seen.map(to_timestamp),
+                reach: n
+                    .reach
+                    .iter()
+                    .map(|r| pb::Reach {
+                        peer_id: r.peer_id.clone(),
+                        peer_hostname: r.peer_hostname.clone(),
+                        ports: r.ports.clone(),
+                    })
+                    .collect(),
+                ai_capabilities_json: serde_json::Value::Array(n.ai.clone()).to_string(),
+            })
+            .collect(),
+        tags: r
+            .tags
+            .iter()
+            .map(|t| pb::TagAccess {
+                tag: t.tag.clone(),
+                owners: t.owners.clone(),
+                nodes: t.nodes.clone(),
+                auth_keys: t.auth_keys.clone(),
+                trust_rules: t.trust_rules.clone(),
+            })
+            .collect(),
+    }
+}
+
 /// A node's packet filter as the netmap carries it: each IPv4 source with the IPv6 network it maps to.
 pub fn packet_filter(rules: Option<&[crate::policy::FilterRule]>, ipv6: Ipv6Map) -> pb::PacketFilter {
     use crate::policy::Proto;

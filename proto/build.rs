@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ".cordon.v1.SetUpstreamRequest",
         ".cordon.v1.CreateAuthKeyResponse",
         ".cordon.v1.CreateAdminTokenResponse",
+        ".cordon.v1.CreateWebhookRequest",
         ".cordon.v1.RegisterRequest",
         ".cordon.v1.RegisterRequest.credential",
         ".cordon.v1.RegisterResponse",

@@ -41,6 +41,7 @@ mod redacted {
     redacted_debug!(SetUpstreamRequest { tailnet_id, name, kind, base_url } secret { api_key });
     redacted_debug!(CreateAuthKeyResponse { key } secret { secret });
     redacted_debug!(CreateAdminTokenResponse { token } secret { secret });
+    redacted_debug!(CreateWebhookRequest { tailnet_id, url, events, retry_seconds, reason } secret { secret });
     redacted_debug!(RegisterResponse { node, tailnet } secret { session_token });
     redacted_debug!(WatchNetMapRequest {} secret { session_token });
     redacted_debug!(ReportEndpointsRequest { endpoints } secret { session_token });

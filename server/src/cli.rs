@@ -89,6 +89,13 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Alerts to webhooks: create, list, delete, and see their deliveries.
+    Webhook {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: WebhookCommand,
+    },
     /// Who can reach what, and who granted it (`cordon access report --tailnet ID [--json|--csv]`).
     Access {
         #[command(flatten)]
@@ -406,6 +413,41 @@ enum TokenCommand {
 }
 
 #[derive(Subcommand)]
+enum WebhookCommand {
+    /// POST chosen events to URL, signed with the secret read from a file or standard input.
+    Create {
+        url: String,
+        /// Only this tailnet's events [default: every tailnet's].
+        #[arg(long)]
+        tailnet: Option<String>,
+        /// An event name (repeatable), e.g. gateway_blocked [default: all].
+        #[arg(long = "event")]
+        events: Vec<String>,
+        /// A file holding the HMAC secret, or `-` for standard input.
+        #[arg(long)]
+        secret_file: PathBuf,
+        /// How long one event is retried, e.g. 10m [default: 10m].
+        #[arg(long, value_parser = parse_duration)]
+        retry: Option<Duration>,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    List {
+        #[arg(long)]
+        tailnet: Option<String>,
+    },
+    Delete {
+        id: String,
+    },
+    /// The newest deliveries of a webhook: delivered or given up on, attempts, status, error.
+    Deliveries {
+        id: String,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+#[derive(Subcommand)]
 enum AccessCommand {
     /// For every node: what it may reach and on which ports, its AI gateway rules, how it was admitted
     /// and by whom; for every tag: who may hand it out and what carries it.
@@ -551,6 +593,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Trust { client, command } => trust(&client, command).await,
         Command::Token { client, command } => token(&client, command).await,
         Command::AdminTrust { client, command } => admin_trust(&client, command).await,
+        Command::Webhook { client, command } => webhook(&client, command).await,
         Command::Access { client, command: AccessCommand::Report { tailnet, csv } } => {
             access_report(&client, tailnet, csv).await
         }
@@ -1267,6 +1310,98 @@ fn pb_role(role: TokenRole) -> pb::Role {
         TokenRole::Auditor => pb::Role::Auditor,
         TokenRole::Approver => pb::Role::Approver,
     }
+}
+
+async fn webhook(client: &ClientArgs, command: WebhookCommand) -> anyhow::Result<()> {
+    let mut admin = client.connect().await?;
+    let hook_json = |w: &pb::Webhook| {
+        json!({"id": w.id, "tailnet_id": w.tailnet_id, "url": w.url, "events": w.events,
+            "retry_seconds": w.retry_seconds, "reason": w.reason, "created_by": w.created_by,
+            "created_at": time(&w.created_at), "delivered_revision": w.delivered_revision})
+    };
+    let rows = |hooks: &[pb::Webhook]| -> Vec<Vec<String>> {
+        hooks
+            .iter()
+            .map(|w| {
+                vec![
+                    w.id.clone(),
+                    w.url.clone(),
+                    w.tailnet_id.clone(),
+                    w.events.join(","),
+                    w.delivered_revision.to_string(),
+                ]
+            })
+            .collect()
+    };
+    let headers = ["ID", "URL", "TAILNET", "EVENTS", "DELIVERED TO"];
+    match command {
+        WebhookCommand::Create { url, tailnet, events, secret_file, retry, reason } => {
+            let secret = read_text(&secret_file)?.trim().to_string();
+            let req = pb::CreateWebhookRequest {
+                tailnet_id: tailnet.unwrap_or_default(),
+                url,
+                events,
+                secret,
+                retry_seconds: retry.map_or(0, |d| d.as_secs()),
+                reason,
+            };
+            let hook = admin.create_webhook(req).await.map_err(status)?.into_inner();
+            if client.json {
+                println!("{}", hook_json(&hook));
+            } else {
+                print_table(&headers, rows(&[hook]));
+            }
+        }
+        WebhookCommand::List { tailnet } => {
+            let req = pb::ListWebhooksRequest { tailnet_id: tailnet.unwrap_or_default() };
+            let hooks = admin.list_webhooks(req).await.map_err(status)?.into_inner().webhooks;
+            if client.json {
+                println!("{}", Value::Array(hooks.iter().map(hook_json).collect()));
+            } else {
+                print_table(&headers, rows(&hooks));
+            }
+        }
+        WebhookCommand::Delete { id } => {
+            admin.delete_webhook(pb::DeleteWebhookRequest { id: id.clone() }).await.map_err(status)?;
+            if client.json {
+                println!("{}", json!({"id": id, "deleted": true}));
+            } else {
+                println!("deleted webhook {id}");
+            }
+        }
+        WebhookCommand::Deliveries { id, limit } => {
+            let req = pb::ListWebhookDeliveriesRequest { webhook_id: id, limit };
+            let deliveries = admin.list_webhook_deliveries(req).await.map_err(status)?.into_inner().deliveries;
+            if client.json {
+                let list: Vec<Value> = deliveries
+                    .iter()
+                    .map(|d| {
+                        json!({"event_id": d.event_id, "revision": d.revision, "event": d.event,
+                            "delivered": d.delivered, "attempts": d.attempts, "status": d.status, "error": d.error,
+                            "time": time(&d.time)})
+                    })
+                    .collect();
+                println!("{}", Value::Array(list));
+            } else {
+                let rows = deliveries
+                    .iter()
+                    .map(|d| {
+                        let state = if d.delivered { "delivered" } else { "failed" };
+                        vec![
+                            d.revision.to_string(),
+                            d.event.clone(),
+                            state.into(),
+                            d.attempts.to_string(),
+                            d.status.to_string(),
+                            d.error.clone(),
+                        ]
+                    })
+                    .collect();
+                print_table(&["REVISION", "EVENT", "STATE", "ATTEMPTS", "STATUS", "ERROR"], rows);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A CSV field, quoted when it must be.

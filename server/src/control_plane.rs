@@ -18,7 +18,7 @@ use crate::model::{
     Role,
 };
 use crate::model::{Credential, PolicyRecord, Presented, RegisterInput, TrustRule, TrustRuleId, TrustRuleSpec};
-use crate::model::{Event, UpstreamInfo, UpstreamSpec};
+use crate::model::{Delivery, Event, UpstreamInfo, UpstreamSpec, Webhook, WebhookId};
 use crate::oidc::{Oidc, Refusal};
 use crate::policy::Policy;
 use crate::reaper::{Deadline, Reaper};
@@ -614,6 +614,41 @@ impl ControlPlane {
             }
         }
         Err(Error::Unauthenticated(format!("admin OIDC token: {refusal}")))
+    }
+
+    /// Stores a webhook and starts its delivery task; it delivers the events committed from now on.
+    pub async fn create_webhook(self: &Arc<Self>, mut hook: Webhook, actor: &Actor) -> Result<Webhook> {
+        hook.delivered_revision = self.hub().published_revision();
+        let mut tx = self.store.write().await?;
+        let hook = domain::create_webhook(&mut tx, hook, actor).await?;
+        tx.commit().await?;
+        crate::webhook::spawn(self, hook.id);
+        tracing::info!(webhook = %hook.id, url = %hook.url, "webhook created");
+        Ok(hook)
+    }
+
+    pub async fn webhook(&self, id: WebhookId) -> Result<Option<Webhook>> {
+        Ok(self.store.read().await?.webhooks().await?.into_iter().find(|w| w.id == id))
+    }
+
+    pub async fn list_webhooks(&self) -> Result<Vec<Webhook>> {
+        self.store.read().await?.webhooks().await
+    }
+
+    pub async fn delete_webhook(&self, hook: &Webhook, actor: &Actor) -> Result<()> {
+        let mut tx = self.store.write().await?;
+        domain::delete_webhook(&mut tx, hook, actor, self.clock.now()).await?;
+        tx.commit().await
+    }
+
+    pub async fn record_delivery(&self, id: WebhookId, revision: u64, delivery: Option<Delivery>) -> Result<()> {
+        let mut tx = self.store.write().await?;
+        domain::record_delivery(&mut tx, id, revision, delivery).await?;
+        tx.commit().await
+    }
+
+    pub async fn deliveries(&self, id: WebhookId, limit: usize) -> Result<Vec<Delivery>> {
+        self.store.read().await?.deliveries_of(id, limit).await
     }
 
     pub async fn create_admin_trust_rule(&self, rule: AdminTrustRule, by: &Principal) -> Result<AdminTrustRule> {

@@ -13,9 +13,9 @@ use crate::error::{Error, Result};
 use crate::hub::NetChange;
 use crate::model::{
     Actor, AdminToken, AdminTokenId, AdminTokenSpec, AdminTrustRule, AdminTrustRuleId, AuthKey, AuthKeyId, AuthKeySpec,
-    Credential, EndReason, Event, EventKind, KeyState, Node, NodeId, PolicyProposal, PolicyRecord, Principal,
+    Credential, Delivery, EndReason, Event, EventKind, KeyState, Node, NodeId, PolicyProposal, PolicyRecord, Principal,
     ProposalId, ProposalState, Registration, RunIdentity, SecretHash, Tailnet, TailnetId, TailnetSpec, TrustRule,
-    TrustRuleId, UpstreamInfo, UpstreamSpec,
+    TrustRuleId, UpstreamInfo, UpstreamSpec, Webhook, WebhookId,
 };
 use crate::policy::Policy;
 use crate::store::{GatewayEvent, GatewayKeys, Placement, Tx};
@@ -1050,6 +1050,58 @@ pub async fn delete_admin_trust_rule(
     Ok(rule)
 }
 
+/// Stores a webhook whose cursor starts at `after` (it delivers events from then on).
+pub async fn create_webhook(tx: &mut Tx, hook: Webhook, actor: &Actor) -> Result<Webhook> {
+    if let Some(t) = hook.tailnet_id {
+        tailnet(tx, t).await?;
+    }
+    tx.put_webhook(&hook).await?;
+    let events = if hook.events.is_empty() {
+        "every event".to_string()
+    } else {
+        hook.events.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
+    };
+    record(
+        tx,
+        Draft {
+            kind: EventKind::WebhookCreated,
+            tailnet: hook.tailnet_id,
+            actor,
+            reason: &hook.reason,
+            summary: format!("webhook to {} for {events}", hook.url),
+            ..Draft::at(hook.created_at)
+        },
+    );
+    Ok(hook)
+}
+
+pub async fn delete_webhook(tx: &mut Tx, hook: &Webhook, actor: &Actor, now: SystemTime) -> Result<()> {
+    tx.delete_webhook(hook.id).await?;
+    record(
+        tx,
+        Draft {
+            kind: EventKind::WebhookDeleted,
+            tailnet: hook.tailnet_id,
+            actor,
+            summary: format!("webhook to {} deleted", hook.url),
+            ..Draft::at(now)
+        },
+    );
+    Ok(())
+}
+
+/// Moves a webhook's cursor past `revision`, with the delivery of that event if it was one it chose.
+pub async fn record_delivery(tx: &mut Tx, id: WebhookId, revision: u64, delivery: Option<Delivery>) -> Result<()> {
+    let mut hook =
+        tx.webhooks().await?.into_iter().find(|w| w.id == id).ok_or_else(|| Error::not_found("webhook", id))?;
+    hook.delivered_revision = hook.delivered_revision.max(revision);
+    tx.put_webhook(&hook).await?;
+    if let Some(d) = delivery {
+        tx.put_delivery(&d).await?;
+    }
+    Ok(())
+}
+
 /// The tokens a caller may see: all of them, or those of its own scope.
 pub async fn admin_tokens(tx: &mut Tx, by: &Principal) -> Result<Vec<AdminToken>> {
     let mut tokens = tx.admin_tokens().await?;
@@ -1155,6 +1207,9 @@ pub async fn copy_store(source: &crate::store::Store, target: &crate::store::Sto
     }
     for rule in from.admin_trust_rules().await? {
         to.put_admin_trust_rule(&rule).await?;
+    }
+    for hook in from.webhooks().await? {
+        to.put_webhook(&hook).await?;
     }
     let mut after = None;
     loop {

@@ -25,6 +25,7 @@ pub mod store;
 pub mod stun;
 pub mod time;
 pub mod validate;
+pub mod webhook;
 
 pub use config::ServeConfig;
 pub use control_plane::{ControlPlane, Limits};

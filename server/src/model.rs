@@ -81,6 +81,10 @@ id_type!(
     /// Identifies an admin trust rule.
     AdminTrustRuleId
 );
+id_type!(
+    /// Identifies a webhook.
+    WebhookId
+);
 
 /// What an admin credential may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -170,6 +174,57 @@ impl AdminToken {
     pub fn live(&self, now: SystemTime) -> bool {
         self.revoked_at.is_none() && self.expires_at.is_none_or(|e| e > now)
     }
+}
+
+/// Alerts where operators look: chosen audit events POSTed as JSON to `url`, signed with HMAC-SHA256.
+/// The events table is the outbox: the webhook's cursor (`delivered_revision`) moves past an event only
+/// once it was delivered or given up on, so a restart loses none.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Webhook {
+    pub id: WebhookId,
+    /// Events of this tailnet only; `None`: of every tailnet (and server-wide ones).
+    pub tailnet_id: Option<TailnetId>,
+    /// The scope of the credential that made it (scoped credentials see only their own).
+    pub owner_scope: Option<String>,
+    pub url: String,
+    /// Event kinds to deliver; empty: all.
+    pub events: Vec<EventKind>,
+    /// The HMAC key; write-only, like upstream keys.
+    pub secret: String,
+    /// How long one event is retried before it is recorded as failed and the next one goes.
+    pub retry_seconds: u64,
+    pub reason: String,
+    pub created_by: String,
+    pub created_at: SystemTime,
+    /// The last revision delivered or given up on.
+    pub delivered_revision: u64,
+}
+
+impl fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Webhook")
+            .field("id", &self.id)
+            .field("tailnet_id", &self.tailnet_id)
+            .field("url", &self.url)
+            .field("events", &self.events)
+            .field("secret", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+/// One event's delivery to a webhook: delivered, or given up on after its retries.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Delivery {
+    pub webhook_id: WebhookId,
+    pub event_id: Uuid,
+    pub revision: u64,
+    pub kind: EventKind,
+    pub delivered: bool,
+    pub attempts: u32,
+    /// The receiver's last HTTP status, 0 when it never answered.
+    pub status: u16,
+    pub error: String,
+    pub time: SystemTime,
 }
 
 /// Keyless orchestration: an OIDC ID token from `issuer` for `audience` whose claims meet `conditions`
@@ -677,7 +732,7 @@ pub struct AuthKeySpec {
 }
 
 /// The kinds of audit event.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum EventKind {
     TailnetCreated,
     TailnetDeleted,
@@ -701,6 +756,54 @@ pub enum EventKind {
     PolicyApprovalSet,
     AdminTrustRuleCreated,
     AdminTrustRuleDeleted,
+    WebhookCreated,
+    WebhookDeleted,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 24] = [
+        EventKind::TailnetCreated,
+        EventKind::TailnetDeleted,
+        EventKind::TailnetExpired,
+        EventKind::KeyCreated,
+        EventKind::KeyRevoked,
+        EventKind::NodeJoined,
+        EventKind::NodeLeft,
+        EventKind::PolicyChanged,
+        EventKind::TrustRuleCreated,
+        EventKind::TrustRuleDeleted,
+        EventKind::UpstreamSet,
+        EventKind::GatewayRequest,
+        EventKind::GatewayBlocked,
+        EventKind::AdminTokenCreated,
+        EventKind::AdminTokenRevoked,
+        EventKind::PolicyProposed,
+        EventKind::PolicyApproved,
+        EventKind::PolicyRejected,
+        EventKind::PolicyProposalExpired,
+        EventKind::PolicyApprovalSet,
+        EventKind::AdminTrustRuleCreated,
+        EventKind::AdminTrustRuleDeleted,
+        EventKind::WebhookCreated,
+        EventKind::WebhookDeleted,
+    ];
+
+    /// The name webhooks select and deliver it by: `node_joined`, `gateway_blocked`, ...
+    pub fn name(self) -> String {
+        let debug = format!("{self:?}");
+        let mut out = String::new();
+        for (i, c) in debug.chars().enumerate() {
+            if c.is_ascii_uppercase() && i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        }
+        out
+    }
+
+    pub fn parse(name: &str) -> Option<EventKind> {
+        EventKind::ALL.into_iter().find(|k| k.name() == name)
+    }
 }
 
 /// A tool call seen in a gateway response.

@@ -118,6 +118,9 @@ impl Server {
             self.admin_tokens.remember(token);
         }
         self.admin_tokens.set_rules(cp.list_admin_trust_rules(None).await?);
+        for hook in cp.list_webhooks().await? {
+            crate::webhook::spawn(&cp, hook.id);
+        }
         let control = pb::control_server::ControlServer::new(ControlApi::new(cp.clone(), self.admin_tokens.clone()))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
         let control = InterceptedService::new(control, admin_interceptor(self.admin_tokens.clone()));

@@ -417,6 +417,29 @@ impl Tx {
         write_op!(self, t => t.put_proposal(proposal).await)
     }
 
+    // Webhooks and their deliveries
+    pub async fn webhooks(&mut self) -> Result<Vec<crate::model::Webhook>> {
+        each!(self, t => t.webhooks().await)
+    }
+    pub async fn put_webhook(&mut self, webhook: &crate::model::Webhook) -> Result<()> {
+        write_op!(self, t => t.put_webhook(webhook).await)
+    }
+    /// Deletes the webhook and its deliveries.
+    pub async fn delete_webhook(&mut self, id: crate::model::WebhookId) -> Result<()> {
+        write_op!(self, t => t.delete_webhook(id).await)
+    }
+    /// The newest `limit` deliveries, oldest first.
+    pub async fn deliveries_of(
+        &mut self,
+        id: crate::model::WebhookId,
+        limit: usize,
+    ) -> Result<Vec<crate::model::Delivery>> {
+        each!(self, t => t.deliveries_of(id, limit).await)
+    }
+    pub async fn put_delivery(&mut self, delivery: &crate::model::Delivery) -> Result<()> {
+        write_op!(self, t => t.put_delivery(delivery).await)
+    }
+
     // Admin trust rules
     pub async fn admin_trust_rules(&mut self) -> Result<Vec<crate::model::AdminTrustRule>> {
         each!(self, t => t.admin_trust_rules().await)

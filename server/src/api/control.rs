@@ -82,6 +82,15 @@ impl ControlApi {
         Ok((p, id, req.reason))
     }
 
+    /// A webhook the caller may see (another scope's is "not found").
+    async fn visible_webhook(&self, p: &Principal, id: &str) -> Result<crate::model::Webhook, Error> {
+        let id = crate::model::WebhookId::parse("id", id)?;
+        match self.cp.webhook(id).await? {
+            Some(w) if p.scope.is_none() || w.owner_scope == p.scope => Ok(w),
+            _ => Err(Error::not_found("webhook", id)),
+        }
+    }
+
     /// Scoped tokens read events of one tailnet at a time (events of a deleted tailnet no longer say
     /// whose it was).
     async fn events_scope(&self, p: &Principal, tailnet: Option<TailnetId>) -> Result<(), Error> {
@@ -545,6 +554,57 @@ impl pb::control_server::Control for ControlApi {
         self.in_scope(&p, tailnet).await?;
         let proposals = self.cp.list_proposals(tailnet).await?.iter().map(convert::proposal).collect();
         Ok(Response::new(pb::ListPolicyProposalsResponse { proposals }))
+    }
+
+    async fn create_webhook(&self, req: Request<pb::CreateWebhookRequest>) -> Result<Response<pb::Webhook>, Status> {
+        let p = self.principal(&req, Action::Write, "CreateWebhook").await?;
+        let hook = convert::webhook(req.into_inner(), p.scope.clone(), &p.actor, self.cp.now())?;
+        self.events_scope(&p, hook.tailnet_id).await?;
+        let hook = self.cp.create_webhook(hook, &p.actor).await?;
+        Ok(Response::new(convert::webhook_message(&hook)))
+    }
+
+    async fn list_webhooks(
+        &self,
+        req: Request<pb::ListWebhooksRequest>,
+    ) -> Result<Response<pb::ListWebhooksResponse>, Status> {
+        let p = self.principal(&req, Action::Read, "ListWebhooks").await?;
+        let tailnet = optional_id(&req.get_ref().tailnet_id, |s| TailnetId::parse("tailnet_id", s))?;
+        let webhooks = self
+            .cp
+            .list_webhooks()
+            .await?
+            .iter()
+            .filter(|w| p.scope.is_none() || w.owner_scope == p.scope)
+            .filter(|w| tailnet.is_none() || w.tailnet_id == tailnet)
+            .map(convert::webhook_message)
+            .collect();
+        Ok(Response::new(pb::ListWebhooksResponse { webhooks }))
+    }
+
+    async fn delete_webhook(
+        &self,
+        req: Request<pb::DeleteWebhookRequest>,
+    ) -> Result<Response<pb::DeleteWebhookResponse>, Status> {
+        let p = self.principal(&req, Action::Write, "DeleteWebhook").await?;
+        let hook = self.visible_webhook(&p, &req.get_ref().id).await?;
+        self.cp.delete_webhook(&hook, &p.actor).await?;
+        Ok(Response::new(pb::DeleteWebhookResponse {}))
+    }
+
+    async fn list_webhook_deliveries(
+        &self,
+        req: Request<pb::ListWebhookDeliveriesRequest>,
+    ) -> Result<Response<pb::ListWebhookDeliveriesResponse>, Status> {
+        let p = self.principal(&req, Action::Read, "ListWebhookDeliveries").await?;
+        let req = req.into_inner();
+        let hook = self.visible_webhook(&p, &req.webhook_id).await?;
+        let limit = match req.limit {
+            0 => 100,
+            n => (n as usize).min(1000),
+        };
+        let deliveries = self.cp.deliveries(hook.id, limit).await?.iter().map(convert::delivery).collect();
+        Ok(Response::new(pb::ListWebhookDeliveriesResponse { deliveries }))
     }
 
     async fn get_access_report(

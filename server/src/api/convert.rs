@@ -478,6 +478,8 @@ fn event_kind(kind: EventKind) -> pb::EventKind {
         EventKind::PolicyApprovalSet => pb::EventKind::PolicyApprovalSet,
         EventKind::AdminTrustRuleCreated => pb::EventKind::AdminTrustRuleCreated,
         EventKind::AdminTrustRuleDeleted => pb::EventKind::AdminTrustRuleDeleted,
+        EventKind::WebhookCreated => pb::EventKind::WebhookCreated,
+        EventKind::WebhookDeleted => pb::EventKind::WebhookDeleted,
     }
 }
 
@@ -566,6 +568,81 @@ pub fn proposal(p: &crate::model::PolicyProposal) -> pb::PolicyProposal {
         decided_at: p.decided_at.map(to_timestamp),
         decision_reason: p.decision_reason.clone(),
         version: p.version,
+    }
+}
+
+/// A webhook from a request, checked: URL (no link-local targets), events, secret, retry window.
+pub fn webhook(
+    req: pb::CreateWebhookRequest,
+    owner_scope: Option<String>,
+    by: &crate::model::Actor,
+    now: SystemTime,
+) -> Result<crate::model::Webhook> {
+    let tailnet_id =
+        if req.tailnet_id.is_empty() { None } else { Some(TailnetId::parse("tailnet_id", &req.tailnet_id)?) };
+    if req.url.len() > 2048 {
+        return Err(Error::invalid("url", "at most 2048 characters"));
+    }
+    validate::no_control("url", &req.url)?;
+    crate::webhook::check_url(&req.url)?;
+    let mut events = Vec::new();
+    for (i, name) in req.events.iter().enumerate() {
+        let kind = EventKind::parse(name).ok_or_else(|| {
+            Error::invalid(
+                format!("events[{i}]"),
+                format!("{} is not an event name (e.g. gateway_blocked, node_joined)", quote(name)),
+            )
+        })?;
+        events.push(kind);
+    }
+    if req.secret.len() < 16 || req.secret.len() > 256 {
+        return Err(Error::invalid("secret", "is required: 16 to 256 characters (the HMAC key receivers verify with)"));
+    }
+    let retry_seconds = match req.retry_seconds {
+        0 => 600,
+        s if s <= 86_400 => s,
+        s => return Err(Error::invalid("retry_seconds", format!("{s} is more than 86400 (a day)"))),
+    };
+    validate::reason("reason", &req.reason)?;
+    Ok(crate::model::Webhook {
+        id: crate::model::WebhookId::generate(),
+        tailnet_id,
+        owner_scope,
+        url: req.url,
+        events,
+        secret: req.secret,
+        retry_seconds,
+        reason: req.reason,
+        created_by: by.0.clone(),
+        created_at: now,
+        delivered_revision: 0,
+    })
+}
+
+pub fn webhook_message(w: &crate::model::Webhook) -> pb::Webhook {
+    pb::Webhook {
+        id: w.id.to_string(),
+        tailnet_id: w.tailnet_id.map(|t| t.to_string()).unwrap_or_default(),
+        url: w.url.clone(),
+        events: w.events.iter().map(|k| k.name()).collect(),
+        retry_seconds: w.retry_seconds,
+        reason: w.reason.clone(),
+        created_by: w.created_by.clone(),
+        created_at: ts(w.created_at),
+        delivered_revision: w.delivered_revision,
+    }
+}
+
+pub fn delivery(d: &crate::model::Delivery) -> pb::WebhookDelivery {
+    pb::WebhookDelivery {
+        event_id: d.event_id.to_string(),
+        revision: d.revision,
+        event: d.kind.name(),
+        delivered: d.delivered,
+        attempts: d.attempts,
+        status: d.status.into(),
+        error: d.error.clone(),
+        time: ts(d.time),
     }
 }
 

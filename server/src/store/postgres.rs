@@ -34,6 +34,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (2, include_str!("postgres/0002_admin_tokens.sql")),
     (3, include_str!("postgres/0003_policy_proposals.sql")),
     (4, include_str!("postgres/0004_admin_trust_rules.sql")),
+    (5, include_str!("postgres/0005_webhooks.sql")),
 ];
 
 /// The oldest server this engine is tested against (`server_version_num`).
@@ -582,6 +583,48 @@ impl PgTx {
             "INSERT INTO admin_tokens (id, name, secret_hash, record) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (id) DO UPDATE SET record = excluded.record",
             params![t.id.0, t.name.clone(), t.secret_hash.to_vec(), record(t)],
+        );
+        Ok(())
+    }
+
+    pub async fn webhooks(&mut self) -> Result<Vec<crate::model::Webhook>> {
+        self.many("SELECT record FROM webhooks ORDER BY id", &[], "webhook").await
+    }
+
+    pub async fn put_webhook(&mut self, w: &crate::model::Webhook) -> Result<()> {
+        self.queue(
+            "INSERT INTO webhooks (id, record) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET record = excluded.record",
+            params![w.id.0, record(w)],
+        );
+        Ok(())
+    }
+
+    pub async fn delete_webhook(&mut self, id: crate::model::WebhookId) -> Result<()> {
+        self.queue("DELETE FROM webhooks WHERE id = $1", params![id.0]);
+        Ok(())
+    }
+
+    pub async fn deliveries_of(
+        &mut self,
+        id: crate::model::WebhookId,
+        limit: usize,
+    ) -> Result<Vec<crate::model::Delivery>> {
+        let mut newest: Vec<crate::model::Delivery> = self
+            .many(
+                "SELECT record FROM webhook_deliveries WHERE webhook_id = $1 ORDER BY revision DESC LIMIT $2",
+                &[&id.0, &(limit as i64)],
+                "webhook delivery",
+            )
+            .await?;
+        newest.reverse();
+        Ok(newest)
+    }
+
+    pub async fn put_delivery(&mut self, d: &crate::model::Delivery) -> Result<()> {
+        self.queue(
+            "INSERT INTO webhook_deliveries (webhook_id, revision, record) VALUES ($1, $2, $3) \
+             ON CONFLICT (webhook_id, revision) DO UPDATE SET record = excluded.record",
+            params![d.webhook_id.0, d.revision as i64, record(d)],
         );
         Ok(())
     }

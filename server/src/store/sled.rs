@@ -103,6 +103,16 @@ mod key {
     pub fn tailnet_proposal(t: TailnetId, p: crate::model::ProposalId) -> Vec<u8> {
         join(b"tpp/", &[t.as_bytes(), p.as_bytes()])
     }
+    pub const WEBHOOKS: &[u8] = b"wh/";
+    pub fn webhook(id: crate::model::WebhookId) -> Vec<u8> {
+        join(WEBHOOKS, &[id.as_bytes()])
+    }
+    pub fn deliveries(id: crate::model::WebhookId) -> Vec<u8> {
+        join(b"whd/", &[id.as_bytes()])
+    }
+    pub fn delivery(id: crate::model::WebhookId, revision: u64) -> Vec<u8> {
+        join(b"whd/", &[id.as_bytes(), &revision.to_be_bytes()])
+    }
     pub const ADMIN_TRUST_RULES: &[u8] = b"atr/";
     pub fn admin_trust_rule(id: crate::model::AdminTrustRuleId) -> Vec<u8> {
         join(ADMIN_TRUST_RULES, &[id.as_bytes()])
@@ -464,6 +474,43 @@ impl SledTx {
     pub async fn put_proposal(&mut self, p: &crate::model::PolicyProposal) -> Result<()> {
         self.put(&key::proposal(p.id), p);
         self.put_raw(&key::tailnet_proposal(p.tailnet_id, p.id), &[]);
+        Ok(())
+    }
+
+    pub async fn webhooks(&mut self) -> Result<Vec<crate::model::Webhook>> {
+        self.all(key::WEBHOOKS)
+    }
+
+    pub async fn put_webhook(&mut self, w: &crate::model::Webhook) -> Result<()> {
+        self.put(&key::webhook(w.id), w);
+        Ok(())
+    }
+
+    pub async fn delete_webhook(&mut self, id: crate::model::WebhookId) -> Result<()> {
+        self.del(&key::webhook(id));
+        for item in self.db.scan_prefix(key::deliveries(id)) {
+            let (k, _) = item.map_err(storage)?;
+            self.del(&k);
+        }
+        Ok(())
+    }
+
+    pub async fn deliveries_of(
+        &mut self,
+        id: crate::model::WebhookId,
+        limit: usize,
+    ) -> Result<Vec<crate::model::Delivery>> {
+        let mut newest = Vec::new();
+        for item in self.db.scan_prefix(key::deliveries(id)).rev().take(limit) {
+            let (k, v) = item.map_err(storage)?;
+            newest.push(decode(&k, &v)?);
+        }
+        newest.reverse();
+        Ok(newest)
+    }
+
+    pub async fn put_delivery(&mut self, d: &crate::model::Delivery) -> Result<()> {
+        self.put(&key::delivery(d.webhook_id, d.revision), d);
         Ok(())
     }
 

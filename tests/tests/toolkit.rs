@@ -328,6 +328,12 @@ async fn json_logs_of_both_binaries_parse_and_hold_no_secret() {
     run([upstream, s(&["--base-url", &llm.openai_url()])].concat(), llm::KEY.into()).await;
     let key = run(s(&["key", "create", "--tailnet", &id, "--tag", "tag:ci"]), "".into()).await;
     let secret = key["secret"].as_str().unwrap().to_string();
+    // An admin token and a webhook secret: neither may reach a log line either.
+    let token = run(s(&["token", "create", "logger-bot", "--role", "auditor", "--owner", "acme"]), "".into()).await;
+    let token_secret = token["secret"].as_str().unwrap().to_string();
+    let webhook_secret = "whsec-logged-0123456789";
+    let hook = s(&["webhook", "create", "http://127.0.0.1:9/hook", "--tailnet", &id, "--secret-file", "-"]);
+    run(hook, webhook_secret.into()).await;
 
     let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let metrics = format!("127.0.0.1:{metrics_port}");
@@ -354,7 +360,8 @@ async fn json_logs_of_both_binaries_parse_and_hold_no_secret() {
         std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         tokio::time::timeout(Duration::from_secs(20), child.wait()).await.expect("exits on SIGTERM").unwrap();
     }
-    let mut secrets = vec![admin_token.clone(), secret.clone(), llm::KEY.to_string()];
+    let mut secrets =
+        vec![admin_token.clone(), secret.clone(), llm::KEY.to_string(), token_secret, webhook_secret.to_string()];
     secrets.push(session);
     for log in [&server_log, &agent_log] {
         let lines = json_lines(log);

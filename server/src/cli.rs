@@ -727,6 +727,15 @@ fn time(ts: &Option<prost_types::Timestamp>) -> String {
     }
 }
 
+/// What a delete or revoke prints: `{"id": ID, "<done>": true}`, or the sentence and the id.
+fn print_done(json: bool, id: &str, done: &str, sentence: &str) {
+    if json {
+        println!("{}", json!({"id": id, done: true}));
+    } else {
+        println!("{sentence} {id}");
+    }
+}
+
 fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in &rows {
@@ -1283,11 +1292,7 @@ async fn trust(client: &ClientArgs, command: TrustCommand) -> anyhow::Result<()>
         }
         TrustCommand::Delete { id } => {
             admin.delete_trust_rule(pb::DeleteTrustRuleRequest { id: id.clone() }).await.map_err(status)?;
-            if client.json {
-                println!("{}", json!({"id": id, "deleted": true}));
-            } else {
-                println!("deleted trust rule {id}");
-            }
+            print_done(client.json, &id, "deleted", "deleted trust rule");
         }
     }
     Ok(())
@@ -1363,11 +1368,7 @@ async fn webhook(client: &ClientArgs, command: WebhookCommand) -> anyhow::Result
         }
         WebhookCommand::Delete { id } => {
             admin.delete_webhook(pb::DeleteWebhookRequest { id: id.clone() }).await.map_err(status)?;
-            if client.json {
-                println!("{}", json!({"id": id, "deleted": true}));
-            } else {
-                println!("deleted webhook {id}");
-            }
+            print_done(client.json, &id, "deleted", "deleted webhook");
         }
         WebhookCommand::Deliveries { id, limit } => {
             let req = pb::ListWebhookDeliveriesRequest { webhook_id: id, limit };
@@ -1559,11 +1560,7 @@ async fn admin_trust(client: &ClientArgs, command: AdminTrustCommand) -> anyhow:
         }
         AdminTrustCommand::Delete { id } => {
             admin.delete_admin_trust_rule(pb::DeleteAdminTrustRuleRequest { id: id.clone() }).await.map_err(status)?;
-            if client.json {
-                println!("{}", json!({"id": id, "deleted": true}));
-            } else {
-                println!("deleted admin trust rule {id}");
-            }
+            print_done(client.json, &id, "deleted", "deleted admin trust rule");
         }
     }
     Ok(())
@@ -1629,11 +1626,7 @@ async fn token(client: &ClientArgs, command: TokenCommand) -> anyhow::Result<()>
         }
         TokenCommand::Revoke { id, reason } => {
             admin.revoke_admin_token(pb::RevokeAdminTokenRequest { id: id.clone(), reason }).await.map_err(status)?;
-            if client.json {
-                println!("{}", json!({"id": id, "revoked": true}));
-            } else {
-                println!("revoked admin token {id}");
-            }
+            print_done(client.json, &id, "revoked", "revoked admin token");
         }
     }
     Ok(())
@@ -1762,11 +1755,7 @@ async fn node(client: &ClientArgs, command: NodeCommand) -> anyhow::Result<()> {
         }
         NodeCommand::Delete { id, reason } => {
             admin.delete_node(pb::DeleteNodeRequest { id: id.clone(), reason }).await.map_err(status)?;
-            if client.json {
-                println!("{}", json!({"id": id, "deleted": true}));
-            } else {
-                println!("deleted node {id}");
-            }
+            print_done(client.json, &id, "deleted", "deleted node");
         }
     }
     Ok(())

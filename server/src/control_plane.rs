@@ -268,32 +268,16 @@ impl ControlPlane {
         reason: String,
         actor: &Actor,
     ) -> Result<PolicyChange> {
+        if self.get_tailnet(tailnet_id).await?.approval_required {
+            let proposal = self.propose_policy(tailnet_id, text, author, reason, PROPOSAL_LIFETIME, actor).await?;
+            return Ok(PolicyChange::Proposed(proposal));
+        }
         let policy = Arc::new(parse_policy(&text)?);
         let author = if author.is_empty() { actor.0.clone() } else { author };
         let mut tx = self.store.write().await?;
         let tailnet = tx.tailnet(tailnet_id).await?.ok_or_else(|| Error::not_found("tailnet", tailnet_id))?;
         let previous = self.policies.current(&mut tx, &tailnet).await?;
         let now = self.clock.now();
-        if tailnet.approval_required {
-            let proposal = PolicyProposal {
-                id: ProposalId::generate(),
-                tailnet_id,
-                text,
-                author,
-                proposed_by: actor.0.clone(),
-                reason,
-                created_at: now,
-                expires_at: now + PROPOSAL_LIFETIME,
-                base_version: tailnet.policy_version,
-                summary: policy.diff_summary(&previous),
-                state: ProposalState::Pending,
-                decided_by: None,
-                decided_at: None,
-                decision_reason: String::new(),
-                version: 0,
-            };
-            return self.store_proposal(tx, proposal, actor).await.map(PolicyChange::Proposed);
-        }
         let record =
             domain::set_policy(&mut tx, tailnet_id, text, policy.clone(), &previous, author, reason, actor, now)
                 .await?;
@@ -336,15 +320,6 @@ impl ControlPlane {
             decision_reason: String::new(),
             version: 0,
         };
-        self.store_proposal(tx, proposal, actor).await
-    }
-
-    async fn store_proposal(
-        &self,
-        mut tx: crate::store::Tx,
-        proposal: PolicyProposal,
-        actor: &Actor,
-    ) -> Result<PolicyProposal> {
         let proposal = domain::propose_policy(&mut tx, proposal, actor).await?;
         tx.commit().await?;
         self.reaper.schedule(proposal.expires_at, Deadline::ProposalExpiry(proposal.id));

@@ -229,12 +229,7 @@ pub fn admin_trust_rule_spec(
     validate::dns_label("name", &req.name)?;
     oidc_expectation(&req.issuer, &req.audience, &req.claim_conditions)?;
     let role = role_of(req.role)?;
-    let owner_scope = if req.owner_scope.is_empty() {
-        None
-    } else {
-        validate::owner("owner_scope", &req.owner_scope)?;
-        Some(req.owner_scope)
-    };
+    let owner_scope = owner_scope(req.owner_scope)?;
     validate::reason("reason", &req.reason)?;
     Ok(crate::model::AdminTrustRule {
         id: crate::model::AdminTrustRuleId::generate(),
@@ -301,12 +296,7 @@ const MAX_TOKEN_SECONDS: u64 = 10 * 365 * 24 * 3600;
 pub fn admin_token_spec(req: pb::CreateAdminTokenRequest) -> Result<AdminTokenSpec> {
     validate::dns_label("name", &req.name)?;
     let role = role_of(req.role)?;
-    let owner_scope = if req.owner_scope.is_empty() {
-        None
-    } else {
-        validate::owner("owner_scope", &req.owner_scope)?;
-        Some(req.owner_scope)
-    };
+    let owner_scope = owner_scope(req.owner_scope)?;
     if req.expires_in_seconds > MAX_TOKEN_SECONDS {
         return Err(Error::invalid(
             "expires_in_seconds",
@@ -321,6 +311,15 @@ pub fn admin_token_spec(req: pb::CreateAdminTokenRequest) -> Result<AdminTokenSp
         expires_in_seconds: req.expires_in_seconds,
         reason: req.reason,
     })
+}
+
+/// An optional owner scope: empty is none.
+fn owner_scope(scope: String) -> Result<Option<String>> {
+    if scope.is_empty() {
+        return Ok(None);
+    }
+    validate::owner("owner_scope", &scope)?;
+    Ok(Some(scope))
 }
 
 fn role_of(role: i32) -> Result<Role> {

@@ -45,6 +45,7 @@ pub struct Metrics {
     gateway_seconds: Histograms,
     gateway_ttfb_seconds: Histograms,
     gateway_upstream_errors: Family<Labels, Counter>,
+    webhook_deliveries: Family<Labels, Counter>,
     audit_queue: Gauge,
 }
 
@@ -66,6 +67,7 @@ impl Metrics {
             gateway_seconds: Family::new_with_constructor(latency_histogram),
             gateway_ttfb_seconds: Family::new_with_constructor(latency_histogram),
             gateway_upstream_errors: Family::default(),
+            webhook_deliveries: Family::default(),
             audit_queue: Gauge::default(),
             registry: Registry::default(),
         };
@@ -108,6 +110,11 @@ impl Metrics {
             m.gateway_upstream_errors.clone(),
         );
         registry.register(
+            "cordon_webhook_deliveries",
+            "Webhook deliveries by result (delivered, or failed after the retry window)",
+            m.webhook_deliveries.clone(),
+        );
+        registry.register(
             "cordon_audit_queue_depth",
             "Gateway audit events waiting to be committed",
             m.audit_queue.clone(),
@@ -116,6 +123,12 @@ impl Metrics {
     }
 
     /// Counts one finished gateway request (called as its audit event is queued).
+    /// One event's delivery to a webhook ended.
+    pub fn webhook_delivery(&self, delivered: bool) {
+        let result = if delivered { "delivered" } else { "failed" };
+        self.webhook_deliveries.get_or_create(&vec![("result", result.to_string())]).inc();
+    }
+
     pub fn gateway_request(&self, tailnet: TailnetId, r: &GatewayRequest) {
         let tailnet = tailnet.to_string();
         let api = if r.api.is_empty() { "unknown".to_string() } else { r.api.clone() };

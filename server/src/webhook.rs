@@ -182,6 +182,9 @@ async fn run(weak: std::sync::Weak<ControlPlane>, id: WebhookId) {
             } else {
                 None
             };
+            if let Some(d) = &delivery {
+                cp.metrics.webhook_delivery(d.delivered);
+            }
             if let Err(e) = cp.record_delivery(id, event.revision, delivery).await {
                 tracing::warn!(webhook = %id, error = %e, "webhook: cannot record a delivery; it will be retried");
                 break;

@@ -189,6 +189,10 @@ async fn a_receiver_down_across_a_restart_gets_every_chosen_event_once_signed_an
     assert_eq!(cli.as_array().unwrap().len(), 4, "{}", String::from_utf8_lossy(&out.stderr));
 
     // The secret never comes back.
+    let rendered = server.control_plane.render_metrics().await;
+    let metrics: Vec<&str> = rendered.lines().filter(|l| l.starts_with("cordon_webhook_deliveries_total")).collect();
+    assert!(metrics.iter().any(|l| l.contains("result=\"delivered\"") && l.ends_with(" 4")), "{metrics:?}");
+
     let hooks = admin.list_webhooks(pb::ListWebhooksRequest::default()).await.unwrap().into_inner();
     let events = admin.list_audit_events(pb::ListAuditEventsRequest::default()).await.unwrap().into_inner();
     for shown in [format!("{hooks:?}"), format!("{events:?}")] {

@@ -168,7 +168,11 @@ async fn run(weak: std::sync::Weak<ControlPlane>, id: WebhookId) {
             tokio::select! {
                 _ = crate::control_plane::stopped(&mut shutdown) => return,
                 // Any new event (or a lag) is a reason to look again; the store has the order.
-                _ = events.recv() => {}
+                received = events.recv() => {
+                    if let Err(tokio::sync::broadcast::error::RecvError::Closed) = received {
+                        return;
+                    }
+                }
             }
             continue;
         }

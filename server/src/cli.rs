@@ -727,6 +727,15 @@ fn time(ts: &Option<prost_types::Timestamp>) -> String {
     }
 }
 
+/// A list as a JSON array or a table.
+fn print_list<T>(json: bool, items: &[T], to_json: impl Fn(&T) -> Value, headers: &[&str], rows: Vec<Vec<String>>) {
+    if json {
+        println!("{}", Value::Array(items.iter().map(to_json).collect()));
+    } else {
+        print_table(headers, rows);
+    }
+}
+
 /// What a delete or revoke prints: `{"id": ID, "<done>": true}`, or the sentence and the id.
 fn print_done(json: bool, id: &str, done: &str, sentence: &str) {
     if json {
@@ -1284,11 +1293,7 @@ async fn trust(client: &ClientArgs, command: TrustCommand) -> anyhow::Result<()>
                 .map_err(status)?
                 .into_inner()
                 .rules;
-            if client.json {
-                println!("{}", Value::Array(rules.iter().map(rule_json).collect()));
-            } else {
-                print_table(&headers, rows(&rules));
-            }
+            print_list(client.json, &rules, rule_json, &headers, rows(&rules));
         }
         TrustCommand::Delete { id } => {
             admin.delete_trust_rule(pb::DeleteTrustRuleRequest { id: id.clone() }).await.map_err(status)?;
@@ -1360,11 +1365,7 @@ async fn webhook(client: &ClientArgs, command: WebhookCommand) -> anyhow::Result
         WebhookCommand::List { tailnet } => {
             let req = pb::ListWebhooksRequest { tailnet_id: tailnet.unwrap_or_default() };
             let hooks = admin.list_webhooks(req).await.map_err(status)?.into_inner().webhooks;
-            if client.json {
-                println!("{}", Value::Array(hooks.iter().map(hook_json).collect()));
-            } else {
-                print_table(&headers, rows(&hooks));
-            }
+            print_list(client.json, &hooks, hook_json, &headers, rows(&hooks));
         }
         WebhookCommand::Delete { id } => {
             admin.delete_webhook(pb::DeleteWebhookRequest { id: id.clone() }).await.map_err(status)?;
@@ -1552,11 +1553,7 @@ async fn admin_trust(client: &ClientArgs, command: AdminTrustCommand) -> anyhow:
         AdminTrustCommand::List => {
             let req = pb::ListAdminTrustRulesRequest {};
             let rules = admin.list_admin_trust_rules(req).await.map_err(status)?.into_inner().rules;
-            if client.json {
-                println!("{}", Value::Array(rules.iter().map(rule_json).collect()));
-            } else {
-                print_table(&headers, rows(&rules));
-            }
+            print_list(client.json, &rules, rule_json, &headers, rows(&rules));
         }
         AdminTrustCommand::Delete { id } => {
             admin.delete_admin_trust_rule(pb::DeleteAdminTrustRuleRequest { id: id.clone() }).await.map_err(status)?;
@@ -1618,11 +1615,7 @@ async fn token(client: &ClientArgs, command: TokenCommand) -> anyhow::Result<()>
         TokenCommand::List => {
             let tokens =
                 admin.list_admin_tokens(pb::ListAdminTokensRequest {}).await.map_err(status)?.into_inner().tokens;
-            if client.json {
-                println!("{}", Value::Array(tokens.iter().map(token_json).collect()));
-            } else {
-                print_table(&headers, rows(&tokens));
-            }
+            print_list(client.json, &tokens, token_json, &headers, rows(&tokens));
         }
         TokenCommand::Revoke { id, reason } => {
             admin.revoke_admin_token(pb::RevokeAdminTokenRequest { id: id.clone(), reason }).await.map_err(status)?;

@@ -233,9 +233,18 @@ async fn start_node(server: &TestServer, secret: &str, dir: &std::path::Path, na
 
 /// Pushes `total` bytes into `addr` and returns the rate the receiver saw, in bits/s.
 async fn push(addr: std::net::SocketAddr, total: usize, done: tokio::sync::oneshot::Receiver<Instant>) -> f64 {
-    let chunk = vec![0x5au8; 256 * 1024];
-    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let stream = TcpStream::connect(addr).await.unwrap();
     stream.set_nodelay(true).unwrap();
+    push_into(stream, total, done).await
+}
+
+/// Pushes `total` bytes into `stream`, closes it, and returns the rate the receiver saw, in bits/s.
+async fn push_into(
+    mut stream: impl AsyncWriteExt + Unpin,
+    total: usize,
+    done: tokio::sync::oneshot::Receiver<Instant>,
+) -> f64 {
+    let chunk = vec![0x5au8; 256 * 1024];
     let start = Instant::now();
     let mut sent = 0;
     while sent < total {
@@ -349,19 +358,11 @@ async fn serve(figures: &mut Figures) {
         .unwrap();
     peer.netmap().wait_for(|m| m.resolve("edge").is_some()).await.unwrap();
 
-    let chunk = vec![0x5au8; 256 * 1024];
-    let mut stream = eventually(Duration::from_secs(20), "agentd's served port", || async {
+    let stream = eventually(Duration::from_secs(20), "agentd's served port", || async {
         peer.dial_host("edge", 5204).await.ok()
     })
     .await;
-    let start = Instant::now();
-    let mut sent = 0;
-    while sent < total {
-        stream.write_all(&chunk).await.unwrap();
-        sent += chunk.len();
-    }
-    stream.shutdown().await.unwrap();
-    let inbound = (total * 8) as f64 / inbound_rx.await.unwrap().duration_since(start).as_secs_f64();
+    let inbound = push_into(stream, total, inbound_rx).await;
     let outbound = push(std::net::SocketAddr::from(([127, 0, 0, 1], forward_port)), total, outbound_rx).await;
     println!(
         "serve: 512 MiB into agentd's --serve port (inbound) {}  = {:.2}x outbound",

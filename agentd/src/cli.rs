@@ -507,7 +507,8 @@ async fn serve_control(
                 ("whois", ip) => match ip.parse::<IpAddr>().ok().and_then(|ip| node.whois(ip)) {
                     Some(p) => json!({"id": p.id, "hostname": p.hostname, "tags": p.tags, "owner": p.owner,
                         "addresses": p.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                        "run": p.run.as_ref().map(|r| json!({"issuer": r.issuer, "subject": r.subject, "claims": r.claims}))}),
+                        "run": p.run.as_ref().map(|r| json!({"issuer": r.issuer, "subject": r.subject, "claims": r.claims})),
+                        "user": p.user.as_ref().map(|u| json!({"id": u.id, "email": u.email, "name": u.display_name, "groups": u.groups}))}),
                     None => json!({"error": format!("no node has address {ip}")}),
                 },
                 ("down", _) => {

@@ -23,6 +23,16 @@ pub struct Peer {
     pub online: bool,
     /// For a node admitted by an OIDC token: issuer, subject and the run's claims.
     pub run: Option<RunIdentity>,
+    /// For a node a person logged in: who, with their identity-provider groups.
+    pub user: Option<PeerUser>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerUser {
+    pub id: String,
+    pub email: String,
+    pub display_name: String,
+    pub groups: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,6 +57,12 @@ impl Peer {
                 issuer: r.issuer.clone(),
                 subject: r.subject.clone(),
                 claims: r.claims.clone().into_iter().collect(),
+            }),
+            user: n.user.as_ref().map(|u| PeerUser {
+                id: u.id.clone(),
+                email: u.email.clone(),
+                display_name: u.display_name.clone(),
+                groups: u.groups.clone(),
             }),
         })
     }

@@ -76,13 +76,15 @@ pub enum Target {
 }
 
 pub struct ControlPlane {
-    store: Store,
+    pub(crate) store: Store,
     pub(crate) clock: Clock,
     pub(crate) limits: Limits,
-    reaper: Reaper,
+    pub(crate) reaper: Reaper,
     shutdown: watch::Sender<bool>,
-    policies: Policies,
-    oidc: Oidc,
+    pub(crate) policies: Policies,
+    pub(crate) oidc: Oidc,
+    /// People's logins in progress.
+    pub(crate) logins: crate::login::Logins,
     pub(crate) relays: crate::relay::Relays,
     /// The STUN reflector's address as nodes should dial it, if one runs.
     pub(crate) stun_address: Mutex<Option<String>>,
@@ -115,6 +117,7 @@ impl ControlPlane {
             shutdown,
             policies: Policies::default(),
             oidc: Oidc::default(),
+            logins: crate::login::Logins::default(),
             relays: crate::relay::Relays::default(),
             stun_address: Mutex::default(),
             gateways,
@@ -139,6 +142,9 @@ impl ControlPlane {
         }
         for node in cp.store.read().await?.all_nodes().await?.into_iter().filter(|n| !n.gateway) {
             cp.reaper.schedule(node.expires_at, Deadline::NodeExpiry(node.id));
+            if let Some(user) = node.user.as_ref().filter(|u| !u.logged_out) {
+                cp.reaper.schedule(user.login_expires_at, Deadline::LoginExpiry(node.id));
+            }
             if node.ephemeral {
                 // No node holds a stream after a restart: each gets the full timeout to come back.
                 cp.reaper.schedule(now + cp.limits.ephemeral_node_timeout, Deadline::EphemeralIdle(node.id));

@@ -20,6 +20,9 @@ use crate::model::{
 use crate::policy::Policy;
 use crate::store::{GatewayEvent, GatewayKeys, Placement, Tx};
 
+mod people;
+pub use people::*;
+
 /// The fields of an audit event an operation fills in; the id is made here, the revision at commit.
 struct Draft<'a> {
     kind: EventKind,
@@ -31,6 +34,7 @@ struct Draft<'a> {
     reason: &'a str,
     summary: String,
     run: Option<&'a RunIdentity>,
+    user: Option<&'a crate::model::NodeUser>,
     gateway: Option<Box<crate::model::GatewayRequest>>,
 }
 
@@ -48,6 +52,7 @@ impl Draft<'_> {
             reason: "",
             summary: String::new(),
             run: None,
+            user: None,
             gateway: None,
         }
     }
@@ -67,6 +72,7 @@ fn record(tx: &mut Tx, d: Draft<'_>) {
         summary: d.summary,
         run: d.run.cloned(),
         gateway: d.gateway,
+        user: d.user.cloned(),
     });
 }
 
@@ -225,10 +231,14 @@ pub async fn delete_tailnet(
                 reason,
                 summary: format!("node {} removed: tailnet {what}", node.hostname),
                 run: node.identity.as_ref(),
+                user: node.user.as_ref(),
                 ..Draft::at(now)
             },
         );
         removed.nodes.push(node.id);
+    }
+    for provider in tx.login_providers().await?.into_iter().filter(|p| p.tailnet_id == Some(id)) {
+        tx.delete_login_provider(provider.id).await?;
     }
     tx.delete_tailnet(id).await?;
     record(
@@ -677,6 +687,7 @@ pub async fn register(
                 trust_rule_id,
                 identity,
                 gateway: false,
+                user: None,
             };
             tx.put_node(&node, None).await?;
             tailnet.node_count += 1;
@@ -699,6 +710,7 @@ pub async fn register(
             actor: &Actor::node(node.id),
             summary,
             run: node.identity.as_ref(),
+            user: node.user.as_ref(),
             ..Draft::at(now)
         },
     );
@@ -787,6 +799,7 @@ async fn remove(
             reason,
             summary: format!("node {} ({}) removed: {why}", node.hostname, node.address),
             run: node.identity.as_ref(),
+            user: node.user.as_ref(),
             ..Draft::at(now)
         },
     );
@@ -818,6 +831,7 @@ async fn put_gateway(tx: &mut Tx, tailnet: &Tailnet, keys: &GatewayKeys, now: Sy
         trust_rule_id: None,
         identity: None,
         gateway: true,
+        user: None,
     };
     tx.put_node(&node, None).await?;
     tx.put_gateway(tailnet.id, node.id, &keys.secret).await?;
@@ -1170,6 +1184,7 @@ pub fn record_gateway_requests(tx: &mut Tx, requests: Vec<GatewayEvent>) {
                 actor: &actor,
                 summary,
                 run: r.run.as_ref(),
+                user: r.user.as_ref(),
                 gateway: Some(Box::new(r.request)),
                 ..Draft::at(r.time)
             },
@@ -1242,6 +1257,12 @@ pub async fn copy_store(source: &crate::store::Store, target: &crate::store::Sto
         if page.len() < 256 {
             break;
         }
+    }
+    for provider in from.login_providers().await? {
+        to.put_login_provider(&provider).await?;
+    }
+    for user in from.users().await? {
+        to.put_user(&user).await?;
     }
     let mut filter = crate::store::EventFilter { limit: 1000, ..Default::default() };
     loop {

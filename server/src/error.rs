@@ -4,7 +4,7 @@ use tonic::{Code, Status};
 
 /// Everything a server operation can fail with. Messages are for the caller: they name the field or
 /// the thing and say what to do; none contains a secret.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum Error {
     #[error("{field}: {rule}")]
     Invalid { field: String, rule: String },

@@ -278,6 +278,7 @@ async fn restore_meters(cp: &ControlPlane, tailnet: TailnetId, meters: &rules::M
                 node: node.to_string(),
                 run: e.run.as_ref().map(|r| rules::run_key(&r.issuer, &r.subject, &r.claims)),
                 owner: g.owner.clone(),
+                user: e.user.as_ref().map(|u| u.id.to_string()),
             };
             meters.restore(&who, tokens, e.time, now);
         }

@@ -12,6 +12,7 @@ pub mod domain;
 pub mod error;
 pub mod gateway;
 pub mod hub;
+pub mod login;
 pub mod metrics;
 pub mod model;
 pub mod netview;

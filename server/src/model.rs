@@ -85,6 +85,96 @@ id_type!(
     /// Identifies a webhook.
     WebhookId
 );
+id_type!(
+    /// Identifies a login provider.
+    LoginProviderId
+);
+id_type!(
+    /// Identifies a person (a user), one per issuer and subject.
+    UserId
+);
+
+/// The scopes a login asks for when the provider names none.
+pub const DEFAULT_LOGIN_SCOPES: [&str; 4] = ["openid", "email", "profile", "groups"];
+/// How long a person's login lasts when the provider does not say.
+pub const DEFAULT_LOGIN_LIFETIME_SECONDS: u64 = 7 * 86_400;
+
+/// An OIDC identity provider people log in through (device authorization grant, run by the server):
+/// one tailnet's, or server-wide (`tailnet_id` `None`) for every tailnet without its own.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct LoginProvider {
+    pub id: LoginProviderId,
+    pub name: String,
+    pub tailnet_id: Option<TailnetId>,
+    pub issuer: String,
+    pub client_id: String,
+    /// Write-only: used only to call the IdP's endpoints.
+    pub client_secret: Option<crate::secret::Secret>,
+    pub scopes: Vec<String>,
+    pub groups_claim: String,
+    pub allowed_email_domains: Vec<String>,
+    pub allowed_groups: Vec<String>,
+    pub login_lifetime_seconds: u64,
+    pub reason: String,
+    pub created_by: String,
+    pub created_at: SystemTime,
+}
+
+impl fmt::Debug for LoginProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoginProvider")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("tailnet_id", &self.tailnet_id)
+            .field("issuer", &self.issuer)
+            .field("client_id", &self.client_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A person, as of their last login.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct User {
+    pub id: UserId,
+    pub issuer: String,
+    pub subject: String,
+    pub email: String,
+    pub display_name: String,
+    pub groups: Vec<String>,
+    pub last_login: SystemTime,
+    pub created_at: SystemTime,
+    pub login_provider_id: LoginProviderId,
+    /// The tailnets the person has logged a node into (where to look for their nodes).
+    pub tailnets: Vec<TailnetId>,
+}
+
+impl User {
+    /// The person as their nodes and events carry them.
+    pub fn stamp(&self, login_expires_at: SystemTime) -> NodeUser {
+        NodeUser {
+            id: self.id,
+            email: self.email.clone(),
+            display_name: self.display_name.clone(),
+            groups: self.groups.clone(),
+            login_expires_at,
+            logged_out: false,
+        }
+    }
+}
+
+/// The person who logged a node in, as of that login.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeUser {
+    pub id: UserId,
+    pub email: String,
+    pub display_name: String,
+    pub groups: Vec<String>,
+    pub login_expires_at: SystemTime,
+    /// The login expired: the node keeps its id and address but is not admitted until the person logs
+    /// in again.
+    #[serde(default)]
+    pub logged_out: bool,
+}
 
 /// What an admin credential may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -570,6 +660,9 @@ pub struct Node {
     /// The tailnet's gateway, which the server runs itself.
     #[serde(default)]
     pub gateway: bool,
+    /// The person who logged the node in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<NodeUser>,
 }
 
 /// The hostname and tag of every tailnet's gateway.
@@ -579,7 +672,18 @@ pub const GATEWAY_TAG: &str = "tag:gateway";
 impl Node {
     /// The node as the policy sees it.
     pub fn subject<'a>(&'a self, id: &'a str) -> crate::policy::Subject<'a> {
-        crate::policy::Subject { id, tags: &self.tags, owner: &self.owner, gateway: self.gateway }
+        crate::policy::Subject {
+            id,
+            tags: &self.tags,
+            owner: &self.owner,
+            gateway: self.gateway,
+            groups: self.user.as_ref().map(|u| u.groups.as_slice()),
+        }
+    }
+
+    /// False for a person's node whose login expired: it keeps its record but is nobody's peer.
+    pub fn admitted(&self) -> bool {
+        self.user.as_ref().is_none_or(|u| !u.logged_out)
     }
 }
 
@@ -593,6 +697,7 @@ impl fmt::Debug for Node {
             .field("tags", &self.tags)
             .field("owner", &self.owner)
             .field("ephemeral", &self.ephemeral)
+            .field("user", &self.user.as_ref().map(|u| &u.email))
             .finish_non_exhaustive()
     }
 }
@@ -758,10 +863,16 @@ pub enum EventKind {
     AdminTrustRuleDeleted,
     WebhookCreated,
     WebhookDeleted,
+    LoginProviderCreated,
+    LoginProviderDeleted,
+    UserLoggedIn,
+    LoginRefused,
+    LoginExpired,
+    UserDeleted,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 24] = [
+    pub const ALL: [EventKind; 30] = [
         EventKind::TailnetCreated,
         EventKind::TailnetDeleted,
         EventKind::TailnetExpired,
@@ -786,6 +897,12 @@ impl EventKind {
         EventKind::AdminTrustRuleDeleted,
         EventKind::WebhookCreated,
         EventKind::WebhookDeleted,
+        EventKind::LoginProviderCreated,
+        EventKind::LoginProviderDeleted,
+        EventKind::UserLoggedIn,
+        EventKind::LoginRefused,
+        EventKind::LoginExpired,
+        EventKind::UserDeleted,
     ];
 
     /// The name webhooks select and deliver it by: `node_joined`, `gateway_blocked`, ...
@@ -893,6 +1010,9 @@ pub struct Event {
     pub run: Option<RunIdentity>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<Box<GatewayRequest>>,
+    /// The person the event is about, with their groups at the time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<NodeUser>,
 }
 
 /// Why a node's netmap stream ended.
@@ -904,6 +1024,8 @@ pub enum EndReason {
     TailnetExpired,
     NodeExpired,
     ServerShutdown,
+    LoginExpired,
+    UserDeleted,
 }
 
 impl EndReason {

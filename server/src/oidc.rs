@@ -85,6 +85,13 @@ impl TrustRule {
     }
 }
 
+/// A token whose signature, issuer, audience and times hold.
+struct Checked {
+    subject: String,
+    claims: HashMap<String, serde_json::Value>,
+    expires: SystemTime,
+}
+
 /// A token a rule accepted.
 #[derive(Debug)]
 pub struct Verified {
@@ -219,16 +226,31 @@ impl Oidc {
         Ok(set)
     }
 
-    /// Checks `token` against what `rule` expects at time `now`.
-    pub async fn verify(&self, token: &str, rule: Expectation<'_>, now: SystemTime) -> Result<Verified, Refusal> {
+    /// Checks a person's ID token from a login provider (`audience` is its client id): signature,
+    /// issuer, audience, expiry, `nbf` and `iat`. Returns the subject and every claim.
+    pub async fn verify_id_token(
+        &self,
+        token: &str,
+        issuer: &str,
+        audience: &str,
+        now: SystemTime,
+    ) -> Result<(String, HashMap<String, serde_json::Value>), String> {
+        let checked = self.check(token, issuer, audience, now).await.map_err(|r| match r {
+            Refusal::Token(m) | Refusal::Rule(m) => m,
+        })?;
+        Ok((checked.subject, checked.claims))
+    }
+
+    /// The checks every token gets, whoever presents it.
+    async fn check(&self, token: &str, issuer_url: &str, audience: &str, now: SystemTime) -> Result<Checked, Refusal> {
         let kid = segment_json(token, 0).and_then(|h| h.get("kid").and_then(|k| k.as_str()).map(str::to_string));
         let keys =
-            self.keys(rule.issuer, kid.as_deref()).await.map_err(|e| Refusal::Token(format!("issuer keys: {e}")))?;
+            self.keys(issuer_url, kid.as_deref()).await.map_err(|e| Refusal::Token(format!("issuer keys: {e}")))?;
         let parsed = Token::from_str(token).map_err(|_| Refusal::Token("not a valid ID token".into()))?;
-        let issuer = IssuerUrl::new(rule.issuer.to_string()).map_err(|_| Refusal::Rule("issuer: not a URL".into()))?;
+        let issuer = IssuerUrl::new(issuer_url.to_string()).map_err(|_| Refusal::Rule("issuer: not a URL".into()))?;
         let checked_at: chrono::DateTime<chrono::Utc> = (now - SKEW).into();
         let latest_iat: chrono::DateTime<chrono::Utc> = (now + SKEW).into();
-        let verifier = IdTokenVerifier::new_public_client(ClientId::new(rule.audience.to_string()), issuer, keys)
+        let verifier = IdTokenVerifier::new_public_client(ClientId::new(audience.to_string()), issuer, keys)
             .set_allowed_algs([CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256, CoreJwsSigningAlgorithm::EcdsaP256Sha256])
             .set_time_fn(move || checked_at)
             .set_issue_time_verifier_fn(move |iat| {
@@ -237,19 +259,30 @@ impl Oidc {
         let claims = parsed.claims(&verifier, |_: Option<&Nonce>| Ok(())).map_err(|e| match e {
             ClaimsVerificationError::Expired(_) => Refusal::Token("expired".into()),
             ClaimsVerificationError::InvalidAudience(_) => {
-                Refusal::Rule(format!("audience: the token is not for {:?}", rule.audience))
+                Refusal::Rule(format!("audience: the token is not for {audience:?}"))
             }
             ClaimsVerificationError::InvalidIssuer(_) => Refusal::Rule("issuer: does not match the rule".into()),
             ClaimsVerificationError::SignatureVerification(e) => Refusal::Token(format!("signature: {e}")),
             other => Refusal::Token(other.to_string()),
         })?;
-        let other = &claims.additional_claims().claims;
-        if let Some(nbf) = other.get("nbf").and_then(serde_json::Value::as_u64)
+        let expires: SystemTime = claims.expiration().into();
+        let subject = claims.subject().as_str().to_string();
+        // The signature holds: the payload as sent is what the issuer signed.
+        let raw: HashMap<String, serde_json::Value> = segment_json(token, 1)
+            .and_then(|v| serde_json::from_value(v).ok())
+            .ok_or_else(|| Refusal::Token("the claims are not a JSON object".into()))?;
+        if let Some(nbf) = raw.get("nbf").and_then(serde_json::Value::as_u64)
             && UNIX_EPOCH.checked_add(Duration::from_secs(nbf)).is_none_or(|nbf| nbf > now + SKEW)
         {
             return Err(Refusal::Token("not valid yet (nbf)".into()));
         }
-        let subject = claims.subject().as_str().to_string();
+        Ok(Checked { subject, claims: raw, expires })
+    }
+
+    /// Checks `token` against what `rule` expects at time `now`.
+    pub async fn verify(&self, token: &str, rule: Expectation<'_>, now: SystemTime) -> Result<Verified, Refusal> {
+        let Checked { subject, claims: other, expires } = self.check(token, rule.issuer, rule.audience, now).await?;
+        let other = &other;
         let value_of = |claim: &str| -> Option<String> {
             if claim == "sub" { Some(subject.clone()) } else { other.get(claim).and_then(claim_string) }
         };
@@ -276,7 +309,6 @@ impl Oidc {
         {
             run.insert(owner_claim.to_string(), value);
         }
-        let expires: SystemTime = claims.expiration().into();
         Ok(Verified {
             identity: RunIdentity { issuer: rule.issuer.to_string(), subject, claims: run },
             jti: other.get("jti").and_then(claim_string),

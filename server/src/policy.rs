@@ -2,8 +2,11 @@
 //! carries. A document is parsed from JSON with comments ([`jsonc`]), validated completely (every error
 //! names its JSON path and line/column), and its `tests` must pass before it is accepted. Deny by default.
 //!
-//! Selectors: `*`, `tag:name`, `group:name`, an owner (`alice@acme.com`), a node id, `gateway`. As in
-//! Tailscale, a tagged node is identified by its tags: owner and group selectors match untagged nodes only.
+//! Selectors: `*`, `tag:name`, `group:name`, an owner (`alice@acme.com`), `user:<email>` (a person's
+//! nodes), `autogroup:member` (any node a person owns), `autogroup:tagged`, a node id, `gateway`. A group
+//! holds owners, people (`user:<email>`) and identity-provider groups (`idp:<name>`, matched against the
+//! groups of a person's last login). As in Tailscale, a tagged node is identified by its tags: owner,
+//! user, group and member selectors match untagged nodes only.
 
 pub mod jsonc;
 
@@ -24,6 +27,12 @@ pub enum Selector {
     Tag(String),
     Group(String),
     Owner(String),
+    /// `user:<email>`: the nodes a person logged in.
+    User(String),
+    /// `autogroup:member`: any untagged node a person logged in.
+    Member,
+    /// `autogroup:tagged`: any tagged node.
+    Tagged,
     Node(String),
     Gateway,
 }
@@ -34,6 +43,9 @@ impl fmt::Display for Selector {
             Selector::Any => f.write_str("*"),
             Selector::Tag(t) | Selector::Group(t) | Selector::Owner(t) | Selector::Node(t) => f.write_str(t),
             Selector::Gateway => f.write_str("gateway"),
+            Selector::User(email) => write!(f, "user:{email}"),
+            Selector::Member => f.write_str("autogroup:member"),
+            Selector::Tagged => f.write_str("autogroup:tagged"),
         }
     }
 }
@@ -135,7 +147,7 @@ impl Membership {
     }
 }
 
-type Cached = (Vec<String>, String, std::sync::Arc<Membership>);
+type Cached = (Vec<String>, String, Option<Vec<String>>, std::sync::Arc<Membership>);
 
 #[derive(Default)]
 struct MembershipCache(std::sync::Mutex<HashMap<String, Cached>>);
@@ -187,6 +199,47 @@ pub struct Subject<'a> {
     pub tags: &'a [String],
     pub owner: &'a str,
     pub gateway: bool,
+    /// For a person's node: the identity-provider groups of their last login; `None` for workloads.
+    pub groups: Option<&'a [String]>,
+}
+
+impl Subject<'_> {
+    fn person(&self) -> bool {
+        self.groups.is_some()
+    }
+
+    fn in_idp_group(&self, group: &str) -> bool {
+        self.groups.is_some_and(|g| g.iter().any(|x| x == group))
+    }
+}
+
+/// A stand-in node for a selector named in a policy test.
+struct Example {
+    id: String,
+    tags: Vec<String>,
+    owner: String,
+    gateway: bool,
+    groups: Option<Vec<String>>,
+}
+
+impl Example {
+    fn subject(&self) -> Subject<'_> {
+        Subject {
+            id: &self.id,
+            tags: &self.tags,
+            owner: &self.owner,
+            gateway: self.gateway,
+            groups: self.groups.as_deref(),
+        }
+    }
+}
+
+/// Whether group member `m` (an owner, `user:<email>` or `idp:<group>`) is `s`.
+fn member(m: &str, s: &Subject<'_>) -> bool {
+    match m.strip_prefix("idp:") {
+        Some(group) => s.in_idp_group(group),
+        None => m.strip_prefix("user:").unwrap_or(m) == s.owner,
+    }
 }
 
 fn name_ok(s: &str) -> bool {
@@ -230,9 +283,10 @@ impl Policy {
     /// [`Policy::membership`], remembered per node (and recomputed when its tags or owner change).
     pub fn membership_cached(&self, s: &Subject<'_>) -> std::sync::Arc<Membership> {
         let mut cache = self.recent.0.lock().unwrap();
-        if let Some((tags, owner, m)) = cache.get(s.id)
+        if let Some((tags, owner, groups, m)) = cache.get(s.id)
             && tags.as_slice() == s.tags
             && owner == s.owner
+            && groups.as_deref() == s.groups
         {
             return m.clone();
         }
@@ -240,7 +294,7 @@ impl Policy {
             cache.clear();
         }
         let m = std::sync::Arc::new(self.membership(s));
-        cache.insert(s.id.to_string(), (s.tags.to_vec(), s.owner.to_string(), m.clone()));
+        cache.insert(s.id.to_string(), (s.tags.to_vec(), s.owner.to_string(), s.groups.map(<[String]>::to_vec), m.clone()));
         m
     }
 
@@ -282,11 +336,16 @@ impl Policy {
                             || s.starts_with("tag:")
                             || s.is_empty()
                             || s.contains(char::is_whitespace)
+                            || s.strip_prefix("idp:").is_some_and(str::is_empty)
+                            || s.strip_prefix("user:").is_some_and(|e| e.is_empty() || e.contains(':'))
                         {
                             Err(err(
                                 &format!("{path}[{i}]"),
                                 pos,
-                                format!("{s} is not an owner (groups hold owners, not groups or tags)", s = quote(s)),
+                                format!(
+                                    "{s} is not a member (groups hold owners, user:<email> and idp:<group>, not groups or tags)",
+                                    s = quote(s)
+                                ),
                             ))
                         } else {
                             Ok(s)
@@ -311,6 +370,10 @@ impl Policy {
                         && crate::model::Role::parse(role).is_none()
                     {
                         let message = format!("{} is not a role: admin, operator, auditor or approver", quote(&owner));
+                        return Err(err(&format!("{path}[{i}]"), pos, message));
+                    }
+                    if owner.strip_prefix("user:").is_some_and(|e| e.is_empty() || e.contains(':')) {
+                        let message = format!("{} is not user:<email>", quote(&owner));
                         return Err(err(&format!("{path}[{i}]"), pos, message));
                     }
                     if owner.strip_prefix("token:").is_some_and(|name| !name_ok(name)) {
@@ -354,13 +417,33 @@ impl Policy {
                 return Err(err(path, pos, format!("{s} is not defined in groups")));
             }
             Selector::Group(s.to_string())
+        } else if let Some(email) = s.strip_prefix("user:") {
+            if email.is_empty() || email.contains(':') || email.contains(char::is_whitespace) {
+                return Err(err(path, pos, format!("{s} is not user:<email>", s = quote(s))));
+            }
+            Selector::User(email.to_string())
+        } else if let Some(auto) = s.strip_prefix("autogroup:") {
+            match auto {
+                "member" => Selector::Member,
+                "tagged" => Selector::Tagged,
+                _ => {
+                    return Err(err(
+                        path,
+                        pos,
+                        format!("{s} is not an autogroup (autogroup:member, autogroup:tagged)", s = quote(s)),
+                    ));
+                }
+            }
         } else if uuid::Uuid::parse_str(s).is_ok() {
             Selector::Node(s.to_ascii_lowercase())
         } else if s.is_empty() || s.contains(char::is_whitespace) || s.contains(':') {
             return Err(err(
                 path,
                 pos,
-                format!("{s} is not a selector (*, tag:x, group:x, an owner, a node id, gateway)", s = quote(s)),
+                format!(
+                    "{s} is not a selector (*, tag:x, group:x, user:<email>, autogroup:member, autogroup:tagged, an owner, a node id, gateway)",
+                    s = quote(s)
+                ),
             ));
         } else {
             Selector::Owner(s.to_string())
@@ -479,24 +562,42 @@ impl Policy {
     }
 
     /// A stand-in node for a selector named in a test.
-    fn example(&self, sel: &Selector) -> (String, Vec<String>, String, bool) {
+    fn example(&self, sel: &Selector) -> Example {
+        let mut e = Example { id: String::new(), tags: vec![], owner: String::new(), gateway: false, groups: None };
+        let person = |e: &mut Example, email: &str, groups: Vec<String>| {
+            e.owner = email.to_string();
+            e.groups = Some(groups);
+        };
         match sel {
-            Selector::Tag(t) => (String::new(), vec![t.clone()], String::new(), false),
-            Selector::Group(g) => (String::new(), vec![], self.groups[g].first().cloned().unwrap_or_default(), false),
-            Selector::Owner(o) => (String::new(), vec![], o.clone(), false),
-            Selector::Node(id) => (id.clone(), vec![], String::new(), false),
-            Selector::Gateway => (String::new(), vec!["tag:gateway".into()], String::new(), true),
-            Selector::Any => (String::new(), vec![], String::new(), false),
+            Selector::Tag(t) => e.tags = vec![t.clone()],
+            Selector::Group(g) => match self.groups[g].first().map(String::as_str).unwrap_or_default() {
+                m if m.starts_with("idp:") => person(&mut e, "member@example.invalid", vec![m[4..].to_string()]),
+                m if m.starts_with("user:") => person(&mut e, &m[5..], vec![]),
+                m => e.owner = m.to_string(),
+            },
+            Selector::Owner(o) => e.owner = o.clone(),
+            Selector::User(email) => person(&mut e, email, vec![]),
+            Selector::Member => person(&mut e, "member@example.invalid", vec![]),
+            Selector::Tagged => {
+                e.tags = vec![self.tag_owners.keys().next().cloned().unwrap_or_else(|| "tag:example".into())]
+            }
+            Selector::Node(id) => e.id = id.clone(),
+            Selector::Gateway => {
+                e.tags = vec!["tag:gateway".into()];
+                e.gateway = true;
+            }
+            Selector::Any => {}
         }
+        e
     }
 
     fn run_tests(&self) -> Result<(), PolicyError> {
         for test in &self.tests {
-            let (id, tags, owner, gateway) = self.example(&test.src);
-            let src = Subject { id: &id, tags: &tags, owner: &owner, gateway };
+            let src = self.example(&test.src);
+            let src = src.subject();
             for (target, path, pos) in &test.accept {
-                let (id, tags, owner, gateway) = self.example(&target.dst);
-                let dst = Subject { id: &id, tags: &tags, owner: &owner, gateway };
+                let dst = self.example(&target.dst);
+                let dst = dst.subject();
                 if !self.allows(&src, &dst, Proto::Tcp, target.port) {
                     return Err(err(
                         path,
@@ -506,8 +607,8 @@ impl Policy {
                 }
             }
             for (target, path, pos) in &test.deny {
-                let (id, tags, owner, gateway) = self.example(&target.dst);
-                let dst = Subject { id: &id, tags: &tags, owner: &owner, gateway };
+                let dst = self.example(&target.dst);
+                let dst = dst.subject();
                 if self.allows(&src, &dst, Proto::Tcp, target.port) {
                     return Err(err(
                         path,
@@ -524,10 +625,11 @@ impl Policy {
         match sel {
             Selector::Any => true,
             Selector::Tag(t) => s.tags.iter().any(|x| x == t),
-            Selector::Group(g) => {
-                s.tags.is_empty() && self.groups.get(g).is_some_and(|m| m.iter().any(|o| o == s.owner))
-            }
+            Selector::Group(g) => s.tags.is_empty() && self.groups.get(g).is_some_and(|m| m.iter().any(|m| member(m, s))),
             Selector::Owner(o) => s.tags.is_empty() && o == s.owner,
+            Selector::User(email) => s.tags.is_empty() && s.person() && email == s.owner,
+            Selector::Member => s.tags.is_empty() && s.person(),
+            Selector::Tagged => !s.tags.is_empty(),
             Selector::Node(id) => id.eq_ignore_ascii_case(s.id),
             Selector::Gateway => s.gateway,
         }
@@ -563,7 +665,17 @@ impl Policy {
         dst: &Subject<'_>,
         name: &str,
     ) -> std::sync::Arc<Vec<serde_json::Value>> {
-        let key = format!("{}|{}|{}|{}|{}|{}", src.id, src.tags.join(","), src.owner, dst.id, dst.gateway, name);
+        let groups = src.groups.map(|g| g.join(","));
+        let key = format!(
+            "{}|{}|{}|{:?}|{}|{}|{}",
+            src.id,
+            src.tags.join(","),
+            src.owner,
+            groups,
+            dst.id,
+            dst.gateway,
+            name
+        );
         let mut cache = self.capability_cache.0.lock().unwrap();
         if let Some(v) = cache.get(&key) {
             return v.clone();
@@ -574,6 +686,18 @@ impl Policy {
         let v = std::sync::Arc::new(self.capabilities(src, dst, name));
         cache.insert(key, v.clone());
         v
+    }
+
+    /// Whether the person `email` (with identity-provider `groups`) owns `tag` by `tagOwners`: named as
+    /// `user:<email>`, by their email, or through a group they are in.
+    pub fn person_owns_tag(&self, tag: &str, email: &str, groups: &[String]) -> bool {
+        let me = Subject { id: "", tags: &[], owner: email, gateway: false, groups: Some(groups) };
+        self.tag_owners.get(tag).is_some_and(|owners| {
+            owners.iter().any(|o| match o.strip_prefix("group:") {
+                Some(_) => self.groups.get(o).is_some_and(|m| m.iter().any(|m| member(m, &me))),
+                None => o.strip_prefix("user:").unwrap_or(o) == email,
+            })
+        })
     }
 
     /// Whether a tag may be handed out (by an auth key or a trust rule).
@@ -781,7 +905,7 @@ mod tests {
 }"#;
 
     fn subject<'a>(tags: &'a [String], owner: &'a str) -> Subject<'a> {
-        Subject { id: "", tags, owner, gateway: false }
+        Subject { id: "", tags, owner, gateway: false, groups: None }
     }
 
     #[test]
@@ -789,7 +913,7 @@ mod tests {
         let p = Policy::parse(EXAMPLE).unwrap();
         assert_eq!(p.grants.len(), 4);
         let ci = ["tag:ci".to_string()];
-        let gateway = Subject { id: "", tags: &[], owner: "", gateway: true };
+        let gateway = Subject { id: "", tags: &[], owner: "", gateway: true, groups: None };
         assert!(p.allows(&subject(&ci, ""), &gateway, Proto::Tcp, 80));
         assert!(!p.allows(&subject(&ci, ""), &gateway, Proto::Tcp, 81));
         let caps = p.capabilities(&subject(&ci, ""), &gateway, "cordon.dev/cap/ai");
@@ -850,19 +974,19 @@ mod tests {
         let db = ["tag:db".to_string()];
         let nodes = [
             CompileNode {
-                subject: Subject { id: "s1", tags: &sensor, owner: "", gateway: false },
+                subject: Subject { id: "s1", tags: &sensor, owner: "", gateway: false, groups: None },
                 address: Ipv4Addr::new(100, 64, 0, 2),
             },
             CompileNode {
-                subject: Subject { id: "s2", tags: &sensor, owner: "", gateway: false },
+                subject: Subject { id: "s2", tags: &sensor, owner: "", gateway: false, groups: None },
                 address: Ipv4Addr::new(100, 64, 0, 3),
             },
             CompileNode {
-                subject: Subject { id: "al", tags: &[], owner: "alice@acme.com", gateway: false },
+                subject: Subject { id: "al", tags: &[], owner: "alice@acme.com", gateway: false, groups: None },
                 address: Ipv4Addr::new(100, 64, 0, 4),
             },
             CompileNode {
-                subject: Subject { id: "db", tags: &db, owner: "", gateway: false },
+                subject: Subject { id: "db", tags: &db, owner: "", gateway: false, groups: None },
                 address: Ipv4Addr::new(100, 64, 0, 5),
             },
         ];

@@ -1,5 +1,5 @@
 //! The reaper: one task that sleeps until the next deadline (tailnet TTL, node expiry, idle ephemeral
-//! node, policy proposal expiry) and acts on it at that second, instead of sweeping on an interval.
+//! node, policy proposal expiry, a person's login) and acts on it at that second, instead of sweeping on an interval.
 
 use std::collections::BTreeSet;
 use std::sync::Weak;
@@ -18,6 +18,8 @@ pub enum Deadline {
     NodeExpiry(NodeId),
     EphemeralIdle(NodeId),
     ProposalExpiry(ProposalId),
+    /// A person's login on this node ends.
+    LoginExpiry(NodeId),
 }
 
 /// Schedules deadlines. Each is re-checked against the store when it fires, so a stale one is harmless.
@@ -83,6 +85,7 @@ async fn fire(cp: &ControlPlane, what: Deadline) -> bool {
         Deadline::NodeExpiry(id) => cp.expire_node(id).await,
         Deadline::EphemeralIdle(id) => cp.reap_idle_ephemeral(id).await,
         Deadline::ProposalExpiry(id) => cp.expire_proposal(id).await,
+        Deadline::LoginExpiry(id) => cp.expire_login(id).await,
     };
     match result {
         Ok(()) | Err(Error::NotFound { .. }) => true,

@@ -93,6 +93,7 @@ pub struct GatewayEvent {
     pub tailnet: TailnetId,
     pub node: Option<NodeId>,
     pub run: Option<RunIdentity>,
+    pub user: Option<crate::model::NodeUser>,
     pub time: SystemTime,
     pub request: crate::model::GatewayRequest,
 }
@@ -312,7 +313,8 @@ impl Store {
         let mut tx = Tx { inner, pending: vec![], publisher: self.publisher.clone(), writes: false };
         let node = tx.node(node).await?.ok_or_else(|| Error::not_found("node", node))?;
         let tailnet = tx.tailnet(node.tailnet_id).await?.ok_or_else(|| Error::not_found("tailnet", node.tailnet_id))?;
-        let peers = tx.nodes_of(tailnet.id).await?.into_iter().filter(|p| p.id != node.id).collect();
+        // A person's node whose login expired is nobody's peer until they log in again.
+        let peers = tx.nodes_of(tailnet.id).await?.into_iter().filter(|p| p.id != node.id && p.admitted()).collect();
         Ok(Snapshot { revision, node, tailnet, peers })
     }
 
@@ -438,6 +440,32 @@ impl Tx {
     }
     pub async fn put_delivery(&mut self, delivery: &crate::model::Delivery) -> Result<()> {
         write_op!(self, t => t.put_delivery(delivery).await)
+    }
+
+    // People: login providers and users
+    pub async fn login_providers(&mut self) -> Result<Vec<crate::model::LoginProvider>> {
+        each!(self, t => t.login_providers().await)
+    }
+    pub async fn put_login_provider(&mut self, p: &crate::model::LoginProvider) -> Result<()> {
+        write_op!(self, t => t.put_login_provider(p).await)
+    }
+    pub async fn delete_login_provider(&mut self, id: crate::model::LoginProviderId) -> Result<()> {
+        write_op!(self, t => t.delete_login_provider(id).await)
+    }
+    pub async fn users(&mut self) -> Result<Vec<crate::model::User>> {
+        each!(self, t => t.users().await)
+    }
+    pub async fn user(&mut self, id: crate::model::UserId) -> Result<Option<crate::model::User>> {
+        each!(self, t => t.user(id).await)
+    }
+    pub async fn user_by_subject(&mut self, issuer: &str, subject: &str) -> Result<Option<crate::model::User>> {
+        each!(self, t => t.user_by_subject(issuer, subject).await)
+    }
+    pub async fn put_user(&mut self, u: &crate::model::User) -> Result<()> {
+        write_op!(self, t => t.put_user(u).await)
+    }
+    pub async fn delete_user(&mut self, id: crate::model::UserId) -> Result<()> {
+        write_op!(self, t => t.delete_user(id).await)
     }
 
     // Admin trust rules

@@ -91,6 +91,20 @@ impl ControlApi {
         }
     }
 
+    /// Whether the caller sees a user: unscoped callers see everyone; scoped ones, the people who
+    /// logged into one of their tailnets.
+    async fn user_visible(&self, p: &Principal, user: &crate::model::User) -> bool {
+        if p.scope.is_none() {
+            return true;
+        }
+        for t in &user.tailnets {
+            if self.in_scope(p, *t).await.is_ok() {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Scoped tokens read events of one tailnet at a time (events of a deleted tailnet no longer say
     /// whose it was).
     async fn events_scope(&self, p: &Principal, tailnet: Option<TailnetId>) -> Result<(), Error> {
@@ -636,6 +650,128 @@ impl pb::control_server::Control for ControlApi {
         let p = self.principal(&req, Action::ManageTokens, "ListAdminTrustRules").await?;
         let rules = self.cp.list_admin_trust_rules(Some(&p)).await?.iter().map(convert::admin_trust_rule).collect();
         Ok(Response::new(pb::ListAdminTrustRulesResponse { rules }))
+    }
+
+    async fn create_login_provider(
+        &self,
+        req: Request<pb::CreateLoginProviderRequest>,
+    ) -> Result<Response<pb::LoginProvider>, Status> {
+        let p = self.principal(&req, Action::Govern, "CreateLoginProvider").await?;
+        let provider = convert::login_provider_spec(req.into_inner(), &p.actor, self.cp.now())?;
+        match provider.tailnet_id {
+            Some(t) => self.in_scope(&p, t).await?,
+            None if p.scope.is_some() => {
+                return Err(Status::permission_denied(
+                    "tailnet_id: a credential scoped to one owner makes login providers of its tailnets only",
+                ));
+            }
+            None => {}
+        }
+        let provider = self.cp.create_login_provider(provider, &p.actor).await?;
+        Ok(Response::new(convert::login_provider(&provider)))
+    }
+
+    async fn list_login_providers(
+        &self,
+        req: Request<pb::ListLoginProvidersRequest>,
+    ) -> Result<Response<pb::ListLoginProvidersResponse>, Status> {
+        let p = self.principal(&req, Action::Read, "ListLoginProviders").await?;
+        let tailnet = optional_id(&req.get_ref().tailnet_id, |s| TailnetId::parse("tailnet_id", s))?;
+        if let Some(t) = tailnet {
+            self.in_scope(&p, t).await?;
+        }
+        let mut providers = Vec::new();
+        for provider in self.cp.login_providers().await? {
+            let shown = match (provider.tailnet_id, tailnet) {
+                (Some(of), Some(t)) => of == t,
+                (None, _) => true,
+                (Some(of), None) => self.in_scope(&p, of).await.is_ok(),
+            };
+            if shown {
+                providers.push(convert::login_provider(&provider));
+            }
+        }
+        Ok(Response::new(pb::ListLoginProvidersResponse { providers }))
+    }
+
+    async fn delete_login_provider(
+        &self,
+        req: Request<pb::DeleteLoginProviderRequest>,
+    ) -> Result<Response<pb::DeleteLoginProviderResponse>, Status> {
+        let p = self.principal(&req, Action::Govern, "DeleteLoginProvider").await?;
+        let req = req.into_inner();
+        let id = crate::model::LoginProviderId::parse("id", &req.id)?;
+        validate::reason("reason", &req.reason)?;
+        let provider = self.cp.login_providers().await?.into_iter().find(|x| x.id == id);
+        let visible = match &provider {
+            Some(x) => match x.tailnet_id {
+                Some(t) => self.in_scope(&p, t).await.is_ok(),
+                None => p.scope.is_none(),
+            },
+            None => false,
+        };
+        let Some(provider) = provider.filter(|_| visible) else {
+            return Err(Error::not_found("login provider", id).into());
+        };
+        self.cp.delete_login_provider(&provider, &req.reason, &p.actor).await?;
+        Ok(Response::new(pb::DeleteLoginProviderResponse {}))
+    }
+
+    async fn list_users(&self, req: Request<pb::ListUsersRequest>) -> Result<Response<pb::ListUsersResponse>, Status> {
+        let p = self.principal(&req, Action::Read, "ListUsers").await?;
+        let tailnet = optional_id(&req.get_ref().tailnet_id, |s| TailnetId::parse("tailnet_id", s))?;
+        if let Some(t) = tailnet {
+            self.in_scope(&p, t).await?;
+        }
+        let mut users = Vec::new();
+        for user in self.cp.users().await? {
+            let shown = match tailnet {
+                Some(t) => user.tailnets.contains(&t),
+                None => self.user_visible(&p, &user).await,
+            };
+            if shown {
+                users.push(convert::user(&user, &[], self.cp.hub()));
+            }
+        }
+        Ok(Response::new(pb::ListUsersResponse { users }))
+    }
+
+    async fn get_user(&self, req: Request<pb::GetUserRequest>) -> Result<Response<pb::User>, Status> {
+        let p = self.principal(&req, Action::Read, "GetUser").await?;
+        let (user, nodes) = self.cp.user(&req.get_ref().id).await?;
+        if !self.user_visible(&p, &user).await {
+            return Err(Error::not_found("user", validate::quote(&req.get_ref().id)).into());
+        }
+        let mut shown = Vec::new();
+        for n in nodes {
+            if self.in_scope(&p, n.tailnet_id).await.is_ok() {
+                shown.push(n);
+            }
+        }
+        Ok(Response::new(convert::user(&user, &shown, self.cp.hub())))
+    }
+
+    async fn delete_user(
+        &self,
+        req: Request<pb::DeleteUserRequest>,
+    ) -> Result<Response<pb::DeleteUserResponse>, Status> {
+        let p = self.principal(&req, Action::Write, "DeleteUser").await?;
+        let req = req.into_inner();
+        validate::reason("reason", &req.reason)?;
+        let (user, nodes) = self.cp.user(&req.id).await?;
+        if !self.user_visible(&p, &user).await {
+            return Err(Error::not_found("user", validate::quote(&req.id)).into());
+        }
+        for n in &nodes {
+            if self.in_scope(&p, n.tailnet_id).await.is_err() {
+                return Err(Status::permission_denied(format!(
+                    "id: {} also has nodes in tailnets outside this credential's scope; an unscoped credential                      deletes them",
+                    user.email
+                )));
+            }
+        }
+        let removed = self.cp.delete_user(user.id, &req.reason, &p.actor).await?;
+        Ok(Response::new(pb::DeleteUserResponse { nodes_removed: removed as u32 }))
     }
 
     async fn delete_admin_trust_rule(

@@ -431,7 +431,136 @@ pub fn node(n: &Node, hub: &Hub) -> pb::NodeInfo {
         expires_at: ts(n.expires_at),
         online,
         endpoints: n.endpoints.iter().map(|e| e.to_string()).collect(),
+        user: n.user.as_ref().map(node_user),
     }
+}
+
+fn node_user(u: &crate::model::NodeUser) -> pb::NodeUser {
+    pb::NodeUser {
+        id: u.id.to_string(),
+        email: u.email.clone(),
+        display_name: u.display_name.clone(),
+        groups: u.groups.clone(),
+        login_expires_at: ts(u.login_expires_at),
+    }
+}
+
+/// A login provider from a request; the client secret is kept, never shown again.
+pub fn login_provider_spec(
+    req: pb::CreateLoginProviderRequest,
+    by: &crate::model::Actor,
+    now: SystemTime,
+) -> Result<crate::model::LoginProvider> {
+    validate::dns_label("name", &req.name)?;
+    let tailnet_id =
+        if req.tailnet_id.is_empty() { None } else { Some(TailnetId::parse("tailnet_id", &req.tailnet_id)?) };
+    issuer_url("issuer", &req.issuer)?;
+    if req.client_id.is_empty() || req.client_id.len() > 256 {
+        return Err(Error::invalid("client_id", "is required, at most 256 characters"));
+    }
+    validate::no_control("client_id", &req.client_id)?;
+    if req.client_secret.len() > 1024 || req.client_secret.contains(char::is_control) {
+        // Never quote a secret.
+        return Err(Error::invalid("client_secret", "must be at most 1024 characters without control characters"));
+    }
+    let scopes = if req.scopes.is_empty() {
+        crate::model::DEFAULT_LOGIN_SCOPES.iter().map(|s| s.to_string()).collect()
+    } else {
+        req.scopes
+    };
+    list_of("scopes", &scopes, 16, |s| !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_graphic()))?;
+    let groups_claim = if req.groups_claim.is_empty() { "groups".to_string() } else { req.groups_claim };
+    if groups_claim.len() > 64 || !groups_claim.chars().all(|c| c.is_ascii_alphanumeric() || "_-:/.".contains(c)) {
+        return Err(Error::invalid(
+            "groups_claim",
+            format!("{} is not a claim name (letters, digits, _-:/.)", quote(&groups_claim)),
+        ));
+    }
+    let domains: Vec<String> = req.allowed_email_domains.iter().map(|d| d.to_ascii_lowercase()).collect();
+    list_of("allowed_email_domains", &domains, 64, |d| {
+        d.contains('.') && d.len() <= 253 && d.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+    })?;
+    list_of("allowed_groups", &req.allowed_groups, 64, |g| {
+        !g.is_empty() && g.len() <= 256 && !g.contains(char::is_control)
+    })?;
+    let lifetime = match req.login_lifetime_seconds {
+        0 => crate::model::DEFAULT_LOGIN_LIFETIME_SECONDS,
+        s if (60..=365 * 86_400).contains(&s) => s,
+        s => return Err(Error::invalid("login_lifetime_seconds", format!("{s} is outside 60..=31536000 (365 days)"))),
+    };
+    validate::reason("reason", &req.reason)?;
+    Ok(crate::model::LoginProvider {
+        id: crate::model::LoginProviderId::generate(),
+        name: req.name,
+        tailnet_id,
+        issuer: req.issuer.trim_end_matches('/').to_string(),
+        client_id: req.client_id,
+        client_secret: (!req.client_secret.is_empty()).then(|| crate::secret::Secret::from_string(req.client_secret)),
+        scopes,
+        groups_claim,
+        allowed_email_domains: domains,
+        allowed_groups: req.allowed_groups,
+        login_lifetime_seconds: lifetime,
+        reason: req.reason,
+        created_by: by.0.clone(),
+        created_at: now,
+    })
+}
+
+/// Checks each item of a list field, naming the first bad one.
+fn list_of(field: &str, items: &[String], max: usize, ok: impl Fn(&str) -> bool) -> Result<()> {
+    if items.len() > max {
+        return Err(Error::invalid(field, format!("at most {max} entries")));
+    }
+    match items.iter().position(|i| !ok(i)) {
+        Some(i) => Err(Error::invalid(format!("{field}[{i}]"), format!("{} is not valid here", quote(&items[i])))),
+        None => Ok(()),
+    }
+}
+
+pub fn login_provider(p: &crate::model::LoginProvider) -> pb::LoginProvider {
+    pb::LoginProvider {
+        id: p.id.to_string(),
+        name: p.name.clone(),
+        tailnet_id: p.tailnet_id.map(|t| t.to_string()).unwrap_or_default(),
+        issuer: p.issuer.clone(),
+        client_id: p.client_id.clone(),
+        has_client_secret: p.client_secret.is_some(),
+        scopes: p.scopes.clone(),
+        groups_claim: p.groups_claim.clone(),
+        allowed_email_domains: p.allowed_email_domains.clone(),
+        allowed_groups: p.allowed_groups.clone(),
+        login_lifetime_seconds: p.login_lifetime_seconds,
+        reason: p.reason.clone(),
+        created_by: p.created_by.clone(),
+        created_at: ts(p.created_at),
+    }
+}
+
+pub fn user(u: &crate::model::User, nodes: &[Node], hub: &Hub) -> pb::User {
+    pb::User {
+        id: u.id.to_string(),
+        issuer: u.issuer.clone(),
+        subject: u.subject.clone(),
+        email: u.email.clone(),
+        display_name: u.display_name.clone(),
+        groups: u.groups.clone(),
+        last_login: ts(u.last_login),
+        created_at: ts(u.created_at),
+        login_provider_id: u.login_provider_id.to_string(),
+        nodes: nodes.iter().map(|n| node(n, hub)).collect(),
+    }
+}
+
+/// A login request after validation.
+pub fn login_request(req: pb::StartLoginRequest) -> Result<crate::login::LoginRequest> {
+    Ok(crate::login::LoginRequest {
+        tailnet: TailnetId::parse("tailnet_id", &req.tailnet_id)?,
+        wireguard_public_key: validate::wireguard_key("wireguard_public_key", &req.wireguard_public_key)?,
+        hostname: validate::hostname("hostname", &req.hostname)?,
+        requested_tags: validate::tags("requested_tags", &req.requested_tags)?,
+        endpoints: validate::endpoints("endpoints", &req.endpoints)?,
+    })
 }
 
 pub fn auth_key(k: &AuthKey, now: SystemTime) -> pb::AuthKey {
@@ -479,6 +608,12 @@ fn event_kind(kind: EventKind) -> pb::EventKind {
         EventKind::AdminTrustRuleDeleted => pb::EventKind::AdminTrustRuleDeleted,
         EventKind::WebhookCreated => pb::EventKind::WebhookCreated,
         EventKind::WebhookDeleted => pb::EventKind::WebhookDeleted,
+        EventKind::LoginProviderCreated => pb::EventKind::LoginProviderCreated,
+        EventKind::LoginProviderDeleted => pb::EventKind::LoginProviderDeleted,
+        EventKind::UserLoggedIn => pb::EventKind::UserLoggedIn,
+        EventKind::LoginRefused => pb::EventKind::LoginRefused,
+        EventKind::LoginExpired => pb::EventKind::LoginExpired,
+        EventKind::UserDeleted => pb::EventKind::UserDeleted,
     }
 }
 
@@ -496,6 +631,7 @@ pub fn event(e: &Event) -> pb::Event {
         summary: e.summary.clone(),
         run: e.run.as_ref().map(run_identity),
         gateway: e.gateway.as_deref().map(gateway_request),
+        user: e.user.as_ref().map(node_user),
     }
 }
 
@@ -734,6 +870,8 @@ pub fn end_reason(r: EndReason) -> pb::stream_ended::Reason {
         EndReason::TailnetExpired => Reason::TailnetExpired,
         EndReason::NodeExpired => Reason::NodeExpired,
         EndReason::ServerShutdown => Reason::ServerShutdown,
+        EndReason::LoginExpired => Reason::LoginExpired,
+        EndReason::UserDeleted => Reason::UserDeleted,
     }
 }
 

@@ -303,4 +303,37 @@ impl pb::node_server::Node for NodeApi {
         self.cp.remove_node(node.id, EndReason::NodeRemoved, "node left", "", &Actor::node(node.id)).await?;
         Ok(Response::new(pb::LeaveResponse {}))
     }
+
+    async fn start_login(
+        &self,
+        req: Request<pb::StartLoginRequest>,
+    ) -> Result<Response<pb::StartLoginResponse>, Status> {
+        let request = convert::login_request(req.into_inner())?;
+        let started = self.cp.start_login(request).await?;
+        Ok(Response::new(pb::StartLoginResponse {
+            login_id: started.login_id.into_exposed(),
+            verification_uri: started.verification_uri,
+            user_code: started.user_code,
+            verification_uri_complete: started.verification_uri_complete.unwrap_or_default(),
+            expires_at: Some(crate::time::to_timestamp(started.expires_at)),
+            provider: started.provider,
+            issuer: started.issuer,
+        }))
+    }
+
+    async fn wait_login(
+        &self,
+        req: Request<pb::WaitLoginRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let login_id = req.into_inner().login_id;
+        if login_id.is_empty() || login_id.len() > 128 {
+            return Err(Error::invalid("login_id", "is required (from StartLogin)").into());
+        }
+        let (node, tailnet, session) = self.cp.wait_login(&login_id).await?;
+        Ok(Response::new(pb::RegisterResponse {
+            node: Some(convert::node(&node, self.cp.hub())),
+            session_token: session.into_exposed(),
+            tailnet: Some(convert::tailnet(&tailnet)),
+        }))
+    }
 }

@@ -63,6 +63,7 @@ struct Call {
     record: GatewayRequest,
     node: Option<NodeId>,
     run: Option<RunIdentity>,
+    user: Option<crate::model::NodeUser>,
     log_bodies: bool,
     claim: Option<Claim>,
     /// Tokens the claim reserved.
@@ -141,6 +142,7 @@ impl Call {
             tailnet: gw.tailnet,
             node: self.node,
             run: self.run.take(),
+            user: self.user.take(),
             time: now,
             request: std::mem::take(&mut self.record),
         })
@@ -231,6 +233,7 @@ async fn handle(
         },
         node: None,
         run: None,
+        user: None,
         log_bodies: false,
         claim: None,
         reserved: 0,
@@ -252,6 +255,16 @@ async fn handle(
         subject: r.subject.clone(),
         claims: r.claims.clone(),
     });
+    call.user = caller.user.as_ref().and_then(|u| {
+        Some(crate::model::NodeUser {
+            id: crate::model::UserId::parse("user", &u.id).ok()?,
+            email: u.email.clone(),
+            display_name: u.display_name.clone(),
+            groups: u.groups.clone(),
+            login_expires_at: std::time::UNIX_EPOCH,
+            logged_out: false,
+        })
+    });
 
     let cp = &gateway.cp;
     let read = async {
@@ -263,9 +276,21 @@ async fn handle(
         Err(e) => return Ok(call.deny(503, "", "unavailable", format!("the gateway cannot read its tailnet: {e}"))),
     };
     let rules = if policy.explicit {
-        let src = crate::policy::Subject { id: &caller.id, tags: &caller.tags, owner: &caller.owner, gateway: false };
+        let src = crate::policy::Subject {
+            id: &caller.id,
+            tags: &caller.tags,
+            owner: &caller.owner,
+            gateway: false,
+            groups: caller.user.as_ref().map(|u| u.groups.as_slice()),
+        };
         let gw_tags = [GATEWAY_TAG.to_string()];
-        let dst = crate::policy::Subject { id: &gateway.node_id, tags: &gw_tags, owner: &tailnet.owner, gateway: true };
+        let dst = crate::policy::Subject {
+            id: &gateway.node_id,
+            tags: &gw_tags,
+            owner: &tailnet.owner,
+            gateway: true,
+            groups: None,
+        };
         Rules::merge(&policy.capabilities_cached(&src, &dst, CAPABILITY))
     } else {
         // The default policy lets everyone do everything; so does the gateway.
@@ -283,6 +308,7 @@ async fn handle(
         node: caller.id.clone(),
         run: caller.run.as_ref().map(|r| super::rules::run_key(&r.issuer, &r.subject, &r.claims)),
         owner: caller.owner.clone(),
+        user: caller.user.as_ref().map(|u| u.id.clone()),
     };
 
     if api == Api::Models {

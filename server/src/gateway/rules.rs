@@ -39,6 +39,8 @@ pub enum Bucket {
     /// The CI run (OIDC issuer + `run_id`, else subject) that admitted the node; the node otherwise.
     Run,
     Owner,
+    /// The person who logged the node in, across all their devices; the node otherwise.
+    User,
     Tailnet,
 }
 
@@ -103,8 +105,9 @@ fn parse_one(v: &Value) -> Result<Rules, String> {
                     None | Some(Some("node")) => Bucket::Node,
                     Some(Some("run")) => Bucket::Run,
                     Some(Some("owner")) => Bucket::Owner,
+                    Some(Some("user")) => Bucket::User,
                     Some(Some("tailnet")) => Bucket::Tailnet,
-                    _ => return Err("budget.bucket: must be node, run, owner or tailnet".into()),
+                    _ => return Err("budget.bucket: must be node, run, user, owner or tailnet".into()),
                 };
                 let per = match b.get("per").map(|v| v.as_str()) {
                     None | Some(Some("day")) => Period::Day,
@@ -200,6 +203,8 @@ pub struct Who {
     /// `issuer|run_id` for a node a CI run admitted.
     pub run: Option<String>,
     pub owner: String,
+    /// The id of the person who logged the node in.
+    pub user: Option<String>,
 }
 
 /// The budget bucket of a CI run: its issuer and `run_id` claim (the subject without one).
@@ -265,6 +270,7 @@ impl Meters {
                 Bucket::Node => format!("node:{}", who.node),
                 Bucket::Run => who.run.as_ref().map_or_else(|| format!("node:{}", who.node), |r| format!("run:{r}")),
                 Bucket::Owner => format!("owner:{}", who.owner),
+                Bucket::User => who.user.as_ref().map_or_else(|| format!("node:{}", who.node), |u| format!("user:{u}")),
                 Bucket::Tailnet => "tailnet".to_string(),
             };
             wanted.push(("budget", format!("budget|{:?}|{id}", b.per), b.per.seconds(), b.tokens, tokens));
@@ -325,6 +331,7 @@ impl Meters {
         let periods = [Period::Minute, Period::Hour, Period::Day, Period::Month, Period::Total];
         let mut ids = vec![format!("node:{}", who.node), format!("owner:{}", who.owner), "tailnet".to_string()];
         ids.extend(who.run.as_ref().map(|r| format!("run:{r}")));
+        ids.extend(who.user.as_ref().map(|u| format!("user:{u}")));
         let add = |key: String, period: u64, amount: u64| {
             if window(at, period) != window(now, period) {
                 return;
@@ -357,7 +364,7 @@ mod tests {
     use serde_json::json;
 
     fn who() -> Who {
-        Who { node: "n1".into(), run: Some("iss|42".into()), owner: "alice@acme.com".into() }
+        Who { node: "n1".into(), run: Some("iss|42".into()), owner: "alice@acme.com".into(), user: None }
     }
 
     #[test]

@@ -35,6 +35,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (3, include_str!("postgres/0003_policy_proposals.sql")),
     (4, include_str!("postgres/0004_admin_trust_rules.sql")),
     (5, include_str!("postgres/0005_webhooks.sql")),
+    (6, include_str!("postgres/0006_people.sql")),
 ];
 
 /// The oldest server this engine is tested against (`server_version_num`).
@@ -644,6 +645,51 @@ impl PgTx {
 
     pub async fn delete_admin_trust_rule(&mut self, id: crate::model::AdminTrustRuleId) -> Result<()> {
         self.queue("DELETE FROM admin_trust_rules WHERE id = $1", params![id.0]);
+        Ok(())
+    }
+
+    pub async fn login_providers(&mut self) -> Result<Vec<crate::model::LoginProvider>> {
+        self.many("SELECT record FROM login_providers ORDER BY id", &[], "login provider").await
+    }
+
+    pub async fn put_login_provider(&mut self, p: &crate::model::LoginProvider) -> Result<()> {
+        self.queue(
+            "INSERT INTO login_providers (id, tailnet_id, name, issuer, record) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (id) DO UPDATE SET name = excluded.name, issuer = excluded.issuer, record = excluded.record",
+            params![p.id.0, p.tailnet_id.map(|t| t.0), p.name.clone(), p.issuer.clone(), record(p)],
+        );
+        Ok(())
+    }
+
+    pub async fn delete_login_provider(&mut self, id: crate::model::LoginProviderId) -> Result<()> {
+        self.queue("DELETE FROM login_providers WHERE id = $1", params![id.0]);
+        Ok(())
+    }
+
+    pub async fn users(&mut self) -> Result<Vec<crate::model::User>> {
+        self.many("SELECT record FROM users ORDER BY id", &[], "user").await
+    }
+
+    pub async fn user(&mut self, id: crate::model::UserId) -> Result<Option<crate::model::User>> {
+        self.one("SELECT record FROM users WHERE id = $1", &[&id.0], "user").await
+    }
+
+    pub async fn user_by_subject(&mut self, issuer: &str, subject: &str) -> Result<Option<crate::model::User>> {
+        self.one("SELECT record FROM users WHERE issuer = $1 AND subject = $2", &[&issuer, &subject], "user").await
+    }
+
+    pub async fn put_user(&mut self, u: &crate::model::User) -> Result<()> {
+        self.queue(
+            "INSERT INTO users (id, issuer, subject, email, last_login, record) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (id) DO UPDATE SET email = excluded.email, last_login = excluded.last_login, \
+             record = excluded.record",
+            params![u.id.0, u.issuer.clone(), u.subject.clone(), u.email.clone(), u.last_login, record(u)],
+        );
+        Ok(())
+    }
+
+    pub async fn delete_user(&mut self, id: crate::model::UserId) -> Result<()> {
+        self.queue("DELETE FROM users WHERE id = $1", params![id.0]);
         Ok(())
     }
 

@@ -113,6 +113,20 @@ mod key {
     pub fn delivery(id: crate::model::WebhookId, revision: u64) -> Vec<u8> {
         join(b"whd/", &[id.as_bytes(), &revision.to_be_bytes()])
     }
+    pub const LOGIN_PROVIDERS: &[u8] = b"lp/";
+    pub fn login_provider(id: crate::model::LoginProviderId) -> Vec<u8> {
+        join(LOGIN_PROVIDERS, &[id.as_bytes()])
+    }
+    pub const USERS: &[u8] = b"u/";
+    pub fn user(id: crate::model::UserId) -> Vec<u8> {
+        join(USERS, &[id.as_bytes()])
+    }
+    /// Issuer and subject (SHA-256 of both, NUL-separated) to user id.
+    pub fn user_subject(issuer: &str, subject: &str) -> Vec<u8> {
+        use sha2::Digest;
+        let digest = sha2::Sha256::new().chain_update(issuer).chain_update([0]).chain_update(subject).finalize();
+        join(b"us/", &[digest.as_slice()])
+    }
     pub const ADMIN_TRUST_RULES: &[u8] = b"atr/";
     pub fn admin_trust_rule(id: crate::model::AdminTrustRuleId) -> Vec<u8> {
         join(ADMIN_TRUST_RULES, &[id.as_bytes()])
@@ -511,6 +525,52 @@ impl SledTx {
 
     pub async fn put_delivery(&mut self, d: &crate::model::Delivery) -> Result<()> {
         self.put(&key::delivery(d.webhook_id, d.revision), d);
+        Ok(())
+    }
+
+    pub async fn login_providers(&mut self) -> Result<Vec<crate::model::LoginProvider>> {
+        self.all(key::LOGIN_PROVIDERS)
+    }
+
+    pub async fn put_login_provider(&mut self, p: &crate::model::LoginProvider) -> Result<()> {
+        self.put(&key::login_provider(p.id), p);
+        Ok(())
+    }
+
+    pub async fn delete_login_provider(&mut self, id: crate::model::LoginProviderId) -> Result<()> {
+        self.del(&key::login_provider(id));
+        Ok(())
+    }
+
+    pub async fn users(&mut self) -> Result<Vec<crate::model::User>> {
+        self.all(key::USERS)
+    }
+
+    pub async fn user(&mut self, id: crate::model::UserId) -> Result<Option<crate::model::User>> {
+        self.get(&key::user(id))
+    }
+
+    pub async fn user_by_subject(&mut self, issuer: &str, subject: &str) -> Result<Option<crate::model::User>> {
+        match self.db.get(key::user_subject(issuer, subject)).map_err(storage)? {
+            Some(id) => match <[u8; 16]>::try_from(id.as_ref()) {
+                Ok(id) => self.get(&key::user(crate::model::UserId(uuid::Uuid::from_bytes(id)))),
+                Err(_) => Err(Error::Corrupt { key: "us/".into(), detail: "a user index entry is not an id".into() }),
+            },
+            None => Ok(None),
+        }
+    }
+
+    pub async fn put_user(&mut self, u: &crate::model::User) -> Result<()> {
+        self.put(&key::user(u.id), u);
+        self.put_raw(&key::user_subject(&u.issuer, &u.subject), u.id.as_bytes());
+        Ok(())
+    }
+
+    pub async fn delete_user(&mut self, id: crate::model::UserId) -> Result<()> {
+        if let Some(u) = self.get::<crate::model::User>(&key::user(id))? {
+            self.del(&key::user_subject(&u.issuer, &u.subject));
+        }
+        self.del(&key::user(id));
         Ok(())
     }
 

@@ -3,7 +3,8 @@
 //!
 //! Exit codes: 0 done; 1 a local failure (state directory, sockets); 2 bad usage or URL; 3 the node was
 //! revoked (deleted, its key revoked, its tailnet deleted or expired): it does not retry; 4 the server
-//! refused the credential; 5 the server could not be reached.
+//! refused the credential (or a person's login was denied, expired or refused); 5 the server could not
+//! be reached; 6 the person's login expired: run `agentd login` (the node keeps its id and address).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -44,8 +45,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Join the tailnet and stay up until stopped or revoked.
+    /// Join the tailnet and stay up until stopped or revoked. Without a key or token, and with
+    /// --tailnet, a person logs in through the tailnet's login provider.
     Up(Box<UpArgs>),
+    /// Log in as a person (SSO through the tailnet's login provider: open the link shown, approve),
+    /// then stay up as `up` does. Logging in again keeps the node's id and address.
+    Login(Box<UpArgs>),
     /// Show this node and its peers.
     Status {
         #[arg(long)]
@@ -74,7 +79,8 @@ struct UpArgs {
     /// Join with the OIDC ID token in this file (a CI job's), accepted by a trust rule.
     #[arg(long, env = "AGENTD_OIDC_TOKEN_FILE")]
     oidc_token_file: Option<PathBuf>,
-    /// With --oidc-token-file: the tailnet whose trust rules to use.
+    /// The tailnet to log in to (a person's login), or with --oidc-token-file the tailnet whose trust
+    /// rules to use.
     #[arg(long, env = "AGENTD_TAILNET")]
     tailnet: Option<String>,
     /// This node's name in the tailnet [default: the host name].
@@ -177,7 +183,14 @@ pub fn main() -> std::process::ExitCode {
     let state_dir = cli.state_dir.clone().unwrap_or_else(default_state_dir);
     let code = runtime.block_on(async move {
         match cli.command {
-            Command::Up(args) => up(*args, &state_dir).await,
+            Command::Up(args) => up(*args, &state_dir, false).await,
+            Command::Login(args) => {
+                if args.tailnet.is_none() {
+                    eprintln!("agentd: login needs --tailnet (or AGENTD_TAILNET): the tailnet to log in to");
+                    return 2;
+                }
+                up(*args, &state_dir, true).await
+            }
             Command::Status { json } => client(&state_dir, "status", json).await,
             Command::Whois { address } => client(&state_dir, &format!("whois {address}"), true).await,
             Command::Down => client(&state_dir, "down", false).await,
@@ -211,7 +224,28 @@ fn fail(e: &Error) -> i32 {
     e.exit_code()
 }
 
-async fn up(args: UpArgs, state_dir: &Path) -> i32 {
+/// Shows where to approve a login: one line, and a QR code of the link when stdout is a terminal.
+fn show_login(prompt: &crate::LoginPrompt) {
+    say!(
+        "agentd: to log in with {}, open {} and enter the code {}",
+        prompt.provider,
+        prompt.verification_uri,
+        prompt.user_code
+    );
+    let link = prompt.verification_uri_complete.as_deref().unwrap_or(&prompt.verification_uri);
+    if std::io::IsTerminal::is_terminal(&std::io::stdout())
+        && let Ok(code) = qrcode::QrCode::new(link.as_bytes())
+    {
+        let art = code
+            .render::<qrcode::render::unicode::Dense1x2>()
+            .dark_color(qrcode::render::unicode::Dense1x2::Light)
+            .light_color(qrcode::render::unicode::Dense1x2::Dark)
+            .build();
+        say!("{art}");
+    }
+}
+
+async fn up(args: UpArgs, state_dir: &Path, relogin: bool) -> i32 {
     let auth_key = match (&args.auth_key, &args.auth_key_file) {
         (Some(k), _) => Some(k.trim().to_string()),
         (None, Some(path)) => match std::fs::read_to_string(path) {
@@ -247,6 +281,8 @@ async fn up(args: UpArgs, state_dir: &Path) -> i32 {
         listen_port: args.listen_port,
         advertise: args.advertise.clone(),
         ca_cert: args.ca_cert.clone(),
+        login: Some(crate::LoginHandler(Arc::new(show_login))),
+        relogin,
     };
     let node = match Node::start(config).await {
         Ok(node) => Arc::new(node),
@@ -332,10 +368,16 @@ async fn up(args: UpArgs, state_dir: &Path) -> i32 {
     let code = tokio::select! {
         _ = shutdown_signal() => { say!("agentd: stopping"); 0 }
         _ = down_rx.recv() => { say!("agentd: stopping (agentd down)"); 0 }
-        why = async { ended.wait_for(Option::is_some).await.ok().and_then(|e| e.clone()).map(|e| e.message) } => {
-            let why = why.unwrap_or_default();
-            eprintln!("agentd: this node was revoked: {why}; tunnels are down, not retrying");
-            3
+        why = async { ended.wait_for(Option::is_some).await.ok().and_then(|e| e.clone()) } => match why {
+            Some(e) if e.reason == cordon_proto::v1::stream_ended::Reason::LoginExpired => {
+                eprintln!("agentd: {}; tunnels are down", e.message);
+                6
+            }
+            why => {
+                let why = why.map(|e| e.message).unwrap_or_default();
+                eprintln!("agentd: this node was revoked: {why}; tunnels are down, not retrying");
+                3
+            }
         }
     };
     for s in servers {

@@ -118,6 +118,9 @@ pub async fn first_netmap(stream: &mut NetMapStream) -> Result<NetMap, Error> {
         .map_err(|s| Error::Rejected(s.message().to_string()))?;
     match message.update {
         Some(pb::net_map::Update::Full(full)) => NetMap::from_full(message.revision, &full),
+        Some(pb::net_map::Update::Ended(e)) if e.reason() == pb::stream_ended::Reason::LoginExpired => {
+            Err(Error::LoginExpired(e.message))
+        }
         Some(pb::net_map::Update::Ended(e)) => Err(Error::Revoked(e.message)),
         other => Err(Error::Protocol(format!("{other:?}"))),
     }

@@ -15,11 +15,15 @@ pub enum Error {
     #[error("no credential: the saved session is no longer valid; give --auth-key or --oidc-token-file to register")]
     SessionInvalid,
     #[error(
-        "no credential: this node has not joined yet; give --auth-key (or AGENTD_AUTH_KEY) or --oidc-token-file to register"
+        "no credential: this node has not joined yet; give --auth-key (or AGENTD_AUTH_KEY) or --oidc-token-file to register, or --tailnet to log in as a person"
     )]
     NoCredential,
     #[error("this node was revoked: {0}; it will not retry")]
     Revoked(String),
+    #[error("login failed: {0}")]
+    LoginFailed(String),
+    #[error("{0}")]
+    LoginExpired(String),
     #[error("state file {path}: {detail}")]
     State { path: PathBuf, detail: String },
     #[error("{what}: {source}")]
@@ -39,6 +43,8 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Revoked(_) => 3,
+            Error::LoginFailed(_) => 4,
+            Error::LoginExpired(_) => 6,
             Error::Rejected(_) | Error::NoCredential | Error::SessionInvalid => 4,
             Error::Unreachable { .. } | Error::Untrusted { .. } => 5,
             Error::BadServerUrl(_) | Error::UnknownHost(_) => 2,

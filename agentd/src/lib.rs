@@ -25,7 +25,7 @@ pub mod wg;
 
 pub use error::Error;
 pub use netmap::{NetMap, Peer};
-pub use node::{Hosted, Mode, Node, NodeConfig, PeerStatus, Status};
+pub use node::{Hosted, LoginHandler, LoginPrompt, Mode, Node, NodeConfig, PeerStatus, Status};
 pub use stack::{Listener, StackConfig, TcpStream, UdpSocket};
 
 /// Completes when the flag turns true (or its sender is gone).

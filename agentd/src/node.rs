@@ -50,6 +50,33 @@ pub struct NodeConfig {
     /// A PEM file with the CA that signed an `https://` server's certificate, trusted besides the
     /// system's store (a private CA).
     pub ca_cert: Option<PathBuf>,
+    /// A person logs in (through the tailnet's login provider) when there is no other credential:
+    /// this is shown where to approve the login. Needs `tailnet_id`.
+    pub login: Option<LoginHandler>,
+    /// Log in again even if a saved session is still valid (`agentd login`): the node keeps its key,
+    /// id and address.
+    pub relogin: bool,
+}
+
+/// Where a person approves a login, and the code they enter there.
+#[derive(Clone, Debug)]
+pub struct LoginPrompt {
+    pub verification_uri: String,
+    pub user_code: String,
+    /// The URI with the code filled in, when the identity provider offers one.
+    pub verification_uri_complete: Option<String>,
+    pub provider: String,
+    pub expires_at: Option<std::time::SystemTime>,
+}
+
+/// Shows a [`LoginPrompt`] to the person (the binary prints it, with a QR code on a terminal).
+#[derive(Clone)]
+pub struct LoginHandler(pub Arc<dyn Fn(&LoginPrompt) + Send + Sync>);
+
+impl std::fmt::Debug for LoginHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LoginHandler")
+    }
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -78,6 +105,8 @@ impl NodeConfig {
             listen_port: 0,
             advertise: Vec::new(),
             ca_cert: None,
+            login: None,
+            relogin: false,
         }
     }
 }
@@ -450,6 +479,7 @@ async fn resume_or_register(
     let mut session_invalid = false;
     if let Some(session) = state.session()?
         && session.server == config.server
+        && !config.relogin
     {
         match control::watch(client, &session.session_token).await {
             Ok(stream) => {
@@ -467,11 +497,15 @@ async fn resume_or_register(
             }
         }
     }
-    let credential = match (&config.oidc_token, &config.auth_key) {
-        (Some(token), _) => pb::register_request::Credential::OidcToken(token.clone()),
-        (None, Some(key)) => pb::register_request::Credential::AuthKey(key.clone()),
-        (None, None) if session_invalid => return Err(Error::SessionInvalid),
-        (None, None) => return Err(Error::NoCredential),
+    let credential = match (&config.oidc_token, &config.auth_key, &config.login) {
+        (Some(token), _, _) => pb::register_request::Credential::OidcToken(token.clone()),
+        (None, Some(key), _) => pb::register_request::Credential::AuthKey(key.clone()),
+        (None, None, Some(handler)) if config.tailnet_id.is_some() => {
+            let response = log_in(client, config, handler, public, endpoints).await?;
+            return save_and_watch(client, state, config, response).await;
+        }
+        (None, None, _) if session_invalid => return Err(Error::SessionInvalid),
+        (None, None, _) => return Err(Error::NoCredential),
     };
     let request = pb::RegisterRequest {
         credential: Some(credential),
@@ -488,13 +522,71 @@ async fn resume_or_register(
             Error::Unreachable { server: config.server.clone(), detail: s.message().to_string() }
         }
     })?;
-    let response = response.into_inner();
+    save_and_watch(client, state, config, response.into_inner()).await
+}
+
+async fn save_and_watch(
+    client: &mut Client,
+    state: &StateDir,
+    config: &NodeConfig,
+    response: pb::RegisterResponse,
+) -> Result<(Session, control::NetMapStream), Error> {
     let node_id = response.node.map(|n| n.id).unwrap_or_default();
     let session = Session { server: config.server.clone(), node_id, session_token: response.session_token };
     state.save_session(&session)?;
     let stream =
         control::watch(client, &session.session_token).await.map_err(|s| Error::Rejected(s.message().to_string()))?;
     Ok((session, stream))
+}
+
+/// A person's login: the server starts the device authorization grant with the tailnet's login
+/// provider, the person approves it in a browser anywhere, and the server admits the node.
+async fn log_in(
+    client: &mut Client,
+    config: &NodeConfig,
+    handler: &LoginHandler,
+    public: [u8; 32],
+    endpoints: &[SocketAddr],
+) -> Result<pb::RegisterResponse, Error> {
+    let refused = |s: tonic::Status| {
+        if control::rejected(&s) || s.code() == tonic::Code::FailedPrecondition {
+            Error::LoginFailed(s.message().to_string())
+        } else {
+            Error::Unreachable { server: config.server.clone(), detail: s.message().to_string() }
+        }
+    };
+    let request = pb::StartLoginRequest {
+        tailnet_id: config.tailnet_id.clone().unwrap_or_default(),
+        wireguard_public_key: public.to_vec(),
+        hostname: config.hostname.clone(),
+        requested_tags: vec![],
+        endpoints: endpoints.iter().map(ToString::to_string).collect(),
+    };
+    let started = client.start_login(request).await.map_err(refused)?.into_inner();
+    let expires_at = started.expires_at.and_then(|t| {
+        std::time::UNIX_EPOCH.checked_add(std::time::Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32))
+    });
+    (handler.0)(&LoginPrompt {
+        verification_uri: started.verification_uri,
+        user_code: started.user_code,
+        verification_uri_complete: Some(started.verification_uri_complete).filter(|u| !u.is_empty()),
+        provider: started.provider,
+        expires_at,
+    });
+    // The call waits for the person; a dropped connection is retried until the code expires.
+    loop {
+        match client.wait_login(pb::WaitLoginRequest { login_id: started.login_id.clone() }).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s) if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown => {
+                if expires_at.is_some_and(|at| at <= std::time::SystemTime::now()) {
+                    return Err(Error::LoginFailed("the login code expired; log in again".into()));
+                }
+                tracing::info!(reason = %s.message(), "waiting for the login again");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            Err(s) => return Err(Error::LoginFailed(s.message().to_string())),
+        }
+    }
 }
 
 /// Reports the local endpoints plus the reflexive one STUN found, whenever the latter changes.

@@ -103,6 +103,20 @@ enum Command {
         #[command(subcommand)]
         command: AccessCommand,
     },
+    /// SSO for people: the OIDC identity providers they log in through (`agentd login`).
+    LoginProvider {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: LoginProviderCommand,
+    },
+    /// The people who logged in: list, show, and offboard (which cuts off all their nodes).
+    User {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: UserCommand,
+    },
     /// Keyless orchestration: let OIDC ID tokens that match a rule act as admin credentials.
     AdminTrust {
         #[command(flatten)]
@@ -485,6 +499,66 @@ enum AdminTrustCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum LoginProviderCommand {
+    /// People log in through ISSUER's device authorization grant as CLIENT_ID. The client secret is
+    /// read from a file (`-` for standard input), never from an argument.
+    Create {
+        name: String,
+        /// The tailnet whose people log in through it [default: every tailnet without its own].
+        #[arg(long)]
+        tailnet: Option<String>,
+        #[arg(long)]
+        issuer: String,
+        #[arg(long)]
+        client_id: String,
+        #[arg(long)]
+        client_secret_file: Option<PathBuf>,
+        /// Scopes to ask for (repeatable) [default: openid email profile groups].
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// The ID token claim with the person's groups [default: groups].
+        #[arg(long)]
+        groups_claim: Option<String>,
+        /// Only these email domains may log in (repeatable).
+        #[arg(long = "email-domain")]
+        email_domains: Vec<String>,
+        /// Only members of these identity-provider groups may log in (repeatable).
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// How long a login lasts, in seconds [default: 7 days].
+        #[arg(long)]
+        login_lifetime: Option<u64>,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    List {
+        #[arg(long)]
+        tailnet: Option<String>,
+    },
+    Delete {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    List {
+        #[arg(long)]
+        tailnet: Option<String>,
+    },
+    /// A user (by id or email) with their nodes.
+    Show { user: String },
+    /// Offboard a user (by id or email): their nodes are removed at once, with the reason.
+    Delete {
+        user: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum TokenRole {
     Admin,
@@ -593,6 +667,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Trust { client, command } => trust(&client, command).await,
         Command::Token { client, command } => token(&client, command).await,
         Command::AdminTrust { client, command } => admin_trust(&client, command).await,
+        Command::LoginProvider { client, command } => login_provider(&client, command).await,
+        Command::User { client, command } => user(&client, command).await,
         Command::Webhook { client, command } => webhook(&client, command).await,
         Command::Access { client, command: AccessCommand::Report { tailnet, csv } } => {
             access_report(&client, tailnet, csv).await
@@ -1511,6 +1587,122 @@ async fn access_report(client: &ClientArgs, tailnet: String, csv: bool) -> anyho
         .into_iter()
         .map(|row| vec![row[5].clone(), row[6].clone(), row[8].clone(), row[12].clone(), row[13].clone()]);
     print_table(&["NODE", "TAGS", "ADMITTED BY", "MAY REACH", "PORTS"], table.collect());
+    Ok(())
+}
+
+async fn login_provider(client: &ClientArgs, command: LoginProviderCommand) -> anyhow::Result<()> {
+    let mut admin = client.connect().await?;
+    let provider_json = |p: &pb::LoginProvider| {
+        json!({"id": p.id, "name": p.name, "tailnet_id": p.tailnet_id, "issuer": p.issuer,
+            "client_id": p.client_id, "has_client_secret": p.has_client_secret, "scopes": p.scopes,
+            "groups_claim": p.groups_claim, "allowed_email_domains": p.allowed_email_domains,
+            "allowed_groups": p.allowed_groups, "login_lifetime_seconds": p.login_lifetime_seconds,
+            "reason": p.reason, "created_by": p.created_by, "created_at": time(&p.created_at)})
+    };
+    let rows = |providers: &[pb::LoginProvider]| -> Vec<Vec<String>> {
+        providers
+            .iter()
+            .map(|p| {
+                let scope = if p.tailnet_id.is_empty() { "(server-wide)".to_string() } else { p.tailnet_id.clone() };
+                vec![p.id.clone(), p.name.clone(), scope, p.issuer.clone(), p.client_id.clone(), p.allowed_groups.join(",")]
+            })
+            .collect()
+    };
+    let headers = ["ID", "NAME", "TAILNET", "ISSUER", "CLIENT ID", "GROUPS"];
+    match command {
+        LoginProviderCommand::Create {
+            name,
+            tailnet,
+            issuer,
+            client_id,
+            client_secret_file,
+            scopes,
+            groups_claim,
+            email_domains,
+            groups,
+            login_lifetime,
+            reason,
+        } => {
+            let client_secret = match client_secret_file {
+                Some(path) => read_text(&path)?.trim().to_string(),
+                None => String::new(),
+            };
+            let req = pb::CreateLoginProviderRequest {
+                name,
+                tailnet_id: tailnet.unwrap_or_default(),
+                issuer,
+                client_id,
+                client_secret,
+                scopes,
+                groups_claim: groups_claim.unwrap_or_default(),
+                allowed_email_domains: email_domains,
+                allowed_groups: groups,
+                login_lifetime_seconds: login_lifetime.unwrap_or_default(),
+                reason,
+            };
+            let provider = admin.create_login_provider(req).await.map_err(status)?.into_inner();
+            if client.json {
+                println!("{}", provider_json(&provider));
+            } else {
+                print_table(&headers, rows(&[provider]));
+            }
+        }
+        LoginProviderCommand::List { tailnet } => {
+            let req = pb::ListLoginProvidersRequest { tailnet_id: tailnet.unwrap_or_default() };
+            let providers = admin.list_login_providers(req).await.map_err(status)?.into_inner().providers;
+            print_list(client.json, &providers, provider_json, &headers, rows(&providers));
+        }
+        LoginProviderCommand::Delete { id, reason } => {
+            let req = pb::DeleteLoginProviderRequest { id: id.clone(), reason };
+            admin.delete_login_provider(req).await.map_err(status)?;
+            print_done(client.json, &id, "deleted", "deleted login provider");
+        }
+    }
+    Ok(())
+}
+
+async fn user(client: &ClientArgs, command: UserCommand) -> anyhow::Result<()> {
+    let mut admin = client.connect().await?;
+    let user_json = |u: &pb::User| {
+        json!({"id": u.id, "email": u.email, "display_name": u.display_name, "groups": u.groups,
+            "issuer": u.issuer, "subject": u.subject, "last_login": time(&u.last_login),
+            "created_at": time(&u.created_at), "login_provider_id": u.login_provider_id,
+            "nodes": u.nodes.iter().map(|n| json!({"id": n.id, "hostname": n.hostname, "tailnet_id": n.tailnet_id,
+                "addresses": n.addresses, "online": n.online})).collect::<Vec<_>>()})
+    };
+    let rows = |users: &[pb::User]| -> Vec<Vec<String>> {
+        users
+            .iter()
+            .map(|u| vec![u.id.clone(), u.email.clone(), u.display_name.clone(), u.groups.join(","), time(&u.last_login)])
+            .collect()
+    };
+    let headers = ["ID", "EMAIL", "NAME", "GROUPS", "LAST LOGIN"];
+    match command {
+        UserCommand::List { tailnet } => {
+            let req = pb::ListUsersRequest { tailnet_id: tailnet.unwrap_or_default() };
+            let users = admin.list_users(req).await.map_err(status)?.into_inner().users;
+            print_list(client.json, &users, user_json, &headers, rows(&users));
+        }
+        UserCommand::Show { user } => {
+            let u = admin.get_user(pb::GetUserRequest { id: user }).await.map_err(status)?.into_inner();
+            if client.json {
+                println!("{}", user_json(&u));
+            } else {
+                print_table(&headers, rows(std::slice::from_ref(&u)));
+                let nodes = u.nodes.iter().map(|n| vec![n.id.clone(), n.hostname.clone(), n.addresses.join(","), n.online.to_string()]);
+                print_table(&["NODE", "HOSTNAME", "ADDRESSES", "ONLINE"], nodes.collect());
+            }
+        }
+        UserCommand::Delete { user, reason } => {
+            let req = pb::DeleteUserRequest { id: user.clone(), reason };
+            let removed = admin.delete_user(req).await.map_err(status)?.into_inner().nodes_removed;
+            if client.json {
+                println!("{}", json!({"id": user, "deleted": true, "nodes_removed": removed}));
+            } else {
+                println!("deleted user {user} and {removed} node(s)");
+            }
+        }
+    }
     Ok(())
 }
 

@@ -102,7 +102,7 @@ fn main() {
         .iter()
         .zip(&ids)
         .map(|(n, id)| CompileNode {
-            subject: Subject { id, tags: &n.tags, owner: &n.owner, gateway: false },
+            subject: Subject { id, tags: &n.tags, owner: &n.owner, gateway: false, groups: None },
             address: n.address,
         })
         .collect();

@@ -4,7 +4,7 @@ Run by tests/tests/sdk.rs with the address of a loopback forward to `gateway:80`
 the tailnet. The SDKs hold no real key: the gateway adds the upstream's. Each check prints `ok <name>`;
 the first failure raises and exits non-zero.
 
-    python3 sdk_clients.py http://127.0.0.1:PORT basics|budget|oversized
+    python3 sdk_clients.py http://127.0.0.1:PORT basics|budget|oversized|person|ci
 """
 
 import sys
@@ -118,6 +118,27 @@ def basics():
     ok("anthropic count tokens")
 
 
+def person():
+    # A person in the IdP group `engineering`: any Anthropic model.
+    m = an.messages.create(model="claude-sonnet-4", max_tokens=100, messages=[{"role": "user", "content": "hi"}])
+    assert m.content[0].text == "echo: hi", m
+    ok("person anthropic")
+    r = oa.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}])
+    assert r.choices[0].message.content == "echo: hello", r
+    ok("person openai")
+
+
+def ci():
+    # A CI run admitted as tag:ci: one cheap model, and not Anthropic's.
+    r = oa.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}])
+    assert r.choices[0].message.content == "echo: hello", r
+    ok("ci openai")
+    e = expect(anthropic.PermissionDeniedError, lambda: an.messages.create(
+        model="claude-sonnet-4", max_tokens=10, messages=[{"role": "user", "content": "x"}]))
+    assert "rule models" in e.message, e.message
+    ok("ci denied anthropic")
+
+
 def budget():
     # The first request fits the budget; then it is spent.
     oa.chat.completions.create(model="gpt-4o-mini", max_tokens=50, messages=[{"role": "user", "content": "a"}])
@@ -147,4 +168,4 @@ def oversized():
     ok("anthropic oversized request")
 
 
-{"basics": basics, "budget": budget, "oversized": oversized}[phase]()
+{"basics": basics, "budget": budget, "oversized": oversized, "person": person, "ci": ci}[phase]()

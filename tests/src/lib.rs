@@ -20,6 +20,7 @@ use tonic::transport::Channel;
 pub use cordon_proto::v1;
 
 pub mod bench;
+pub mod idp;
 pub mod llm;
 pub mod netns;
 pub mod oidc;

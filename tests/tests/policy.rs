@@ -328,7 +328,7 @@ async fn capabilities_merge_across_grants() {
     let joined = register(&mut nodes, &secret, "ci").await.node.unwrap();
     let cp = &server.control_plane;
     let node = cp.get_node(cordon_server::model::NodeId::parse("id", &joined.id).unwrap()).await.unwrap();
-    let gateway = cordon_server::policy::Subject { id: "", tags: &[], owner: "", gateway: true };
+    let gateway = cordon_server::policy::Subject { id: "", tags: &[], owner: "", gateway: true, groups: None };
     let caps = cp.capabilities(&node, &gateway, "cordon.dev/cap/ai").await.unwrap();
     assert_eq!(*caps, [serde_json::json!({"models": ["openai/gpt-*"], "rpm": 60}), serde_json::json!({"tpm": 100000})]);
     assert_eq!(*cp.capabilities(&node, &gateway, "example.com/cap/other").await.unwrap(), [serde_json::json!(1)]);

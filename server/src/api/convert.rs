@@ -485,8 +485,8 @@ pub fn login_provider_spec(
     })?;
     let lifetime = match req.login_lifetime_seconds {
         0 => crate::model::DEFAULT_LOGIN_LIFETIME_SECONDS,
-        s if (60..=365 * 86_400).contains(&s) => s,
-        s => return Err(Error::invalid("login_lifetime_seconds", format!("{s} is outside 60..=31536000 (365 days)"))),
+        s if (10..=365 * 86_400).contains(&s) => s,
+        s => return Err(Error::invalid("login_lifetime_seconds", format!("{s} is outside 10..=31536000 (365 days)"))),
     };
     validate::reason("reason", &req.reason)?;
     Ok(crate::model::LoginProvider {

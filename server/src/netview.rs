@@ -131,6 +131,10 @@ impl NetView {
     /// Adds an already-stored node to the visible set and to the sources of the rules it matches.
     fn admit(&mut self, id: NodeId) -> bool {
         let Some((node, node_id)) = self.others.get(&id) else { return false };
+        // A person's node whose login expired is nobody's peer until they log in again.
+        if !node.admitted() {
+            return false;
+        }
         if !self.policy.explicit {
             self.visible.insert(id);
             return false;
@@ -293,6 +297,7 @@ mod tests {
             trust_rule_id: None,
             identity: None,
             gateway,
+            user: None,
         }
     }
 

@@ -927,6 +927,75 @@ mod tests {
         assert!(Policy::allow_all().tag_defined("tag:anything"));
     }
 
+    const PEOPLE: &str = r#"{
+  "groups": { "group:eng": ["idp:engineering", "user:bob@acme.com"], "group:ops": ["carol@acme.com"] },
+  "tagOwners": { "tag:build": ["group:eng"], "tag:ci": [], "tag:db": ["user:carol@acme.com"] },
+  "grants": [
+    { "src": ["group:eng"], "dst": ["gateway"], "ip": ["tcp:80"] },
+    { "src": ["user:dave@acme.com"], "dst": ["tag:db"], "ip": ["tcp:5432"] },
+    { "src": ["autogroup:member"], "dst": ["autogroup:member"], "ip": ["tcp:22"] },
+    { "src": ["autogroup:tagged"], "dst": ["tag:db"], "ip": ["tcp:5433"] }
+  ],
+  "tests": [
+    { "src": "group:eng", "accept": ["gateway:80"], "deny": ["tag:db:5432"] },
+    { "src": "user:dave@acme.com", "accept": ["tag:db:5432", "autogroup:member:22"] },
+    { "src": "autogroup:tagged", "accept": ["tag:db:5433"], "deny": ["autogroup:member:22"] }
+  ]
+}"#;
+
+    #[test]
+    fn people_selectors_match_persons_and_their_idp_groups() {
+        let p = Policy::parse(PEOPLE).unwrap();
+        let gateway = Subject { id: "", tags: &[], owner: "", gateway: true, groups: None };
+        let eng = ["engineering".to_string()];
+        let person = |owner: &'static str, groups: &'static [String]| Subject {
+            id: "",
+            tags: &[],
+            owner,
+            gateway: false,
+            groups: Some(groups),
+        };
+        let alice = person("alice@acme.com", &[]);
+        let alice_eng = Subject { groups: Some(&eng), ..alice };
+        assert!(!p.allows(&alice, &gateway, Proto::Tcp, 80), "not in the IdP group");
+        assert!(p.allows(&alice_eng, &gateway, Proto::Tcp, 80), "idp:engineering");
+        assert!(p.allows(&person("bob@acme.com", &[]), &gateway, Proto::Tcp, 80), "user:bob@acme.com");
+        // A workload owned by alice is not alice: user: and autogroup:member match people only.
+        let workload = subject(&[], "dave@acme.com");
+        let db = ["tag:db".to_string()];
+        assert!(p.allows(&person("dave@acme.com", &[]), &subject(&db, ""), Proto::Tcp, 5432));
+        assert!(!p.allows(&workload, &subject(&db, ""), Proto::Tcp, 5432));
+        assert!(p.allows(&alice, &person("bob@acme.com", &[]), Proto::Tcp, 22), "member to member");
+        assert!(!p.allows(&alice, &workload, Proto::Tcp, 22));
+        // A tagged node is identified by its tags, whoever logged it in.
+        let tagged_person = Subject { tags: &db, ..alice_eng };
+        assert!(!p.allows(&tagged_person, &gateway, Proto::Tcp, 80));
+        assert!(p.allows(&tagged_person, &subject(&db, ""), Proto::Tcp, 5433), "autogroup:tagged");
+        // Tag ownership by people, directly or through groups (IdP ones included).
+        assert!(p.person_owns_tag("tag:build", "alice@acme.com", &eng));
+        assert!(p.person_owns_tag("tag:build", "bob@acme.com", &[]));
+        assert!(!p.person_owns_tag("tag:build", "alice@acme.com", &[]));
+        assert!(p.person_owns_tag("tag:db", "carol@acme.com", &[]));
+        assert!(!p.person_owns_tag("tag:ci", "carol@acme.com", &eng));
+    }
+
+    #[test]
+    fn people_selectors_are_validated() {
+        let e = error_of(r#"{"grants": [{"src": ["autogroup:admins"], "dst": ["*"], "ip": ["*"]}]}"#);
+        assert!(e.message.contains("not an autogroup"), "{e}");
+        let e = error_of(r#"{"grants": [{"src": ["user:"], "dst": ["*"], "ip": ["*"]}]}"#);
+        assert!(e.message.contains("not user:<email>"), "{e}");
+        let e = error_of(r#"{"groups": {"group:x": ["idp:"]}}"#);
+        assert_eq!(e.path, "groups[\"group:x\"][0]");
+        let e = error_of(r#"{"tagOwners": {"tag:x": ["user:"]}}"#);
+        assert!(e.message.contains("user:<email>"), "{e}");
+        let e = error_of(
+            r#"{"groups": {"group:eng": ["idp:eng"]}, "grants": [{"src": ["group:eng"], "dst": ["gateway"], "ip": ["tcp:80"]}],
+                "tests": [{"src": "autogroup:member", "accept": ["gateway:80"]}]}"#,
+        );
+        assert!(e.message.contains("test failed: autogroup:member cannot reach gateway:80"), "{e}");
+    }
+
     fn error_of(text: &str) -> PolicyError {
         Policy::parse(text).unwrap_err()
     }

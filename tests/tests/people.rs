@@ -433,3 +433,255 @@ async fn people_request_tags_they_own() {
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("requested_tags[0]") && e.message().contains("tag:ci"), "{e:?}");
 }
+
+// -----------------------------------------------------------------------------------------------------
+// The real binaries
+
+type Lines = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>;
+
+/// Starts `agentd login` (or `up`, with `args`) writing its log to `log`.
+fn agentd(command: &str, server: &str, state: &std::path::Path, log: &std::path::Path, args: &[&str]) -> (tokio::process::Child, Lines) {
+    let mut child = tokio::process::Command::new(cordon_tests::agentd_bin())
+        .args([command, "--server", server])
+        .args(args)
+        .arg("--state-dir")
+        .arg(state)
+        .env("AGENTD_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn agentd");
+    let lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().unwrap()));
+    (child, lines)
+}
+
+/// The first stdout line containing `needle` (within 30 s).
+async fn line_with(lines: &mut Lines, needle: &str) -> String {
+    let find = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains(needle) {
+                return line;
+            }
+        }
+        panic!("agentd exited before printing {needle:?}")
+    };
+    tokio::time::timeout(Duration::from_secs(30), find).await.unwrap_or_else(|_| panic!("no {needle:?} within 30 s"))
+}
+
+/// The code agentd told the person to enter.
+async fn user_code(lines: &mut Lines) -> String {
+    let line = line_with(lines, "enter the code").await;
+    line.rsplit(' ').next().unwrap().to_string()
+}
+
+async fn exit_code(child: &mut tokio::process::Child) -> i32 {
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.expect("agentd exits").unwrap();
+    status.code().expect("an exit code")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn gateway_answers(base: &str) {
+    let client = cordon_tests::llm::http_client();
+    let url = format!("{base}/v1/models");
+    cordon_tests::eventually(Duration::from_secs(20), "the gateway answers through agentd", || async {
+        cordon_tests::llm::request(&client, "GET", &url, None, &[]).await.ok().filter(|r| r.0 == 200)
+    })
+    .await;
+}
+
+fn sdks_missing() -> Option<String> {
+    let probe = std::process::Command::new("python3").args(["-c", "import openai, anthropic"]).output();
+    match probe {
+        Ok(out) if out.status.success() => None,
+        Ok(out) => Some(String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("").to_string()),
+        Err(e) => Some(format!("python3: {e}")),
+    }
+}
+
+async fn sdk(base: &str, phase: &str) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/sdk_clients.py");
+    let out = tokio::process::Command::new("python3")
+        .args([script, base, phase])
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env_remove("HTTP_PROXY")
+        .env_remove("http_proxy")
+        .output()
+        .await
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "the SDK script failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alice_on_her_laptop_and_a_ci_run_are_told_apart_at_the_gateway() {
+    if let Some(why) = sdks_missing() {
+        let reason = format!("the openai/anthropic Python SDKs are not installed ({why}); run scripts/test.sh as root");
+        return cordon_tests::skip("alice_on_her_laptop_and_a_ci_run_are_told_apart_at_the_gateway", &reason);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server_log = dir.path().join("server.log");
+    let mut server = cordon_tests::ServerProcess::spawn(&data, &server_log).await;
+    let token = std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_string();
+    let channel = tonic::transport::Channel::from_shared(server.url.clone()).unwrap().connect().await.unwrap();
+    let mut admin = pb::control_client::ControlClient::with_interceptor(channel, cordon_tests::Bearer::new(&token));
+    let idp = Idp::start().await;
+    let issuer = cordon_tests::oidc::Issuer::start(&["rsa1"]).await;
+    let llm = cordon_tests::llm::FakeLlm::start().await;
+
+    let mut create = cordon_tests::tailnet_request("scene");
+    create.policy_json = POLICY.into();
+    create.upstreams = cordon_tests::llm::upstreams(&llm);
+    let tailnet = admin.create_tailnet(create).await.unwrap().into_inner();
+    admin.create_login_provider(provider_request(&tailnet.id, &idp)).await.unwrap();
+    let rule = pb::CreateTrustRuleRequest {
+        tailnet_id: tailnet.id.clone(),
+        issuer: issuer.url.clone(),
+        audience: "cordon".into(),
+        claim_conditions: [("repository".to_string(), "acme/api".to_string())].into(),
+        tags: vec!["tag:ci".into()],
+        max_node_lifetime_seconds: 1800,
+        reason: "CI of acme/api".into(),
+        ..Default::default()
+    };
+    admin.create_trust_rule(rule).await.unwrap();
+
+    // Alice logs in on her laptop: agentd shows where to approve, she approves at the IdP.
+    let alice_state = dir.path().join("alice");
+    let alice_port = free_port();
+    let forward = format!("127.0.0.1:{alice_port}=gateway:80");
+    let alice_log = dir.path().join("alice.log");
+    let login_args = ["--tailnet", &tailnet.id, "--hostname", "laptop", "--forward", &forward];
+    let (mut laptop, mut out) = agentd("login", &server.url, &alice_state, &alice_log, &login_args);
+    let code = user_code(&mut out).await;
+    idp.approve(&code, alice());
+    line_with(&mut out, "agentd: up as laptop").await;
+    let alice_base = format!("http://127.0.0.1:{alice_port}");
+    gateway_answers(&alice_base).await;
+
+    // A CI run joins with its OIDC token, as tag:ci.
+    let ci_state = dir.path().join("ci");
+    let token_file = dir.path().join("ci.jwt");
+    std::fs::write(&token_file, cordon_tests::oidc::sign(&issuer.claims("cordon", "acme/api"), "rsa1", "rsa1")).unwrap();
+    let ci_port = free_port();
+    let forward = format!("127.0.0.1:{ci_port}=gateway:80");
+    let ci_args =
+        ["--tailnet", &tailnet.id, "--hostname", "ci-runner", "--forward", &forward, "--oidc-token-file", token_file.to_str().unwrap()];
+    let (mut runner, mut ci_out) = agentd("up", &server.url, &ci_state, &dir.path().join("ci.log"), &ci_args);
+    line_with(&mut ci_out, "agentd: up as ci-runner").await;
+    let ci_base = format!("http://127.0.0.1:{ci_port}");
+    gateway_answers(&ci_base).await;
+
+    // Both through the official SDKs: alice may use Anthropic, the CI run may not.
+    let said = sdk(&alice_base, "person").await;
+    assert!(said.contains("ok person anthropic") && said.contains("ok person openai"), "{said}");
+    let said = sdk(&ci_base, "ci").await;
+    assert!(said.contains("ok ci openai") && said.contains("ok ci denied anthropic"), "{said}");
+
+    // The audit log tells them apart: a person with her groups, a run with its tags and claims.
+    let events = events(&mut admin, &tailnet.id).await;
+    let requests: Vec<(&pb::Event, &pb::GatewayRequest)> =
+        events.iter().filter_map(|e| e.gateway.as_ref().map(|g| (e, g))).filter(|(_, g)| g.api != "models").collect();
+    let alices: Vec<_> = requests.iter().filter(|(e, _)| e.user.as_ref().is_some_and(|u| u.email == "alice@acme.com")).collect();
+    let runs: Vec<_> = requests.iter().filter(|(e, _)| e.run.is_some()).collect();
+    assert_eq!(alices.len() + runs.len(), requests.len(), "every request is a person's or a run's");
+    assert!(alices.iter().all(|(e, _)| e.user.as_ref().unwrap().groups.contains(&"engineering".to_string())));
+    assert!(alices.iter().any(|(_, g)| g.model == "claude-sonnet-4" && g.decision == "allowed"), "{alices:#?}");
+    assert!(runs.iter().all(|(e, g)| e.user.is_none() && g.tags == ["tag:ci"]));
+    assert!(runs.iter().all(|(e, _)| e.run.as_ref().unwrap().claims.get("repository").map(String::as_str) == Some("acme/api")));
+    let denied = runs.iter().find(|(_, g)| g.model == "claude-sonnet-4").expect("the CI run's Anthropic call is logged");
+    assert_eq!((denied.1.decision.as_str(), denied.1.rule.as_str()), ("denied", "models"));
+
+    // whois names the person behind the laptop (asked on the laptop: the CI run may not see it).
+    let user = admin.get_user(pb::GetUserRequest { id: "alice@acme.com".into() }).await.unwrap().into_inner();
+    let laptop_ip = user.nodes[0].addresses[0].clone();
+    let whois = tokio::process::Command::new(cordon_tests::agentd_bin())
+        .args(["whois", &laptop_ip, "--state-dir"])
+        .arg(&alice_state)
+        .output()
+        .await
+        .unwrap();
+    let whois: serde_json::Value = serde_json::from_slice(&whois.stdout).expect("whois prints JSON");
+    assert_eq!(whois["user"]["email"], "alice@acme.com", "{whois}");
+    assert_eq!(whois["user"]["groups"][0], "engineering", "{whois}");
+
+    // Offboarding: deleting alice cuts her laptop off; agentd says so and exits.
+    let cut = Instant::now();
+    let req = pb::DeleteUserRequest { id: "alice@acme.com".into(), reason: "offboarded".into() };
+    admin.delete_user(req).await.unwrap();
+    assert_eq!(exit_code(&mut laptop).await, 3, "revoked: it does not retry");
+    println!("alice's agentd exited {:?} after DeleteUser", cut.elapsed());
+    let log = std::fs::read_to_string(&alice_log).unwrap();
+    assert!(log.contains("offboarded"), "agentd says why");
+
+    // The IdP no longer lists her in engineering: logging in again is refused, in one line.
+    let (mut again, mut out) = agentd("login", &server.url, &alice_state, &alice_log, &login_args);
+    let code = user_code(&mut out).await;
+    idp.approve(&code, Person::new("00u-alice", "alice@acme.com", &["everyone"]));
+    assert_eq!(exit_code(&mut again).await, 4);
+    let log = std::fs::read_to_string(&alice_log).unwrap();
+    let refusal: Vec<&str> = log.lines().filter(|l| l.starts_with("agentd: login failed")).collect();
+    assert_eq!(refusal.len(), 1, "{log}");
+    assert!(refusal[0].contains("none of the groups"), "{log}");
+
+    // Nothing about the ID tokens, device codes, access tokens or the client secret reached a log.
+    runner.start_kill().unwrap();
+    runner.wait().await.unwrap();
+    server.child.start_kill().unwrap();
+    server.child.wait().await.unwrap();
+    let logs = [&server_log, &alice_log, &dir.path().join("ci.log")]
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect::<String>();
+    assert!(logs.lines().count() > 50, "debug logs were written");
+    let secrets = idp.secrets();
+    assert!(secrets.len() >= 7, "client secret, device codes, ID and access tokens: {}", secrets.len());
+    for secret in secrets {
+        assert!(!logs.contains(&secret), "an IdP secret ({} characters) is in a debug log", secret.len());
+    }
+    let session = std::fs::read_to_string(ci_state.join("session.json")).unwrap_or_default();
+    if let Some(token) = serde_json::from_str::<serde_json::Value>(&session).ok().and_then(|s| s["session_token"].as_str().map(str::to_string)) {
+        assert!(!logs.contains(&token));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_login_stops_agentd_until_the_person_logs_in_again() {
+    let server = TestServer::start().await;
+    let idp = Idp::start().await;
+    let mut admin = server.admin().await;
+    let mut create = cordon_tests::tailnet_request("expiring");
+    create.policy_json = POLICY.into();
+    let tailnet = admin.create_tailnet(create).await.unwrap().into_inner();
+    let mut req = provider_request(&tailnet.id, &idp);
+    req.login_lifetime_seconds = 10;
+    admin.create_login_provider(req).await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let (state, log) = (dir.path().join("state"), dir.path().join("agentd.log"));
+    let args = ["--tailnet", &tailnet.id, "--hostname", "laptop"];
+    let (mut agent, mut out) = agentd("login", &server.url, &state, &log, &args);
+    let code = user_code(&mut out).await;
+    idp.approve(&code, alice());
+    let up = line_with(&mut out, "agentd: up as laptop").await;
+    assert_eq!(exit_code(&mut agent).await, 6, "the documented code for an expired login");
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(said.lines().any(|l| l.starts_with("agentd: ") && l.contains("run `agentd login`")), "{said}");
+
+    // `agentd login` again: the same node, at the same address.
+    let (mut agent, mut out) = agentd("login", &server.url, &state, &log, &args);
+    let code = user_code(&mut out).await;
+    idp.approve(&code, alice());
+    let again = line_with(&mut out, "agentd: up as laptop").await;
+    let address = |line: &str| line.split(['(', ')']).nth(1).map(str::to_string);
+    assert_eq!(address(&again), address(&up), "{up} / {again}");
+    let nodes = admin.list_nodes(pb::ListNodesRequest { tailnet_id: tailnet.id.clone(), ..Default::default() }).await;
+    let nodes = nodes.unwrap().into_inner().nodes;
+    assert_eq!(nodes.iter().filter(|n| n.user.is_some()).count(), 1, "one node, logged in twice: {nodes:#?}");
+    agent.start_kill().unwrap();
+}

@@ -425,6 +425,27 @@ mod tests {
     }
 
     #[test]
+    fn a_user_budget_spans_all_of_a_persons_devices() {
+        let rules = Rules::merge(&[json!({"budget": {"bucket": "user", "tokens": 500, "per": "day"}})]).unwrap();
+        let meters = Meters::default();
+        let now = SystemTime::now();
+        let device = |node: &str, user: Option<&str>| Who {
+            node: node.into(),
+            run: None,
+            owner: "alice@acme.com".into(),
+            user: user.map(str::to_string),
+        };
+        let laptop = meters.admit(&rules, &device("laptop", Some("u1")), 300, now).unwrap();
+        meters.settle(laptop, 300, now);
+        let denial = meters.admit(&rules, &device("desktop", Some("u1")), 300, now).unwrap_err();
+        assert_eq!(denial.rule, "budget", "the laptop's 300 count on the desktop too");
+        assert!(meters.admit(&rules, &device("desktop", Some("u2")), 300, now).is_ok(), "another person");
+        assert!(meters.admit(&rules, &device("sensor", None), 300, now).is_ok(), "a workload falls back to its node");
+        meters.restore(&device("phone", Some("u3")), 400, now, now);
+        assert!(meters.admit(&rules, &device("tablet", Some("u3")), 200, now).is_err(), "restored per user");
+    }
+
+    #[test]
     fn restored_usage_counts_only_in_current_windows() {
         let rules = Rules::merge(&[json!({"budget": {"bucket": "run", "tokens": 100, "per": "day"}})]).unwrap();
         let meters = Meters::default();

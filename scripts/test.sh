@@ -105,7 +105,7 @@ start_postgres
 # engine). The paused-clock tests (expiry, restart deadlines) open sled themselves: a paused clock jumps
 # ahead while a test waits on a socket, which would fire the connection pool's timeouts.
 engine_suite=(--test control_api --test netmap --test policy --test registration_races --test restart
-  --test oidc --test crash --test upstreams --test gateway --test gateway_secrets --test store --test governance --test webhooks)
+  --test oidc --test crash --test upstreams --test gateway --test gateway_secrets --test store --test governance --test webhooks --test people)
 status=0
 if cargo nextest --version >/dev/null 2>&1; then
   echo "==> cargo nextest run"

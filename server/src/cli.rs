@@ -503,35 +503,7 @@ enum AdminTrustCommand {
 enum LoginProviderCommand {
     /// People log in through ISSUER's device authorization grant as CLIENT_ID. The client secret is
     /// read from a file (`-` for standard input), never from an argument.
-    Create {
-        name: String,
-        /// The tailnet whose people log in through it [default: every tailnet without its own].
-        #[arg(long)]
-        tailnet: Option<String>,
-        #[arg(long)]
-        issuer: String,
-        #[arg(long)]
-        client_id: String,
-        #[arg(long)]
-        client_secret_file: Option<PathBuf>,
-        /// Scopes to ask for (repeatable) [default: openid email profile groups].
-        #[arg(long = "scope")]
-        scopes: Vec<String>,
-        /// The ID token claim with the person's groups [default: groups].
-        #[arg(long)]
-        groups_claim: Option<String>,
-        /// Only these email domains may log in (repeatable).
-        #[arg(long = "email-domain")]
-        email_domains: Vec<String>,
-        /// Only members of these identity-provider groups may log in (repeatable).
-        #[arg(long = "group")]
-        groups: Vec<String>,
-        /// How long a login lasts, in seconds [default: 7 days].
-        #[arg(long)]
-        login_lifetime: Option<u64>,
-        #[arg(long, default_value = "")]
-        reason: String,
-    },
+    Create(Box<CreateProvider>),
     List {
         #[arg(long)]
         tailnet: Option<String>,
@@ -541,6 +513,37 @@ enum LoginProviderCommand {
         #[arg(long, default_value = "")]
         reason: String,
     },
+}
+
+#[derive(clap::Args)]
+struct CreateProvider {
+    name: String,
+    /// The tailnet whose people log in through it [default: every tailnet without its own].
+    #[arg(long)]
+    tailnet: Option<String>,
+    #[arg(long)]
+    issuer: String,
+    #[arg(long)]
+    client_id: String,
+    #[arg(long)]
+    client_secret_file: Option<PathBuf>,
+    /// Scopes to ask for (repeatable) [default: openid email profile groups].
+    #[arg(long = "scope")]
+    scopes: Vec<String>,
+    /// The ID token claim with the person's groups [default: groups].
+    #[arg(long)]
+    groups_claim: Option<String>,
+    /// Only these email domains may log in (repeatable).
+    #[arg(long = "email-domain")]
+    email_domains: Vec<String>,
+    /// Only members of these identity-provider groups may log in (repeatable).
+    #[arg(long = "group")]
+    groups: Vec<String>,
+    /// How long a login lasts, in seconds [default: 7 days].
+    #[arg(long)]
+    login_lifetime: Option<u64>,
+    #[arg(long, default_value = "")]
+    reason: String,
 }
 
 #[derive(Subcommand)]
@@ -1604,25 +1607,33 @@ async fn login_provider(client: &ClientArgs, command: LoginProviderCommand) -> a
             .iter()
             .map(|p| {
                 let scope = if p.tailnet_id.is_empty() { "(server-wide)".to_string() } else { p.tailnet_id.clone() };
-                vec![p.id.clone(), p.name.clone(), scope, p.issuer.clone(), p.client_id.clone(), p.allowed_groups.join(",")]
+                vec![
+                    p.id.clone(),
+                    p.name.clone(),
+                    scope,
+                    p.issuer.clone(),
+                    p.client_id.clone(),
+                    p.allowed_groups.join(","),
+                ]
             })
             .collect()
     };
     let headers = ["ID", "NAME", "TAILNET", "ISSUER", "CLIENT ID", "GROUPS"];
     match command {
-        LoginProviderCommand::Create {
-            name,
-            tailnet,
-            issuer,
-            client_id,
-            client_secret_file,
-            scopes,
-            groups_claim,
-            email_domains,
-            groups,
-            login_lifetime,
-            reason,
-        } => {
+        LoginProviderCommand::Create(create) => {
+            let CreateProvider {
+                name,
+                tailnet,
+                issuer,
+                client_id,
+                client_secret_file,
+                scopes,
+                groups_claim,
+                email_domains,
+                groups,
+                login_lifetime,
+                reason,
+            } = *create;
             let client_secret = match client_secret_file {
                 Some(path) => read_text(&path)?.trim().to_string(),
                 None => String::new(),
@@ -1673,7 +1684,9 @@ async fn user(client: &ClientArgs, command: UserCommand) -> anyhow::Result<()> {
     let rows = |users: &[pb::User]| -> Vec<Vec<String>> {
         users
             .iter()
-            .map(|u| vec![u.id.clone(), u.email.clone(), u.display_name.clone(), u.groups.join(","), time(&u.last_login)])
+            .map(|u| {
+                vec![u.id.clone(), u.email.clone(), u.display_name.clone(), u.groups.join(","), time(&u.last_login)]
+            })
             .collect()
     };
     let headers = ["ID", "EMAIL", "NAME", "GROUPS", "LAST LOGIN"];
@@ -1689,7 +1702,10 @@ async fn user(client: &ClientArgs, command: UserCommand) -> anyhow::Result<()> {
                 println!("{}", user_json(&u));
             } else {
                 print_table(&headers, rows(std::slice::from_ref(&u)));
-                let nodes = u.nodes.iter().map(|n| vec![n.id.clone(), n.hostname.clone(), n.addresses.join(","), n.online.to_string()]);
+                let nodes = u
+                    .nodes
+                    .iter()
+                    .map(|n| vec![n.id.clone(), n.hostname.clone(), n.addresses.join(","), n.online.to_string()]);
                 print_table(&["NODE", "HOSTNAME", "ADDRESSES", "ONLINE"], nodes.collect());
             }
         }

@@ -86,6 +86,14 @@ struct Pending {
     outcome: watch::Sender<Option<Outcome>>,
 }
 
+/// How a login task hands the login over: its id, where to say it started, and where its outcome
+/// waits for WaitLogin.
+struct Handoff {
+    login_id: Secret,
+    started: oneshot::Sender<Result<Started>>,
+    pending: Arc<Pending>,
+}
+
 /// What a login asks for, after validation.
 #[derive(Clone, Debug)]
 pub struct LoginRequest {
@@ -146,8 +154,12 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 /// The provider's discovery document and keys, and its device endpoint.
-async fn discover(http: &HttpClient, provider: &LoginProvider) -> Result<(DeviceProviderMetadata, DeviceAuthorizationUrl)> {
-    let named = |what: String| Error::Unavailable(format!("login provider {} ({}): {what}", provider.name, provider.issuer));
+async fn discover(
+    http: &HttpClient,
+    provider: &LoginProvider,
+) -> Result<(DeviceProviderMetadata, DeviceAuthorizationUrl)> {
+    let named =
+        |what: String| Error::Unavailable(format!("login provider {} ({}): {what}", provider.name, provider.issuer));
     let issuer = IssuerUrl::new(provider.issuer.clone()).map_err(|_| named("the issuer is not a URL".into()))?;
     let client = |r: openidconnect::HttpRequest| send(http.clone(), r);
     let metadata = DeviceProviderMetadata::discover_async(issuer, &client)
@@ -250,7 +262,8 @@ impl ControlPlane {
         tokio::spawn(async move {
             let mut shutdown = cp.shutdown_signal();
             let mut who = String::new();
-            let run = cp.run_login(provider, request.clone(), id, started_tx, &pending, hash, &mut who);
+            let handoff = Handoff { login_id: id, started: started_tx, pending: pending.clone() };
+            let run = cp.run_login(provider, request.clone(), handoff, &mut who);
             let result = tokio::select! {
                 result = run => result,
                 _ = crate::control_plane::stopped(&mut shutdown) => {
@@ -280,12 +293,11 @@ impl ControlPlane {
         &self,
         provider: LoginProvider,
         request: LoginRequest,
-        login_id: Secret,
-        started: oneshot::Sender<Result<Started>>,
-        pending: &Arc<Pending>,
-        hash: SecretHash,
+        handoff: Handoff,
         who: &mut String,
     ) -> Outcome {
+        let Handoff { login_id, started, pending } = handoff;
+        let hash = login_id.hash();
         let http = self.logins.http.clone();
         let client_fn = |r: openidconnect::HttpRequest| send(http.clone(), r);
         let begun = async {
@@ -330,23 +342,21 @@ impl ControlPlane {
         }
         tracing::info!(tailnet = %request.tailnet, provider = %provider.name, "login started; waiting for the person");
 
-        let poll = client.exchange_device_access_token(&details).map_err(|e| {
-            Error::Unavailable(format!("login provider {}: {}", provider.name, chain(&e)))
-        })?;
-        let token = poll.request_async(&client_fn, tokio::time::sleep, Some(lifetime)).await.map_err(|e| {
-            match &e {
-                RequestTokenError::ServerResponse(r) => match r.error() {
-                    openidconnect::DeviceCodeErrorResponseType::AccessDenied => {
-                        Error::PermissionDenied(format!("login provider {}: the login was denied", provider.name))
-                    }
-                    openidconnect::DeviceCodeErrorResponseType::ExpiredToken => Error::Unauthenticated(format!(
-                        "login provider {}: the code expired before anyone approved it; log in again",
-                        provider.name
-                    )),
-                    _ => Error::Unavailable(format!("login provider {}: {}", provider.name, token_error(&e))),
-                },
+        let poll = client
+            .exchange_device_access_token(&details)
+            .map_err(|e| Error::Unavailable(format!("login provider {}: {}", provider.name, chain(&e))))?;
+        let token = poll.request_async(&client_fn, tokio::time::sleep, Some(lifetime)).await.map_err(|e| match &e {
+            RequestTokenError::ServerResponse(r) => match r.error() {
+                openidconnect::DeviceCodeErrorResponseType::AccessDenied => {
+                    Error::PermissionDenied(format!("login provider {}: the login was denied", provider.name))
+                }
+                openidconnect::DeviceCodeErrorResponseType::ExpiredToken => Error::Unauthenticated(format!(
+                    "login provider {}: the code expired before anyone approved it; log in again",
+                    provider.name
+                )),
                 _ => Error::Unavailable(format!("login provider {}: {}", provider.name, token_error(&e))),
-            }
+            },
+            _ => Error::Unavailable(format!("login provider {}: {}", provider.name, token_error(&e))),
         })?;
         let id_token = token.extra_fields().id_token().map(ToString::to_string).ok_or_else(|| {
             Error::Unavailable(format!(
@@ -399,12 +409,9 @@ impl ControlPlane {
     /// Waits for a login's outcome; a successful one is handed over once.
     pub async fn wait_login(&self, login_id: &str) -> Result<(Node, Tailnet, Secret)> {
         let hash = crate::secret::hash(login_id);
-        let pending = self.logins.take(&hash).ok_or_else(|| {
-            Error::NotFound {
-                what: "login",
-                id: "(login_id): none in progress with this id (it finished, or the server restarted); log in again"
-                    .into(),
-            }
+        let pending = self.logins.take(&hash).ok_or_else(|| Error::NotFound {
+            what: "login",
+            id: "(login_id): none in progress with this id (it finished, or the server restarted); log in again".into(),
         })?;
         let mut rx = pending.outcome.subscribe();
         let outcome = rx
@@ -449,7 +456,11 @@ fn token_error<RE: std::error::Error + 'static, T: openidconnect::ErrorResponse 
 
 impl ControlPlane {
     /// Creates a login provider after checking that its issuer runs the device flow.
-    pub async fn create_login_provider(&self, provider: LoginProvider, actor: &crate::model::Actor) -> Result<LoginProvider> {
+    pub async fn create_login_provider(
+        &self,
+        provider: LoginProvider,
+        actor: &crate::model::Actor,
+    ) -> Result<LoginProvider> {
         self.logins.check(&provider).await.map_err(|e| match e {
             Error::Unavailable(m) => Error::invalid("issuer", m),
             other => other,

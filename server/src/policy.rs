@@ -294,7 +294,10 @@ impl Policy {
             cache.clear();
         }
         let m = std::sync::Arc::new(self.membership(s));
-        cache.insert(s.id.to_string(), (s.tags.to_vec(), s.owner.to_string(), s.groups.map(<[String]>::to_vec), m.clone()));
+        cache.insert(
+            s.id.to_string(),
+            (s.tags.to_vec(), s.owner.to_string(), s.groups.map(<[String]>::to_vec), m.clone()),
+        );
         m
     }
 
@@ -625,7 +628,9 @@ impl Policy {
         match sel {
             Selector::Any => true,
             Selector::Tag(t) => s.tags.iter().any(|x| x == t),
-            Selector::Group(g) => s.tags.is_empty() && self.groups.get(g).is_some_and(|m| m.iter().any(|m| member(m, s))),
+            Selector::Group(g) => {
+                s.tags.is_empty() && self.groups.get(g).is_some_and(|m| m.iter().any(|m| member(m, s)))
+            }
             Selector::Owner(o) => s.tags.is_empty() && o == s.owner,
             Selector::User(email) => s.tags.is_empty() && s.person() && email == s.owner,
             Selector::Member => s.tags.is_empty() && s.person(),
@@ -666,16 +671,8 @@ impl Policy {
         name: &str,
     ) -> std::sync::Arc<Vec<serde_json::Value>> {
         let groups = src.groups.map(|g| g.join(","));
-        let key = format!(
-            "{}|{}|{}|{:?}|{}|{}|{}",
-            src.id,
-            src.tags.join(","),
-            src.owner,
-            groups,
-            dst.id,
-            dst.gateway,
-            name
-        );
+        let key =
+            format!("{}|{}|{}|{:?}|{}|{}|{}", src.id, src.tags.join(","), src.owner, groups, dst.id, dst.gateway, name);
         let mut cache = self.capability_cache.0.lock().unwrap();
         if let Some(v) = cache.get(&key) {
             return v.clone();

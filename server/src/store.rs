@@ -175,7 +175,7 @@ pub enum Placement {
 #[derive(Debug)]
 pub enum Pending {
     /// An audit event; its revision is filled in at commit.
-    Event(Event),
+    Event(Box<Event>),
     NetMap(TailnetId, NetChange),
 }
 
@@ -185,7 +185,7 @@ impl Pending {
         match self {
             Pending::Event(mut e) => {
                 e.revision = revision;
-                Change::Event(Arc::new(e))
+                Change::Event(Arc::new(*e))
             }
             Pending::NetMap(tailnet, change) => {
                 Change::NetMap { tailnet, update: Arc::new(NetMapUpdate { revision, change }) }
@@ -602,7 +602,7 @@ impl Tx {
     /// Records an audit event, numbered at commit.
     pub fn event(&mut self, event: Event) {
         debug_assert!(self.writes, "an event through a read transaction");
-        self.pending.push(Pending::Event(event));
+        self.pending.push(Pending::Event(Box::new(event)));
     }
 
     /// Records a change to what the tailnet's nodes are told, numbered at commit.

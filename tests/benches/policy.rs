@@ -72,6 +72,7 @@ fn node(i: usize, tailnet: TailnetId) -> Node {
         trust_rule_id: None,
         identity: None,
         gateway: false,
+        user: None,
     }
 }
 

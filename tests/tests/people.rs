@@ -164,8 +164,7 @@ async fn a_person_logs_in_and_logging_in_again_keeps_the_node() {
     assert!(taken.message().contains("wireguard_public_key"), "{taken:?}");
 
     let events = events(&mut admin, &tailnet.id).await;
-    let logins: Vec<&pb::Event> =
-        events.iter().filter(|e| e.kind() == pb::EventKind::UserLoggedIn).collect();
+    let logins: Vec<&pb::Event> = events.iter().filter(|e| e.kind() == pb::EventKind::UserLoggedIn).collect();
     assert_eq!(logins.len(), 2, "{events:#?}");
     let stamped = logins[0].user.as_ref().expect("the event names the person");
     assert_eq!((stamped.email.as_str(), stamped.groups.len()), ("alice@acme.com", 2));
@@ -277,7 +276,8 @@ async fn bad_providers_and_bad_input_get_errors_that_name_them() {
     let mut nodes = server.nodes().await;
     let tailnet = cordon_tests::create_tailnet(&mut admin, "bad").await;
 
-    let cases: Vec<(&str, Box<dyn Fn(&mut pb::CreateLoginProviderRequest)>)> = vec![
+    type Spoil = Box<dyn Fn(&mut pb::CreateLoginProviderRequest)>;
+    let cases: Vec<(&str, Spoil)> = vec![
         ("name", Box::new(|r| r.name = "Acme SSO".into())),
         ("issuer", Box::new(|r| r.issuer = "http://idp.example.com".into())),
         ("client_id", Box::new(|r| r.client_id.clear())),
@@ -440,7 +440,13 @@ async fn people_request_tags_they_own() {
 type Lines = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>;
 
 /// Starts `agentd login` (or `up`, with `args`) writing its log to `log`.
-fn agentd(command: &str, server: &str, state: &std::path::Path, log: &std::path::Path, args: &[&str]) -> (tokio::process::Child, Lines) {
+fn agentd(
+    command: &str,
+    server: &str,
+    state: &std::path::Path,
+    log: &std::path::Path,
+    args: &[&str],
+) -> (tokio::process::Child, Lines) {
     let mut child = tokio::process::Command::new(cordon_tests::agentd_bin())
         .args([command, "--server", server])
         .args(args)
@@ -567,11 +573,20 @@ async fn alice_on_her_laptop_and_a_ci_run_are_told_apart_at_the_gateway() {
     // A CI run joins with its OIDC token, as tag:ci.
     let ci_state = dir.path().join("ci");
     let token_file = dir.path().join("ci.jwt");
-    std::fs::write(&token_file, cordon_tests::oidc::sign(&issuer.claims("cordon", "acme/api"), "rsa1", "rsa1")).unwrap();
+    std::fs::write(&token_file, cordon_tests::oidc::sign(&issuer.claims("cordon", "acme/api"), "rsa1", "rsa1"))
+        .unwrap();
     let ci_port = free_port();
     let forward = format!("127.0.0.1:{ci_port}=gateway:80");
-    let ci_args =
-        ["--tailnet", &tailnet.id, "--hostname", "ci-runner", "--forward", &forward, "--oidc-token-file", token_file.to_str().unwrap()];
+    let ci_args = [
+        "--tailnet",
+        &tailnet.id,
+        "--hostname",
+        "ci-runner",
+        "--forward",
+        &forward,
+        "--oidc-token-file",
+        token_file.to_str().unwrap(),
+    ];
     let (mut runner, mut ci_out) = agentd("up", &server.url, &ci_state, &dir.path().join("ci.log"), &ci_args);
     line_with(&mut ci_out, "agentd: up as ci-runner").await;
     let ci_base = format!("http://127.0.0.1:{ci_port}");
@@ -587,14 +602,19 @@ async fn alice_on_her_laptop_and_a_ci_run_are_told_apart_at_the_gateway() {
     let events = events(&mut admin, &tailnet.id).await;
     let requests: Vec<(&pb::Event, &pb::GatewayRequest)> =
         events.iter().filter_map(|e| e.gateway.as_ref().map(|g| (e, g))).filter(|(_, g)| g.api != "models").collect();
-    let alices: Vec<_> = requests.iter().filter(|(e, _)| e.user.as_ref().is_some_and(|u| u.email == "alice@acme.com")).collect();
+    let alices: Vec<_> =
+        requests.iter().filter(|(e, _)| e.user.as_ref().is_some_and(|u| u.email == "alice@acme.com")).collect();
     let runs: Vec<_> = requests.iter().filter(|(e, _)| e.run.is_some()).collect();
     assert_eq!(alices.len() + runs.len(), requests.len(), "every request is a person's or a run's");
     assert!(alices.iter().all(|(e, _)| e.user.as_ref().unwrap().groups.contains(&"engineering".to_string())));
     assert!(alices.iter().any(|(_, g)| g.model == "claude-sonnet-4" && g.decision == "allowed"), "{alices:#?}");
     assert!(runs.iter().all(|(e, g)| e.user.is_none() && g.tags == ["tag:ci"]));
-    assert!(runs.iter().all(|(e, _)| e.run.as_ref().unwrap().claims.get("repository").map(String::as_str) == Some("acme/api")));
-    let denied = runs.iter().find(|(_, g)| g.model == "claude-sonnet-4").expect("the CI run's Anthropic call is logged");
+    assert!(
+        runs.iter()
+            .all(|(e, _)| e.run.as_ref().unwrap().claims.get("repository").map(String::as_str) == Some("acme/api"))
+    );
+    let denied =
+        runs.iter().find(|(_, g)| g.model == "claude-sonnet-4").expect("the CI run's Anthropic call is logged");
     assert_eq!((denied.1.decision.as_str(), denied.1.rule.as_str()), ("denied", "models"));
 
     // whois names the person behind the laptop (asked on the laptop: the CI run may not see it).
@@ -645,7 +665,10 @@ async fn alice_on_her_laptop_and_a_ci_run_are_told_apart_at_the_gateway() {
         assert!(!logs.contains(&secret), "an IdP secret ({} characters) is in a debug log", secret.len());
     }
     let session = std::fs::read_to_string(ci_state.join("session.json")).unwrap_or_default();
-    if let Some(token) = serde_json::from_str::<serde_json::Value>(&session).ok().and_then(|s| s["session_token"].as_str().map(str::to_string)) {
+    if let Some(token) = serde_json::from_str::<serde_json::Value>(&session)
+        .ok()
+        .and_then(|s| s["session_token"].as_str().map(str::to_string))
+    {
         assert!(!logs.contains(&token));
     }
 }
@@ -680,8 +703,138 @@ async fn an_expired_login_stops_agentd_until_the_person_logs_in_again() {
     let again = line_with(&mut out, "agentd: up as laptop").await;
     let address = |line: &str| line.split(['(', ')']).nth(1).map(str::to_string);
     assert_eq!(address(&again), address(&up), "{up} / {again}");
-    let nodes = admin.list_nodes(pb::ListNodesRequest { tailnet_id: tailnet.id.clone(), ..Default::default() }).await;
+    let nodes = admin.list_nodes(pb::ListNodesRequest { tailnet_id: tailnet.id.clone() }).await;
     let nodes = nodes.unwrap().into_inner().nodes;
     assert_eq!(nodes.iter().filter(|n| n.user.is_some()).count(), 1, "one node, logged in twice: {nodes:#?}");
     agent.start_kill().unwrap();
+}
+
+/// `cordon ARGS --json`, against `server`, with `stdin`.
+async fn cordon_json(server: &TestServer, args: &[&str], stdin: &str) -> serde_json::Value {
+    let mut child = tokio::process::Command::new(cordon_tests::cordon_bin())
+        .args(args)
+        .args(["--json", "--server", &server.url, "--token", &server.admin_token])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut input, stdin.as_bytes()).await.unwrap();
+    drop(input);
+    let out = child.wait_with_output().await.unwrap();
+    assert!(out.status.success(), "cordon {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(CLIENT_SECRET));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("cordon {args:?}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_manages_login_providers_and_offboards_users() {
+    let server = TestServer::start().await;
+    let idp = Idp::start().await;
+    let mut admin = server.admin().await;
+    let mut nodes = server.nodes().await;
+    let mut create = cordon_tests::tailnet_request("cli");
+    create.policy_json = POLICY.into();
+    let tailnet = admin.create_tailnet(create).await.unwrap().into_inner();
+    let args = [
+        "login-provider",
+        "create",
+        "acme-sso",
+        "--tailnet",
+        &tailnet.id,
+        "--issuer",
+        &idp.url,
+        "--client-id",
+        CLIENT_ID,
+        "--client-secret-file",
+        "-",
+        "--group",
+        "engineering",
+        "--email-domain",
+        "acme.com",
+        "--reason",
+        "okta",
+    ];
+    let provider = cordon_json(&server, &args, CLIENT_SECRET).await;
+    assert_eq!(provider["has_client_secret"], true);
+    assert_eq!(provider["allowed_groups"][0], "engineering");
+    let listed = cordon_json(&server, &["login-provider", "list", "--tailnet", &tailnet.id], "").await;
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+
+    log_in(&mut nodes, &idp, &tailnet.id, &wireguard_key(), alice()).await.unwrap();
+    let users = cordon_json(&server, &["user", "list"], "").await;
+    assert_eq!(users[0]["email"], "alice@acme.com");
+    let shown = cordon_json(&server, &["user", "show", "alice@acme.com"], "").await;
+    assert_eq!(shown["nodes"][0]["hostname"], "laptop");
+    let deleted = cordon_json(&server, &["user", "delete", "alice@acme.com", "--reason", "offboarded"], "").await;
+    assert_eq!(deleted["nodes_removed"], 1);
+    let id = provider["id"].as_str().unwrap();
+    let gone = cordon_json(&server, &["login-provider", "delete", id, "--reason", "moved"], "").await;
+    assert_eq!(gone["deleted"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_and_owner_scopes_govern_providers_and_users() {
+    let server = TestServer::start().await;
+    let idp = Idp::start().await;
+    let mut root = server.admin().await;
+    let mut nodes = server.nodes().await;
+    let token = |name: &'static str, role: pb::Role, scope: &'static str| {
+        let req = pb::CreateAdminTokenRequest {
+            name: name.into(),
+            role: role.into(),
+            owner_scope: scope.into(),
+            reason: "test".into(),
+            ..Default::default()
+        };
+        let mut root = root.clone();
+        async move { root.create_admin_token(req).await.unwrap().into_inner().secret }
+    };
+    let (acme_admin, acme_auditor, acme_operator, globex_admin) = (
+        token("acme-admin", pb::Role::Admin, "acme").await,
+        token("acme-auditor", pb::Role::Auditor, "acme").await,
+        token("acme-operator", pb::Role::Operator, "acme").await,
+        token("globex-admin", pb::Role::Admin, "globex").await,
+    );
+    let (mut acme_admin, mut acme_auditor, mut acme_operator, mut globex_admin) = (
+        server.admin_as(&acme_admin).await,
+        server.admin_as(&acme_auditor).await,
+        server.admin_as(&acme_operator).await,
+        server.admin_as(&globex_admin).await,
+    );
+    let mut create = cordon_tests::tailnet_request("acme");
+    create.owner = "acme".into();
+    create.policy_json = POLICY.into();
+    let tailnet = root.create_tailnet(create).await.unwrap().into_inner();
+
+    // Only admins make providers, and a scoped admin only for its owner's tailnets.
+    let e = acme_auditor.create_login_provider(provider_request(&tailnet.id, &idp)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = globex_admin.create_login_provider(provider_request(&tailnet.id, &idp)).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "another owner's tailnet does not exist for it: {e:?}");
+    let e = acme_admin.create_login_provider(provider_request("", &idp)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "server-wide needs an unscoped credential: {e:?}");
+    let provider = acme_admin.create_login_provider(provider_request(&tailnet.id, &idp)).await.unwrap().into_inner();
+    assert_eq!(provider.created_by, "token:acme-admin");
+    let seen = |list: pb::ListLoginProvidersResponse| list.providers.len();
+    let req = pb::ListLoginProvidersRequest::default();
+    assert_eq!(seen(acme_auditor.list_login_providers(req.clone()).await.unwrap().into_inner()), 1);
+    assert_eq!(seen(globex_admin.list_login_providers(req).await.unwrap().into_inner()), 0);
+
+    log_in(&mut nodes, &idp, &tailnet.id, &wireguard_key(), alice()).await.unwrap();
+    let users = |list: pb::ListUsersResponse| list.users.len();
+    let req = pb::ListUsersRequest::default();
+    assert_eq!(users(acme_auditor.list_users(req.clone()).await.unwrap().into_inner()), 1);
+    assert_eq!(users(globex_admin.list_users(req).await.unwrap().into_inner()), 0);
+    let get = pb::GetUserRequest { id: "alice@acme.com".into() };
+    assert_eq!(globex_admin.get_user(get.clone()).await.unwrap_err().code(), Code::NotFound);
+    let delete = pb::DeleteUserRequest { id: "alice@acme.com".into(), reason: "offboarded".into() };
+    assert_eq!(acme_auditor.delete_user(delete.clone()).await.unwrap_err().code(), Code::PermissionDenied);
+    assert_eq!(globex_admin.delete_user(delete.clone()).await.unwrap_err().code(), Code::NotFound);
+    let removed = acme_operator.delete_user(delete).await.unwrap().into_inner();
+    assert_eq!(removed.nodes_removed, 1);
+    let events = events(&mut root, &tailnet.id).await;
+    let left = events.iter().find(|e| e.kind() == pb::EventKind::NodeLeft).expect("the node left");
+    assert_eq!((left.actor.as_str(), left.reason.as_str()), ("token:acme-operator", "offboarded"));
 }

@@ -321,10 +321,7 @@ impl pb::node_server::Node for NodeApi {
         }))
     }
 
-    async fn wait_login(
-        &self,
-        req: Request<pb::WaitLoginRequest>,
-    ) -> Result<Response<pb::RegisterResponse>, Status> {
+    async fn wait_login(&self, req: Request<pb::WaitLoginRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
         let login_id = req.into_inner().login_id;
         if login_id.is_empty() || login_id.len() > 128 {
             return Err(Error::invalid("login_id", "is required (from StartLogin)").into());

@@ -9,8 +9,8 @@ use super::{Draft, Policies, record, remove, tailnet};
 use crate::error::{Error, Result};
 use crate::hub::NetChange;
 use crate::model::{
-    Actor, EndReason, EventKind, LoginProvider, LoginProviderId, Node, NodeId, SecretHash, Tailnet, TailnetId,
-    User, UserId,
+    Actor, EndReason, EventKind, LoginProvider, LoginProviderId, Node, NodeId, SecretHash, Tailnet, TailnetId, User,
+    UserId,
 };
 use crate::store::{Placement, Tx};
 
@@ -35,7 +35,8 @@ pub async fn create_login_provider(tx: &mut Tx, provider: LoginProvider, actor: 
     if let Some(t) = provider.tailnet_id {
         tailnet(tx, t).await?;
     }
-    let taken = tx.login_providers().await?.into_iter().any(|p| p.tailnet_id == provider.tailnet_id && p.name == provider.name);
+    let taken =
+        tx.login_providers().await?.into_iter().any(|p| p.tailnet_id == provider.tailnet_id && p.name == provider.name);
     if taken {
         let scope = provider.tailnet_id.map_or("the server".to_string(), |t| format!("tailnet {t}"));
         return Err(Error::invalid("name", format!("a login provider named {} already serves {scope}", provider.name)));
@@ -280,7 +281,13 @@ pub async fn expire_login(tx: &mut Tx, id: NodeId, now: SystemTime) -> Result<Op
 }
 
 /// Offboards a person: removes every node they own (each ends with the reason) and their record.
-pub async fn delete_user(tx: &mut Tx, id: UserId, reason: &str, actor: &Actor, now: SystemTime) -> Result<(User, Vec<NodeId>)> {
+pub async fn delete_user(
+    tx: &mut Tx,
+    id: UserId,
+    reason: &str,
+    actor: &Actor,
+    now: SystemTime,
+) -> Result<(User, Vec<NodeId>)> {
     let user = tx.user(id).await?.ok_or_else(|| Error::not_found("user", id))?;
     let mut removed = Vec::new();
     for tailnet_id in &user.tailnets {
@@ -303,7 +310,13 @@ pub async fn delete_user(tx: &mut Tx, id: UserId, reason: &str, actor: &Actor, n
             kind: EventKind::UserDeleted,
             actor,
             reason,
-            summary: format!("user {} ({} {}) deleted with {} node(s)", user.email, user.issuer, user.subject, removed.len()),
+            summary: format!(
+                "user {} ({} {}) deleted with {} node(s)",
+                user.email,
+                user.issuer,
+                user.subject,
+                removed.len()
+            ),
             ..Draft::at(now)
         },
     );

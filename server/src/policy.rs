@@ -97,6 +97,8 @@ pub struct PolicyTest {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Policy {
     pub groups: BTreeMap<String, Vec<String>>,
+    /// `groups`, ready for matching.
+    members: BTreeMap<String, Members>,
     pub tag_owners: BTreeMap<String, Vec<String>>,
     pub grants: Vec<Grant>,
     pub tests: Vec<PolicyTest>,
@@ -234,11 +236,27 @@ impl Example {
     }
 }
 
-/// Whether group member `m` (an owner, `user:<email>` or `idp:<group>`) is `s`.
-fn member(m: &str, s: &Subject<'_>) -> bool {
-    match m.strip_prefix("idp:") {
-        Some(group) => s.in_idp_group(group),
-        None => m.strip_prefix("user:").unwrap_or(m) == s.owner,
+/// A group's members as matching needs them: owners (and people, `user:` removed) and IdP groups.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Members {
+    owners: Vec<String>,
+    idp: Vec<String>,
+}
+
+impl Members {
+    fn of(list: &[String]) -> Members {
+        let mut m = Members::default();
+        for item in list {
+            match item.strip_prefix("idp:") {
+                Some(group) => m.idp.push(group.to_string()),
+                None => m.owners.push(item.strip_prefix("user:").unwrap_or(item).to_string()),
+            }
+        }
+        m
+    }
+
+    fn contain(&self, s: &Subject<'_>) -> bool {
+        self.owners.iter().any(|o| o == s.owner) || self.idp.iter().any(|g| s.in_idp_group(g))
     }
 }
 
@@ -251,6 +269,7 @@ impl Policy {
     pub fn allow_all() -> Policy {
         Policy {
             groups: BTreeMap::new(),
+            members: BTreeMap::new(),
             tag_owners: BTreeMap::new(),
             grants: vec![Grant {
                 src: vec![Selector::Any],
@@ -319,6 +338,7 @@ impl Policy {
         let section = |name: &str| members.iter().find(|(k, _, _)| k == name).map(|(_, _, v)| v);
         let mut policy = Policy {
             groups: BTreeMap::new(),
+            members: BTreeMap::new(),
             tag_owners: BTreeMap::new(),
             grants: Vec::new(),
             tests: Vec::new(),
@@ -354,7 +374,8 @@ impl Policy {
                             Ok(s)
                         }
                     })
-                    .collect::<Result<_, _>>()?;
+                    .collect::<Result<Vec<String>, _>>()?;
+                policy.members.insert(name.clone(), Members::of(&owners));
                 policy.groups.insert(name.clone(), owners);
             }
         }
@@ -628,9 +649,7 @@ impl Policy {
         match sel {
             Selector::Any => true,
             Selector::Tag(t) => s.tags.iter().any(|x| x == t),
-            Selector::Group(g) => {
-                s.tags.is_empty() && self.groups.get(g).is_some_and(|m| m.iter().any(|m| member(m, s)))
-            }
+            Selector::Group(g) => s.tags.is_empty() && self.members.get(g).is_some_and(|m| m.contain(s)),
             Selector::Owner(o) => s.tags.is_empty() && o == s.owner,
             Selector::User(email) => s.tags.is_empty() && s.person() && email == s.owner,
             Selector::Member => s.tags.is_empty() && s.person(),
@@ -691,7 +710,7 @@ impl Policy {
         let me = Subject { id: "", tags: &[], owner: email, gateway: false, groups: Some(groups) };
         self.tag_owners.get(tag).is_some_and(|owners| {
             owners.iter().any(|o| match o.strip_prefix("group:") {
-                Some(_) => self.groups.get(o).is_some_and(|m| m.iter().any(|m| member(m, &me))),
+                Some(_) => self.members.get(o).is_some_and(|m| m.contain(&me)),
                 None => o.strip_prefix("user:").unwrap_or(o) == email,
             })
         })

@@ -663,17 +663,11 @@ pub async fn register(
             (node.clone(), NetChange::PeerUpdated(Arc::new(node)), summary)
         }
         Placement::New { address, hostname_taken } => {
-            let address = address.ok_or_else(|| {
-                Error::ResourceExhausted(format!("tailnet {} has no free address left in {}", tailnet.id, tailnet.cidr))
-            })?;
+            let (address, hostname) = new_place(tx, &tailnet, address, hostname_taken, &reg.hostname).await?;
             let node = Node {
                 id: NodeId::generate(),
                 tailnet_id: tailnet.id,
-                hostname: if hostname_taken {
-                    unique_hostname(tx, tailnet.id, &reg.hostname).await?
-                } else {
-                    reg.hostname.clone()
-                },
+                hostname,
                 wireguard_public_key: reg.wireguard_public_key,
                 address,
                 tags,
@@ -716,6 +710,21 @@ pub async fn register(
     );
     tx.netmap(tailnet.id, change);
     Ok((node, tailnet))
+}
+
+/// A new node's address (the one placement found, if any) and hostname (`wanted`, made unique).
+async fn new_place(
+    tx: &mut Tx,
+    tailnet: &Tailnet,
+    address: Option<std::net::Ipv4Addr>,
+    hostname_taken: bool,
+    wanted: &str,
+) -> Result<(std::net::Ipv4Addr, String)> {
+    let address = address.ok_or_else(|| {
+        Error::ResourceExhausted(format!("tailnet {} has no free address left in {}", tailnet.id, tailnet.cidr))
+    })?;
+    let hostname = if hostname_taken { unique_hostname(tx, tailnet.id, wanted).await? } else { wanted.to_string() };
+    Ok((address, hostname))
 }
 
 /// `wanted`, or `wanted-N` with the smallest N that is free in the tailnet.

@@ -431,3 +431,34 @@ pub async fn join_with_gateway(
     .await;
     joined
 }
+
+/// Why the official `openai` and `anthropic` Python SDKs cannot be used here, if they cannot.
+pub fn sdks_missing() -> Option<String> {
+    let probe = std::process::Command::new("python3").args(["-c", "import openai, anthropic"]).output();
+    match probe {
+        Ok(out) if out.status.success() => None,
+        Ok(out) => Some(String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("").to_string()),
+        Err(e) => Some(format!("python3: {e}")),
+    }
+}
+
+/// Runs `phase` of `tests/python/sdk_clients.py` (the official SDKs) against the gateway at `base`;
+/// returns what it printed, failing the test if it failed.
+pub async fn sdk_script(base: &str, phase: &str) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/sdk_clients.py");
+    let out = tokio::process::Command::new("python3")
+        .args([script, base, phase])
+        // The SDKs honour proxy variables and do not exempt loopback.
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("http_proxy")
+        .env_remove("https_proxy")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "the SDK script failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}

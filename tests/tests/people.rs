@@ -499,33 +499,9 @@ async fn gateway_answers(base: &str) {
     .await;
 }
 
-fn sdks_missing() -> Option<String> {
-    let probe = std::process::Command::new("python3").args(["-c", "import openai, anthropic"]).output();
-    match probe {
-        Ok(out) if out.status.success() => None,
-        Ok(out) => Some(String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("").to_string()),
-        Err(e) => Some(format!("python3: {e}")),
-    }
-}
-
-async fn sdk(base: &str, phase: &str) -> String {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/sdk_clients.py");
-    let out = tokio::process::Command::new("python3")
-        .args([script, base, phase])
-        .env("NO_PROXY", "127.0.0.1,localhost")
-        .env_remove("HTTP_PROXY")
-        .env_remove("http_proxy")
-        .output()
-        .await
-        .expect("run python3");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "the SDK script failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    stdout
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alice_on_her_laptop_and_a_ci_run_are_told_apart_at_the_gateway() {
-    if let Some(why) = sdks_missing() {
+    if let Some(why) = cordon_tests::llm::sdks_missing() {
         let reason = format!("the openai/anthropic Python SDKs are not installed ({why}); run scripts/test.sh as root");
         return cordon_tests::skip("alice_on_her_laptop_and_a_ci_run_are_told_apart_at_the_gateway", &reason);
     }
@@ -593,9 +569,9 @@ async fn alice_on_her_laptop_and_a_ci_run_are_told_apart_at_the_gateway() {
     gateway_answers(&ci_base).await;
 
     // Both through the official SDKs: alice may use Anthropic, the CI run may not.
-    let said = sdk(&alice_base, "person").await;
+    let said = cordon_tests::llm::sdk_script(&alice_base, "person").await;
     assert!(said.contains("ok person anthropic") && said.contains("ok person openai"), "{said}");
-    let said = sdk(&ci_base, "ci").await;
+    let said = cordon_tests::llm::sdk_script(&ci_base, "ci").await;
     assert!(said.contains("ok ci openai") && said.contains("ok ci denied anthropic"), "{said}");
 
     // The audit log tells them apart: a person with her groups, a run with its tags and claims.

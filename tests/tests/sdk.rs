@@ -3,8 +3,6 @@
 //! key; the fake provider sees only the gateway's. Skips, saying why, where the SDKs are not installed
 //! (`scripts/test.sh` installs them when run as root).
 
-use std::process::Stdio;
-
 use cordon_tests::llm::{self, FakeLlm, join_with_gateway};
 use cordon_tests::{TestServer, v1 as pb};
 
@@ -16,44 +14,16 @@ const POLICY: &str = r#"{
   ]
 }"#;
 
-fn sdks_missing() -> Option<String> {
-    let probe = std::process::Command::new("python3").args(["-c", "import openai, anthropic"]).output();
-    match probe {
-        Ok(out) if out.status.success() => None,
-        Ok(out) => Some(String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("").to_string()),
-        Err(e) => Some(format!("python3: {e}")),
-    }
-}
-
-async fn run_script(base: &str, phase: &str) -> String {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/sdk_clients.py");
-    let out = tokio::process::Command::new("python3")
-        .args([script, base, phase])
-        // The SDKs honour proxy variables and do not exempt loopback.
-        .env("NO_PROXY", "127.0.0.1,localhost")
-        .env_remove("HTTP_PROXY")
-        .env_remove("HTTPS_PROXY")
-        .env_remove("http_proxy")
-        .env_remove("https_proxy")
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .expect("run python3");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "the SDK script failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    stdout
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_sdks_through_the_gateway() {
-    if let Some(why) = sdks_missing() {
+    if let Some(why) = llm::sdks_missing() {
         let reason = format!("the openai/anthropic Python SDKs are not installed ({why}); run scripts/test.sh as root");
         return cordon_tests::skip("official_sdks_through_the_gateway", &reason);
     }
     let server = TestServer::start().await;
     let llm = FakeLlm::start().await;
     let joined = join_with_gateway(&server, &llm, "sdk", &POLICY.replace(" BUDGET", ""), &["tag:agent"]).await;
-    let out = run_script(&joined.base, "basics").await;
+    let out = llm::sdk_script(&joined.base, "basics").await;
     for check in ["openai chat stream", "openai denied tool, streamed", "anthropic stream", "anthropic count tokens"] {
         assert!(out.contains(&format!("ok {check}\n")), "{out}");
     }
@@ -81,14 +51,14 @@ async fn official_sdks_through_the_gateway() {
         .await
         .unwrap();
     let before = llm.seen.lock().unwrap().len();
-    let out = run_script(&joined.base, "budget").await;
+    let out = llm::sdk_script(&joined.base, "budget").await;
     assert!(out.contains("ok anthropic exhausted budget"), "{out}");
     assert_eq!(llm.seen.lock().unwrap().len(), before + 1, "only the request within the budget reached the provider");
 
     // A request body over the gateway's limit: a 413 in the caller's format, not a stalled upload (the
     // gateway's side of the connection resets once the answer is delivered).
     let before = llm.seen.lock().unwrap().len();
-    let out = run_script(&joined.base, "oversized").await;
+    let out = llm::sdk_script(&joined.base, "oversized").await;
     assert!(out.contains("ok openai oversized request") && out.contains("ok anthropic oversized request"), "{out}");
     assert_eq!(llm.seen.lock().unwrap().len(), before, "nothing oversized reaches the provider");
 }

@@ -178,17 +178,11 @@ pub async fn log_in(
             (node, change, summary)
         }
         Placement::New { address, hostname_taken } => {
-            let address = address.ok_or_else(|| {
-                Error::ResourceExhausted(format!("tailnet {} has no free address left in {}", tailnet.id, tailnet.cidr))
-            })?;
+            let (address, hostname) = super::new_place(tx, &tailnet, address, hostname_taken, &login.hostname).await?;
             let node = Node {
                 id: NodeId::generate(),
                 tailnet_id: tailnet.id,
-                hostname: if hostname_taken {
-                    super::unique_hostname(tx, tailnet.id, &login.hostname).await?
-                } else {
-                    login.hostname.clone()
-                },
+                hostname,
                 wireguard_public_key: login.wireguard_public_key,
                 address,
                 tags: login.requested_tags.clone(),

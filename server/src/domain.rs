@@ -237,9 +237,6 @@ pub async fn delete_tailnet(
         );
         removed.nodes.push(node.id);
     }
-    for provider in tx.login_providers().await?.into_iter().filter(|p| p.tailnet_id == Some(id)) {
-        tx.delete_login_provider(provider.id).await?;
-    }
     tx.delete_tailnet(id).await?;
     record(
         tx,

@@ -399,7 +399,7 @@ impl Tx {
         write_op!(self, t => t.put_tailnet(tailnet).await)
     }
     /// Deletes the tailnet and every record it owns (nodes, sessions, keys, rules, policy versions,
-    /// upstream keys, its gateway). Audit events stay.
+    /// upstream keys, its gateway, its login providers). Audit events stay.
     pub async fn delete_tailnet(&mut self, id: TailnetId) -> Result<()> {
         write_op!(self, t => t.delete_tailnet(id).await)
     }

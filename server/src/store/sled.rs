@@ -446,6 +446,11 @@ impl SledTx {
                 self.del(&k);
             }
         }
+        for provider in self.all::<crate::model::LoginProvider>(key::LOGIN_PROVIDERS)? {
+            if provider.tailnet_id == Some(id) {
+                self.del(&key::login_provider(provider.id));
+            }
+        }
         for item in self.db.scan_prefix(key::tailnet_rules(id)) {
             let (k, _) = item.map_err(storage)?;
             self.del(&key::trust_rule(TrustRuleId(key::trailing_uuid(&k))));

@@ -171,6 +171,13 @@ async fn a_person_logs_in_and_logging_in_again_keeps_the_node() {
     assert_eq!(logins[0].actor, "user:alice@acme.com");
     assert!(events.iter().any(|e| e.kind() == pb::EventKind::LoginProviderCreated && e.summary.contains("acme-sso")));
     assert!(!format!("{events:?}").contains(CLIENT_SECRET));
+
+    // The tailnet's provider goes with it; the user stays (a person may be in other tailnets), nodeless.
+    admin.delete_tailnet(pb::DeleteTailnetRequest { id: tailnet.id.clone(), reason: "done".into() }).await.unwrap();
+    let listed = admin.list_login_providers(pb::ListLoginProvidersRequest::default()).await.unwrap().into_inner();
+    assert!(listed.providers.is_empty(), "{listed:?}");
+    let alice = admin.get_user(pb::GetUserRequest { id: "alice@acme.com".into() }).await.unwrap().into_inner();
+    assert!(alice.nodes.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the namespace, interop, packaging and benchmark tests use (command -> package).
-declare -A wanted=([ip]=iproute2 [iptables]=iptables [wireguard-go]=wireguard-go [wg]=wireguard-tools [iperf3]=iperf3 [ping]=iputils-ping [python3]=python3 [pip3]=python3-pip [sysctl]=procps [openssl]=openssl [systemd-analyze]=systemd)
+declare -A wanted=([ip]=iproute2 [iptables]=iptables [wireguard-go]=wireguard-go [wg]=wireguard-tools [iperf3]=iperf3 [ping]=iputils-ping [python3]=python3 [pip3]=python3-pip [sysctl]=procps [openssl]=openssl [systemd-analyze]=systemd [chromium]=chromium [chromedriver]=chromium-driver)
 missing=()
 for cmd in "${!wanted[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${wanted[$cmd]}")
@@ -31,10 +31,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-# The official LLM SDKs the gateway tests drive, and gRPC for the Python client example (pinned; PyPI is
-# reachable here).
-python_sdks=(openai==1.109.1 anthropic==0.125.0 grpcio==1.85.1 grpcio-tools==1.85.1)
-if command -v python3 >/dev/null 2>&1 && ! python3 -c "import openai, anthropic, grpc, grpc_tools" >/dev/null 2>&1; then
+# The official LLM SDKs the gateway tests drive, gRPC for the Python client example and Selenium for the
+# console's browser test (pinned; PyPI is reachable here).
+python_sdks=(openai==1.109.1 anthropic==0.125.0 grpcio==1.85.1 grpcio-tools==1.85.1 selenium==4.27.1)
+if command -v python3 >/dev/null 2>&1 && ! python3 -c "import openai, anthropic, grpc, grpc_tools, selenium" >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
     echo "==> installing ${python_sdks[*]} (pip)"
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "${python_sdks[@]}" \

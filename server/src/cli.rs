@@ -723,6 +723,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let tls = config.tls.is_some();
     let mut server = Server::open(config).await?;
     let metrics = server.bind_metrics().await?;
+    let console = server.bind_console().await?;
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     let scheme = if tls { "https" } else { "http" };
@@ -733,6 +734,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(metrics) = metrics {
         println!("cordon: metrics at http://{metrics}/metrics");
+    }
+    if let Some(console) = console {
+        println!("cordon: console at {scheme}://{console}/");
     }
     println!("cordon: serving gRPC on {scheme}://{addr} (data in {})", server.config.data_dir.display());
     server.serve(listener, shutdown_signal()).await

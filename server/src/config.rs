@@ -74,6 +74,10 @@ pub struct ServeArgs {
     /// HTTP without authentication: keep it on loopback or a monitoring network.
     #[arg(long, env = "CORDON_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve the operator's console (a web UI; sign in with an admin token) at http://ADDR/, e.g.
+    /// 127.0.0.1:7444 [default: off]. With --tls-cert it is served over TLS with the same certificate.
+    #[arg(long, env = "CORDON_CONSOLE_LISTEN")]
+    pub console_listen: Option<SocketAddr>,
     /// How log lines look on stderr: `text` for people, `json` (one object per line) for collectors.
     /// Not read from the TOML file: logging starts before it is read.
     #[arg(long, env = "CORDON_LOG_FORMAT", value_enum, default_value_t = agentd::cli::LogFormat::Text)]
@@ -99,6 +103,7 @@ struct FileConfig {
     stun_listen: Option<SocketAddr>,
     audit_retention: Option<String>,
     metrics_listen: Option<SocketAddr>,
+    console_listen: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -121,6 +126,8 @@ pub struct ServeConfig {
     pub stun_listen: Option<SocketAddr>,
     /// Where `/metrics` is served (HTTP); `None` serves none.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the operator's console is served; `None` serves none.
+    pub console_listen: Option<SocketAddr>,
 }
 
 impl ServeConfig {
@@ -135,6 +142,7 @@ impl ServeConfig {
             limits: Limits::default(),
             stun_listen: Some("127.0.0.1:0".parse().expect("valid")),
             metrics_listen: None,
+            console_listen: None,
         }
     }
 
@@ -211,6 +219,7 @@ impl ServeConfig {
             limits,
             stun_listen: Some(args.stun_listen.or(file.stun_listen).unwrap_or(SocketAddr::new(listen.ip(), 3478))),
             metrics_listen: args.metrics_listen.or(file.metrics_listen),
+            console_listen: args.console_listen.or(file.console_listen),
         })
     }
 }

@@ -92,6 +92,8 @@ pub struct ControlPlane {
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     /// Where `/metrics` is served, once it is.
     pub(crate) metrics_address: Mutex<Option<std::net::SocketAddr>>,
+    /// Where the console is served, once it is.
+    pub(crate) console_address: Mutex<Option<std::net::SocketAddr>>,
     /// The long-lived tasks the server owns (reaper, audit pruner, gateways, STUN): each ends on
     /// shutdown, and [`ControlPlane::drain`] waits for them. `None` once drained.
     tasks: Mutex<Option<tokio::task::JoinSet<()>>>,
@@ -123,6 +125,7 @@ impl ControlPlane {
             gateways,
             metrics,
             metrics_address: Mutex::default(),
+            console_address: Mutex::default(),
             tasks: Mutex::new(Some(tokio::task::JoinSet::new())),
             audit_writer: Mutex::default(),
         });
@@ -807,6 +810,11 @@ impl ControlPlane {
     /// Where `/metrics` is served (after [`crate::serve::Server::serve`] bound it), for tests and logs.
     pub fn metrics_address(&self) -> Option<std::net::SocketAddr> {
         *self.metrics_address.lock().unwrap()
+    }
+
+    /// Where the operator's console listens, if it does.
+    pub fn console_address(&self) -> Option<std::net::SocketAddr> {
+        *self.console_address.lock().unwrap()
     }
 
     /// The Prometheus exposition of this server's metrics now.

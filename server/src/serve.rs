@@ -29,6 +29,7 @@ pub struct Server {
     /// Set when this start wrote a new admin token.
     pub admin_token_created: Option<PathBuf>,
     metrics_listener: Option<TcpListener>,
+    console_listener: Option<TcpListener>,
 }
 
 impl Server {
@@ -45,7 +46,14 @@ impl Server {
         };
         tracing::info!(store = %url, "store open");
         let admin_tokens = Arc::new(admin_tokens);
-        Ok(Server { config, control_plane, admin_tokens, admin_token_created, metrics_listener: None })
+        Ok(Server {
+            config,
+            control_plane,
+            admin_tokens,
+            admin_token_created,
+            metrics_listener: None,
+            console_listener: None,
+        })
     }
 
     /// Binds the metrics listener the configuration asks for (else [`Server::serve`] does); returns
@@ -57,6 +65,21 @@ impl Server {
             self.metrics_listener = Some(agentd::metrics::bind(addr).await?);
         }
         self.metrics_listener.as_ref().map(|l| l.local_addr().context("metrics listener")).transpose()
+    }
+
+    /// Binds the console's listener the configuration asks for (else [`Server::serve`] does); returns
+    /// its address.
+    pub async fn bind_console(&mut self) -> anyhow::Result<Option<std::net::SocketAddr>> {
+        if self.console_listener.is_none()
+            && let Some(addr) = self.config.console_listen
+        {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for the console on {addr} (set --console-listen)"))?;
+            *self.control_plane.console_address.lock().unwrap() = Some(listener.local_addr()?);
+            self.console_listener = Some(listener);
+        }
+        self.console_listener.as_ref().map(|l| l.local_addr().context("console listener")).transpose()
     }
 
     /// Serves gRPC on `listener` until `signal` completes, then ends every watch stream with a reason
@@ -121,6 +144,20 @@ impl Server {
         for hook in cp.list_webhooks().await? {
             crate::webhook::spawn(&cp, hook.id);
         }
+        self.bind_console().await?;
+        if let Some(listener) = self.console_listener.take() {
+            let bound = listener.local_addr()?;
+            let tls = match &self.config.tls {
+                Some(tls) => Some(console_tls(tls)?),
+                None => None,
+            };
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            tracing::info!(%bound, "serving the console at {scheme}://{bound}/");
+            let api = ControlApi::new(cp.clone(), self.admin_tokens.clone());
+            let console = Arc::new(crate::console::Console::new(api, self.admin_tokens.clone(), tls.is_some()));
+            let mut stop = cp.shutdown_signal();
+            cp.spawn(console.serve(listener, tls, async move { crate::control_plane::stopped(&mut stop).await }));
+        }
         let control = pb::control_server::ControlServer::new(ControlApi::new(cp.clone(), self.admin_tokens.clone()))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
         let control = InterceptedService::new(control, admin_interceptor(self.admin_tokens.clone()));
@@ -174,6 +211,24 @@ impl Server {
         cp.flush().await.context("final flush")?;
         Ok(())
     }
+}
+
+/// The console's TLS acceptor, with the gRPC listener's certificate and key.
+fn console_tls(tls: &crate::config::Tls) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(&tls.cert)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("cannot read the certificate {}", tls.cert.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(&tls.key).with_context(|| format!("cannot read the key {}", tls.key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("the console's TLS certificate and key")?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {

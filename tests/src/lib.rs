@@ -134,7 +134,8 @@ impl TestServer {
             config.stun_listen = Some("0.0.0.0:0".parse().expect("valid"));
         }
         config.shutdown_grace = Duration::from_secs(5);
-        let server = Server::open(config).await.expect("server opens");
+        let mut server = Server::open(config).await.expect("server opens");
+        server.bind_console().await.expect("the console binds");
         let listener = tokio::net::TcpListener::bind(listen).await.expect("bind");
         let mut addr = listener.local_addr().expect("local addr");
         if addr.ip().is_unspecified() {

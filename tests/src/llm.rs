@@ -2,7 +2,8 @@
 //! the OpenAI Chat Completions and Responses APIs and Anthropic's Messages API, streamed and not, and
 //! answers in ways a test can choose through the last user message:
 //!
-//! - `tool:NAME` asks for a call of tool `NAME` with arguments `{"x":1}`;
+//! - `tool:NAME` asks for a call of tool `NAME` with arguments `{"x":1}` (`tool:NAME NOTE`, non-streamed
+//!   chat: `{"note": NOTE}`);
 //! - `fail-midway` streams a few events and then drops the connection;
 //! - anything else is echoed back as the answer.
 //!
@@ -168,8 +169,15 @@ fn chat(model: &str, text: &str, tool: Option<String>, stream: bool, fail: bool,
     let base = json!({"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": model});
     if !stream {
         let message = match &tool {
-            Some(name) => json!({"role": "assistant", "content": null, "tool_calls": [
-                {"id": "call_1", "type": "function", "function": {"name": name, "arguments": "{\"x\":1}"}}]}),
+            // `tool:NAME NOTE` puts NOTE in the call's arguments.
+            Some(name) => {
+                let (name, arguments) = match name.split_once(' ') {
+                    Some((name, note)) => (name, json!({ "note": note }).to_string()),
+                    None => (name.as_str(), "{\"x\":1}".to_string()),
+                };
+                json!({"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": name, "arguments": arguments}}]})
+            }
             None => json!({"role": "assistant", "content": format!("echo: {text}")}),
         };
         let mut v = base;

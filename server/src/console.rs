@@ -89,7 +89,10 @@ fn form(text: &str) -> HashMap<String, String> {
             match bytes[i] {
                 b'+' => out.push(b' '),
                 b'%' => {
-                    match std::str::from_utf8(bytes.get(i + 1..i + 3).unwrap_or(b"")).ok().and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    match std::str::from_utf8(bytes.get(i + 1..i + 3).unwrap_or(b""))
+                        .ok()
+                        .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    {
                         Some(b) => {
                             out.push(b);
                             i += 2;
@@ -103,7 +106,11 @@ fn form(text: &str) -> HashMap<String, String> {
         }
         String::from_utf8_lossy(&out).into_owned()
     };
-    text.split('&').filter(|kv| !kv.is_empty()).map(|kv| kv.split_once('=').unwrap_or((kv, ""))).map(|(k, v)| (decode(k), decode(v))).collect()
+    text.split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
+        .map(|(k, v)| (decode(k), decode(v)))
+        .collect()
 }
 
 fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
@@ -265,9 +272,14 @@ impl Console {
                 };
                 match result {
                     Ok(body) => html(StatusCode::OK, page_with(&p, &csrf, &body)),
-                    Err(Failure(status, message)) => {
-                        html(status, page_with(&p, &csrf, &format!("<h1>{}</h1><p class=\"error\">{}</p>", status.as_u16(), esc(&message))))
-                    }
+                    Err(Failure(status, message)) => html(
+                        status,
+                        page_with(
+                            &p,
+                            &csrf,
+                            &format!("<h1>{}</h1><p class=\"error\">{}</p>", status.as_u16(), esc(&message)),
+                        ),
+                    ),
                 }
             }
         }
@@ -275,7 +287,11 @@ impl Console {
 
     async fn sign_in(&self, req: Request<Incoming>) -> Response<Body> {
         let Some(fields) = read_form(req).await else {
-            return full(StatusCode::BAD_REQUEST, "text/html; charset=utf-8", login_page("The form could not be read."));
+            return full(
+                StatusCode::BAD_REQUEST,
+                "text/html; charset=utf-8",
+                login_page("The form could not be read."),
+            );
         };
         let token = fields.get("token").map(|t| t.trim().to_string()).unwrap_or_default();
         let principal = match self.tokens.authenticate(&token, SystemTime::now()) {
@@ -307,7 +323,9 @@ impl Console {
         if checked_form(req, csrf).await.is_err() {
             return full(StatusCode::FORBIDDEN, "text/plain; charset=utf-8", "missing or wrong CSRF token");
         }
-        if let Some(id) = cookie.split(';').find_map(|c| c.trim().strip_prefix(&format!("{COOKIE}=")).map(str::to_string)) {
+        if let Some(id) =
+            cookie.split(';').find_map(|c| c.trim().strip_prefix(&format!("{COOKIE}=")).map(str::to_string))
+        {
             self.sessions.lock().unwrap().remove(&crate::secret::hash(&id));
         }
         let mut r = redirect("/login");
@@ -321,7 +339,12 @@ impl Console {
     async fn tailnets(&self, p: &Principal, query: &HashMap<String, String>) -> Result<String, Failure> {
         let owner = query.get("owner").cloned().unwrap_or_default();
         let label = query.get("label").cloned().unwrap_or_default();
-        let req = pb::ListTailnetsRequest { owner: owner.clone(), label_selector: label.clone(), page_size: 200, ..Default::default() };
+        let req = pb::ListTailnetsRequest {
+            owner: owner.clone(),
+            label_selector: label.clone(),
+            page_size: 200,
+            ..Default::default()
+        };
         let list = self.api.list_tailnets(as_(p, req)).await.map_err(Failure::from)?.into_inner();
         let mut rows = String::new();
         let midnight = now_seconds() - now_seconds() % 86_400;
@@ -332,7 +355,11 @@ impl Console {
             let spend: u64 = events.iter().filter_map(|e| e.gateway.as_ref()).map(tokens_of).sum();
             let labels: Vec<String> = t.labels.iter().map(|(k, v)| format!("{}={}", esc(k), esc(v))).collect();
             let ttl = match &t.expires_at {
-                Some(at) => format!("<span class=\"countdown\" data-expires=\"{}\">{}</span>", at.seconds, esc(&time(&t.expires_at))),
+                Some(at) => format!(
+                    "<span class=\"countdown\" data-expires=\"{}\">{}</span>",
+                    at.seconds,
+                    esc(&time(&t.expires_at))
+                ),
                 None => "persistent".into(),
             };
             let _ = write!(
@@ -344,7 +371,11 @@ impl Console {
                 owner = esc(&t.owner),
                 labels = labels.join(", "),
                 total = nodes.len(),
-                gateway = if t.upstreams.is_empty() { "running, no upstream".to_string() } else { format!("running, {} upstream(s)", t.upstreams.len()) },
+                gateway = if t.upstreams.is_empty() {
+                    "running, no upstream".to_string()
+                } else {
+                    format!("running, {} upstream(s)", t.upstreams.len())
+                },
             );
         }
         Ok(format!(
@@ -359,7 +390,12 @@ impl Console {
     }
 
     async fn tailnet(&self, p: &Principal, csrf: &str, id: &str) -> Result<String, Failure> {
-        let t = self.api.get_tailnet(as_(p, pb::GetTailnetRequest { id: id.into() })).await.map_err(Failure::from)?.into_inner();
+        let t = self
+            .api
+            .get_tailnet(as_(p, pb::GetTailnetRequest { id: id.into() }))
+            .await
+            .map_err(Failure::from)?
+            .into_inner();
         let nodes = self.nodes(p, &t.id).await?;
         let operator = p.role.allows(crate::model::Action::Write);
         let action = |what: &str, id: &str, label: &str| {
@@ -375,20 +411,51 @@ impl Console {
                 tailnet = esc(&t.id),
             )
         };
+        let keys = self
+            .api
+            .list_auth_keys(as_(p, pb::ListAuthKeysRequest { tailnet_id: t.id.clone() }))
+            .await
+            .map_err(Failure::from)?
+            .into_inner()
+            .keys;
+        let rules = self
+            .api
+            .list_trust_rules(as_(p, pb::ListTrustRulesRequest { tailnet_id: t.id.clone() }))
+            .await
+            .map_err(Failure::from)?
+            .into_inner()
+            .rules;
+        let made_by: HashMap<&str, &str> = keys
+            .iter()
+            .map(|k| (k.id.as_str(), k.created_by.as_str()))
+            .chain(rules.iter().map(|r| (r.id.as_str(), r.created_by.as_str())))
+            .collect();
+        let by = |id: &str| made_by.get(id).map(|who| format!(", made by {}", esc(who))).unwrap_or_default();
         let mut node_rows = String::new();
         for n in &nodes {
             let identity = match (&n.user, n.admission.as_ref().and_then(|a| a.run.as_ref())) {
                 (Some(u), _) => format!("person {} ({})", esc(&u.email), esc(&u.groups.join(", "))),
                 (None, Some(run)) => {
-                    let claims: Vec<String> = run.claims.iter().map(|(k, v)| format!("{}={}", esc(k), esc(v))).collect();
-                    let link = run.claims.get("run_id").map(|r| format!(" <a href=\"/run?tailnet={}&amp;run={}\">run</a>", esc(&enc(&t.id)), esc(&enc(r)))).unwrap_or_default();
+                    let claims: Vec<String> =
+                        run.claims.iter().map(|(k, v)| format!("{}={}", esc(k), esc(v))).collect();
+                    let link = run
+                        .claims
+                        .get("run_id")
+                        .map(|r| {
+                            format!(" <a href=\"/run?tailnet={}&amp;run={}\">run</a>", esc(&enc(&t.id)), esc(&enc(r)))
+                        })
+                        .unwrap_or_default();
                     format!("CI run {}{link}", claims.join(" "))
                 }
                 _ => format!("owner {}", esc(&n.owner)),
             };
             let admitted = match n.admission.as_ref() {
-                Some(a) if !a.auth_key_id.is_empty() => format!("auth key {}", esc(&a.auth_key_id)),
-                Some(a) if !a.trust_rule_id.is_empty() => format!("trust rule {}", esc(&a.trust_rule_id)),
+                Some(a) if !a.auth_key_id.is_empty() => {
+                    format!("auth key {}{}", esc(&a.auth_key_id), by(&a.auth_key_id))
+                }
+                Some(a) if !a.trust_rule_id.is_empty() => {
+                    format!("trust rule {}{}", esc(&a.trust_rule_id), by(&a.trust_rule_id))
+                }
                 _ if n.user.is_some() => "SSO login".into(),
                 _ => String::new(),
             };
@@ -399,7 +466,11 @@ impl Console {
                 addr = esc(n.addresses.first().map(String::as_str).unwrap_or("")),
                 tags = esc(&n.tags.join(", ")),
                 online = if n.online { "online" } else { "offline" },
-                path = if n.endpoints.is_empty() { "relay only (no endpoints)".to_string() } else { format!("direct possible ({} endpoint(s)), relay", n.endpoints.len()) },
+                path = if n.endpoints.is_empty() {
+                    "relay only (no endpoints)".to_string()
+                } else {
+                    format!("direct possible ({} endpoint(s)), relay", n.endpoints.len())
+                },
                 act = action("delete-node", &n.id, "Delete node"),
             );
         }
@@ -410,19 +481,28 @@ impl Console {
             .map_err(Failure::from)?
             .into_inner()
             .versions;
+        let mut versions = versions;
+        versions.sort_by_key(|v| v.version);
         let mut policy_rows = String::new();
-        for v in versions.iter().rev() {
-            let _ = write!(
-                policy_rows,
-                "<tr><td>v{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+        let mut previous = String::new();
+        let mut shown = Vec::new();
+        for v in &versions {
+            let diff =
+                similar::TextDiff::from_lines(&previous, &v.policy_json).unified_diff().context_radius(2).to_string();
+            shown.push(format!(
+                "<tr><td>v{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}<details><summary>diff</summary><pre>{}</pre></details></td></tr>",
                 v.version,
                 esc(&time(&v.created_at)),
                 esc(&v.author),
                 esc(&v.reason),
-                esc(&v.summary)
-            );
+                esc(&v.summary),
+                esc(&diff)
+            ));
+            previous = v.policy_json.clone();
         }
-        let keys = self.api.list_auth_keys(as_(p, pb::ListAuthKeysRequest { tailnet_id: t.id.clone() })).await.map_err(Failure::from)?.into_inner().keys;
+        for row in shown.iter().rev() {
+            policy_rows.push_str(row);
+        }
         let mut key_rows = String::new();
         for k in &keys {
             let _ = write!(
@@ -468,7 +548,11 @@ impl Console {
             by = esc(&t.created_by),
             id = esc(&t.id),
             qid = esc(&enc(&t.id)),
-            delete = if operator { format!("<h2>Delete this tailnet</h2>{}", action("delete-tailnet", &t.id, "Delete tailnet")) } else { String::new() },
+            delete = if operator {
+                format!("<h2>Delete this tailnet</h2>{}", action("delete-tailnet", &t.id, "Delete tailnet"))
+            } else {
+                String::new()
+            },
         ))
     }
 
@@ -532,7 +616,8 @@ impl Console {
                 }
             }
         }
-        let node_list: String = nodes.iter().map(|(id, host)| format!("<li>{} <code>{}</code></li>", esc(host), esc(id))).collect();
+        let node_list: String =
+            nodes.iter().map(|(id, host)| format!("<li>{} <code>{}</code></li>", esc(host), esc(id))).collect();
         Ok(format!(
             "<h1>{title}</h1><p class=\"meta\">{n} events · {spent} tokens · {blocked} blocked tool call(s)</p>\
              <h2>Nodes</h2><ul id=\"run-nodes\">{node_list}</ul><h2>Timeline</h2>\
@@ -546,7 +631,8 @@ impl Console {
     async fn requests(&self, p: &Principal, query: &HashMap<String, String>) -> Result<String, Failure> {
         let get = |k: &str| query.get(k).cloned().unwrap_or_default();
         let (tailnet, identity, model, decision) = (get("tailnet"), get("identity"), get("model"), get("decision"));
-        let hours: i64 = query.get("hours").and_then(|h| h.parse().ok()).filter(|h| (1..=24 * 30).contains(h)).unwrap_or(24);
+        let hours: i64 =
+            query.get("hours").and_then(|h| h.parse().ok()).filter(|h| (1..=24 * 30).contains(h)).unwrap_or(24);
         let since = now_seconds() - hours * 3600;
         let events = self.audit(p, &tailnet, Some(since)).await?;
         let requests: Vec<(&pb::Event, &pb::GatewayRequest)> = events
@@ -562,11 +648,25 @@ impl Console {
         for (e, g) in requests.iter().rev().take(500) {
             let who = identity_of(e);
             let link = match (&e.user, e.run.as_ref().and_then(|r| r.claims.get("run_id"))) {
-                (Some(u), _) => format!("<a href=\"/run?tailnet={}&amp;user={}\">{}</a>", esc(&enc(&tailnet)), esc(&enc(&u.email)), esc(&who)),
-                (None, Some(r)) => format!("<a href=\"/run?tailnet={}&amp;run={}\">{}</a>", esc(&enc(&tailnet)), esc(&enc(r)), esc(&who)),
+                (Some(u), _) => format!(
+                    "<a href=\"/run?tailnet={}&amp;user={}\">{}</a>",
+                    esc(&enc(&tailnet)),
+                    esc(&enc(&u.email)),
+                    esc(&who)
+                ),
+                (None, Some(r)) => format!(
+                    "<a href=\"/run?tailnet={}&amp;run={}\">{}</a>",
+                    esc(&enc(&tailnet)),
+                    esc(&enc(r)),
+                    esc(&who)
+                ),
                 _ => esc(&who),
             };
-            let tools: Vec<String> = g.tool_calls.iter().map(|t| format!("{}{}", esc(&t.name), if t.blocked { " (blocked)" } else { "" })).collect();
+            let tools: Vec<String> = g
+                .tool_calls
+                .iter()
+                .map(|t| format!("{}{}", esc(&t.name), if t.blocked { " (blocked)" } else { "" }))
+                .collect();
             let _ = write!(
                 rows,
                 "<tr class=\"{decision}\"><td>{time}</td><td>{link}</td><td>{model}</td><td>{decision}{rule}</td><td class=\"num\">{tokens}</td>\
@@ -580,11 +680,15 @@ impl Console {
                 tools = tools.join(", "),
             );
         }
-        let by_identity = chart("Tokens per identity", &requests, since, hours, |e, _| identity_of(e), |g| tokens_of(g));
-        let by_model = chart("Tokens per model", &requests, since, hours, |_, g| g.model.clone(), |g| tokens_of(g));
+        let by_identity = chart("Tokens per identity", &requests, since, hours, |e, _| identity_of(e), tokens_of);
+        let by_model = chart("Tokens per model", &requests, since, hours, |_, g| g.model.clone(), tokens_of);
         let refusals = chart(
             "Denied and blocked requests",
-            &requests.iter().filter(|(_, g)| g.decision == "denied" || g.decision == "blocked").copied().collect::<Vec<_>>(),
+            &requests
+                .iter()
+                .filter(|(_, g)| g.decision == "denied" || g.decision == "blocked")
+                .copied()
+                .collect::<Vec<_>>(),
             since,
             hours,
             |_, g| g.decision.clone(),
@@ -607,7 +711,11 @@ impl Console {
             n = requests.len(),
             options = ["", "allowed", "denied", "blocked", "failed"]
                 .iter()
-                .map(|d| format!("<option value=\"{d}\"{}>{}</option>", if *d == decision { " selected" } else { "" }, if d.is_empty() { "any" } else { d }))
+                .map(|d| format!(
+                    "<option value=\"{d}\"{}>{}</option>",
+                    if *d == decision { " selected" } else { "" },
+                    if d.is_empty() { "any" } else { d }
+                ))
                 .collect::<String>(),
         ))
     }
@@ -619,7 +727,9 @@ impl Console {
         let req = pb::WatchEventsRequest { tailnet_id: tailnet, since_revision: 0 };
         let stream = match self.api.watch_events(as_(p, req)).await {
             Ok(s) => s.into_inner(),
-            Err(status) => return full(StatusCode::FORBIDDEN, "text/plain; charset=utf-8", status.message().to_string()),
+            Err(status) => {
+                return full(StatusCode::FORBIDDEN, "text/plain; charset=utf-8", status.message().to_string());
+            }
         };
         let frames = stream.map(|e| {
             let text = match e {
@@ -655,24 +765,42 @@ impl Console {
         let fields = match checked_form(req, csrf).await {
             Ok(f) if same_origin => f,
             _ => {
-                let body = page("Refused", "", "<h1>403</h1><p class=\"error\">This action lacks the console's CSRF token (or came from another site): reload the page and try again.</p>");
+                let body = page(
+                    "Refused",
+                    "",
+                    "<h1>403</h1><p class=\"error\">This action lacks the console's CSRF token (or came from another site): reload the page and try again.</p>",
+                );
                 return full(StatusCode::FORBIDDEN, "text/html; charset=utf-8", body);
             }
         };
         let id = fields.get("id").cloned().unwrap_or_default();
         let reason = fields.get("reason").cloned().unwrap_or_default();
-        let back = fields.get("back").filter(|b| b.starts_with('/') && !b.starts_with("//")).cloned().unwrap_or_else(|| "/".into());
+        let back = fields
+            .get("back")
+            .filter(|b| b.starts_with('/') && !b.starts_with("//"))
+            .cloned()
+            .unwrap_or_else(|| "/".into());
         let result = match what {
             "delete-node" => self.api.delete_node(as_(p, pb::DeleteNodeRequest { id, reason })).await.map(|_| back),
-            "revoke-key" => self.api.revoke_auth_key(as_(p, pb::RevokeAuthKeyRequest { id, reason, ..Default::default() })).await.map(|_| back),
-            "delete-tailnet" => self.api.delete_tailnet(as_(p, pb::DeleteTailnetRequest { id, reason })).await.map(|_| "/".to_string()),
+            "revoke-key" => self
+                .api
+                .revoke_auth_key(as_(p, pb::RevokeAuthKeyRequest { id, reason, ..Default::default() }))
+                .await
+                .map(|_| back),
+            "delete-tailnet" => {
+                self.api.delete_tailnet(as_(p, pb::DeleteTailnetRequest { id, reason })).await.map(|_| "/".to_string())
+            }
             _ => return full(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "no such action"),
         };
         match result {
             Ok(to) => redirect(&to),
             Err(status) => {
                 let Failure(code, message) = Failure::from(status);
-                full(code, "text/html; charset=utf-8", page("Refused", "", &format!("<h1>{}</h1><p class=\"error\">{}</p>", code.as_u16(), esc(&message))))
+                full(
+                    code,
+                    "text/html; charset=utf-8",
+                    page("Refused", "", &format!("<h1>{}</h1><p class=\"error\">{}</p>", code.as_u16(), esc(&message))),
+                )
             }
         }
     }
@@ -839,7 +967,13 @@ fn chart(
             );
         }
     }
-    let _ = write!(svg, "<text x=\"0\" y=\"{}\" class=\"axis\">{} h ago</text><text x=\"{w}\" y=\"{}\" text-anchor=\"end\" class=\"axis\">now · peak {peak}</text></svg><ul class=\"legend\">", h + 16.0, hours, h + 16.0);
+    let _ = write!(
+        svg,
+        "<text x=\"0\" y=\"{}\" class=\"axis\">{} h ago</text><text x=\"{w}\" y=\"{}\" text-anchor=\"end\" class=\"axis\">now · peak {peak}</text></svg><ul class=\"legend\">",
+        h + 16.0,
+        hours,
+        h + 16.0
+    );
     for (k, (name, v)) in ranked.iter().enumerate() {
         let _ = write!(
             svg,

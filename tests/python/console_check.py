@@ -15,6 +15,8 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.expected_conditions import staleness_of
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 
 url, auditor, operator, tailnet, run_id, out = sys.argv[1:7]
 XSS_SCRIPT = "<script>window.__xss=1</script>"
@@ -113,11 +115,10 @@ try:
     row = [r for r in driver.find_elements(By.CSS_SELECTOR, "#nodes tbody tr") if "laptop" in r.text][0]
     row.find_element(By.NAME, "reason").send_keys("decommissioned laptop")
     row.find_element(By.CSS_SELECTOR, "form.act button").click()
-    try:
-        WebDriverWait(driver, 10).until(lambda d: "laptop" not in d.find_element(By.ID, "nodes").text)
-    except Exception:
-        print("the page after the action:", driver.current_url, driver.find_element(By.TAG_NAME, "main").text, flush=True)
-        raise
+    # The form posts and the console redirects back: wait for the old page to go, then for the new one.
+    WebDriverWait(driver, 10).until(staleness_of(row))
+    settled = WebDriverWait(driver, 10, ignored_exceptions=[NoSuchElementException, StaleElementReferenceException])
+    settled.until(lambda d: "laptop" not in d.find_element(By.ID, "nodes").text)
     ok("an operator deletes a node with a reason")
 finally:
     driver.quit()

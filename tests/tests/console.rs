@@ -74,7 +74,8 @@ fn urlencode(s: &str) -> String {
 
 /// Signs in over HTTP; returns the session cookie (`name=value`) and the Set-Cookie header.
 async fn sign_in(base: &str, token: &str) -> (String, String) {
-    let (status, headers, body) = http("POST", &format!("{base}/login"), None, Some(format!("token={}", urlencode(token))), &[]).await;
+    let (status, headers, body) =
+        http("POST", &format!("{base}/login"), None, Some(format!("token={}", urlencode(token))), &[]).await;
     assert_eq!(status, 303, "{body}");
     let set = headers.get("set-cookie").expect("a session cookie").to_str().unwrap().to_string();
     (set.split(';').next().unwrap().to_string(), set)
@@ -87,14 +88,22 @@ fn csrf_of(page: &str) -> String {
 }
 
 async fn token(admin: &mut cordon_tests::Admin, name: &str, role: pb::Role) -> String {
-    let req = pb::CreateAdminTokenRequest { name: name.into(), role: role.into(), reason: "console".into(), ..Default::default() };
+    let req = pb::CreateAdminTokenRequest {
+        name: name.into(),
+        role: role.into(),
+        reason: "console".into(),
+        ..Default::default()
+    };
     admin.create_admin_token(req).await.unwrap().into_inner().secret
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_shows_runs_requests_and_spend_and_guards_its_actions() {
     if let Some(why) = browser_missing() {
-        return cordon_tests::skip("the_console_shows_runs_requests_and_spend_and_guards_its_actions", &format!("{why}; run scripts/test.sh as root"));
+        return cordon_tests::skip(
+            "the_console_shows_runs_requests_and_spend_and_guards_its_actions",
+            &format!("{why}; run scripts/test.sh as root"),
+        );
     }
     let server = TestServer::start_configured(|c| c.console_listen = Some("127.0.0.1:0".parse().unwrap())).await;
     let console = format!("http://{}", server.control_plane.console_address().expect("the console listens"));
@@ -155,7 +164,9 @@ async fn the_console_shows_runs_requests_and_spend_and_guards_its_actions() {
     })));
     let laptop = Arc::new(agentd::Node::start(laptop).await.expect("alice logs in"));
     let client = llm::http_client();
-    for (node, text) in [(&ci, "hello"), (&ci, "tool:shell.exec <script>alert(1)</script>\"><img onerror=alert(2)>"), (&laptop, "hi")] {
+    for (node, text) in
+        [(&ci, "hello"), (&ci, "tool:shell.exec <script>alert(1)</script>\"><img onerror=alert(2)>"), (&laptop, "hi")]
+    {
         let base = format!("http://{}", cordon_tests::forward(node.clone(), "gateway", 80).await);
         let body = serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}]});
         let url = format!("{base}/v1/chat/completions");
@@ -203,11 +214,21 @@ async fn the_console_shows_runs_requests_and_spend_and_guards_its_actions() {
     let mut stderr = String::new();
     tokio::io::AsyncReadExt::read_to_string(&mut browser.stderr.take().unwrap(), &mut stderr).await.unwrap();
     assert!(status.success(), "the browser checks failed:\n{said}\n{stderr}");
-    for check in ["tailnets", "live events without a reload", "run: requests", "requests and spend", "an operator deletes a node"] {
+    for check in [
+        "tailnets",
+        "live events without a reload",
+        "run: requests",
+        "requests and spend",
+        "an operator deletes a node",
+    ] {
         assert!(said.lines().any(|l| l.starts_with(&format!("ok {check}"))), "{said}");
     }
     let events = admin
-        .list_audit_events(pb::ListAuditEventsRequest { tailnet_id: tailnet.id.clone(), page_size: 1000, ..Default::default() })
+        .list_audit_events(pb::ListAuditEventsRequest {
+            tailnet_id: tailnet.id.clone(),
+            page_size: 1000,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -218,30 +239,37 @@ async fn the_console_shows_runs_requests_and_spend_and_guards_its_actions() {
     // Over HTTP: the cookie and the headers.
     let (cookie, set_cookie) = sign_in(&console, &auditor).await;
     assert!(set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Strict"), "{set_cookie}");
-    let (status, headers, page) = http("GET", &format!("{console}/tailnets/{}", tailnet.id), Some(&cookie), None, &[]).await;
+    let (status, headers, page) =
+        http("GET", &format!("{console}/tailnets/{}", tailnet.id), Some(&cookie), None, &[]).await;
     assert_eq!(status, 200);
     let csp = headers.get("content-security-policy").unwrap().to_str().unwrap();
-    assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self'") && !csp.contains("unsafe"), "{csp}");
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("script-src 'self'") && !csp.contains("unsafe"),
+        "{csp}"
+    );
     assert_eq!(headers.get("x-frame-options").unwrap(), "DENY");
     assert!(!page.contains("<script>window"), "markup in data is escaped");
 
     // An auditor cannot act, even with its CSRF token.
     let node = ci.node_id().to_string();
     let form = |csrf: &str| format!("csrf={}&id={node}&reason=test&back=%2F", urlencode(csrf));
-    let (status, _, body) = http("POST", &format!("{console}/actions/delete-node"), Some(&cookie), Some(form(&csrf_of(&page))), &[]).await;
+    let (status, _, body) =
+        http("POST", &format!("{console}/actions/delete-node"), Some(&cookie), Some(form(&csrf_of(&page))), &[]).await;
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("operator"), "the refusal names the role it needs: {body}");
 
     // An operator's action without the CSRF token, with a wrong one, or from another site is refused.
     let (ops_cookie, _) = sign_in(&console, &operator).await;
-    let (_, _, ops_page) = http("GET", &format!("{console}/tailnets/{}", tailnet.id), Some(&ops_cookie), None, &[]).await;
+    let (_, _, ops_page) =
+        http("GET", &format!("{console}/tailnets/{}", tailnet.id), Some(&ops_cookie), None, &[]).await;
     let good = csrf_of(&ops_page);
     for (body, extra) in [
         (format!("id={node}&reason=test"), vec![]),
         (form("not-the-token"), vec![]),
         (form(&good), vec![("origin", "http://evil.example")]),
     ] {
-        let (status, _, text) = http("POST", &format!("{console}/actions/delete-node"), Some(&ops_cookie), Some(body), &extra).await;
+        let (status, _, text) =
+            http("POST", &format!("{console}/actions/delete-node"), Some(&ops_cookie), Some(body), &extra).await;
         assert_eq!(status, 403, "{text}");
         assert!(text.contains("CSRF"), "{text}");
     }
@@ -279,7 +307,9 @@ async fn the_console_shows_runs_requests_and_spend_and_guards_its_actions() {
     assert!(seen.contains("alice@acme.com") && seen.contains("shell.exec"), "the pages were read");
 
     // Signed out, the session is gone.
-    let (status, headers, _) = http("POST", &format!("{console}/logout"), Some(&ops_cookie), Some(format!("csrf={}", urlencode(&good))), &[]).await;
+    let (status, headers, _) =
+        http("POST", &format!("{console}/logout"), Some(&ops_cookie), Some(format!("csrf={}", urlencode(&good))), &[])
+            .await;
     assert_eq!(status, 303);
     assert_eq!(headers.get("location").unwrap(), "/login");
     let (status, headers, _) = http("GET", &format!("{console}/"), Some(&ops_cookie), None, &[]).await;

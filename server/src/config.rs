@@ -205,6 +205,16 @@ impl ServeConfig {
                  and --tls-key, or --insecure-plaintext if something else encrypts the traffic"
             );
         }
+        let console_listen = args.console_listen.or(file.console_listen);
+        if let Some(console) = console_listen
+            && tls.is_none()
+            && !console.ip().is_loopback()
+            && !insecure
+        {
+            bail!(
+                "refusing to serve the console over plain HTTP on {console}, which is not a loopback address:                  give --tls-cert and --tls-key, or --insecure-plaintext if something else encrypts the traffic"
+            );
+        }
         let store =
             args.store.or(file.store).map(|s| StoreUrl::parse(&s).map_err(|e| anyhow::anyhow!("--{e}"))).transpose()?;
         Ok(ServeConfig {
@@ -219,7 +229,7 @@ impl ServeConfig {
             limits,
             stun_listen: Some(args.stun_listen.or(file.stun_listen).unwrap_or(SocketAddr::new(listen.ip(), 3478))),
             metrics_listen: args.metrics_listen.or(file.metrics_listen),
-            console_listen: args.console_listen.or(file.console_listen),
+            console_listen,
         })
     }
 }
@@ -234,6 +244,11 @@ mod tests {
         let err = ServeConfig::resolve(args.clone()).unwrap_err().to_string();
         assert!(err.contains("--insecure-plaintext"), "{err}");
         assert!(ServeConfig::resolve(ServeArgs { insecure_plaintext: true, ..args }).is_ok());
+        let console = ServeArgs { console_listen: Some("0.0.0.0:7444".parse().unwrap()), ..Default::default() };
+        let err = ServeConfig::resolve(console.clone()).unwrap_err().to_string();
+        assert!(err.contains("console") && err.contains("--insecure-plaintext"), "{err}");
+        let local = ServeArgs { console_listen: Some("127.0.0.1:7444".parse().unwrap()), ..Default::default() };
+        assert!(ServeConfig::resolve(local).unwrap().console_listen.is_some());
     }
 
     #[test]

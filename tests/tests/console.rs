@@ -315,3 +315,39 @@ async fn the_console_shows_runs_requests_and_spend_and_guards_its_actions() {
     let (status, headers, _) = http("GET", &format!("{console}/"), Some(&ops_cookie), None, &[]).await;
     assert_eq!((status, headers.get("location").unwrap().to_str().unwrap()), (303, "/login"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_tls_the_console_cookie_is_secure() {
+    for tool in ["openssl", "curl"] {
+        if std::process::Command::new(tool).arg("--version").output().is_err() {
+            let why = format!("{tool} is not installed (scripts/test.sh installs it as root)");
+            return cordon_tests::skip("behind_tls_the_console_cookie_is_secure", &why);
+        }
+    }
+    let certs = tempfile::tempdir().unwrap();
+    cordon_tests::test_certificates(certs.path());
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (certs.path().join("server.pem"), certs.path().join("server.key"));
+    let server = TestServer::launch(dir.path(), "127.0.0.1:0", move |c| {
+        c.tls = Some(cordon_server::config::Tls { cert, key });
+        c.console_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let port = server.control_plane.console_address().unwrap().port();
+    let out = tokio::process::Command::new("curl")
+        .args(["-si", "--cacert"])
+        .arg(certs.path().join("ca.pem"))
+        .args(["--resolve", &format!("localhost:{port}:127.0.0.1"), "--data-urlencode"])
+        .arg(format!("token={}", server.admin_token))
+        .arg(format!("https://localhost:{port}/login"))
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let cookie = text.lines().find(|l| l.to_ascii_lowercase().starts_with("set-cookie:")).expect("a session cookie");
+    for flag in ["Secure", "HttpOnly", "SameSite=Strict"] {
+        assert!(cookie.contains(flag), "{cookie}");
+    }
+    assert!(!text.contains(&server.admin_token), "the token is not echoed");
+}

@@ -69,8 +69,8 @@ pub fn esc(s: &str) -> String {
     out
 }
 
-/// Percent-encodes a query value.
-fn enc(s: &str) -> String {
+/// Percent-encodes a query or form value.
+pub fn enc(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
@@ -80,7 +80,7 @@ fn enc(s: &str) -> String {
 }
 
 /// Decodes `application/x-www-form-urlencoded` text (a query string or a form body).
-fn form(text: &str) -> HashMap<String, String> {
+pub fn form(text: &str) -> HashMap<String, String> {
     let decode = |s: &str| {
         let bytes = s.as_bytes();
         let mut out = Vec::with_capacity(bytes.len());

@@ -177,7 +177,7 @@ impl Idp {
             }
             ("GET", "/jwks") => ("200 OK", json!({"keys": [crate::oidc::jwk("rsa1")]}).to_string()),
             ("POST", "/device") => {
-                let form = parse_form(body);
+                let form = cordon_server::console::form(body);
                 if form.get("client_id").map(String::as_str) != Some(CLIENT_ID) && !basic_auth(headers).0 {
                     return ("401 Unauthorized", json!({"error": "invalid_client"}).to_string());
                 }
@@ -201,7 +201,7 @@ impl Idp {
                 if state.garbage {
                     return ("200 OK", "<html>this is not JSON</html>".into());
                 }
-                let form = parse_form(body);
+                let form = cordon_server::console::form(body);
                 let (basic, secret_ok) = basic_auth(headers);
                 let authenticated = secret_ok || form.get("client_secret").map(String::as_str) == Some(CLIENT_SECRET);
                 if !authenticated && (basic || form.contains_key("client_secret")) {
@@ -266,36 +266,8 @@ fn basic_auth(headers: &str) -> (bool, bool) {
     let decoded = base64::engine::general_purpose::STANDARD.decode(encoded).unwrap_or_default();
     let text = String::from_utf8_lossy(&decoded);
     let (id, secret) = text.split_once(':').unwrap_or_default();
-    (true, decode(id) == CLIENT_ID && decode(secret) == CLIENT_SECRET)
-}
-
-fn parse_form(body: &str) -> HashMap<String, String> {
-    body.split('&').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (decode(k), decode(v))).collect()
-}
-
-/// `application/x-www-form-urlencoded` decoding.
-fn decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
-                match hex {
-                    Some(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    let form = cordon_server::console::form(&format!("id={id}&secret={secret}"));
+    (true, form["id"] == CLIENT_ID && form["secret"] == CLIENT_SECRET)
 }
 
 /// One HTTP/1.1 request: method, path, the header block, and the body (by content-length).

@@ -66,6 +66,20 @@ impl Issuer {
         *self.keys.lock().unwrap() = kids.iter().map(|k| jwk(k)).collect();
     }
 
+    /// A trust rule admitting the CI runs of `acme/api` (audience `cordon`) to `tailnet` as `tag:ci`.
+    pub fn ci_rule(&self, tailnet: &str) -> crate::v1::CreateTrustRuleRequest {
+        crate::v1::CreateTrustRuleRequest {
+            tailnet_id: tailnet.into(),
+            issuer: self.url.clone(),
+            audience: "cordon".into(),
+            claim_conditions: [("repository".to_string(), "acme/api".to_string())].into(),
+            tags: vec!["tag:ci".into()],
+            max_node_lifetime_seconds: 1800,
+            reason: "CI of acme/api".into(),
+            ..Default::default()
+        }
+    }
+
     /// GitHub-Actions-shaped claims for `repository`, valid for ten minutes.
     pub fn claims(&self, audience: &str, repository: &str) -> Value {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();

@@ -63,19 +63,16 @@ async fn http(
     (parts.status.as_u16(), parts.headers, String::from_utf8_lossy(&bytes).into_owned())
 }
 
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            b => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// Signs in over HTTP; returns the session cookie (`name=value`) and the Set-Cookie header.
 async fn sign_in(base: &str, token: &str) -> (String, String) {
-    let (status, headers, body) =
-        http("POST", &format!("{base}/login"), None, Some(format!("token={}", urlencode(token))), &[]).await;
+    let (status, headers, body) = http(
+        "POST",
+        &format!("{base}/login"),
+        None,
+        Some(format!("token={}", cordon_server::console::enc(token))),
+        &[],
+    )
+    .await;
     assert_eq!(status, 303, "{body}");
     let set = headers.get("set-cookie").expect("a session cookie").to_str().unwrap().to_string();
     (set.split(';').next().unwrap().to_string(), set)
@@ -126,17 +123,7 @@ async fn the_console_shows_runs_requests_and_spend_and_guards_its_actions() {
         ..Default::default()
     };
     let key = admin.create_auth_key(key_req).await.unwrap().into_inner();
-    let rule = pb::CreateTrustRuleRequest {
-        tailnet_id: tailnet.id.clone(),
-        issuer: issuer.url.clone(),
-        audience: "cordon".into(),
-        claim_conditions: [("repository".to_string(), "acme/api".to_string())].into(),
-        tags: vec!["tag:ci".into()],
-        max_node_lifetime_seconds: 1800,
-        reason: "CI".into(),
-        ..Default::default()
-    };
-    admin.create_trust_rule(rule).await.unwrap();
+    admin.create_trust_rule(issuer.ci_rule(&tailnet.id)).await.unwrap();
     let provider = pb::CreateLoginProviderRequest {
         name: "acme-sso".into(),
         tailnet_id: tailnet.id.clone(),
@@ -252,7 +239,7 @@ async fn the_console_shows_runs_requests_and_spend_and_guards_its_actions() {
 
     // An auditor cannot act, even with its CSRF token.
     let node = ci.node_id().to_string();
-    let form = |csrf: &str| format!("csrf={}&id={node}&reason=test&back=%2F", urlencode(csrf));
+    let form = |csrf: &str| format!("csrf={}&id={node}&reason=test&back=%2F", cordon_server::console::enc(csrf));
     let (status, _, body) =
         http("POST", &format!("{console}/actions/delete-node"), Some(&cookie), Some(form(&csrf_of(&page))), &[]).await;
     assert_eq!(status, 403, "{body}");
@@ -307,9 +294,14 @@ async fn the_console_shows_runs_requests_and_spend_and_guards_its_actions() {
     assert!(seen.contains("alice@acme.com") && seen.contains("shell.exec"), "the pages were read");
 
     // Signed out, the session is gone.
-    let (status, headers, _) =
-        http("POST", &format!("{console}/logout"), Some(&ops_cookie), Some(format!("csrf={}", urlencode(&good))), &[])
-            .await;
+    let (status, headers, _) = http(
+        "POST",
+        &format!("{console}/logout"),
+        Some(&ops_cookie),
+        Some(format!("csrf={}", cordon_server::console::enc(&good))),
+        &[],
+    )
+    .await;
     assert_eq!(status, 303);
     assert_eq!(headers.get("location").unwrap(), "/login");
     let (status, headers, _) = http("GET", &format!("{console}/"), Some(&ops_cookie), None, &[]).await;

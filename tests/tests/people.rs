@@ -528,17 +528,7 @@ async fn alice_on_her_laptop_and_a_ci_run_are_told_apart_at_the_gateway() {
     create.upstreams = cordon_tests::llm::upstreams(&llm);
     let tailnet = admin.create_tailnet(create).await.unwrap().into_inner();
     admin.create_login_provider(provider_request(&tailnet.id, &idp)).await.unwrap();
-    let rule = pb::CreateTrustRuleRequest {
-        tailnet_id: tailnet.id.clone(),
-        issuer: issuer.url.clone(),
-        audience: "cordon".into(),
-        claim_conditions: [("repository".to_string(), "acme/api".to_string())].into(),
-        tags: vec!["tag:ci".into()],
-        max_node_lifetime_seconds: 1800,
-        reason: "CI of acme/api".into(),
-        ..Default::default()
-    };
-    admin.create_trust_rule(rule).await.unwrap();
+    admin.create_trust_rule(issuer.ci_rule(&tailnet.id)).await.unwrap();
 
     // Alice logs in on her laptop: agentd shows where to approve, she approves at the IdP.
     let alice_state = dir.path().join("alice");

@@ -501,8 +501,8 @@ impl ControlPlane {
         let credential = match input.presented {
             Presented::AuthKey(hash) => Credential::AuthKey(hash),
             Presented::OidcToken { token, tailnet } => {
-                let (rule, identity) = self.verify_oidc(token.expose(), tailnet).await?;
-                Credential::Federated { rule, identity }
+                let (rule, identity, token_use) = self.verify_oidc(token.expose(), tailnet).await?;
+                Credential::Federated { rule, identity, token_use }
             }
         };
         let reg = Registration {
@@ -531,7 +531,7 @@ impl ControlPlane {
         &self,
         token: &str,
         tailnet: Option<TailnetId>,
-    ) -> Result<(TrustRuleId, crate::model::RunIdentity)> {
+    ) -> Result<(TrustRuleId, crate::model::RunIdentity, Option<(crate::model::SecretHash, SystemTime)>)> {
         let issuer = crate::oidc::unverified_issuer(token)?;
         let mut rules: Vec<TrustRule> = self
             .store
@@ -554,11 +554,13 @@ impl ControlPlane {
         for rule in rules {
             match self.oidc.verify(token, rule.expectation(), now).await {
                 Ok(verified) => {
-                    if let Some(jti) = &verified.jti {
-                        self.oidc.check_replay(&rule.spec.issuer, jti, verified.expires, now)?;
-                    }
+                    // Checked and recorded in the store with the admission, so that every replica sees it.
+                    let token_use = verified.jti.as_ref().map(|jti| {
+                        let key = crate::secret::hash(&format!("{}\0{jti}", rule.spec.issuer));
+                        (key, verified.expires + crate::oidc::SKEW)
+                    });
                     tracing::info!(rule = %rule.id, issuer = %rule.spec.issuer, subject = %verified.identity.subject, "OIDC token accepted");
-                    return Ok((rule.id, verified.identity));
+                    return Ok((rule.id, verified.identity, token_use));
                 }
                 Err(Refusal::Token(why)) => return Err(Error::Unauthenticated(format!("oidc_token: {why}"))),
                 Err(Refusal::Rule(why)) => refusal = why,

@@ -572,7 +572,14 @@ async fn admit(tx: &mut Tx, credential: &Credential, now: SystemTime) -> Result<
                 auth_key: Some(auth_key.id),
             })
         }
-        Credential::Federated { rule, identity } => {
+        Credential::Federated { rule, identity, token_use } => {
+            if let Some((key, expires)) = token_use
+                && !tx.use_token(key, *expires, now).await?
+            {
+                return Err(Error::Unauthenticated(
+                    "oidc_token: replayed: this token (jti) was used before; request a fresh one".into(),
+                ));
+            }
             let rule = tx
                 .trust_rule(*rule)
                 .await?
@@ -638,7 +645,7 @@ pub async fn register(
     let expires_at = now + admission.lifetime.map_or(node_lifetime, |l| l.min(node_lifetime));
     let (auth_key_id, trust_rule_id, identity) = match &reg.credential {
         Credential::AuthKey(_) => (admission.auth_key, None, None),
-        Credential::Federated { rule, identity } => (None, Some(*rule), Some(identity.clone())),
+        Credential::Federated { rule, identity, .. } => (None, Some(*rule), Some(identity.clone())),
     };
 
     let (first, last) = (tailnet.cidr.first_node_address(), tailnet.cidr.last_node_address());

@@ -395,6 +395,8 @@ pub enum Credential {
     Federated {
         rule: TrustRuleId,
         identity: RunIdentity,
+        /// The token's id (SHA-256 of issuer and `jti`) and expiry, when it has one: used once.
+        token_use: Option<(SecretHash, SystemTime)>,
     },
 }
 
@@ -706,7 +708,7 @@ impl fmt::Debug for Credential {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Credential::AuthKey(_) => f.write_str("AuthKey(<redacted>)"),
-            Credential::Federated { rule, identity } => {
+            Credential::Federated { rule, identity, .. } => {
                 f.debug_struct("Federated").field("rule", rule).field("identity", identity).finish()
             }
         }

@@ -9,7 +9,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
-use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -28,7 +27,7 @@ use crate::model::{RunIdentity, TrustRule};
 use crate::validate::quote;
 
 /// Tolerated clock difference between the issuer and this server.
-const SKEW: Duration = Duration::from_secs(60);
+pub const SKEW: Duration = Duration::from_secs(60);
 /// The claims of a run that a node's identity records, where present.
 const RUN_CLAIMS: [&str; 12] = [
     "repository",
@@ -111,17 +110,12 @@ use crate::gateway::Https;
 pub struct Oidc {
     http: Client<Https, Empty<bytes::Bytes>>,
     keys: tokio::sync::Mutex<HashMap<String, IssuerKeys>>,
-    seen: Mutex<HashMap<(String, String), SystemTime>>,
 }
 
 impl Default for Oidc {
     fn default() -> Self {
         let https = crate::gateway::https_connector();
-        Oidc {
-            http: Client::builder(TokioExecutor::new()).build(https),
-            keys: tokio::sync::Mutex::default(),
-            seen: Mutex::default(),
-        }
+        Oidc { http: Client::builder(TokioExecutor::new()).build(https), keys: tokio::sync::Mutex::default() }
     }
 }
 
@@ -314,18 +308,6 @@ impl Oidc {
             jti: other.get("jti").and_then(claim_string),
             expires,
         })
-    }
-
-    /// Refuses a token id seen before (until it expires).
-    pub fn check_replay(&self, issuer: &str, jti: &str, expires: SystemTime, now: SystemTime) -> Result<(), Error> {
-        let mut seen = self.seen.lock().unwrap();
-        seen.retain(|_, exp| *exp + SKEW > now);
-        if seen.insert((issuer.to_string(), jti.to_string()), expires).is_some() {
-            return Err(Error::Unauthenticated(
-                "oidc_token: replayed: this token (jti) was used before; request a fresh one".into(),
-            ));
-        }
-        Ok(())
     }
 }
 

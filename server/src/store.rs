@@ -468,6 +468,12 @@ impl Tx {
         write_op!(self, t => t.delete_user(id).await)
     }
 
+    // OIDC token ids used for admission
+    /// Records the use of a token id until `expires`; false if it was used before and has not expired.
+    pub async fn use_token(&mut self, key: &SecretHash, expires: SystemTime, now: SystemTime) -> Result<bool> {
+        write_op!(self, t => t.use_token(key, expires, now).await)
+    }
+
     // Admin trust rules
     pub async fn admin_trust_rules(&mut self) -> Result<Vec<crate::model::AdminTrustRule>> {
         each!(self, t => t.admin_trust_rules().await)

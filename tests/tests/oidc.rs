@@ -276,3 +276,35 @@ async fn the_owner_claim_makes_the_person_who_triggered_the_run_its_owner() {
     assert_eq!(bad.code(), Code::InvalidArgument);
     assert!(bad.message().starts_with("owner_claim"), "{}", bad.message());
 }
+
+/// Two servers over one PostgreSQL database, as replicas run: a token used through one is refused by the
+/// other, and of 20 registrations racing with one token across both exactly one is admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_is_used_once_across_replicas() {
+    let Some(url) = cordon_tests::pg::database("oidc_replicas").await else { return };
+    let store = cordon_server::store::StoreUrl::Postgres(url);
+    let (one, two) = (store.clone(), store);
+    let a = TestServer::start_configured(move |c| c.store = Some(one)).await;
+    let b = TestServer::start_configured(move |c| c.store = Some(two)).await;
+    let issuer = Issuer::start(&["rsa1"]).await;
+    let mut admin = a.admin().await;
+    let tailnet = create_tailnet(&mut admin, "replicas").await;
+    rule(&mut admin, &tailnet.id, &issuer.url, "acme/api").await;
+
+    let token = sign(&issuer.claims(AUDIENCE, "acme/api"), "rsa1", "rsa1");
+    a.nodes().await.register(oidc_request(&token, "first")).await.expect("first use, through replica a");
+    let replayed = b.nodes().await.register(oidc_request(&token, "again")).await.unwrap_err();
+    assert_eq!(replayed.code(), Code::Unauthenticated);
+    assert!(replayed.message().contains("replayed"), "{replayed:?}");
+
+    let token = sign(&issuer.claims(AUDIENCE, "acme/api"), "rsa1", "rsa1");
+    let mut racers = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let nodes = if i % 2 == 0 { a.nodes().await } else { b.nodes().await };
+        let request = oidc_request(&token, &format!("racer-{i}"));
+        racers.spawn(async move { nodes.clone().register(request).await.map(|_| ()).map_err(|s| s.code()) });
+    }
+    let outcomes = racers.join_all().await;
+    assert_eq!(outcomes.iter().filter(|o| o.is_ok()).count(), 1, "{outcomes:?}");
+    assert!(outcomes.iter().all(|o| o.as_ref().err().is_none_or(|c| *c == Code::Unauthenticated)), "{outcomes:?}");
+}

@@ -36,6 +36,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (4, include_str!("postgres/0004_admin_trust_rules.sql")),
     (5, include_str!("postgres/0005_webhooks.sql")),
     (6, include_str!("postgres/0006_people.sql")),
+    (7, include_str!("postgres/0007_oidc_replay.sql")),
 ];
 
 /// The oldest server this engine is tested against (`server_version_num`).
@@ -646,6 +647,29 @@ impl PgTx {
     pub async fn delete_admin_trust_rule(&mut self, id: crate::model::AdminTrustRuleId) -> Result<()> {
         self.queue("DELETE FROM admin_trust_rules WHERE id = $1", params![id.0]);
         Ok(())
+    }
+
+    pub async fn use_token(
+        &mut self,
+        key: &crate::model::SecretHash,
+        expires: SystemTime,
+        now: SystemTime,
+    ) -> Result<bool> {
+        // A concurrent use on another replica holds the row's lock until it commits; then this one sees it.
+        let rows = self
+            .query(
+                "INSERT INTO oidc_token_uses (key_hash, expires_at) VALUES ($1, $2) \
+                 ON CONFLICT (key_hash) DO UPDATE SET expires_at = excluded.expires_at \
+                 WHERE oidc_token_uses.expires_at <= $3 RETURNING 1",
+                &[&key.as_slice(), &expires, &now],
+            )
+            .await?;
+        self.queue(
+            "DELETE FROM oidc_token_uses WHERE key_hash IN \
+             (SELECT key_hash FROM oidc_token_uses WHERE expires_at <= $1 LIMIT 64)",
+            params![now],
+        );
+        Ok(!rows.is_empty())
     }
 
     pub async fn login_providers(&mut self) -> Result<Vec<crate::model::LoginProvider>> {

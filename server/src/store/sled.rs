@@ -113,6 +113,15 @@ mod key {
     pub fn delivery(id: crate::model::WebhookId, revision: u64) -> Vec<u8> {
         join(b"whd/", &[id.as_bytes(), &revision.to_be_bytes()])
     }
+    /// A used OIDC token id (a hash) to its expiry.
+    pub fn token_use(key: &crate::model::SecretHash) -> Vec<u8> {
+        join(b"tu/", &[key])
+    }
+    /// The same, ordered by expiry, for pruning.
+    pub const TOKEN_USES_BY_EXPIRY: &[u8] = b"tux/";
+    pub fn token_use_expiry(expires: u64, key: &crate::model::SecretHash) -> Vec<u8> {
+        join(TOKEN_USES_BY_EXPIRY, &[&expires.to_be_bytes(), key])
+    }
     pub const LOGIN_PROVIDERS: &[u8] = b"lp/";
     pub fn login_provider(id: crate::model::LoginProviderId) -> Vec<u8> {
         join(LOGIN_PROVIDERS, &[id.as_bytes()])
@@ -531,6 +540,34 @@ impl SledTx {
     pub async fn put_delivery(&mut self, d: &crate::model::Delivery) -> Result<()> {
         self.put(&key::delivery(d.webhook_id, d.revision), d);
         Ok(())
+    }
+
+    pub async fn use_token(
+        &mut self,
+        key: &crate::model::SecretHash,
+        expires: std::time::SystemTime,
+        now: std::time::SystemTime,
+    ) -> Result<bool> {
+        let secs = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+        // Forget up to 64 uses whose tokens have expired (oldest first).
+        for item in self.db.scan_prefix(key::TOKEN_USES_BY_EXPIRY).take(64) {
+            let (k, _) = item.map_err(storage)?;
+            let at = u64::from_be_bytes(k[4..12].try_into().expect("expiry keys hold 8 bytes of time"));
+            if at > secs(now) {
+                break;
+            }
+            let used: crate::model::SecretHash = k[12..].try_into().expect("expiry keys end with a hash");
+            self.del(&key::token_use(&used));
+            self.del(&k);
+        }
+        if let Some(until) = self.db.get(key::token_use(key)).map_err(storage)?
+            && u64::from_be_bytes(until.as_ref().try_into().unwrap_or([0; 8])) > secs(now)
+        {
+            return Ok(false);
+        }
+        self.put_raw(&key::token_use(key), &secs(expires).to_be_bytes());
+        self.put_raw(&key::token_use_expiry(secs(expires), key), &[]);
+        Ok(true)
     }
 
     pub async fn login_providers(&mut self) -> Result<Vec<crate::model::LoginProvider>> {

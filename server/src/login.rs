@@ -109,6 +109,20 @@ type HttpClient = Client<crate::gateway::Https, Full<Bytes>>;
 pub struct Logins {
     http: HttpClient,
     pending: Mutex<HashMap<SecretHash, Arc<Pending>>>,
+    /// Login tasks running now (StartLogin needs no credential: this bounds what callers can start).
+    running: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// The most logins that may wait for their people at once.
+const MAX_RUNNING: usize = 1024;
+
+/// Counts a running login task while it lives.
+struct Running(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Default for Logins {
@@ -116,6 +130,7 @@ impl Default for Logins {
         Logins {
             http: Client::builder(TokioExecutor::new()).build(crate::gateway::https_connector()),
             pending: Mutex::default(),
+            running: Arc::default(),
         }
     }
 }
@@ -252,6 +267,14 @@ impl ControlPlane {
             let mut tx = self.store.read().await?;
             domain::login_provider_for(&mut tx, request.tailnet).await?
         };
+        let running = &self.logins.running;
+        if running.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= MAX_RUNNING {
+            running.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(Error::ResourceExhausted(format!(
+                "{MAX_RUNNING} logins are waiting for their people already; try again in a few minutes"
+            )));
+        }
+        let counted = Running(running.clone());
         let login_id = Secret::generate(LOGIN_PREFIX);
         let (outcome, _) = watch::channel(None);
         let pending = Arc::new(Pending { outcome });
@@ -282,6 +305,7 @@ impl ControlPlane {
                 }
             }
             pending.outcome.send_replace(Some(result));
+            drop(counted);
             tokio::time::sleep(OUTCOME_KEPT).await;
             cp.logins.pending.lock().unwrap().remove(&hash);
         });

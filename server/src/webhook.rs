@@ -57,6 +57,14 @@ pub fn check_url(url: &str) -> Result<()> {
         _ => return Err(Error::invalid("url", "must be http:// or https://")),
     }
     let host = uri.host().ok_or_else(|| Error::invalid("url", "has no host"))?;
+    // A URL with user:password@ would be stored, listed and logged with its password: refused, unquoted.
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(Error::invalid(
+            "url",
+            "must not carry credentials (user:password@): receivers authenticate deliveries by their signature \
+             (the webhook's secret)",
+        ));
+    }
     if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>()
         && forbidden(ip)
     {
@@ -264,6 +272,8 @@ mod tests {
         assert!(check_url("ftp://example.com/hook").is_err());
         assert!(check_url("file:///etc/passwd").is_err());
         assert!(check_url("https://hooks.example.com/cordon").is_ok());
+        let e = check_url("https://bot:hunter2@hooks.example.com/cordon").unwrap_err().to_string();
+        assert!(e.starts_with("url: must not carry credentials") && !e.contains("hunter2"), "{e}");
         assert!(check_url("http://127.0.0.1:8080/hook").is_ok(), "a receiver on the host itself is allowed");
     }
 }

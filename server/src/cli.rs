@@ -811,6 +811,15 @@ fn time(ts: &Option<prost_types::Timestamp>) -> String {
 }
 
 /// A list as a JSON array or a table.
+/// What a create prints: the record as one JSON object, or a table of one row.
+fn print_one<T>(json: bool, item: &T, to_json: impl Fn(&T) -> Value, headers: &[&str], rows: Vec<Vec<String>>) {
+    if json {
+        println!("{}", to_json(item));
+    } else {
+        print_table(headers, rows);
+    }
+}
+
 fn print_list<T>(json: bool, items: &[T], to_json: impl Fn(&T) -> Value, headers: &[&str], rows: Vec<Vec<String>>) {
     if json {
         println!("{}", Value::Array(items.iter().map(to_json).collect()));
@@ -1363,11 +1372,7 @@ async fn trust(client: &ClientArgs, command: TrustCommand) -> anyhow::Result<()>
                 .await
                 .map_err(status)?
                 .into_inner();
-            if client.json {
-                println!("{}", rule_json(&rule));
-            } else {
-                print_table(&headers, rows(&[rule]));
-            }
+            print_one(client.json, &rule, rule_json, &headers, rows(std::slice::from_ref(&rule)));
         }
         TrustCommand::List { tailnet } => {
             let rules = admin
@@ -1439,11 +1444,7 @@ async fn webhook(client: &ClientArgs, command: WebhookCommand) -> anyhow::Result
                 reason,
             };
             let hook = admin.create_webhook(req).await.map_err(status)?.into_inner();
-            if client.json {
-                println!("{}", hook_json(&hook));
-            } else {
-                print_table(&headers, rows(&[hook]));
-            }
+            print_one(client.json, &hook, hook_json, &headers, rows(std::slice::from_ref(&hook)));
         }
         WebhookCommand::List { tailnet } => {
             let req = pb::ListWebhooksRequest { tailnet_id: tailnet.unwrap_or_default() };
@@ -1656,11 +1657,7 @@ async fn login_provider(client: &ClientArgs, command: LoginProviderCommand) -> a
                 reason,
             };
             let provider = admin.create_login_provider(req).await.map_err(status)?.into_inner();
-            if client.json {
-                println!("{}", provider_json(&provider));
-            } else {
-                print_table(&headers, rows(&[provider]));
-            }
+            print_one(client.json, &provider, provider_json, &headers, rows(std::slice::from_ref(&provider)));
         }
         LoginProviderCommand::List { tailnet } => {
             let req = pb::ListLoginProvidersRequest { tailnet_id: tailnet.unwrap_or_default() };
@@ -1756,11 +1753,7 @@ async fn admin_trust(client: &ClientArgs, command: AdminTrustCommand) -> anyhow:
                 reason,
             };
             let rule = admin.create_admin_trust_rule(req).await.map_err(status)?.into_inner();
-            if client.json {
-                println!("{}", rule_json(&rule));
-            } else {
-                print_table(&headers, rows(&[rule]));
-            }
+            print_one(client.json, &rule, rule_json, &headers, rows(std::slice::from_ref(&rule)));
         }
         AdminTrustCommand::List => {
             let req = pb::ListAdminTrustRulesRequest {};

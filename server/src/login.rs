@@ -197,7 +197,8 @@ impl Logins {
         discover(&self.http, provider).await.map(|_| ())
     }
 
-    fn take(&self, hash: &SecretHash) -> Option<Arc<Pending>> {
+    /// The login in progress under `hash`, if any (WaitLogin removes a successful one).
+    fn pending(&self, hash: &SecretHash) -> Option<Arc<Pending>> {
         self.pending.lock().unwrap().get(hash).cloned()
     }
 }
@@ -433,7 +434,7 @@ impl ControlPlane {
     /// Waits for a login's outcome; a successful one is handed over once.
     pub async fn wait_login(&self, login_id: &str) -> Result<(Node, Tailnet, Secret)> {
         let hash = crate::secret::hash(login_id);
-        let pending = self.logins.take(&hash).ok_or_else(|| Error::NotFound {
+        let pending = self.logins.pending(&hash).ok_or_else(|| Error::NotFound {
             what: "login",
             id: "(login_id): none in progress with this id (it finished, or the server restarted); log in again".into(),
         })?;

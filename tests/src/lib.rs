@@ -307,6 +307,23 @@ pub fn cordon_bin() -> PathBuf {
 }
 
 /// Where the `agentd` binary is: `$AGENTD_BIN`, or in this test's target directory.
+/// Runs the `cordon` binary with `args`, writing `stdin` to it; returns what it did. `CORDON_TOKEN` is
+/// removed so that only the credential in `args` counts.
+pub async fn run_cordon(args: &[&str], stdin: &str) -> std::process::Output {
+    let mut child = tokio::process::Command::new(cordon_bin())
+        .args(args)
+        .env_remove("CORDON_TOKEN")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run cordon");
+    let mut input = child.stdin.take().expect("piped stdin");
+    tokio::io::AsyncWriteExt::write_all(&mut input, stdin.as_bytes()).await.expect("write cordon's stdin");
+    drop(input);
+    child.wait_with_output().await.expect("cordon exits")
+}
+
 pub fn agentd_bin() -> PathBuf {
     workspace_bin("agentd", "AGENTD_BIN")
 }

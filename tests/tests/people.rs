@@ -684,18 +684,8 @@ async fn an_expired_login_stops_agentd_until_the_person_logs_in_again() {
 
 /// `cordon ARGS --json`, against `server`, with `stdin`.
 async fn cordon_json(server: &TestServer, args: &[&str], stdin: &str) -> serde_json::Value {
-    let mut child = tokio::process::Command::new(cordon_tests::cordon_bin())
-        .args(args)
-        .args(["--json", "--server", &server.url, "--token", &server.admin_token])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = child.stdin.take().unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut input, stdin.as_bytes()).await.unwrap();
-    drop(input);
-    let out = child.wait_with_output().await.unwrap();
+    let args = [args, &["--json", "--server", &server.url, "--token", &server.admin_token]].concat();
+    let out = cordon_tests::run_cordon(&args, stdin).await;
     assert!(out.status.success(), "cordon {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     assert!(!String::from_utf8_lossy(&out.stdout).contains(CLIENT_SECRET));
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("cordon {args:?}: {e}"))

@@ -117,22 +117,9 @@ async fn server_metrics_count_calls_nodes_relay_and_gateway_requests() {
 }
 
 async fn cordon(server: &TestServer, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = tokio::process::Command::new(cordon_bin())
-        .args(args)
-        .arg("--server")
-        .arg(&server.url)
-        .arg("--data-dir")
-        .arg(&server.data_dir)
-        .env_remove("CORDON_TOKEN")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run cordon");
-    let mut input = child.stdin.take().unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut input, stdin.unwrap_or("").as_bytes()).await.unwrap();
-    drop(input);
-    child.wait_with_output().await.unwrap()
+    let data_dir = server.data_dir.to_str().unwrap();
+    let args = [args, &["--server", &server.url, "--data-dir", data_dir]].concat();
+    cordon_tests::run_cordon(&args, stdin.unwrap_or("")).await
 }
 
 async fn json_of(server: &TestServer, args: &[&str], stdin: Option<&str>) -> Value {

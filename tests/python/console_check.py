@@ -60,7 +60,8 @@ try:
     assert driver.current_url.endswith("/login"), driver.current_url
     driver.find_element(By.NAME, "token").send_keys("cordon-admin-not-a-real-token")
     driver.find_element(By.CSS_SELECTOR, "form.login button").click()
-    assert "not a valid admin token" in driver.page_source
+    # The form posts and the refusal page replaces the login page: wait for it, do not read the old one.
+    WebDriverWait(driver, 10).until(lambda d: "not a valid admin token" in d.page_source)
     assert "not-a-real-token" not in driver.page_source
     ok("a wrong token is refused without repeating it")
 

@@ -64,7 +64,8 @@ enum Command {
 
 #[derive(clap::Args)]
 struct UpArgs {
-    /// The Cordon server, e.g. http://cordon.example:7443.
+    /// The Cordon server, e.g. http://cordon.example:7443; several replicas comma-separated
+    /// (https://r1.example:7443,https://r2.example:7443): agentd fails over between them.
     #[arg(long, env = "AGENTD_SERVER")]
     server: String,
     /// Trust the CA in this PEM file for an https:// server, besides the system's trust store.

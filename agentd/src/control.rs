@@ -25,9 +25,108 @@ pub struct Ended {
     pub message: String,
 }
 
+/// The server's URLs: `--server` takes several, comma-separated (the replicas of one deployment), and a
+/// name may resolve to several addresses. Connections go to the one that answered last, else to the next
+/// that answers. Each clone keeps its own place in the list.
+pub struct Servers {
+    urls: Arc<Vec<String>>,
+    ca: Option<Arc<Vec<u8>>>,
+    current: std::sync::atomic::AtomicUsize,
+}
+
+impl Clone for Servers {
+    fn clone(&self) -> Self {
+        Servers { urls: self.urls.clone(), ca: self.ca.clone(), current: self.index().into() }
+    }
+}
+
+impl std::fmt::Debug for Servers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.urls.iter()).finish()
+    }
+}
+
+impl Servers {
+    pub fn new(list: &str, ca_cert: Option<Vec<u8>>) -> Result<Servers, Error> {
+        let urls: Vec<String> = list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
+        if urls.is_empty() {
+            return Err(Error::BadServerUrl(list.to_string()));
+        }
+        if let Some(bad) = urls.iter().find(|u| !(u.starts_with("http://") || u.starts_with("https://"))) {
+            return Err(Error::BadServerUrl(bad.clone()));
+        }
+        Ok(Servers { urls: Arc::new(urls), ca: ca_cert.map(Arc::new), current: 0.into() })
+    }
+
+    /// The first URL given (for the host's route and the STUN host).
+    pub fn first(&self) -> &str {
+        &self.urls[0]
+    }
+
+    fn index(&self) -> usize {
+        self.current.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The next connection starts with the following server (the current one just went away).
+    pub fn rotate(&self) {
+        let next = (self.index() + 1) % self.urls.len();
+        self.current.store(next, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Connects to the current server, else to each of the others in turn; the error is the last one's.
+    pub async fn connect(&self) -> Result<Client, Error> {
+        let n = self.urls.len();
+        let start = self.index();
+        let mut last = None;
+        for i in 0..n {
+            let at = (start + i) % n;
+            for (url, name) in targets(&self.urls[at]).await {
+                match connect_to(&url, name.as_deref(), self.ca.as_deref().map(Vec::as_slice)).await {
+                    Ok(client) => {
+                        self.current.store(at, std::sync::atomic::Ordering::Relaxed);
+                        return Ok(client);
+                    }
+                    Err(e) => {
+                        tracing::debug!(server = %url, error = %e, "server not reachable; trying the next");
+                        last = Some(e);
+                    }
+                }
+            }
+        }
+        Err(last.expect("at least one server"))
+    }
+}
+
+/// Where one URL can be dialled: itself, or, when its name resolves to several addresses, each address
+/// (with the name kept for TLS).
+async fn targets(url: &str) -> Vec<(String, Option<String>)> {
+    let host = server_host(url);
+    let plain = vec![(url.to_string(), None)];
+    if host.parse::<std::net::IpAddr>().is_ok() || host == "localhost" {
+        return plain;
+    }
+    let default_port = if url.starts_with("https://") { 443 } else { 80 };
+    let authority = url.split("://").nth(1).unwrap_or(url).split('/').next().unwrap_or("");
+    let port = authority.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).unwrap_or(default_port);
+    let Ok(addrs) = tokio::net::lookup_host((host.as_str(), port)).await else { return plain };
+    let mut addrs: Vec<std::net::SocketAddr> = addrs.collect();
+    addrs.dedup();
+    if addrs.len() < 2 {
+        return plain;
+    }
+    let scheme = if url.starts_with("https://") { "https" } else { "http" };
+    let path = url.split("://").nth(1).and_then(|rest| rest.find('/').map(|i| &rest[i..])).unwrap_or("");
+    addrs.into_iter().map(|a| (format!("{scheme}://{a}{path}"), Some(host.clone()))).collect()
+}
+
 /// Connects to the server. `https://` servers are verified against the system's trust store, plus
 /// `ca_cert` (PEM) for a private CA.
 pub async fn connect(server: &str, ca_cert: Option<&[u8]>) -> Result<Client, Error> {
+    connect_to(server, None, ca_cert).await
+}
+
+/// As [`connect`], dialling `server` but verifying the certificate for `tls_name` when given.
+async fn connect_to(server: &str, tls_name: Option<&str>, ca_cert: Option<&[u8]>) -> Result<Client, Error> {
     let bad = || Error::BadServerUrl(server.to_string());
     if !(server.starts_with("http://") || server.starts_with("https://")) {
         return Err(bad());
@@ -42,6 +141,9 @@ pub async fn connect(server: &str, ca_cert: Option<&[u8]>) -> Result<Client, Err
         let mut tls = tonic::transport::ClientTlsConfig::new().with_native_roots();
         if let Some(pem) = ca_cert {
             tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        }
+        if let Some(name) = tls_name {
+            tls = tls.domain_name(name);
         }
         endpoint = endpoint
             .tls_config(tls)
@@ -129,7 +231,7 @@ pub async fn first_netmap(stream: &mut NetMapStream) -> Result<NetMap, Error> {
 /// Everything the follow loop updates.
 pub struct Follow {
     /// `None` for a node fed in-process: when its stream ends, so does the node.
-    pub client: Option<Client>,
+    pub servers: Option<Servers>,
     pub session_token: String,
     pub netmap: watch::Sender<Arc<NetMap>>,
     pub ended: watch::Sender<Option<Ended>>,
@@ -159,11 +261,28 @@ pub struct RelayLink {
 /// stream comes back after a break the server has likely restarted, and with it the tailnet's gateway,
 /// which lost its WireGuard sessions: the node starts a new handshake with it at once instead of waiting
 /// out WireGuard's 15 s of unanswered data.
-pub async fn relay(mut client: Client, session_token: String, link: RelayLink, mut shutdown: watch::Receiver<bool>) {
+pub async fn relay(servers: Servers, session_token: String, link: RelayLink, mut shutdown: watch::Receiver<bool>) {
     let RelayLink { mut outbound, inbound, netmap, commands, reconnects } = link;
     let mut backoff = Duration::from_millis(250);
     let mut connected_before = false;
     loop {
+        let connected = tokio::select! {
+            _ = crate::stopped(&mut shutdown) => return,
+            c = servers.connect() => c,
+        };
+        let mut client = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "no server reachable for the relay stream; retrying");
+                let wait = backoff.mul_f64(rand::random::<f64>() * 0.5 + 0.75);
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                tokio::select! {
+                    _ = crate::stopped(&mut shutdown) => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                continue;
+            }
+        };
         let (tx, rx) = mpsc::channel::<pb::RelayPacket>(256);
         let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         if let Ok(value) = format!("Bearer {session_token}").parse() {
@@ -212,9 +331,14 @@ pub async fn relay(mut client: Client, session_token: String, link: RelayLink, m
                         },
                     }
                 }
+                // Its server likely went away: start with another.
+                servers.rotate();
             }
             Err(status) if status.code() == tonic::Code::Unauthenticated => return,
-            Err(status) => tracing::debug!(error = %status.message(), "relay stream failed; retrying"),
+            Err(status) => {
+                tracing::debug!(error = %status.message(), "relay stream failed; retrying");
+                servers.rotate();
+            }
         }
         let wait = backoff.mul_f64(rand::random::<f64>() * 0.5 + 0.75);
         backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -274,22 +398,36 @@ pub async fn follow(mut f: Follow, mut stream: NetMapStream) {
                 }
             }
         }
-        let Some(client) = f.client.as_mut() else {
+        let Some(servers) = f.servers.as_ref() else {
             let ended =
                 Ended { reason: pb::stream_ended::Reason::NodeRemoved, message: "the host stopped this node".into() };
             f.ended.send_replace(Some(ended));
             return;
         };
-        // Reconnect with jittered exponential backoff.
+        // Its server likely went away (a replica stopping or dying): start with another. The first try
+        // comes at once, then with jittered exponential backoff.
+        servers.rotate();
+        let mut first = true;
         stream = loop {
             let jitter = rand::random::<f64>() * 0.5 + 0.75;
-            let wait = backoff.mul_f64(jitter);
+            let wait = if std::mem::take(&mut first) {
+                Duration::from_millis(50).mul_f64(jitter)
+            } else {
+                backoff.mul_f64(jitter)
+            };
             backoff = (backoff * 2).min(Duration::from_secs(30));
             tokio::select! {
                 _ = crate::stopped(&mut f.shutdown) => return,
                 _ = tokio::time::sleep(wait) => {}
             }
-            match watch(client, &f.session_token).await {
+            let mut client = match servers.connect().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(error = %e, ?wait, "no server reachable");
+                    continue;
+                }
+            };
+            match watch(&mut client, &f.session_token).await {
                 Ok(s) => {
                     f.reconnects.netmap.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     break s;
@@ -303,7 +441,10 @@ pub async fn follow(mut f: Follow, mut stream: NetMapStream) {
                     f.ended.send_replace(Some(ended));
                     return;
                 }
-                Err(status) => tracing::debug!(error = %status.message(), ?wait, "reconnect failed"),
+                Err(status) => {
+                    tracing::debug!(error = %status.message(), ?wait, "reconnect failed");
+                    servers.rotate();
+                }
             }
         };
     }

@@ -174,7 +174,7 @@ struct Parts {
 
 pub struct Node {
     session: Session,
-    client: Option<Client>,
+    servers: Option<control::Servers>,
     state: Option<StateDir>,
     stack: Option<Arc<Stack>>,
     netmap: watch::Receiver<Arc<NetMap>>,
@@ -200,7 +200,8 @@ impl Node {
             ),
             None => None,
         };
-        let mut client = control::connect(&config.server, ca_cert.as_deref()).await?;
+        let servers = control::Servers::new(&config.server, ca_cert)?;
+        let mut client = servers.connect().await?;
 
         let socket = StdUdpSocket::bind(("0.0.0.0", config.listen_port))
             .map_err(|e| Error::io(format!("cannot bind UDP port {}", config.listen_port), e))?;
@@ -208,7 +209,7 @@ impl Node {
         let port = socket.local_addr().map_err(|e| Error::io("UDP socket", e))?.port();
         let socket = UdpSocket::from_std(socket).map_err(|e| Error::io("UDP socket", e))?;
         let endpoints = if config.advertise.is_empty() {
-            vec![SocketAddr::new(route_source(&config.server), port)]
+            vec![SocketAddr::new(route_source(servers.first()), port)]
         } else {
             config.advertise.clone()
         };
@@ -216,7 +217,7 @@ impl Node {
 
         let (session, mut stream) = resume_or_register(&mut client, &state, &config, public, &endpoints).await?;
         let netmap = control::first_netmap(&mut stream).await?;
-        let server_host = control::server_host(&config.server);
+        let server_host = control::server_host(servers.first());
         let local = match &config.mode {
             Mode::Userspace => {
                 Local::Stack(Stack::new(netmap.address(), netmap.prefix, netmap.address6(), StackConfig::default()))
@@ -233,7 +234,7 @@ impl Node {
         let (reflexive, reflexive_rx) = watch::channel(None);
         let links = dataplane::Links { relay_out, relay_in, reflexive };
         let parts = Parts { secret, netmap, stream, socket: Some(socket), local, links, server_host, endpoint };
-        let node = Node::launch(session, Some(client.clone()), Some(state), parts);
+        let node = Node::launch(session, Some(servers.clone()), Some(state), parts);
         let shutdown_rx = node.shutdown.subscribe();
         let link = control::RelayLink {
             outbound: relay_out_rx,
@@ -242,8 +243,12 @@ impl Node {
             commands: node.commands.clone(),
             reconnects: node.reconnects.clone(),
         };
-        let relay =
-            tokio::spawn(control::relay(client.clone(), node.session.session_token.clone(), link, shutdown_rx.clone()));
+        let relay = tokio::spawn(control::relay(
+            servers.clone(),
+            node.session.session_token.clone(),
+            link,
+            shutdown_rx.clone(),
+        ));
         let reporter = tokio::spawn(report_reflexive(
             client,
             node.session.session_token.clone(),
@@ -279,7 +284,7 @@ impl Node {
     }
 
     /// Starts the data plane and the netmap follower.
-    fn launch(session: Session, client: Option<Client>, state: Option<StateDir>, parts: Parts) -> Node {
+    fn launch(session: Session, servers: Option<control::Servers>, state: Option<StateDir>, parts: Parts) -> Node {
         let Parts { secret, netmap, stream, socket, local, links, server_host, endpoint } = parts;
         let mut engine = Engine::new(secret);
         engine.set_relay(netmap.relay);
@@ -302,7 +307,7 @@ impl Node {
         let reconnects = Arc::new(control::Reconnects::default());
         let plane = tokio::spawn(dataplane::run(socket, engine, local, commands_rx, links, shutdown_rx.clone()));
         let follow = Follow {
-            client: client.clone(),
+            servers: servers.clone(),
             session_token: session.session_token.clone(),
             netmap: netmap_tx,
             ended: ended_tx,
@@ -314,7 +319,7 @@ impl Node {
         let follower = tokio::spawn(control::follow(follow, stream));
         let node = Node {
             session,
-            client,
+            servers,
             state,
             stack,
             netmap: netmap_rx,
@@ -358,6 +363,14 @@ impl Node {
     }
 
     /// The current netmap, and a way to wait for the next.
+    /// Starts a new handshake with every peer now. A host that takes this node's identity over from
+    /// another process does this: the peers' sessions are with the old one.
+    pub fn rehandshake_all(&self) {
+        for peer in self.netmap.borrow().peer_configs() {
+            let _ = self.commands.send(Command::Rehandshake(peer.key));
+        }
+    }
+
     pub fn netmap(&self) -> watch::Receiver<Arc<NetMap>> {
         self.netmap.clone()
     }
@@ -452,10 +465,11 @@ impl Node {
 
     /// Leaves the tailnet for good: the server removes the node at once.
     pub async fn leave(&self) -> Result<(), Error> {
-        let (Some(mut client), Some(state)) = (self.client.clone(), self.state.as_ref()) else {
+        let (Some(servers), Some(state)) = (self.servers.clone(), self.state.as_ref()) else {
             self.shutdown().await;
             return Ok(());
         };
+        let mut client = servers.connect().await?;
         let result = client.leave(pb::LeaveRequest { session_token: self.session.session_token.clone() }).await;
         self.shutdown().await;
         state.clear_session()?;

@@ -3,6 +3,7 @@
 
 pub mod control;
 pub mod convert;
+pub mod mesh;
 pub mod node;
 
 use std::pin::Pin;

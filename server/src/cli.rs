@@ -131,6 +131,12 @@ enum Command {
         #[command(subcommand)]
         command: UpstreamCommand,
     },
+    /// The replicas serving this deployment (several on one PostgreSQL database): each one's URL,
+    /// heartbeat and the gateways it runs.
+    Replicas {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// The relay's counters since the server started.
     Relay {
         #[command(flatten)]
@@ -678,6 +684,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Upstream { client, command } => upstream(&client, command).await,
         Command::Relay { client, command: RelayCommand::Stats } => relay_stats(&client).await,
+        Command::Replicas { client } => replicas(&client).await,
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -1878,6 +1885,45 @@ async fn upstream(client: &ClientArgs, command: UpstreamCommand) -> anyhow::Resu
         }
     };
     print_table(&headers, rows(&upstreams));
+    Ok(())
+}
+
+async fn replicas(client: &ClientArgs) -> anyhow::Result<()> {
+    let mut admin = client.connect().await?;
+    let list = admin.list_replicas(pb::ListReplicasRequest {}).await.map_err(status)?.into_inner().replicas;
+    let to_json = |r: &pb::Replica| {
+        json!({
+            "id": r.id, "advertise": r.advertise, "stun_address": r.stun_address, "alive": r.alive,
+            "gateways": r.gateways, "answering": r.answering, "started_at": time(&r.started_at),
+            "heartbeat_at": time(&r.heartbeat_at), "stopped_at": time(&r.stopped_at),
+        })
+    };
+    let headers = ["ID", "ADVERTISE", "STATE", "GATEWAYS", "HEARTBEAT", "STARTED"];
+    let rows = list
+        .iter()
+        .map(|r| {
+            let state = match (r.alive, r.stopped_at.is_some()) {
+                (true, _) => {
+                    if r.answering {
+                        "alive (answered)"
+                    } else {
+                        "alive"
+                    }
+                }
+                (false, true) => "stopped",
+                (false, false) => "lost",
+            };
+            vec![
+                r.id.clone(),
+                r.advertise.clone(),
+                state.to_string(),
+                r.gateways.to_string(),
+                time(&r.heartbeat_at),
+                time(&r.started_at),
+            ]
+        })
+        .collect();
+    print_list(client.json, &list, to_json, &headers, rows);
     Ok(())
 }
 

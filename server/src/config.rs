@@ -78,6 +78,10 @@ pub struct ServeArgs {
     /// 127.0.0.1:7444 [default: off]. With --tls-cert it is served over TLS with the same certificate.
     #[arg(long, env = "CORDON_CONSOLE_LISTEN")]
     pub console_listen: Option<SocketAddr>,
+    /// The URL other replicas and nodes reach this one at, e.g. https://r1.example:7443 (PostgreSQL
+    /// store only: each replica registers it) [default: the listen address].
+    #[arg(long, env = "CORDON_ADVERTISE")]
+    pub advertise: Option<String>,
     /// How log lines look on stderr: `text` for people, `json` (one object per line) for collectors.
     /// Not read from the TOML file: logging starts before it is read.
     #[arg(long, env = "CORDON_LOG_FORMAT", value_enum, default_value_t = agentd::cli::LogFormat::Text)]
@@ -104,6 +108,7 @@ struct FileConfig {
     audit_retention: Option<String>,
     metrics_listen: Option<SocketAddr>,
     console_listen: Option<SocketAddr>,
+    advertise: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -128,6 +133,8 @@ pub struct ServeConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Where the operator's console is served; `None` serves none.
     pub console_listen: Option<SocketAddr>,
+    /// The URL other replicas reach this one at; `None`: the listen address.
+    pub advertise: Option<String>,
 }
 
 impl ServeConfig {
@@ -143,6 +150,7 @@ impl ServeConfig {
             stun_listen: Some("127.0.0.1:0".parse().expect("valid")),
             metrics_listen: None,
             console_listen: None,
+            advertise: None,
         }
     }
 
@@ -215,6 +223,15 @@ impl ServeConfig {
                 "refusing to serve the console over plain HTTP on {console}, which is not a loopback address:                  give --tls-cert and --tls-key, or --insecure-plaintext if something else encrypts the traffic"
             );
         }
+        let advertise = args.advertise.or(file.advertise);
+        if let Some(url) = &advertise
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            bail!(
+                "--advertise: {} is not a URL; give http://host:port or https://host:port",
+                crate::validate::quote(url)
+            );
+        }
         let store =
             args.store.or(file.store).map(|s| StoreUrl::parse(&s).map_err(|e| anyhow::anyhow!("--{e}"))).transpose()?;
         Ok(ServeConfig {
@@ -230,6 +247,7 @@ impl ServeConfig {
             stun_listen: Some(args.stun_listen.or(file.stun_listen).unwrap_or(SocketAddr::new(listen.ip(), 3478))),
             metrics_listen: args.metrics_listen.or(file.metrics_listen),
             console_listen,
+            advertise,
         })
     }
 }

@@ -94,6 +94,11 @@ pub struct ControlPlane {
     pub(crate) metrics_address: Mutex<Option<std::net::SocketAddr>>,
     /// Where the console is served, once it is.
     pub(crate) console_address: Mutex<Option<std::net::SocketAddr>>,
+    /// The URL this server is reached at (`--advertise`, or its listen address), once it serves.
+    pub(crate) advertise: Mutex<Option<String>>,
+    started_at: SystemTime,
+    /// This replica among the others on one PostgreSQL database, once it joined them.
+    pub(crate) cluster: std::sync::OnceLock<Arc<crate::replica::Cluster>>,
     /// The long-lived tasks the server owns (reaper, audit pruner, gateways, STUN): each ends on
     /// shutdown, and [`ControlPlane::drain`] waits for them. `None` once drained.
     tasks: Mutex<Option<tokio::task::JoinSet<()>>>,
@@ -126,6 +131,9 @@ impl ControlPlane {
             metrics,
             metrics_address: Mutex::default(),
             console_address: Mutex::default(),
+            cluster: std::sync::OnceLock::new(),
+            advertise: Mutex::default(),
+            started_at: clock.now(),
             tasks: Mutex::new(Some(tokio::task::JoinSet::new())),
             audit_writer: Mutex::default(),
         });
@@ -223,7 +231,7 @@ impl ControlPlane {
         let mut tx = self.store.write().await?;
         let tailnet = domain::create_tailnet(&mut tx, spec, keys, actor, self.clock.now()).await?;
         tx.commit().await?;
-        crate::gateway::start(self, tailnet.id);
+        self.place_gateway(tailnet.id).await;
         if let Some(at) = tailnet.expires_at {
             self.reaper.schedule(at, Deadline::TailnetTtl(tailnet.id));
         }
@@ -252,6 +260,84 @@ impl ControlPlane {
         self.forget_nodes(&removed.nodes);
         self.policies.forget(id);
         Ok(())
+    }
+
+    /// Starts a new tailnet's gateway here; among replicas, only if this one takes its lease (else the
+    /// replica that does starts it within a lease round).
+    async fn place_gateway(self: &Arc<Self>, tailnet: TailnetId) {
+        let (Some(cluster), Some(pg)) = (self.cluster.get(), self.store.postgres()) else {
+            crate::gateway::start(self, tailnet);
+            return;
+        };
+        match pg.take_lease(cluster.id, tailnet, crate::replica::LEASE_TTL).await {
+            Ok(true) => {
+                cluster.held(tailnet);
+                crate::gateway::start(self, tailnet);
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(%tailnet, error = %e, "could not take the new gateway's lease; a lease round will")
+            }
+        }
+    }
+
+    /// Relays one frame: to `to`'s stream on this replica, or through the mesh to the replica that holds
+    /// it; otherwise it is dropped and counted.
+    pub(crate) async fn relay_frame(
+        &self,
+        tailnet: TailnetId,
+        from: crate::relay::Key,
+        to: &[u8],
+        data: Vec<u8>,
+        limiter: &mut crate::relay::Limiter,
+    ) {
+        if let Err(Some((to, data))) = self.relays.forward(tailnet, from, to, data, limiter) {
+            let bytes = data.len();
+            match self.cluster.get() {
+                Some(cluster) if cluster.forward(self, tailnet, from, to, data).await => {
+                    self.relays.forwarded_elsewhere(bytes)
+                }
+                _ => self.relays.dropped_unknown(),
+            }
+        }
+    }
+
+    /// Among replicas: records that this one holds `key`'s relay stream, until the guard drops.
+    pub(crate) async fn relay_home(
+        self: &Arc<Self>,
+        tailnet: TailnetId,
+        key: crate::relay::Key,
+    ) -> Option<crate::replica::Home> {
+        crate::replica::Home::claim(self, tailnet, key).await
+    }
+
+    /// The replicas serving this deployment; on the embedded store, this server alone.
+    pub async fn replicas(&self) -> Result<Vec<crate::store::postgres::cluster::ReplicaRow>> {
+        if let (Some(cluster), Some(pg)) = (self.cluster.get(), self.store.postgres()) {
+            let mut rows = pg.replicas().await?;
+            for r in &mut rows {
+                r.answering = r.id == cluster.id;
+            }
+            return Ok(rows);
+        }
+        let now = self.clock.now();
+        Ok(vec![crate::store::postgres::cluster::ReplicaRow {
+            id: uuid::Uuid::nil(),
+            advertise: self.advertise.lock().unwrap().clone().unwrap_or_default(),
+            stun_address: self.stun_address.lock().unwrap().clone().unwrap_or_default(),
+            started_at: self.started_at,
+            heartbeat_at: now,
+            stopped_at: None,
+            alive: true,
+            gateways: self.gateways.running() as u32,
+            answering: true,
+        }])
+    }
+
+    /// Gives a node whose stream went (with its replica) the idle timeout to come back, if ephemeral.
+    pub(crate) fn schedule_idle(&self, node: NodeId) {
+        let at = self.clock.now() + self.limits.ephemeral_node_timeout;
+        self.reaper.schedule(at, Deadline::EphemeralIdle(node));
     }
 
     fn forget_nodes(&self, nodes: &[NodeId]) {
@@ -768,6 +854,12 @@ impl ControlPlane {
         if online || last_seen.is_some_and(|t| t + self.limits.ephemeral_node_timeout > now) {
             return Ok(());
         }
+        // Among replicas: its stream may be on another one.
+        if let Some(pg) = self.store.postgres().filter(|_| self.cluster.get().is_some())
+            && !pg.present(&[id]).await?.is_empty()
+        {
+            return Ok(());
+        }
         let reaper = Actor::system("reaper");
         let why = "ephemeral node inactive";
         let mut tx = self.store.write().await?;
@@ -782,10 +874,17 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// Marks the node online until the guard drops.
+    /// Marks the node online until the guard drops (among replicas, in the database too).
     pub fn connect(self: &Arc<Self>, node: &Node) -> Presence {
         self.hub().connect(node.id, self.clock.now());
+        self.share_presence(node.id, true);
         Presence { cp: self.clone(), node: node.id, ephemeral: node.ephemeral }
+    }
+
+    fn share_presence(&self, node: NodeId, present: bool) {
+        if let Some(cluster) = self.cluster.get() {
+            cluster.presence(node, present);
+        }
     }
 
     /// The server's clock (paused in tests).
@@ -1019,6 +1118,9 @@ impl Drop for Presence {
     fn drop(&mut self) {
         let now = self.cp.clock.now();
         let remaining = self.cp.hub().disconnect(self.node, now);
+        if remaining == 0 {
+            self.cp.share_presence(self.node, false);
+        }
         if remaining == 0 && self.ephemeral {
             self.cp.reaper.schedule(now + self.cp.limits.ephemeral_node_timeout, Deadline::EphemeralIdle(self.node));
         }

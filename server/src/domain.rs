@@ -115,6 +115,24 @@ impl Policies {
         Ok(policy)
     }
 
+    /// Version `version` of the tailnet's policy (read and compiled unless it is the one in memory);
+    /// `None` if it is not stored (the tailnet is gone).
+    pub async fn version(&self, tx: &mut Tx, tailnet: TailnetId, version: u64) -> Result<Option<Arc<Policy>>> {
+        if let Some((v, policy)) = self.parsed.lock().unwrap().get(&tailnet)
+            && *v == version
+        {
+            return Ok(Some(policy.clone()));
+        }
+        let Some(record) = tx.policy(tailnet, version).await? else { return Ok(None) };
+        let policy =
+            Arc::new(Policy::parse(&record.text).map_err(|e| Error::Corrupt {
+                key: format!("policy v{version} of {tailnet}"),
+                detail: e.to_string(),
+            })?);
+        self.remember(tailnet, version, policy.clone());
+        Ok(Some(policy))
+    }
+
     pub fn remember(&self, tailnet: TailnetId, version: u64, policy: Arc<Policy>) {
         let mut parsed = self.parsed.lock().unwrap();
         // Never replace a newer version with an older one read late.
@@ -311,7 +329,7 @@ pub async fn set_policy(
             ..Draft::at(now)
         },
     );
-    tx.netmap(tailnet_id, NetChange::PolicyChanged { policy, updated });
+    tx.netmap(tailnet_id, NetChange::PolicyChanged { policy, version: record_.version, updated });
     Ok(record_)
 }
 

@@ -8,7 +8,7 @@ pub mod proxy;
 pub mod rules;
 pub mod wire;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -55,7 +55,10 @@ pub struct AuditEntry {
 
 /// The server's gateways: which run, the client they share for upstream calls, and the audit queue.
 pub struct Gateways {
-    running: Mutex<HashSet<TailnetId>>,
+    /// The running gateways, each with what tells it to stop.
+    running: Mutex<HashMap<TailnetId, tokio::sync::watch::Sender<bool>>>,
+    /// Signalled whenever a gateway's task ends.
+    ended: tokio::sync::Notify,
     pub(crate) client: Client<Https, Full<Bytes>>,
     audit: mpsc::UnboundedSender<AuditEntry>,
     metrics: Arc<crate::metrics::Metrics>,
@@ -68,7 +71,7 @@ impl Gateways {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
             .build(https_connector());
-        (Gateways { running: Mutex::default(), client, audit, metrics }, rx)
+        (Gateways { running: Mutex::default(), ended: Default::default(), client, audit, metrics }, rx)
     }
 
     /// How many gateways run now.
@@ -77,7 +80,28 @@ impl Gateways {
     }
 
     pub fn is_running(&self, tailnet: TailnetId) -> bool {
-        self.running.lock().unwrap().contains(&tailnet)
+        self.running.lock().unwrap().contains_key(&tailnet)
+    }
+
+    /// Tells a gateway to stop (its lease went elsewhere).
+    pub fn stop(&self, tailnet: TailnetId) {
+        if let Some(stop) = self.running.lock().unwrap().get(&tailnet) {
+            stop.send_replace(true);
+        }
+    }
+
+    /// Waits (up to 5 s) until none of `tailnets` runs.
+    pub async fn wait_stopped(&self, tailnets: &[TailnetId]) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let ended = self.ended.notified();
+                if !tailnets.iter().any(|t| self.is_running(*t)) {
+                    return;
+                }
+                ended.await;
+            }
+        })
+        .await;
     }
 
     /// Queues a request's audit event; the receiver learns whether it committed. A response waits for
@@ -174,13 +198,19 @@ struct RunningGuard<'a>(&'a Gateways, TailnetId);
 impl Drop for RunningGuard<'_> {
     fn drop(&mut self) {
         self.0.running.lock().unwrap().remove(&self.1);
+        self.0.ended.notify_waiters();
     }
 }
 
 /// Starts `tailnet`'s gateway in the background (a no-op if it runs).
 pub fn start(cp: &Arc<ControlPlane>, tailnet: TailnetId) {
-    if !cp.gateways.running.lock().unwrap().insert(tailnet) {
-        return;
+    let (stop_tx, mut stop) = tokio::sync::watch::channel(false);
+    {
+        let mut running = cp.gateways.running.lock().unwrap();
+        if running.contains_key(&tailnet) {
+            return;
+        }
+        running.insert(tailnet, stop_tx);
     }
     let owner = cp.clone();
     let cp = cp.clone();
@@ -190,16 +220,17 @@ pub fn start(cp: &Arc<ControlPlane>, tailnet: TailnetId) {
         let mut backoff = Duration::from_millis(250);
         // Runs again (after a pause) if it stops while its tailnet lives: a gateway is never left down.
         loop {
-            match run(&cp, tailnet).await {
+            match run(&cp, tailnet, stop.clone()).await {
                 Ok(()) => tracing::debug!(%tailnet, "gateway stopped"),
                 Err(Error::NotFound { .. }) => break,
                 Err(e) => tracing::warn!(%tailnet, error = %e, "gateway stopped"),
             }
-            if *shutdown.borrow() || cp.get_tailnet(tailnet).await.is_err() {
+            if *shutdown.borrow() || *stop.borrow() || cp.get_tailnet(tailnet).await.is_err() {
                 break;
             }
             tokio::select! {
                 _ = crate::control_plane::stopped(&mut shutdown) => break,
+                _ = stop.wait_for(|s| *s) => break,
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -214,8 +245,8 @@ pub(crate) fn fresh_keys() -> GatewayKeys {
     GatewayKeys { secret: secret.to_bytes(), public }
 }
 
-/// Runs one gateway until its tailnet goes or the server shuts down.
-async fn run(cp: &Arc<ControlPlane>, tailnet: TailnetId) -> Result<()> {
+/// Runs one gateway until its tailnet goes, the server shuts down or `stop` says so.
+async fn run(cp: &Arc<ControlPlane>, tailnet: TailnetId, mut stop: tokio::sync::watch::Receiver<bool>) -> Result<()> {
     let (node_id, secret) = cp.ensure_gateway(tailnet, fresh_keys()).await?;
     let record = cp.get_node(node_id).await?;
     let public = record.wireguard_public_key;
@@ -239,6 +270,10 @@ async fn run(cp: &Arc<ControlPlane>, tailnet: TailnetId) -> Result<()> {
     restore_meters(cp, tailnet, &meters).await?;
     let gateway = Arc::new(Gateway { cp: cp.clone(), tailnet, node_id: node_id.to_string(), node, meters });
     tracing::debug!(%tailnet, node = %node_id, "gateway up");
+    if cp.cluster.get().is_some() {
+        // It may have run on another replica a moment ago: the peers' sessions are with that one.
+        gateway.node.rehandshake_all();
+    }
     let pump = pump(cp, tailnet, public, outbound, inbound);
     tokio::pin!(pump);
     // Aborted when the gateway stops: a connection does not outlive its tunnel.
@@ -246,6 +281,7 @@ async fn run(cp: &Arc<ControlPlane>, tailnet: TailnetId) -> Result<()> {
     loop {
         tokio::select! {
             _ = ended.wait_for(Option::is_some) => break,
+            _ = stop.wait_for(|s| *s) => break,
             () = &mut pump => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
@@ -292,20 +328,19 @@ async fn restore_meters(cp: &ControlPlane, tailnet: TailnetId, meters: &rules::M
 /// Carries the gateway's datagrams through the relay: what it sends to the peers' mailboxes, what
 /// arrives in its own mailbox to it. Ends when the gateway's node stops sending.
 async fn pump(
-    cp: &ControlPlane,
+    cp: &Arc<ControlPlane>,
     tailnet: TailnetId,
     me: Key,
     mut outbound: mpsc::Receiver<(Key, Vec<u8>)>,
     inbound: mpsc::Sender<(Key, Vec<u8>)>,
 ) {
     let (mailbox, _registration) = cp.relays.register(tailnet, me);
+    let _home = cp.relay_home(tailnet, me).await;
     let mut limiter = Limiter::default();
     loop {
         tokio::select! {
             frame = outbound.recv() => match frame {
-                Some((to, data)) => {
-                    cp.relays.forward(tailnet, me, &to, data, &mut limiter);
-                }
+                Some((to, data)) => cp.relay_frame(tailnet, me, &to, data, &mut limiter).await,
                 None => return,
             },
             _ = mailbox.ready.notified() => {

@@ -32,8 +32,45 @@ pub enum NetChange {
     /// A new policy; `updated` are nodes whose records it changed (tags it no longer declares).
     PolicyChanged {
         policy: Arc<crate::policy::Policy>,
+        version: u64,
         updated: Vec<Arc<Node>>,
     },
+    /// Changes were missed (a replica fell further behind than the database keeps them): every watcher
+    /// reloads its view from the store.
+    Resync,
+}
+
+/// A netmap change as the database keeps it, for the replicas that did not make it. A policy travels
+/// as its version; the receiver reads and compiles it.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StoredChange {
+    PeerAdded { node: Node },
+    PeerUpdated { node: Node },
+    PeerRemoved { node: NodeId, reason: EndReason, message: String },
+    TailnetGone { reason: EndReason, message: String },
+    PolicyChanged { version: u64, updated: Vec<Node> },
+    Resync,
+}
+
+impl NetChange {
+    pub fn stored(&self) -> StoredChange {
+        match self {
+            NetChange::PeerAdded(n) => StoredChange::PeerAdded { node: (**n).clone() },
+            NetChange::PeerUpdated(n) => StoredChange::PeerUpdated { node: (**n).clone() },
+            NetChange::PeerRemoved { node, reason, message } => {
+                StoredChange::PeerRemoved { node: *node, reason: *reason, message: message.clone() }
+            }
+            NetChange::TailnetGone { reason, message } => {
+                StoredChange::TailnetGone { reason: *reason, message: message.clone() }
+            }
+            NetChange::PolicyChanged { version, updated, .. } => StoredChange::PolicyChanged {
+                version: *version,
+                updated: updated.iter().map(|n| (**n).clone()).collect(),
+            },
+            NetChange::Resync => StoredChange::Resync,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -67,6 +104,8 @@ struct Presence {
 pub struct Hub {
     /// The revision of the last published change.
     published: AtomicU64,
+    /// The same, for those who wait for a revision to be published.
+    published_watch: tokio::sync::watch::Sender<u64>,
     events: broadcast::Sender<Arc<Event>>,
     tailnets: Mutex<HashMap<TailnetId, broadcast::Sender<Arc<NetMapUpdate>>>>,
     presence: Mutex<HashMap<NodeId, Presence>>,
@@ -76,6 +115,7 @@ impl Default for Hub {
     fn default() -> Self {
         Hub {
             published: AtomicU64::new(0),
+            published_watch: tokio::sync::watch::channel(0).0,
             events: broadcast::channel(EVENT_CHANNEL).0,
             tailnets: Mutex::default(),
             presence: Mutex::default(),
@@ -85,6 +125,12 @@ impl Default for Hub {
 
 impl Hub {
     pub fn publish(&self, change: Change) {
+        let revision = change.revision();
+        self.publish_change(change);
+        self.published_watch.send_replace(revision);
+    }
+
+    fn publish_change(&self, change: Change) {
         self.published.store(change.revision(), Ordering::Release);
         match change {
             Change::Event(event) => {
@@ -105,6 +151,25 @@ impl Hub {
     /// At start: everything the store holds is durable, so counts as published.
     pub fn set_published(&self, revision: u64) {
         self.published.store(revision, Ordering::Release);
+        self.published_watch.send_replace(revision);
+    }
+
+    /// Changes up to `revision` were missed: every netmap watcher reloads its view, and the hub goes on
+    /// from there.
+    pub fn resync(&self, revision: u64) {
+        self.published.store(revision, Ordering::Release);
+        let tailnets = self.tailnets.lock().unwrap();
+        for tx in tailnets.values() {
+            let _ = tx.send(Arc::new(NetMapUpdate { revision, change: NetChange::Resync }));
+        }
+        drop(tailnets);
+        self.published_watch.send_replace(revision);
+    }
+
+    /// Completes once `revision` is published.
+    pub async fn published_at_least(&self, revision: u64) {
+        let mut rx = self.published_watch.subscribe();
+        let _ = rx.wait_for(|r| *r >= revision).await;
     }
 
     pub fn published_revision(&self) -> u64 {

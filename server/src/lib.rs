@@ -21,6 +21,7 @@ pub mod oidc;
 pub mod policy;
 pub mod reaper;
 pub mod relay;
+pub mod replica;
 pub mod secret;
 pub mod serve;
 pub mod store;

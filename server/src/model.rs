@@ -1018,7 +1018,7 @@ pub struct Event {
 }
 
 /// Why a node's netmap stream ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EndReason {
     NodeRemoved,
     KeyRevoked,

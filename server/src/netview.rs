@@ -198,7 +198,7 @@ impl NetView {
                 }
                 delta.filter_changed |= filter_changed;
             }
-            NetChange::PolicyChanged { policy, updated } => {
+            NetChange::PolicyChanged { policy, updated, .. } => {
                 let before = (self.visible.clone(), self.filter());
                 for n in updated {
                     if n.id == self.me.id {
@@ -215,7 +215,7 @@ impl NetView {
                 self.recompute();
                 self.diff_into(before, &mut delta);
             }
-            NetChange::TailnetGone { .. } => {}
+            NetChange::TailnetGone { .. } | NetChange::Resync => {}
         }
         delta
     }
@@ -372,7 +372,7 @@ mod tests {
                             updated.push(Arc::new(n.clone()));
                         }
                     }
-                    ("policy", NetChange::PolicyChanged { policy: policy.clone(), updated })
+                    ("policy", NetChange::PolicyChanged { policy: policy.clone(), version: 0, updated })
                 };
                 for view in views.values_mut() {
                     view.apply(&change);

@@ -123,24 +123,49 @@ impl Relays {
         (mailbox.clone(), Registration { relays: self, key: (tailnet, key), mailbox })
     }
 
-    /// Forwards one frame from `from` to `to`, both of `tailnet`; drops and counts anything else.
-    pub fn forward(&self, tailnet: TailnetId, from: Key, to: &[u8], data: Vec<u8>, limiter: &mut Limiter) -> bool {
+    /// Forwards one frame from `from` to `to`, both of `tailnet`, when `to`'s stream is on this server;
+    /// drops and counts anything malformed or over the sender's rate. A frame for a key with no stream here
+    /// comes back (uncounted) for the caller to send to another replica or to drop.
+    pub fn forward(
+        &self,
+        tailnet: TailnetId,
+        from: Key,
+        to: &[u8],
+        data: Vec<u8>,
+        limiter: &mut Limiter,
+    ) -> Result<(), Option<(Key, Vec<u8>)>> {
         let stats = &self.stats;
         if data.len() > MAX_FRAME {
             stats.dropped_oversize.fetch_add(1, Ordering::Relaxed);
-            return false;
+            return Err(None);
         }
         let Ok(to) = <Key>::try_from(to) else {
             stats.dropped_unknown_peer.fetch_add(1, Ordering::Relaxed);
-            return false;
+            return Err(None);
         };
         if !limiter.admit(data.len()) {
             stats.dropped_rate.fetch_add(1, Ordering::Relaxed);
-            return false;
+            return Err(None);
         }
+        self.deliver(tailnet, from, to, data).map_err(|data| Some((to, data)))
+    }
+
+    /// Counts a frame sent on to the replica that holds its receiver's stream.
+    pub fn forwarded_elsewhere(&self, bytes: usize) {
+        self.stats.forwarded_frames.fetch_add(1, Ordering::Relaxed);
+        self.stats.forwarded_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Counts a frame nobody could take.
+    pub fn dropped_unknown(&self) {
+        self.stats.dropped_unknown_peer.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Puts a frame in `to`'s mailbox on this server; gives it back if `to` has no stream here.
+    pub fn deliver(&self, tailnet: TailnetId, from: Key, to: Key, data: Vec<u8>) -> Result<(), Vec<u8>> {
+        let stats = &self.stats;
         let Some(mailbox) = self.mailboxes.lock().unwrap().get(&(tailnet, to)).cloned() else {
-            stats.dropped_unknown_peer.fetch_add(1, Ordering::Relaxed);
-            return false;
+            return Err(data);
         };
         let bytes = data.len() as u64;
         {
@@ -154,7 +179,7 @@ impl Relays {
         mailbox.ready.notify_one();
         stats.forwarded_frames.fetch_add(1, Ordering::Relaxed);
         stats.forwarded_bytes.fetch_add(bytes, Ordering::Relaxed);
-        true
+        Ok(())
     }
 
     pub fn counts(&self) -> RelayCounts {

@@ -90,13 +90,6 @@ impl Server {
         signal: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let cp = self.control_plane.clone();
-        let tailnets = cp.all_tailnets().await?;
-        for tailnet in &tailnets {
-            crate::gateway::start(&cp, tailnet.id);
-        }
-        if !tailnets.is_empty() {
-            tracing::info!(gateways = tailnets.len(), "starting the gateways of live tailnets");
-        }
         crate::gateway::spawn_audit_pruner(&cp, Arc::downgrade(&cp), cp.limits.audit_retention);
         if let Some(addr) = self.config.stun_listen {
             let socket = tokio::net::UdpSocket::bind(addr)
@@ -107,6 +100,33 @@ impl Server {
             *cp.stun_address.lock().unwrap() = Some(advertised);
             tracing::info!(%bound, "STUN reflector listening");
             cp.spawn(crate::stun::reflect(socket, cp.shutdown_signal()));
+        }
+        let bound = listener.local_addr()?;
+        let scheme = if self.config.tls.is_some() { "https" } else { "http" };
+        let advertise = self.config.advertise.clone().unwrap_or_else(|| format!("{scheme}://{bound}"));
+        *cp.advertise.lock().unwrap() = Some(advertise.clone());
+        if cp.store.postgres().is_some() {
+            // Replicas over one database: gateways go where their leases are.
+            if self.config.advertise.is_none() && bound.ip().is_unspecified() {
+                tracing::warn!(%advertise, "set --advertise: other replicas cannot dial an unspecified address");
+            }
+            let stun = cp.stun_address.lock().unwrap().clone().unwrap_or_default();
+            let ca = match &self.config.tls {
+                Some(tls) => {
+                    Some(std::fs::read(&tls.cert).with_context(|| format!("cannot read {}", tls.cert.display()))?)
+                }
+                None => None,
+            };
+            crate::replica::Cluster::join(&cp, &self.config.data_dir, advertise, stun, self.admin_tokens.clone(), ca)
+                .await?;
+        } else {
+            let tailnets = cp.all_tailnets().await?;
+            for tailnet in &tailnets {
+                crate::gateway::start(&cp, tailnet.id);
+            }
+            if !tailnets.is_empty() {
+                tracing::info!(gateways = tailnets.len(), "starting the gateways of live tailnets");
+            }
         }
         self.bind_metrics().await?;
         if let Some(listener) = self.metrics_listener.take() {
@@ -176,7 +196,14 @@ impl Server {
                 .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
                 .context("TLS certificate or key")?;
         }
-        let router = builder.add_service(health).add_service(reflection).add_service(control).add_service(node);
+        let mesh = pb::mesh_server::MeshServer::new(crate::api::mesh::MeshApi::new(cp.clone()))
+            .max_decoding_message_size(1 << 20);
+        let router = builder
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(control)
+            .add_service(node)
+            .add_service(mesh);
 
         let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
         let drain_cp = cp.clone();
@@ -208,6 +235,7 @@ impl Server {
             _ = deadline => tracing::warn!(?grace, "grace period over; dropping the calls still in flight"),
         }
         cp.drain(grace).await;
+        crate::replica::leave(&cp).await;
         cp.flush().await.context("final flush")?;
         Ok(())
     }

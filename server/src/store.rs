@@ -196,7 +196,7 @@ impl Pending {
 
 enum Engine {
     Sled(sled::SledStore),
-    Postgres(postgres::PgStore),
+    Postgres(Box<postgres::PgStore>),
 }
 
 /// Committed changes waiting for the ones before them, so the hub sees revisions in order.
@@ -204,6 +204,8 @@ struct Publisher {
     hub: Arc<Hub>,
     waiting: Mutex<BTreeMap<u64, Change>>,
     commits: CommitStats,
+    /// Wakes the follower (several replicas): a commit waits for revisions another replica made.
+    gap: tokio::sync::Notify,
 }
 
 /// How long commits of write transactions take, and how many are under way (the metrics read them).
@@ -225,10 +227,12 @@ impl Default for CommitStats {
 impl Publisher {
     fn publish(&self, changes: Vec<Change>) {
         let mut waiting = self.waiting.lock().unwrap();
-        for c in changes {
+        let published = self.hub.published_revision();
+        // The same change may come twice (from this replica's commit and from the database); once is enough.
+        for c in changes.into_iter().filter(|c| c.revision() > published) {
             waiting.insert(c.revision(), c);
         }
-        let mut next = self.hub.published_revision() + 1;
+        let mut next = published + 1;
         while let Some(change) = waiting.remove(&next) {
             self.hub.publish(change);
             next += 1;
@@ -254,11 +258,12 @@ impl Store {
             StoreUrl::Postgres(url) => {
                 let s = postgres::PgStore::open(url, options.max_connections).await?;
                 let r = s.revision().await?;
-                (Engine::Postgres(s), r)
+                (Engine::Postgres(Box::new(s)), r)
             }
         };
         hub.set_published(revision);
-        let publisher = Publisher { hub, waiting: Mutex::default(), commits: CommitStats::default() };
+        let publisher =
+            Publisher { hub, waiting: Mutex::default(), commits: CommitStats::default(), gap: Default::default() };
         Ok(Store { engine, publisher: Arc::new(publisher) })
     }
 
@@ -345,6 +350,36 @@ impl Store {
     /// The revision of the last published change.
     pub fn revision(&self) -> u64 {
         self.publisher.hub.published_revision()
+    }
+
+    /// The PostgreSQL engine, where replicas meet.
+    pub fn postgres(&self) -> Option<&postgres::PgStore> {
+        match &self.engine {
+            Engine::Postgres(s) => Some(s),
+            Engine::Sled(_) => None,
+        }
+    }
+
+    /// Publishes changes read back from the database (made by any replica), in revision order.
+    pub(crate) fn publish_committed(&self, changes: Vec<Change>) {
+        self.publisher.publish(changes);
+    }
+
+    /// Changes up to `revision` cannot be read any more: watchers reload from the store.
+    pub(crate) fn resync(&self, revision: u64) {
+        let mut waiting = self.publisher.waiting.lock().unwrap();
+        waiting.retain(|r, _| *r > revision);
+        self.publisher.hub.resync(revision);
+        let mut next = revision + 1;
+        while let Some(change) = waiting.remove(&next) {
+            self.publisher.hub.publish(change);
+            next += 1;
+        }
+    }
+
+    /// Completes when a commit waits for revisions this replica has not published yet.
+    pub(crate) async fn gap(&self) {
+        self.publisher.gap.notified().await;
     }
 }
 
@@ -639,7 +674,23 @@ impl Tx {
                 stats.in_flight.dec();
                 stats.seconds.observe(start.elapsed().as_secs_f64());
             }
-            publisher.publish(changes?);
+            let changes = changes?;
+            let last = changes.last().map(Change::revision);
+            publisher.publish(changes);
+            // Read your writes: the caller returns once its changes are published. Only revisions another
+            // replica took in between hold them back; the follower reads those from the database.
+            if let Some(last) = last
+                && publisher.hub.published_revision() < last
+            {
+                let published = publisher.hub.published_at_least(last);
+                tokio::pin!(published);
+                if tokio::time::timeout(std::time::Duration::from_millis(20), &mut published).await.is_err() {
+                    publisher.gap.notify_one();
+                    if tokio::time::timeout(std::time::Duration::from_secs(5), published).await.is_err() {
+                        tracing::warn!(revision = last, "a committed change is not published after 5 s");
+                    }
+                }
+            }
             Ok::<(), Error>(())
         });
         task.await.map_err(|e| Error::Unavailable(format!("commit task failed: {e}")))?

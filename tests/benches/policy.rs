@@ -165,8 +165,9 @@ fn main() {
     let start = Instant::now();
     let mut told = 0;
     for w in &mut watchers {
-        told +=
-            usize::from(!w.apply(&NetChange::PolicyChanged { policy: changed.clone(), updated: vec![] }).is_empty());
+        told += usize::from(
+            !w.apply(&NetChange::PolicyChanged { policy: changed.clone(), version: 0, updated: vec![] }).is_empty(),
+        );
     }
     let policy_change = start.elapsed();
 

@@ -468,11 +468,17 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `cordon serve` and waits for it to say where it listens.
     pub async fn spawn(data_dir: &Path, log: &Path) -> ServerProcess {
+        let store = test_store(data_dir).await.map(|s| format!("--store={}", store_arg(&s)));
+        Self::spawn_with(data_dir, log, store.as_slice()).await
+    }
+
+    /// As [`ServerProcess::spawn`], with more arguments (another `--store`, say).
+    pub async fn spawn_with(data_dir: &Path, log: &Path, args: &[String]) -> ServerProcess {
         let stderr = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         let mut child = tokio::process::Command::new(cordon_bin())
             .args(["serve", "--listen", "127.0.0.1:0", "--stun-listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
-            .args(test_store(data_dir).await.map(|s| format!("--store={}", store_arg(&s))))
+            .args(args)
             .env("CORDON_LOG", "debug")
             .stdout(std::process::Stdio::piped())
             .stderr(stderr)

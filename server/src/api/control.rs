@@ -820,6 +820,15 @@ impl pb::control_server::Control for ControlApi {
         self.tokens.remember(token);
         Ok(Response::new(pb::RevokeAdminTokenResponse {}))
     }
+
+    async fn list_replicas(
+        &self,
+        req: Request<pb::ListReplicasRequest>,
+    ) -> Result<Response<pb::ListReplicasResponse>, Status> {
+        self.principal(&req, Action::Read, "ListReplicas").await?;
+        let replicas = self.cp.replicas().await?;
+        Ok(Response::new(pb::ListReplicasResponse { replicas: replicas.iter().map(convert::replica).collect() }))
+    }
 }
 
 /// The stored events after `last`, which it advances.

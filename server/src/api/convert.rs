@@ -884,3 +884,17 @@ pub fn page_token<T>(field: &str, token: &str, parse: impl FnOnce(&str) -> Optio
         .map(Some)
         .ok_or_else(|| Error::invalid(field, "is not a token this server issued; pass next_page_token unchanged"))
 }
+
+pub fn replica(r: &crate::store::postgres::cluster::ReplicaRow) -> pb::Replica {
+    pb::Replica {
+        id: r.id.to_string(),
+        advertise: r.advertise.clone(),
+        stun_address: r.stun_address.clone(),
+        started_at: Some(to_timestamp(r.started_at)),
+        heartbeat_at: Some(to_timestamp(r.heartbeat_at)),
+        alive: r.alive,
+        gateways: r.gateways,
+        answering: r.answering,
+        stopped_at: r.stopped_at.map(to_timestamp),
+    }
+}

@@ -133,13 +133,15 @@ pub(crate) async fn netmap_feed(
                 _ = tx.closed() => return,
                 update = changes.recv() => match update {
                     Ok(update) if update.revision <= revision => (None, false),
-                    Ok(update) => {
+                    Ok(update) if !matches!(update.change, NetChange::Resync) => {
                         revision = update.revision;
                         translate(&mut view, &update, &cp)
                     }
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        tracing::debug!(node = %me, missed, "netmap watcher fell behind; resending the full map");
-                        changes = changes.resubscribe();
+                    resync @ (Ok(_) | Err(broadcast::error::RecvError::Lagged(_))) => {
+                        tracing::debug!(node = %me, lagged = resync.is_err(), "netmap watcher missed changes; resending the full map");
+                        if resync.is_err() {
+                            changes = changes.resubscribe();
+                        }
                         match load_view(&cp, me).await {
                             Ok(loaded) => {
                                 (view, tailnet, revision) = loaded;
@@ -233,6 +235,7 @@ impl pb::node_server::Node for NodeApi {
             let _counted = open;
             let (tailnet, me) = (node.tailnet_id, node.wireguard_public_key);
             let (mailbox, _registration) = cp.relays.register(tailnet, me);
+            let _home = cp.relay_home(tailnet, me).await;
             // The stream ends when the node or its tailnet goes: a removed node relays nothing more.
             let mut changes = cp.hub().subscribe_tailnet(tailnet);
             let mut shutdown = cp.shutdown_signal();
@@ -244,10 +247,10 @@ impl pb::node_server::Node for NodeApi {
                     frame = inbound.message() => match frame {
                         Ok(Some(packet)) => {
                             if !packet.peer_key.is_empty() || packet.frames.is_empty() {
-                                cp.relays.forward(tailnet, me, &packet.peer_key, packet.data, &mut limiter);
+                                cp.relay_frame(tailnet, me, &packet.peer_key, packet.data, &mut limiter).await;
                             }
                             for f in packet.frames {
-                                cp.relays.forward(tailnet, me, &f.peer_key, f.data, &mut limiter);
+                                cp.relay_frame(tailnet, me, &f.peer_key, f.data, &mut limiter).await;
                             }
                         }
                         Ok(None) => return,
@@ -283,6 +286,7 @@ impl pb::node_server::Node for NodeApi {
                         Ok(update) => match &update.change {
                             NetChange::PeerRemoved { node: gone, .. } if *gone == node.id => return,
                             NetChange::TailnetGone { .. } => return,
+                            NetChange::Resync if cp.get_node(node.id).await.is_err() => return,
                             _ => {}
                         },
                         Err(broadcast::error::RecvError::Closed) => return,

@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use tokio_postgres::Row;
 use tokio_postgres::types::{Json, ToSql};
 
+pub mod cluster;
 mod tls;
 
 use super::{Counts, EventFilter, Pending, Placement};
@@ -37,6 +38,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (5, include_str!("postgres/0005_webhooks.sql")),
     (6, include_str!("postgres/0006_people.sql")),
     (7, include_str!("postgres/0007_oidc_replay.sql")),
+    (8, include_str!("postgres/0008_replicas.sql")),
 ];
 
 /// The oldest server this engine is tested against (`server_version_num`).
@@ -121,6 +123,9 @@ fn address(a: Ipv4Addr) -> i64 {
 pub struct PgStore {
     pool: Pool,
     hints: Hints,
+    /// For connections of their own (LISTEN).
+    config: tokio_postgres::Config,
+    tls: tls::Tls,
 }
 
 /// Per tailnet, an address below which this process saw every address taken: where the search for a
@@ -140,7 +145,11 @@ impl PgStore {
             )
         })?;
         let tls = tls::connector(ssl_mode, root.as_deref())?;
-        let manager = Manager::from_config(config, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager = Manager::from_config(
+            config.clone(),
+            tls.clone(),
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
         let pool = Pool::builder(manager)
             .max_size(max_connections)
             .runtime(Runtime::Tokio1)
@@ -159,7 +168,7 @@ impl PgStore {
             )));
         }
         migrate(&mut client).await?;
-        Ok(PgStore { pool, hints: Hints::default() })
+        Ok(PgStore { pool, hints: Hints::default(), config, tls })
     }
 
     pub async fn revision(&self) -> Result<u64> {
@@ -918,10 +927,16 @@ impl PgTx {
                 changes.push(p.numbered(revision));
             }
             for c in &changes {
-                if let Change::Event(e) = c {
-                    self.queue_event(e);
+                match c {
+                    Change::Event(e) => self.queue_event(e),
+                    Change::NetMap { tailnet, update } => self.queue(
+                        "INSERT INTO changes (revision, tailnet_id, record) VALUES ($1, $2, $3)",
+                        params![update.revision as i64, tailnet.0, record(&update.change.stored())],
+                    ),
                 }
             }
+            // Delivered at commit; other replicas then read what they have not published.
+            self.queue("SELECT pg_notify('cordon_changes', $1)", params![last.to_string()]);
         }
         self.send_queued(Some(("COMMIT", Vec::new()))).await?;
         self.open = false;

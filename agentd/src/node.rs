@@ -250,7 +250,7 @@ impl Node {
             shutdown_rx.clone(),
         ));
         let reporter = tokio::spawn(report_reflexive(
-            client,
+            servers,
             node.session.session_token.clone(),
             endpoints,
             reflexive_rx,
@@ -605,7 +605,7 @@ async fn log_in(
 
 /// Reports the local endpoints plus the reflexive one STUN found, whenever the latter changes.
 async fn report_reflexive(
-    mut client: Client,
+    servers: control::Servers,
     token: String,
     local: Vec<SocketAddr>,
     mut reflexive: watch::Receiver<Option<SocketAddr>>,
@@ -622,7 +622,11 @@ async fn report_reflexive(
             endpoints.push(seen);
             tracing::info!(endpoint = %seen, "STUN: reachable from outside at");
         }
-        report_endpoints(&mut client, &token, &endpoints).await;
+        // Rare (the reflexive endpoint changed): a connection to whichever replica answers.
+        match servers.connect().await {
+            Ok(mut client) => report_endpoints(&mut client, &token, &endpoints).await,
+            Err(e) => tracing::warn!(error = %e, "could not report endpoints"),
+        }
     }
 }
 

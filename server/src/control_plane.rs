@@ -94,6 +94,8 @@ pub struct ControlPlane {
     pub(crate) metrics_address: Mutex<Option<std::net::SocketAddr>>,
     /// Where the console is served, once it is.
     pub(crate) console_address: Mutex<Option<std::net::SocketAddr>>,
+    /// Which webhooks deliver from here.
+    pub(crate) webhooks: crate::webhook::Runner,
     /// The URL this server is reached at (`--advertise`, or its listen address), once it serves.
     pub(crate) advertise: Mutex<Option<String>>,
     started_at: SystemTime,
@@ -132,6 +134,7 @@ impl ControlPlane {
             metrics_address: Mutex::default(),
             console_address: Mutex::default(),
             cluster: std::sync::OnceLock::new(),
+            webhooks: Default::default(),
             advertise: Mutex::default(),
             started_at: clock.now(),
             tasks: Mutex::new(Some(tokio::task::JoinSet::new())),
@@ -332,6 +335,15 @@ impl ControlPlane {
             gateways: self.gateways.running() as u32,
             answering: true,
         }])
+    }
+
+    /// Among replicas: which of `nodes` hold a netmap stream on another live replica (this one's are in
+    /// the hub).
+    pub async fn online_elsewhere(&self, nodes: &[NodeId]) -> Result<std::collections::HashSet<NodeId>> {
+        match (self.cluster.get(), self.store.postgres()) {
+            (Some(_), Some(pg)) if !nodes.is_empty() => Ok(pg.present(nodes).await?.into_iter().collect()),
+            _ => Ok(Default::default()),
+        }
     }
 
     /// Gives a node whose stream went (with its replica) the idle timeout to come back, if ephemeral.

@@ -130,6 +130,8 @@ impl Cluster {
             .set(cluster.clone())
             .map_err(|_| Error::Unavailable("this server joined its replicas already".into()))?;
         tracing::info!(replica = %id, advertise = %cluster.advertise, "replica registered");
+        // Until a lease round says this replica delivers them.
+        cp.webhooks.deliver_here(cp, false).await;
         cp.spawn(follow(Arc::downgrade(cp), admin));
         cp.spawn(leases(Arc::downgrade(cp)));
         tokio::spawn(record_presence(Arc::downgrade(cp), id, presence_rx));
@@ -454,6 +456,11 @@ async fn apply(cp: &Arc<ControlPlane>, admin: &AdminTokens, effect: Effect) {
                     admin.remember(token);
                 }
             }
+            Effect::Event(EventKind::WebhookCreated, _) => {
+                for hook in cp.list_webhooks().await? {
+                    crate::webhook::spawn(cp, hook.id);
+                }
+            }
             Effect::Event(EventKind::AdminTrustRuleCreated | EventKind::AdminTrustRuleDeleted, _) => {
                 admin.set_rules(cp.list_admin_trust_rules(None).await?);
             }
@@ -504,14 +511,14 @@ async fn round(cp: &Arc<ControlPlane>, renewed: &mut Instant) -> Result<()> {
     let started = Instant::now();
     let round = pg.lease_round(cluster.id, LEASE_TTL, true).await?;
     *renewed = started;
+    cp.webhooks.deliver_here(cp, round.leader == Some(cluster.id)).await;
     for node in round.orphaned_nodes {
         // Its replica died: it gets the whole idle timeout to come back through another.
         cp.schedule_idle(node);
     }
     let held: HashSet<TailnetId> = round.held.iter().copied().collect();
-    let (start, stop, excess) = {
+    let (stop, excess) = {
         let mut mine = cluster.held.lock().unwrap();
-        let start: Vec<_> = held.difference(&mine).copied().collect();
         let stop: Vec<_> = mine.difference(&held).copied().collect();
         *mine = held.clone();
         // Over an even share by more than one: give some back for replicas that joined.
@@ -526,7 +533,7 @@ async fn round(cp: &Arc<ControlPlane>, renewed: &mut Instant) -> Result<()> {
         for t in &excess {
             mine.remove(t);
         }
-        (start, stop, excess)
+        (stop, excess)
     };
     for tailnet in stop.iter().chain(&excess) {
         cp.gateways.stop(*tailnet);
@@ -536,7 +543,9 @@ async fn round(cp: &Arc<ControlPlane>, renewed: &mut Instant) -> Result<()> {
         pg.release_leases(cluster.id, &excess).await?;
         tracing::info!(gateways = excess.len(), "gave gateway leases back to even out the replicas");
     }
-    for tailnet in start {
+    // Every gateway this replica holds runs (a no-op for those that do).
+    let run: Vec<TailnetId> = cluster.held.lock().unwrap().iter().copied().collect();
+    for tailnet in run {
         crate::gateway::start(cp, tailnet);
     }
     Ok(())

@@ -142,17 +142,62 @@ async fn attempt(client: &HttpClient, hook: &Webhook, event: &Event) -> std::res
     }
 }
 
-/// Starts the webhook's delivery task (at creation, and for every webhook when the server starts).
+/// Which webhooks deliver from this server. Among replicas, one delivers them all (the live one with the
+/// lowest id), so that an event is not posted once per replica; another takes over when it goes.
+pub struct Runner {
+    running: std::sync::Mutex<std::collections::HashSet<WebhookId>>,
+    /// Whether this server delivers webhooks now.
+    on: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Runner {
+    fn default() -> Self {
+        Runner { running: Default::default(), on: tokio::sync::watch::channel(true).0 }
+    }
+}
+
+impl Runner {
+    /// Starts or stops delivering (a replica that became, or stopped being, the one that delivers).
+    pub async fn deliver_here(&self, cp: &Arc<ControlPlane>, on: bool) {
+        if self.on.send_replace(on) == on || !on {
+            return;
+        }
+        match cp.list_webhooks().await {
+            Ok(hooks) => hooks.iter().for_each(|h| spawn(cp, h.id)),
+            Err(e) => tracing::warn!(error = %e, "cannot list the webhooks to deliver"),
+        }
+    }
+}
+
+/// Forgets a delivery task in the running set when it ends.
+struct Running(std::sync::Weak<ControlPlane>, WebhookId);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(cp) = self.0.upgrade() {
+            cp.webhooks.running.lock().unwrap().remove(&self.1);
+        }
+    }
+}
+
+/// Starts the webhook's delivery task (at creation, and for every webhook when the server starts), if
+/// this server delivers webhooks and it does not run yet.
 pub fn spawn(cp: &Arc<ControlPlane>, id: WebhookId) {
+    if !*cp.webhooks.on.borrow() || !cp.webhooks.running.lock().unwrap().insert(id) {
+        return;
+    }
     cp.spawn(run(Arc::downgrade(cp), id));
 }
 
 async fn run(weak: std::sync::Weak<ControlPlane>, id: WebhookId) {
     let client: HttpClient = Client::builder(TokioExecutor::new()).build(crate::gateway::https_connector());
-    let (mut events, mut shutdown) = match weak.upgrade() {
-        Some(cp) => (cp.hub().subscribe_events(), cp.shutdown_signal()),
-        None => return,
-    };
+    let Some(strong) = weak.upgrade() else { return };
+    let (mut events, shutdown, on) =
+        (strong.hub().subscribe_events(), strong.shutdown_signal(), strong.webhooks.on.subscribe());
+    // Stops like a shutdown when another replica takes the webhooks over.
+    let mut shutdown = stop_signal(shutdown, on);
+    drop(strong);
+    let _running = Running(weak.clone(), id);
     loop {
         let Some(cp) = weak.upgrade() else { return };
         let Ok(Some(hook)) = cp.webhook(id).await else { return };
@@ -249,6 +294,23 @@ async fn deliver(
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+}
+
+/// A signal that fires on shutdown or when this server stops delivering webhooks.
+fn stop_signal(
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    mut on: tokio::sync::watch::Receiver<bool>,
+) -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = crate::control_plane::stopped(&mut shutdown) => {}
+            _ = on.wait_for(|on| !*on) => {}
+            _ = tx.closed() => return,
+        }
+        let _ = tx.send(true);
+    });
+    rx
 }
 
 #[cfg(test)]

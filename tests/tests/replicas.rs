@@ -443,3 +443,97 @@ async fn killing_a_replica_moves_its_nodes_and_its_gateway_to_the_others() {
     assert_eq!(answered, 3, "the request before the kill and the two after it");
     drop((r2, r3));
 }
+
+/// A webhook receiver that counts what it gets, by delivery id.
+async fn counting_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = got.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let seen = seen.clone();
+                    async move {
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let event: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                        seen.lock().unwrap().push(event["id"].as_str().unwrap_or_default().to_string());
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(b"ok"),
+                        )))
+                    }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            });
+        }
+    });
+    (url, got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_delivers_each_webhook_event_and_every_replica_shows_every_node_online() {
+    let Some(r) = replicas(2, "replicas_webhooks").await else { return };
+    let mut admin1 = r[0].admin().await;
+    let mut admin2 = r[1].admin().await;
+    let tailnet = create_tailnet(&mut admin1, "hooked").await;
+    let (url, got) = counting_receiver().await;
+    let hook = admin2
+        .create_webhook(pb::CreateWebhookRequest {
+            tailnet_id: tailnet.id.clone(),
+            url,
+            events: vec!["key_created".into()],
+            secret: "whsec-0123456789abcdef".into(),
+            retry_seconds: 0,
+            reason: "alerts".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let reader = admin1.clone();
+    let delivered = |n: usize| {
+        let admin1 = reader.clone();
+        let id = hook.id.clone();
+        async move {
+            eventually(Duration::from_secs(20), "webhook deliveries recorded", || {
+                let mut admin1 = admin1.clone();
+                let id = id.clone();
+                async move {
+                    let list = admin1
+                        .list_webhook_deliveries(pb::ListWebhookDeliveriesRequest { webhook_id: id, limit: 100 })
+                        .await
+                        .ok()?
+                        .into_inner()
+                        .deliveries;
+                    (list.iter().filter(|d| d.delivered).count() >= n).then_some(())
+                }
+            })
+            .await
+        }
+    };
+    // Keys made through each replica: each event is posted once, by one of them.
+    create_key(&mut admin1, &tailnet.id, true, false).await;
+    delivered(1).await;
+    create_key(&mut admin2, &tailnet.id, true, false).await;
+    delivered(2).await;
+    let ids = got.lock().unwrap().clone();
+    let mut unique = ids.clone();
+    unique.dedup();
+    assert_eq!((ids.len(), unique.len()), (2, 2), "two events, each posted once: {ids:?}");
+
+    // A node watching on replica 2 is online as replica 1 sees it.
+    let (_, secret) = create_key(&mut admin1, &tailnet.id, true, false).await;
+    let mut nodes = r[1].nodes().await;
+    let n = register(&mut nodes, &secret, "watcher").await;
+    let _stream = watch(&mut nodes, &n.session_token).await;
+    let id = n.node.unwrap().id;
+    eventually(Duration::from_secs(10), "the node online through replica 1", || {
+        let mut admin1 = admin1.clone();
+        let id = id.clone();
+        async move { admin1.get_node(pb::GetNodeRequest { id }).await.ok()?.into_inner().online.then_some(()) }
+    })
+    .await;
+}

@@ -344,8 +344,17 @@ impl pb::control_server::Control for ControlApi {
         self.in_scope(&p, tailnet).await?;
         let hub = self.cp.hub();
         // The gateway is the server's own, not a machine the caller admitted.
-        let nodes =
-            self.cp.list_nodes(tailnet).await?.iter().filter(|n| !n.gateway).map(|n| convert::node(n, hub)).collect();
+        let listed: Vec<_> = self.cp.list_nodes(tailnet).await?.into_iter().filter(|n| !n.gateway).collect();
+        let ids: Vec<_> = listed.iter().map(|n| n.id).collect();
+        let elsewhere = self.cp.online_elsewhere(&ids).await?;
+        let nodes = listed
+            .iter()
+            .map(|n| {
+                let mut info = convert::node(n, hub);
+                info.online |= elsewhere.contains(&n.id);
+                info
+            })
+            .collect();
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 
@@ -357,7 +366,9 @@ impl pb::control_server::Control for ControlApi {
             return Err(Error::not_found("node", id).into());
         }
         self.target_in_scope(&p, node.tailnet_id, "node", id).await?;
-        Ok(Response::new(convert::node(&node, self.cp.hub())))
+        let mut info = convert::node(&node, self.cp.hub());
+        info.online |= !self.cp.online_elsewhere(&[id]).await?.is_empty();
+        Ok(Response::new(info))
     }
 
     async fn delete_node(

@@ -47,6 +47,8 @@ pub struct LeaseRound {
     pub orphaned_nodes: Vec<NodeId>,
     /// How many gateways this replica should host at most (an even share of all).
     pub fair_share: usize,
+    /// The live replica with the lowest id (it delivers the webhooks).
+    pub leader: Option<Uuid>,
 }
 
 fn secs(d: Duration) -> f64 {
@@ -207,11 +209,14 @@ impl PgStore {
         let counts = tx
             .query_one(
                 "SELECT (SELECT count(*) FROM tailnets), (SELECT count(*) FROM replicas \
+                 WHERE stopped_at IS NULL AND heartbeat_at > now() - make_interval(secs => $1)), \
+                 (SELECT min(id::text) FROM replicas \
                  WHERE stopped_at IS NULL AND heartbeat_at > now() - make_interval(secs => $1))",
                 &[&alive],
             )
             .await
             .map_err(db)?;
+        let leader = counts.get::<_, Option<String>>(2).and_then(|s| Uuid::parse_str(&s).ok());
         let (tailnets, replicas) = (counts.get::<_, i64>(0) as usize, (counts.get::<_, i64>(1) as usize).max(1));
         let fair_share = tailnets.div_ceil(replicas);
         let mut held: Vec<TailnetId> = tx
@@ -259,7 +264,7 @@ impl PgStore {
         .await
         .map_err(db)?;
         tx.commit().await.map_err(db)?;
-        Ok(LeaseRound { held, orphaned_nodes: orphaned.iter().map(|r| NodeId(r.get(0))).collect(), fair_share })
+        Ok(LeaseRound { held, orphaned_nodes: orphaned.iter().map(|r| NodeId(r.get(0))).collect(), fair_share, leader })
     }
 
     /// Takes the lease of one tailnet's gateway if nobody holds it.

@@ -233,8 +233,15 @@ impl ControlPlane {
         let keys = crate::gateway::fresh_keys();
         let mut tx = self.store.write().await?;
         let tailnet = domain::create_tailnet(&mut tx, spec, keys, actor, self.clock.now()).await?;
+        // Among replicas, the one that creates a tailnet runs its gateway first (a lease round evens out).
+        if let Some(cluster) = self.cluster.get() {
+            tx.take_gateway_lease(tailnet.id, cluster.id, crate::replica::LEASE_TTL).await;
+        }
         tx.commit().await?;
-        self.place_gateway(tailnet.id).await;
+        if let Some(cluster) = self.cluster.get() {
+            cluster.held(tailnet.id);
+        }
+        crate::gateway::start(self, tailnet.id);
         if let Some(at) = tailnet.expires_at {
             self.reaper.schedule(at, Deadline::TailnetTtl(tailnet.id));
         }
@@ -263,25 +270,6 @@ impl ControlPlane {
         self.forget_nodes(&removed.nodes);
         self.policies.forget(id);
         Ok(())
-    }
-
-    /// Starts a new tailnet's gateway here; among replicas, only if this one takes its lease (else the
-    /// replica that does starts it within a lease round).
-    async fn place_gateway(self: &Arc<Self>, tailnet: TailnetId) {
-        let (Some(cluster), Some(pg)) = (self.cluster.get(), self.store.postgres()) else {
-            crate::gateway::start(self, tailnet);
-            return;
-        };
-        match pg.take_lease(cluster.id, tailnet, crate::replica::LEASE_TTL).await {
-            Ok(true) => {
-                cluster.held(tailnet);
-                crate::gateway::start(self, tailnet);
-            }
-            Ok(false) => {}
-            Err(e) => {
-                tracing::warn!(%tailnet, error = %e, "could not take the new gateway's lease; a lease round will")
-            }
-        }
     }
 
     /// Relays one frame: to `to`'s stream on this replica, or through the mesh to the replica that holds
@@ -889,8 +877,12 @@ impl ControlPlane {
     /// Marks the node online until the guard drops (among replicas, in the database too).
     pub fn connect(self: &Arc<Self>, node: &Node) -> Presence {
         self.hub().connect(node.id, self.clock.now());
-        self.share_presence(node.id, true);
-        Presence { cp: self.clone(), node: node.id, ephemeral: node.ephemeral }
+        // A gateway is the server's own: where it runs is its lease.
+        let shared = !node.gateway;
+        if shared {
+            self.share_presence(node.id, true);
+        }
+        Presence { cp: self.clone(), node: node.id, ephemeral: node.ephemeral, shared }
     }
 
     fn share_presence(&self, node: NodeId, present: bool) {
@@ -1124,13 +1116,15 @@ pub struct Presence {
     cp: Arc<ControlPlane>,
     node: NodeId,
     ephemeral: bool,
+    /// Recorded in the database too (among replicas).
+    shared: bool,
 }
 
 impl Drop for Presence {
     fn drop(&mut self) {
         let now = self.cp.clock.now();
         let remaining = self.cp.hub().disconnect(self.node, now);
-        if remaining == 0 {
+        if remaining == 0 && self.shared {
             self.cp.share_presence(self.node, false);
         }
         if remaining == 0 && self.ephemeral {

@@ -28,6 +28,9 @@ pub const LEASE_TTL: Duration = Duration::from_secs(3);
 pub const LEASE_ROUND: Duration = Duration::from_secs(1);
 /// A replica that could not renew its leases for this long stops its gateways: another may hold them.
 const LEASE_SAFE: Duration = Duration::from_millis(2500);
+/// How long a notification waits for this replica to publish the commit it announces before the
+/// follower reads it from the database (another replica's).
+const OWN_COMMIT: Duration = Duration::from_millis(10);
 /// Revisions read per round of the follower, at most.
 const CATCH_UP: u64 = 10_000;
 /// How long netmap changes stay in the database for replicas that fall behind.
@@ -314,9 +317,10 @@ async fn follow(cp: Weak<ControlPlane>, admin: Arc<AdminTokens>) {
                 }
             }
         };
+        let mut read = true;
         loop {
             let Some(cp) = cp.upgrade() else { return };
-            if let Err(e) = catch_up(&cp, &admin).await {
+            if read && let Err(e) = catch_up(&cp, &admin).await {
                 tracing::warn!(error = %e, "could not read changes from other replicas");
             }
             if last_prune.elapsed() > Duration::from_secs(60) {
@@ -328,15 +332,21 @@ async fn follow(cp: Weak<ControlPlane>, admin: Arc<AdminTokens>) {
                 }
             }
             let gap = async { cp.store.gap().await };
-            let woken = tokio::select! {
+            let published = cp.store.revision();
+            read = tokio::select! {
                 _ = crate::control_plane::stopped(&mut shutdown) => return,
-                n = notes.recv() => n.is_some(),
+                // The notification names the last revision its commit took: one this replica made (and
+                // published) needs no read.
+                n = notes.recv() => match n {
+                    Some(Some(r)) if r <= published => false,
+                    // Most likely this replica's own commit, published a moment after its notification.
+                    Some(Some(r)) => tokio::time::timeout(OWN_COMMIT, cp.store.hub().published_at_least(r)).await.is_err(),
+                    Some(None) => true,
+                    None => break,
+                },
                 _ = gap => true,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => true,
             };
-            if !woken {
-                break;
-            }
         }
     }
 }

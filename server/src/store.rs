@@ -503,6 +503,15 @@ impl Tx {
         write_op!(self, t => t.delete_user(id).await)
     }
 
+    /// Among replicas (PostgreSQL): `replica` takes the lease of the tailnet's gateway for `ttl`, with this
+    /// transaction. The embedded store has one server and no leases.
+    pub async fn take_gateway_lease(&mut self, tailnet: TailnetId, replica: uuid::Uuid, ttl: std::time::Duration) {
+        debug_assert!(self.writes, "a lease through a read transaction");
+        if let Inner::Postgres(t) = &mut self.inner {
+            t.take_gateway_lease(tailnet, replica, ttl);
+        }
+    }
+
     // OIDC token ids used for admission
     /// Records the use of a token id until `expires`; false if it was used before and has not expired.
     pub async fn use_token(&mut self, key: &SecretHash, expires: SystemTime, now: SystemTime) -> Result<bool> {

@@ -29,6 +29,10 @@ async fn main() {
     println!("measuring registrations ...");
     let one_reg = register_rate(&single, registrations).await;
     let three_reg = register_rate(&three, registrations).await;
+    println!("measuring the relay ...");
+    let relay_mib = if quick { 32 } else { 128 };
+    let relay_one = relay_throughput(&single[0], &single[0], relay_mib).await;
+    let relay_mesh = relay_throughput(&three[0], &three[1], relay_mib).await;
     drop((single, three));
     println!("measuring failover after kill -9 ...");
     let (nodes_back, gateways_back, node_count, gateway_count) = failover(if quick { 6 } else { 12 }).await;
@@ -51,6 +55,13 @@ async fn main() {
         three_reg / one_reg.max(1e-9)
     );
     println!(
+        "{:<44} {:<30} {:<30} {:.2}x",
+        format!("relay, {relay_mib} MiB one way (no direct path)"),
+        format!("{relay_one:.2} Gbit/s"),
+        format!("{relay_mesh:.2} Gbit/s (across the mesh)"),
+        relay_mesh / relay_one.max(1e-9)
+    );
+    println!(
         "{:<44} every one of {node_count} nodes reconnected after {}, every one of {gateway_count} gateways serving after {}",
         "kill -9 of the replica holding them all",
         ms(nodes_back),
@@ -63,15 +74,69 @@ async fn main() {
     println!("       gateways back within 5 s: {}", goal(gateways_back < Duration::from_secs(5)));
 }
 
-/// `n` in-process servers over one new database.
+/// `n` in-process servers over one new database (no STUN: nodes that advertise an unreachable endpoint
+/// only meet through the relay).
 async fn servers(n: usize, name: &str) -> Option<Vec<TestServer>> {
     let db = pg::database(name).await?;
     let mut out = Vec::new();
     for _ in 0..n {
         let db = db.clone();
-        out.push(TestServer::start_configured(move |c| c.store = Some(StoreUrl::Postgres(db))).await);
+        out.push(
+            TestServer::start_configured(move |c| {
+                c.store = Some(StoreUrl::Postgres(db));
+                c.stun_listen = None;
+            })
+            .await,
+        );
     }
     Some(out)
+}
+
+/// Gbit/s of one TCP stream from a node on `from` to a node on `to`, through the relay only.
+async fn relay_throughput(from: &TestServer, to: &TestServer, mib: usize) -> f64 {
+    let mut admin = from.admin().await;
+    let tailnet = create_tailnet(&mut admin, "relay").await;
+    let (_, secret) = create_key(&mut admin, &tailnet.id, true, false).await;
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let start = |server: &TestServer, dir: &std::path::Path, hostname: &str| {
+        let mut config = agentd::NodeConfig::new(&server.url, dir);
+        config.auth_key = Some(secret.clone());
+        config.hostname = hostname.into();
+        config.advertise = vec!["127.0.0.1:9".parse().unwrap()];
+        agentd::Node::start(config)
+    };
+    let a = start(from, dirs.0.path(), "alpha").await.unwrap();
+    let b = start(to, dirs.1.path(), "beta").await.unwrap();
+    for node in [&a, &b] {
+        let mut netmap = node.netmap();
+        tokio::time::timeout(Duration::from_secs(10), netmap.wait_for(|m| m.peers.len() == 1)).await.unwrap().unwrap();
+    }
+    let mut listener = b.listen(9000).await.unwrap();
+    let receiver = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0;
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        (total, Instant::now())
+    });
+    let chunk = vec![7u8; 1 << 20];
+    // Warm up the path (the handshake through the relay) before timing.
+    let mut s = a.dial_host("beta", 9000).await.unwrap();
+    s.write_all(&chunk[..1024]).await.unwrap();
+    let started = Instant::now();
+    for _ in 0..mib {
+        s.write_all(&chunk).await.unwrap();
+    }
+    s.shutdown().await.unwrap();
+    let (total, done) = receiver.await.unwrap();
+    assert_eq!(total, mib * (1 << 20) + 1024);
+    admin.delete_tailnet(pb::DeleteTailnetRequest { id: tailnet.id, reason: String::new() }).await.unwrap();
+    (mib * (1 << 20)) as f64 * 8.0 / (done - started).as_secs_f64() / 1e9
 }
 
 /// `n` watchers spread over `servers`; `rounds` registrations through the first, each timed until the

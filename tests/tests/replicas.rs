@@ -441,7 +441,32 @@ async fn killing_a_replica_moves_its_nodes_and_its_gateway_to_the_others() {
         .filter(|g| g.status == 200 && g.api == "chat.completions")
         .count();
     assert_eq!(answered, 3, "the request before the kill and the two after it");
-    drop((r2, r3));
+
+    // SIGTERM to the replica that runs the gateway now: it hands the lease over before it exits, and the
+    // gateway answers from the last one (agentd follows it there too).
+    let holder = replicas.iter().find(|x| x.alive && x.gateways == 1).expect("a holder").advertise.clone();
+    let (mut stopping, last) = if holder == r2.url { (r2, r3) } else { (r3, r2) };
+    let pid = stopping.child.id().expect("running").to_string();
+    let term = tokio::process::Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
+    assert!(term.success());
+    let signalled = Instant::now();
+    let exit = tokio::time::timeout(Duration::from_secs(20), stopping.child.wait()).await.unwrap().unwrap();
+    assert!(exit.success(), "a clean exit on SIGTERM: {exit:?}");
+    let mut last_admin = admin_of(&last.url).await;
+    let listed = last_admin.list_replicas(pb::ListReplicasRequest {}).await.unwrap().into_inner().replicas;
+    let stopped = listed.iter().find(|x| x.advertise == stopping.url).expect("listed");
+    assert!(!stopped.alive && stopped.stopped_at.is_some(), "listed as stopped: {stopped:?}");
+    let back = eventually(Duration::from_secs(30), "the gateway answering from the last replica", || async {
+        match llm::request(&http, "GET", &format!("{base}/v1/models"), None, &[]).await {
+            Ok(r) if r.0 == 200 => Some(signalled.elapsed()),
+            _ => None,
+        }
+    })
+    .await;
+    println!("after SIGTERM: gateway serving again from the last replica in {back:?}");
+    let (status, _, body) = call(small("after the drain")).await.unwrap();
+    assert_eq!(status, 429, "the budget still holds: {body}");
+    drop(last);
 }
 
 /// A webhook receiver that counts what it gets, by delivery id.

@@ -56,17 +56,18 @@ fn secs(d: Duration) -> f64 {
 }
 
 impl PgStore {
-    /// A connection of its own, listening for committed changes. Each notification (and the connection's
-    /// loss, which closes the channel) arrives on the receiver.
-    pub async fn listen(&self) -> Result<(tokio_postgres::Client, mpsc::UnboundedReceiver<()>)> {
+    /// A connection of its own, listening for committed changes. Each notification arrives on the
+    /// receiver with the last revision its commit took (`None` if unreadable); the connection's loss closes
+    /// the channel.
+    pub async fn listen(&self) -> Result<(tokio_postgres::Client, mpsc::UnboundedReceiver<Option<u64>>)> {
         let (client, mut connection) = self.config.connect(self.tls.clone()).await.map_err(db)?;
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
             while let Some(message) = futures::StreamExt::next(&mut messages).await {
                 match message {
-                    Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
-                        if tx.send(()).is_err() {
+                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                        if tx.send(n.payload().parse().ok()).is_err() {
                             return;
                         }
                     }
@@ -267,22 +268,6 @@ impl PgStore {
         Ok(LeaseRound { held, orphaned_nodes: orphaned.iter().map(|r| NodeId(r.get(0))).collect(), fair_share, leader })
     }
 
-    /// Takes the lease of one tailnet's gateway if nobody holds it.
-    pub async fn take_lease(&self, id: Uuid, tailnet: TailnetId, ttl: Duration) -> Result<bool> {
-        let client = self.pool.get().await.map_err(pool_error)?;
-        let n = client
-            .execute(
-                "INSERT INTO gateway_leases (tailnet_id, replica_id, expires_at) \
-                 VALUES ($1, $2, now() + make_interval(secs => $3)) \
-                 ON CONFLICT (tailnet_id) DO UPDATE SET replica_id = excluded.replica_id, \
-                 expires_at = excluded.expires_at WHERE gateway_leases.expires_at < now()",
-                &[&tailnet.0, &id, &secs(ttl)],
-            )
-            .await
-            .map_err(db)?;
-        Ok(n == 1)
-    }
-
     /// Gives leases back (after their gateways stopped), so another replica takes them at once.
     pub async fn release_leases(&self, id: Uuid, tailnets: &[TailnetId]) -> Result<()> {
         let client = self.pool.get().await.map_err(pool_error)?;
@@ -309,28 +294,30 @@ impl PgStore {
     }
 
     pub async fn set_relay_home(&self, tailnet: TailnetId, key: &[u8; 32], replica: Uuid) -> Result<()> {
-        let client = self.pool.get().await.map_err(pool_error)?;
-        client
-            .execute(
-                "INSERT INTO relay_homes (tailnet_id, public_key, replica_id) VALUES ($1, $2, $3) \
-                 ON CONFLICT (tailnet_id, public_key) DO UPDATE SET replica_id = excluded.replica_id",
-                &[&tailnet.0, &key.as_slice(), &replica],
-            )
-            .await
-            .map_err(db)?;
-        Ok(())
+        self.soft_write(
+            "INSERT INTO relay_homes (tailnet_id, public_key, replica_id) VALUES ($1, $2, $3) \
+             ON CONFLICT (tailnet_id, public_key) DO UPDATE SET replica_id = excluded.replica_id",
+            &[&tailnet.0, &key.as_slice(), &replica],
+        )
+        .await
     }
 
     pub async fn clear_relay_home(&self, tailnet: TailnetId, key: &[u8; 32], replica: Uuid) -> Result<()> {
-        let client = self.pool.get().await.map_err(pool_error)?;
-        client
-            .execute(
-                "DELETE FROM relay_homes WHERE tailnet_id = $1 AND public_key = $2 AND replica_id = $3",
-                &[&tailnet.0, &key.as_slice(), &replica],
-            )
-            .await
-            .map_err(db)?;
-        Ok(())
+        self.soft_write(
+            "DELETE FROM relay_homes WHERE tailnet_id = $1 AND public_key = $2 AND replica_id = $3",
+            &[&tailnet.0, &key.as_slice(), &replica],
+        )
+        .await
+    }
+
+    /// One write of state that a crash may lose (where streams are: the replicas rebuild it), committed
+    /// without waiting for the WAL flush.
+    async fn soft_write(&self, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> Result<()> {
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let tx = client.transaction().await.map_err(db)?;
+        tx.batch_execute("SET LOCAL synchronous_commit = off").await.map_err(db)?;
+        tx.execute(sql, params).await.map_err(db)?;
+        tx.commit().await.map_err(db)
     }
 
     /// The live replica that holds the relay stream of `key` in `tailnet`, with its advertised URL.
@@ -350,23 +337,16 @@ impl PgStore {
 
     /// Records that `replica` holds a netmap stream of `node` (`present`), or no longer does.
     pub async fn set_presence(&self, node: NodeId, replica: Uuid, present: bool) -> Result<()> {
-        let client = self.pool.get().await.map_err(pool_error)?;
         if present {
-            client
-                .execute(
-                    "INSERT INTO presence (node_id, replica_id, since) VALUES ($1, $2, now()) \
-                     ON CONFLICT (node_id) DO UPDATE SET replica_id = excluded.replica_id, since = excluded.since",
-                    &[&node.0, &replica],
-                )
-                .await
-                .map_err(db)?;
+            self.soft_write(
+                "INSERT INTO presence (node_id, replica_id, since) VALUES ($1, $2, now()) \
+                 ON CONFLICT (node_id) DO UPDATE SET replica_id = excluded.replica_id, since = excluded.since",
+                &[&node.0, &replica],
+            )
+            .await
         } else {
-            client
-                .execute("DELETE FROM presence WHERE node_id = $1 AND replica_id = $2", &[&node.0, &replica])
-                .await
-                .map_err(db)?;
+            self.soft_write("DELETE FROM presence WHERE node_id = $1 AND replica_id = $2", &[&node.0, &replica]).await
         }
-        Ok(())
     }
 
     /// Which of `nodes` hold a netmap stream on a live replica.

@@ -235,7 +235,7 @@ impl ControlPlane {
         let tailnet = domain::create_tailnet(&mut tx, spec, keys, actor, self.clock.now()).await?;
         // Among replicas, the one that creates a tailnet runs its gateway first (a lease round evens out).
         if let Some(cluster) = self.cluster.get() {
-            tx.take_gateway_lease(tailnet.id, cluster.id, crate::replica::LEASE_TTL).await;
+            tx.take_gateway_lease(tailnet.id, cluster.id);
         }
         tx.commit().await?;
         if let Some(cluster) = self.cluster.get() {

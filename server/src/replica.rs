@@ -23,10 +23,10 @@ use crate::secret::Secret;
 use crate::store::postgres::PgStore;
 use crate::store::postgres::cluster::Committed;
 
-/// How long a gateway lease lasts without renewal, and how often leases are renewed.
-pub const LEASE_TTL: Duration = Duration::from_secs(3);
+/// How often a replica heartbeats (which renews all its gateway leases) and takes free leases. Others
+/// take its leases once its heartbeat is older than `cluster::ALIVE_WITHIN` (3 s).
 pub const LEASE_ROUND: Duration = Duration::from_secs(1);
-/// A replica that could not renew its leases for this long stops its gateways: another may hold them.
+/// A replica that could not heartbeat for this long stops its gateways: another may hold them soon.
 const LEASE_SAFE: Duration = Duration::from_millis(2500);
 /// How long a notification waits for this replica to publish the commit it announces before the
 /// follower reads it from the database (another replica's).
@@ -519,7 +519,7 @@ async fn round(cp: &Arc<ControlPlane>, renewed: &mut Instant) -> Result<()> {
     let cluster = cp.cluster.get().expect("joined").clone();
     let pg = postgres(cp)?;
     let started = Instant::now();
-    let round = pg.lease_round(cluster.id, LEASE_TTL, true).await?;
+    let round = pg.lease_round(cluster.id).await?;
     *renewed = started;
     cp.webhooks.deliver_here(cp, round.leader == Some(cluster.id)).await;
     for node in round.orphaned_nodes {

@@ -503,12 +503,12 @@ impl Tx {
         write_op!(self, t => t.delete_user(id).await)
     }
 
-    /// Among replicas (PostgreSQL): `replica` takes the lease of the tailnet's gateway for `ttl`, with this
+    /// Among replicas (PostgreSQL): `replica` takes the lease of the tailnet's gateway with this
     /// transaction. The embedded store has one server and no leases.
-    pub async fn take_gateway_lease(&mut self, tailnet: TailnetId, replica: uuid::Uuid, ttl: std::time::Duration) {
+    pub fn take_gateway_lease(&mut self, tailnet: TailnetId, replica: uuid::Uuid) {
         debug_assert!(self.writes, "a lease through a read transaction");
         if let Inner::Postgres(t) = &mut self.inner {
-            t.take_gateway_lease(tailnet, replica, ttl);
+            t.take_gateway_lease(tailnet, replica);
         }
     }
 

@@ -681,12 +681,8 @@ impl PgTx {
         Ok(!rows.is_empty())
     }
 
-    pub fn take_gateway_lease(&mut self, tailnet: TailnetId, replica: uuid::Uuid, ttl: Duration) {
-        self.queue(
-            "INSERT INTO gateway_leases (tailnet_id, replica_id, expires_at) \
-             VALUES ($1, $2, now() + make_interval(secs => $3))",
-            params![tailnet.0, replica, ttl.as_secs_f64()],
-        );
+    pub fn take_gateway_lease(&mut self, tailnet: TailnetId, replica: uuid::Uuid) {
+        self.queue("INSERT INTO gateway_leases (tailnet_id, replica_id) VALUES ($1, $2)", params![tailnet.0, replica]);
     }
 
     pub async fn login_providers(&mut self) -> Result<Vec<crate::model::LoginProvider>> {

@@ -21,11 +21,11 @@ CREATE TABLE replicas (
     stopped_at timestamptz
 );
 
--- Which replica runs each tailnet's gateway, until when.
+-- Which replica runs each tailnet's gateway. A lease holds while its replica heartbeats (one row renews
+-- all of a replica's leases); another replica takes it when that one stops or its heartbeat is stale.
 CREATE TABLE gateway_leases (
     tailnet_id uuid PRIMARY KEY REFERENCES tailnets (id) ON DELETE CASCADE,
-    replica_id uuid NOT NULL,
-    expires_at timestamptz NOT NULL
+    replica_id uuid NOT NULL
 );
 CREATE INDEX gateway_leases_replica ON gateway_leases (replica_id);
 

@@ -174,7 +174,7 @@ impl PgStore {
             .query(
                 "SELECT r.id, r.advertise, r.stun_address, r.started_at, r.heartbeat_at, r.stopped_at, \
                  r.stopped_at IS NULL AND r.heartbeat_at > now() - make_interval(secs => $1), \
-                 (SELECT count(*) FROM gateway_leases l WHERE l.replica_id = r.id AND l.expires_at > now()) \
+                 (SELECT count(*) FROM gateway_leases l WHERE l.replica_id = r.id) \
                  FROM replicas r \
                  WHERE r.heartbeat_at > now() - interval '1 hour' \
                  ORDER BY r.started_at DESC",
@@ -198,15 +198,17 @@ impl PgStore {
             .collect())
     }
 
-    /// One round of a replica's upkeep, in one transaction: its heartbeat, its leases renewed for `ttl`,
-    /// free or expired leases taken up to an even share of all gateways (at most `take`), and the
-    /// presence left by replicas that died handed back.
-    pub async fn lease_round(&self, id: Uuid, ttl: Duration, take: bool) -> Result<LeaseRound> {
+    /// One round of a replica's upkeep, in one transaction: its heartbeat (which keeps all its leases),
+    /// the leases of tailnets nobody holds or whose replica stopped or died taken up to an even share of
+    /// all gateways, and the presence left by replicas that died handed back.
+    pub async fn lease_round(&self, id: Uuid) -> Result<LeaseRound> {
         let mut client = self.pool.get().await.map_err(pool_error)?;
         let tx = client.transaction().await.map_err(db)?;
-        let ttl = secs(ttl);
         let alive = secs(ALIVE_WITHIN);
-        tx.execute("UPDATE replicas SET heartbeat_at = now() WHERE id = $1", &[&id]).await.map_err(db)?;
+        let beat = tx.execute("UPDATE replicas SET heartbeat_at = now() WHERE id = $1", &[&id]).await.map_err(db)?;
+        if beat == 0 {
+            return Err(Error::Unavailable("this replica's registration is gone from the database".into()));
+        }
         let counts = tx
             .query_one(
                 "SELECT (SELECT count(*) FROM tailnets), (SELECT count(*) FROM replicas \
@@ -221,28 +223,26 @@ impl PgStore {
         let (tailnets, replicas) = (counts.get::<_, i64>(0) as usize, (counts.get::<_, i64>(1) as usize).max(1));
         let fair_share = tailnets.div_ceil(replicas);
         let mut held: Vec<TailnetId> = tx
-            .query(
-                "UPDATE gateway_leases SET expires_at = now() + make_interval(secs => $2) WHERE replica_id = $1 \
-                 RETURNING tailnet_id",
-                &[&id, &ttl],
-            )
+            .query("SELECT tailnet_id FROM gateway_leases WHERE replica_id = $1", &[&id])
             .await
             .map_err(db)?
             .iter()
             .map(|r| TailnetId(r.get(0)))
             .collect();
-        if take && held.len() < fair_share {
+        if held.len() < fair_share {
             let want = (fair_share - held.len()) as i64;
             let taken = tx
                 .query(
-                    "INSERT INTO gateway_leases (tailnet_id, replica_id, expires_at) \
-                     SELECT t.id, $1, now() + make_interval(secs => $2) FROM tailnets t \
-                     LEFT JOIN gateway_leases l ON l.tailnet_id = t.id \
-                     WHERE l.tailnet_id IS NULL OR l.expires_at < now() ORDER BY t.id LIMIT $3 \
-                     ON CONFLICT (tailnet_id) DO UPDATE SET replica_id = excluded.replica_id, \
-                     expires_at = excluded.expires_at WHERE gateway_leases.expires_at < now() \
+                    "INSERT INTO gateway_leases (tailnet_id, replica_id) \
+                     SELECT t.id, $1 FROM tailnets t LEFT JOIN gateway_leases l ON l.tailnet_id = t.id \
+                     LEFT JOIN replicas r ON r.id = l.replica_id \
+                     WHERE l.tailnet_id IS NULL OR r.id IS NULL OR r.stopped_at IS NOT NULL \
+                     OR r.heartbeat_at < now() - make_interval(secs => $2) ORDER BY t.id LIMIT $3 \
+                     ON CONFLICT (tailnet_id) DO UPDATE SET replica_id = excluded.replica_id \
+                     WHERE NOT EXISTS (SELECT 1 FROM replicas h WHERE h.id = gateway_leases.replica_id \
+                     AND h.stopped_at IS NULL AND h.heartbeat_at > now() - make_interval(secs => $2)) \
                      RETURNING tailnet_id",
-                    &[&id, &ttl, &want],
+                    &[&id, &alive, &want],
                 )
                 .await
                 .map_err(db)?;

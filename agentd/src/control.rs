@@ -503,3 +503,30 @@ fn publish(f: &Follow, map: NetMap) {
     }
     f.netmap.send_replace(Arc::new(map));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn servers_are_a_comma_separated_list_of_urls_tried_in_turn() {
+        let servers = Servers::new(" http://r1.example:7443 , https://r2.example:7443,", None).unwrap();
+        assert_eq!(servers.first(), "http://r1.example:7443");
+        assert_eq!(servers.index(), 0);
+        servers.rotate();
+        assert_eq!(servers.index(), 1);
+        let copy = servers.clone();
+        servers.rotate();
+        assert_eq!((servers.index(), copy.index()), (0, 1), "each clone keeps its own place");
+        for bad in ["", " , ", "r1.example:7443", "http://ok:1,ftp://r2"] {
+            assert!(matches!(Servers::new(bad, None), Err(Error::BadServerUrl(_))), "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_ip_address_or_localhost_is_dialled_as_given() {
+        for url in ["http://127.0.0.1:7443", "https://[::1]:7443", "http://localhost:7443"] {
+            assert_eq!(targets(url).await, vec![(url.to_string(), None)]);
+        }
+    }
+}

@@ -146,10 +146,6 @@ impl Cluster {
         crate::secret::hash(secret) == self.mesh_secret.hash()
     }
 
-    pub fn holds(&self, tailnet: TailnetId) -> bool {
-        self.held.lock().unwrap().contains(&tailnet)
-    }
-
     /// Notes a lease taken outside a round (a tailnet created through this replica).
     pub fn held(&self, tailnet: TailnetId) {
         self.held.lock().unwrap().insert(tailnet);
@@ -196,11 +192,6 @@ impl Cluster {
             data,
         };
         link.try_send(frame).is_ok()
-    }
-
-    /// Forgets where `to` was: its stream moved (a frame for it arrived here and found no stream).
-    pub fn forget_home(&self, tailnet: TailnetId, key: Key) {
-        self.homes.lock().unwrap().remove(&(tailnet, key));
     }
 
     fn link(&self, cp: &ControlPlane, replica: Uuid, url: &str) -> mpsc::Sender<pb::MeshFrame> {

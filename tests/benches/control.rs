@@ -6,13 +6,12 @@
 //! round trip (the health check), a raw sled insert + flush, a raw PostgreSQL one-row commit. The sled
 //! figures are then compared with `tests/benches/control.baseline`.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use cordon_server::store::StoreUrl;
 use cordon_tests::bench::{Better, Figures, Stats, ms, stats};
 use cordon_tests::v1 as pb;
 use cordon_tests::*;
-use tokio::sync::mpsc;
 
 /// What one engine measured.
 struct Run {
@@ -242,56 +241,12 @@ async fn measure(engine: &'static str, server: &TestServer, commit: Stats, quick
     }
 }
 
-/// One tailnet with `n` nodes each holding a netmap stream; `rounds` more registrations, each timed
-/// until the last watcher has it.
+/// One tailnet with `n` nodes each holding a netmap stream over one of 8 connections; `rounds` more
+/// registrations, each timed until the last watcher has it.
 async fn fan_out_to(server: &TestServer, admin: &mut Admin, n: usize, rounds: usize) -> Stats {
-    let tailnet = create_tailnet(admin, &format!("fan{n}")).await;
-    let (_, secret) = create_key(admin, &tailnet.id, true, false).await;
-    let channels = {
-        let mut v = Vec::new();
-        for _ in 0..8 {
-            v.push(server.channel().await);
-        }
-        v
-    };
-    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<(String, Instant)>();
-    let mut ready = Vec::new();
-    for i in 0..n {
-        let mut nodes = pb::node_client::NodeClient::new(channels[i % channels.len()].clone());
-        let r = register(&mut nodes, &secret, &format!("n{i}")).await;
-        let mut stream = watch(&mut nodes, &r.session_token).await;
-        next_netmap(&mut stream).await;
-        let seen_tx = seen_tx.clone();
-        ready.push(tokio::spawn(async move {
-            while let Ok(Some(m)) = stream.message().await {
-                let at = Instant::now();
-                if let Some(pb::net_map::Update::Delta(d)) = m.update {
-                    for p in d.peers_added {
-                        let _ = seen_tx.send((p.hostname, at));
-                    }
-                }
-            }
-        }));
+    let mut channels = Vec::new();
+    for _ in 0..8 {
+        channels.push(server.channel().await);
     }
-    // Joins made while the watchers were being set up may still be queued; they are told apart by name.
-    let mut samples = Vec::new();
-    let mut nodes = pb::node_client::NodeClient::new(channels[0].clone());
-    for round in 0..rounds {
-        let hostname = format!("late{round}");
-        let start = Instant::now();
-        register(&mut nodes, &secret, &hostname).await;
-        let mut got = 0;
-        while got < n {
-            let (h, at) = tokio::time::timeout(Duration::from_secs(60), seen_rx.recv()).await.unwrap().unwrap();
-            if h == hostname {
-                samples.push(at - start);
-                got += 1;
-            }
-        }
-    }
-    admin.delete_tailnet(pb::DeleteTailnetRequest { id: tailnet.id, reason: String::new() }).await.unwrap();
-    for t in ready {
-        let _ = t.await;
-    }
-    stats(samples)
+    cordon_tests::bench::fan_out(admin, &channels, n, rounds).await
 }

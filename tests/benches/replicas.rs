@@ -8,12 +8,10 @@
 
 use std::time::{Duration, Instant};
 
-use cordon_server::store::StoreUrl;
-use cordon_tests::bench::{Stats, ms, stats};
+use cordon_tests::bench::{Stats, ms};
 use cordon_tests::v1 as pb;
 use cordon_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
@@ -21,8 +19,8 @@ async fn main() {
     println!("Cordon replicas benchmark ({} cores)", std::thread::available_parallelism().map_or(1, |n| n.get()));
     let (watchers, rounds, registrations) = if quick { (300, 5, 200) } else { (1000, 10, 600) };
 
-    let Some(single) = servers(1, "replicas_bench_one").await else { return };
-    let Some(three) = servers(3, "replicas_bench_three").await else { return };
+    let Some(single) = replicas(1, "replicas_bench_one").await else { return };
+    let Some(three) = replicas(3, "replicas_bench_three").await else { return };
     println!("measuring fan-out to {watchers} watchers ...");
     let one_fan = fan_out(&single, watchers, rounds).await;
     let three_fan = fan_out(&three, watchers, rounds).await;
@@ -72,24 +70,6 @@ async fn main() {
     println!("goals: cross-replica fan-out p99 < 100 ms: {}", goal(three_fan.p99 < Duration::from_millis(100)));
     println!("       nodes back within 2 s: {}", goal(nodes_back < Duration::from_secs(2)));
     println!("       gateways back within 5 s: {}", goal(gateways_back < Duration::from_secs(5)));
-}
-
-/// `n` in-process servers over one new database (no STUN: nodes that advertise an unreachable endpoint
-/// only meet through the relay).
-async fn servers(n: usize, name: &str) -> Option<Vec<TestServer>> {
-    let db = pg::database(name).await?;
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let db = db.clone();
-        out.push(
-            TestServer::start_configured(move |c| {
-                c.store = Some(StoreUrl::Postgres(db));
-                c.stun_listen = None;
-            })
-            .await,
-        );
-    }
-    Some(out)
 }
 
 /// Gbit/s of one TCP stream from a node on `from` to a node on `to`, through the relay only.
@@ -143,53 +123,13 @@ async fn relay_throughput(from: &TestServer, to: &TestServer, mib: usize) -> f64
 /// last watcher has it.
 async fn fan_out(servers: &[TestServer], n: usize, rounds: usize) -> Stats {
     let mut admin = servers[0].admin().await;
-    let tailnet = create_tailnet(&mut admin, "fan").await;
-    let (_, secret) = create_key(&mut admin, &tailnet.id, true, false).await;
     let mut channels = Vec::new();
     for s in servers {
         for _ in 0..4 {
             channels.push(s.channel().await);
         }
     }
-    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<(String, Instant)>();
-    let mut tasks = Vec::new();
-    for i in 0..n {
-        let mut nodes = pb::node_client::NodeClient::new(channels[i % channels.len()].clone());
-        let r = register(&mut nodes, &secret, &format!("n{i}")).await;
-        let mut stream = watch(&mut nodes, &r.session_token).await;
-        next_netmap(&mut stream).await;
-        let seen_tx = seen_tx.clone();
-        tasks.push(tokio::spawn(async move {
-            while let Ok(Some(m)) = stream.message().await {
-                let at = Instant::now();
-                if let Some(pb::net_map::Update::Delta(d)) = m.update {
-                    for p in d.peers_added {
-                        let _ = seen_tx.send((p.hostname, at));
-                    }
-                }
-            }
-        }));
-    }
-    let mut samples = Vec::new();
-    let mut nodes = pb::node_client::NodeClient::new(channels[0].clone());
-    for round in 0..rounds {
-        let hostname = format!("late{round}");
-        let start = Instant::now();
-        register(&mut nodes, &secret, &hostname).await;
-        let mut got = 0;
-        while got < n {
-            let (h, at) = tokio::time::timeout(Duration::from_secs(60), seen_rx.recv()).await.unwrap().unwrap();
-            if h == hostname {
-                samples.push(at - start);
-                got += 1;
-            }
-        }
-    }
-    admin.delete_tailnet(pb::DeleteTailnetRequest { id: tailnet.id, reason: String::new() }).await.unwrap();
-    for t in tasks {
-        let _ = t.await;
-    }
-    stats(samples)
+    cordon_tests::bench::fan_out(&mut admin, &channels, n, rounds).await
 }
 
 /// Registrations per second by 16 callers, each through the replicas in turn, into one tailnet.

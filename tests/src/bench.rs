@@ -116,6 +116,60 @@ fn parse_baseline(text: &str) -> Vec<(String, f64)> {
         .collect()
 }
 
+/// One tailnet with `n` nodes, each holding a netmap stream over one of `channels` (round robin: several
+/// connections, or several replicas); `rounds` more registrations through the first channel, each timed
+/// until the last watcher has the new peer.
+pub async fn fan_out(
+    admin: &mut crate::Admin,
+    channels: &[tonic::transport::Channel],
+    n: usize,
+    rounds: usize,
+) -> Stats {
+    use crate::v1 as pb;
+    let tailnet = crate::create_tailnet(admin, &format!("fan{n}")).await;
+    let (_, secret) = crate::create_key(admin, &tailnet.id, true, false).await;
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<(String, std::time::Instant)>();
+    let mut ready = Vec::new();
+    for i in 0..n {
+        let mut nodes = pb::node_client::NodeClient::new(channels[i % channels.len()].clone());
+        let r = crate::register(&mut nodes, &secret, &format!("n{i}")).await;
+        let mut stream = crate::watch(&mut nodes, &r.session_token).await;
+        crate::next_netmap(&mut stream).await;
+        let seen_tx = seen_tx.clone();
+        ready.push(tokio::spawn(async move {
+            while let Ok(Some(m)) = stream.message().await {
+                let at = std::time::Instant::now();
+                if let Some(pb::net_map::Update::Delta(d)) = m.update {
+                    for p in d.peers_added {
+                        let _ = seen_tx.send((p.hostname, at));
+                    }
+                }
+            }
+        }));
+    }
+    // Joins made while the watchers were being set up may still be queued; they are told apart by name.
+    let mut samples = Vec::new();
+    let mut nodes = pb::node_client::NodeClient::new(channels[0].clone());
+    for round in 0..rounds {
+        let hostname = format!("late{round}");
+        let start = std::time::Instant::now();
+        crate::register(&mut nodes, &secret, &hostname).await;
+        let mut got = 0;
+        while got < n {
+            let (h, at) = tokio::time::timeout(Duration::from_secs(60), seen_rx.recv()).await.unwrap().unwrap();
+            if h == hostname {
+                samples.push(at - start);
+                got += 1;
+            }
+        }
+    }
+    admin.delete_tailnet(pb::DeleteTailnetRequest { id: tailnet.id, reason: String::new() }).await.unwrap();
+    for t in ready {
+        let _ = t.await;
+    }
+    stats(samples)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -422,6 +422,31 @@ pub async fn forward(node: Arc<agentd::Node>, host: &str, port: u16) -> SocketAd
     addr
 }
 
+/// `n` servers in this process over one new PostgreSQL database (replicas of one deployment), without
+/// STUN, so that nodes advertising an unreachable endpoint meet only through the relay. `None` after a
+/// skip when PostgreSQL is missing.
+pub async fn replicas(n: usize, test: &str) -> Option<Vec<TestServer>> {
+    let db = pg::database(test).await?;
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let db = db.clone();
+        out.push(
+            TestServer::start_configured(move |c| {
+                c.store = Some(StoreUrl::Postgres(db));
+                c.stun_listen = None;
+            })
+            .await,
+        );
+    }
+    Some(out)
+}
+
+/// The first thousand audit events of a tailnet.
+pub async fn tailnet_events(admin: &mut Admin, tailnet: &str) -> Vec<pb::Event> {
+    let request = pb::ListAuditEventsRequest { tailnet_id: tailnet.into(), page_size: 1000, ..Default::default() };
+    admin.list_audit_events(request).await.expect("list audit events").into_inner().events
+}
+
 /// Which engine test servers use: `CORDON_TEST_STORE=postgres` runs them on PostgreSQL, otherwise on
 /// sled in their data directory.
 pub const STORE_VAR: &str = "CORDON_TEST_STORE";

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use cordon_tests::idp::{CLIENT_ID, CLIENT_SECRET, Idp, Person};
 use cordon_tests::llm::{self, FakeLlm};
-use cordon_tests::{TestServer, v1 as pb};
+use cordon_tests::{TestServer, tailnet_events, v1 as pb};
 use http_body_util::{BodyExt, Full};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
@@ -210,16 +210,7 @@ async fn the_console_shows_runs_requests_and_spend_and_guards_its_actions() {
     ] {
         assert!(said.lines().any(|l| l.starts_with(&format!("ok {check}"))), "{said}");
     }
-    let events = admin
-        .list_audit_events(pb::ListAuditEventsRequest {
-            tailnet_id: tailnet.id.clone(),
-            page_size: 1000,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events;
+    let events = tailnet_events(&mut admin, &tailnet.id).await;
     let left = events.iter().find(|e| e.kind() == pb::EventKind::NodeLeft).expect("the operator's delete is audited");
     assert_eq!((left.actor.as_str(), left.reason.as_str()), ("token:ops", "decommissioned laptop"));
 

@@ -7,31 +7,12 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cordon_server::store::StoreUrl;
 use cordon_tests::v1 as pb;
 use cordon_tests::*;
 use sha2::Digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-
-/// `n` servers in this process over one new database, without STUN (so that only the relay joins
-/// nodes that advertise unreachable endpoints). `None` after a skip when PostgreSQL is missing.
-async fn replicas(n: usize, test: &str) -> Option<Vec<TestServer>> {
-    let db = pg::database(test).await?;
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let db = db.clone();
-        out.push(
-            TestServer::start_configured(move |c| {
-                c.store = Some(StoreUrl::Postgres(db));
-                c.stun_listen = None;
-            })
-            .await,
-        );
-    }
-    Some(out)
-}
 
 /// The next message of a netmap stream that is not a full map (skipping nothing else).
 async fn next_change(stream: &mut NetMapStream, revision: &mut u64) -> pb::net_map::Update {
@@ -425,16 +406,7 @@ async fn killing_a_replica_moves_its_nodes_and_its_gateway_to_the_others() {
     let hosts: u32 = replicas.iter().filter(|x| x.alive).map(|x| x.gateways).sum();
     assert_eq!(hosts, 1, "one live replica runs the gateway: {replicas:?}");
     // Nothing acknowledged is lost: the request answered before the kill is in the audit log.
-    let events = admin2
-        .list_audit_events(pb::ListAuditEventsRequest {
-            tailnet_id: tailnet.id.clone(),
-            page_size: 1000,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events;
+    let events = tailnet_events(&mut admin2, &tailnet.id).await;
     let answered = events
         .iter()
         .filter_map(|e| e.gateway.as_ref())

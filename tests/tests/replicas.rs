@@ -406,13 +406,24 @@ async fn killing_a_replica_moves_its_nodes_and_its_gateway_to_the_others() {
     let hosts: u32 = replicas.iter().filter(|x| x.alive).map(|x| x.gateways).sum();
     assert_eq!(hosts, 1, "one live replica runs the gateway: {replicas:?}");
     // Nothing acknowledged is lost: the request answered before the kill is in the audit log.
-    let events = tailnet_events(&mut admin2, &tailnet.id).await;
-    let answered = events
-        .iter()
-        .filter_map(|e| e.gateway.as_ref())
-        .filter(|g| g.status == 200 && g.api == "chat.completions")
-        .count();
-    assert_eq!(answered, 3, "the request before the kill and the two after it");
+    // (Replica 2 lists what it has published; the gateway's replica committed the last one a moment ago.)
+    let answered = |events: &[pb::Event]| {
+        events
+            .iter()
+            .filter_map(|e| e.gateway.as_ref())
+            .filter(|g| g.status == 200 && g.api == "chat.completions")
+            .count()
+    };
+    let events = eventually(Duration::from_secs(10), "three answered requests in the audit log", || {
+        let mut admin2 = admin2.clone();
+        let tailnet = tailnet.id.clone();
+        async move {
+            let events = tailnet_events(&mut admin2, &tailnet).await;
+            (answered(&events) >= 3).then_some(events)
+        }
+    })
+    .await;
+    assert_eq!(answered(&events), 3, "the request before the kill and the two after it");
 
     // SIGTERM to the replica that runs the gateway now: it hands the lease over before it exits, and the
     // gateway answers from the last one (agentd follows it there too).

@@ -232,7 +232,11 @@ impl Publisher {
         for c in changes.into_iter().filter(|c| c.revision() > published) {
             waiting.insert(c.revision(), c);
         }
-        let mut next = published + 1;
+        self.drain(&mut waiting, published + 1);
+    }
+
+    /// Publishes the waiting changes from revision `next` on, as long as none is missing.
+    fn drain(&self, waiting: &mut BTreeMap<u64, Change>, mut next: u64) {
         while let Some(change) = waiting.remove(&next) {
             self.hub.publish(change);
             next += 1;
@@ -370,11 +374,7 @@ impl Store {
         let mut waiting = self.publisher.waiting.lock().unwrap();
         waiting.retain(|r, _| *r > revision);
         self.publisher.hub.resync(revision);
-        let mut next = revision + 1;
-        while let Some(change) = waiting.remove(&next) {
-            self.publisher.hub.publish(change);
-            next += 1;
-        }
+        self.publisher.drain(&mut waiting, revision + 1);
     }
 
     /// Completes when a commit waits for revisions this replica has not published yet.

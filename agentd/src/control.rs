@@ -13,6 +13,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::dataplane::Command;
 use crate::error::Error;
 use crate::netmap::NetMap;
+use crate::wg::PeerConfig;
 
 pub type Client = NodeClient<Channel>;
 /// The netmap messages of one session: from the server's `WatchNetMap`, or fed in-process (the gateway).
@@ -489,8 +490,31 @@ pub fn server_host(server: &str) -> String {
     }
 }
 
+/// Peer endpoints with an unspecified address (`0.0.0.0:port`) mean "the server's host": a server that
+/// does not know which of its addresses nodes reach puts its gateway's UDP port so. They are given the
+/// host the node reaches the server at, or dropped when it does not resolve.
+pub fn server_endpoints(mut peers: Vec<PeerConfig>, server_host: &str) -> Vec<PeerConfig> {
+    let mut server = None;
+    for peer in &mut peers {
+        if !peer.endpoints.iter().any(|e| e.ip().is_unspecified()) {
+            continue;
+        }
+        let ip = *server.get_or_insert_with(|| resolve_stun(&format!("{server_host}:0"), server_host).map(|a| a.ip()));
+        peer.endpoints = peer
+            .endpoints
+            .iter()
+            .filter_map(|e| match (e.ip().is_unspecified(), ip) {
+                (false, _) => Some(*e),
+                (true, Some(ip)) => Some(std::net::SocketAddr::new(ip, e.port())),
+                (true, None) => None,
+            })
+            .collect();
+    }
+    peers
+}
+
 fn publish(f: &Follow, map: NetMap) {
-    let _ = f.commands.send(Command::SetPeers(map.peer_configs()));
+    let _ = f.commands.send(Command::SetPeers(server_endpoints(map.peer_configs(), &f.server_host)));
     {
         let current = f.netmap.borrow();
         if current.stun != map.stun || current.relay != map.relay {
@@ -521,6 +545,22 @@ mod tests {
         for bad in ["", " , ", "r1.example:7443", "http://ok:1,ftp://r2"] {
             assert!(matches!(Servers::new(bad, None), Err(Error::BadServerUrl(_))), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn an_unspecified_endpoint_means_the_servers_host() {
+        let peer = |endpoints: &[&str]| PeerConfig {
+            key: [1; 32],
+            addresses: vec![],
+            endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
+            persistent_keepalive: None,
+        };
+        let peers = vec![peer(&["0.0.0.0:3478", "192.0.2.7:3478"]), peer(&["198.51.100.1:41641"])];
+        let resolved = server_endpoints(peers.clone(), "203.0.113.5");
+        assert_eq!(resolved[0].endpoints, peer(&["203.0.113.5:3478", "192.0.2.7:3478"]).endpoints);
+        assert_eq!(resolved[1], peers[1], "a peer without one is left as it is");
+        // A hosted node knows no server host: the endpoint is dropped rather than dialled at 0.0.0.0.
+        assert_eq!(server_endpoints(peers.clone(), "")[0].endpoints, peer(&["192.0.2.7:3478"]).endpoints);
     }
 
     #[tokio::test]

@@ -14,7 +14,7 @@ use crate::filter::PacketFilter;
 use crate::stack::Stack;
 use crate::tun::Tun;
 use crate::udp::Udp;
-use crate::wg::{Drops, Engine, Event, Key, PeerConfig, PeerStats, Route};
+use crate::wg::{Drops, Engine, Event, Key, PeerConfig, PeerStats, Route, SharedIndices};
 
 /// How many batched reads one wakeup makes before the stack runs.
 const RECV_ROUNDS: usize = 8;
@@ -54,26 +54,56 @@ pub struct Links {
     pub reflexive: watch::Sender<Option<SocketAddr>>,
 }
 
+/// Where the node's direct WireGuard datagrams go.
+pub enum Socket {
+    /// A UDP socket of its own (an agentd).
+    Own(UdpSocket),
+    /// A socket it shares with other nodes of its host process (a server's gateways).
+    Shared(SharedSocket),
+    /// None: everything travels through the relay links.
+    RelayOnly,
+}
+
+/// A UDP socket shared by several nodes of one process: each sends on it directly, and the host hands
+/// each the datagrams meant for it (by receiver index and handshake MAC1; see [`SharedIndices`]).
+pub struct SharedSocket {
+    pub socket: Arc<UdpSocket>,
+    /// Datagrams for this node and where they came from.
+    pub inbound: mpsc::Receiver<(SocketAddr, Vec<u8>)>,
+    /// The receiver indices of every node on the socket, and this node's number among them.
+    pub indices: Arc<SharedIndices>,
+    pub owner: u64,
+}
+
 /// How often the node asks the STUN reflector where it is (NAT mappings expire).
 const STUN_INTERVAL: Duration = Duration::from_secs(20);
 
-/// Runs until `shutdown` turns true. Without a socket (a node hosted in the server) every packet
-/// travels through the relay links.
+/// Runs until `shutdown` turns true. Without a socket every packet travels through the relay links.
 pub async fn run(
-    socket: Option<UdpSocket>,
+    socket: Socket,
     mut engine: Engine,
     local: Local,
     mut commands: mpsc::UnboundedReceiver<Command>,
     mut links: Links,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut udp = match socket.map(Udp::new).transpose() {
+    let (own, shared) = match socket {
+        Socket::Own(socket) => (Some(socket), None),
+        Socket::Shared(shared) => (None, Some(shared)),
+        Socket::RelayOnly => (None, None),
+    };
+    let mut udp = match own.map(Udp::new).transpose() {
         Ok(u) => u,
         Err(e) => {
             tracing::error!(error = %e, "cannot set up the UDP socket");
             return;
         }
     };
+    let (shared_out, mut shared_in) = match shared {
+        Some(s) => (Some(s.socket), Some(s.inbound)),
+        None => (None, None),
+    };
+    let relay_only = udp.is_none() && shared_out.is_none();
     let (stack, mut tun) = match local {
         Local::Stack(stack) => (Some(stack), None),
         Local::Tun(tun) => (None, Some(tun)),
@@ -109,6 +139,12 @@ pub async fn run(
                 udp.send_one(server, &crate::stun::request(transaction)).await;
                 next_stun = now + STUN_INTERVAL;
             }
+        } else if let Some(socket) = &shared_out {
+            for (dst, payload) in direct.drain(..) {
+                if let Err(e) = socket.send_to(&payload, dst).await {
+                    tracing::trace!(%dst, error = %e, "send failed");
+                }
+            }
         } else {
             direct.clear();
         }
@@ -124,7 +160,7 @@ pub async fn run(
             biased;
             _ = crate::stopped(&mut shutdown) => return,
             command = commands.recv() => match command {
-                Some(Command::SetPeers(peers)) if udp.is_none() => engine.set_peers(relay_only(peers)),
+                Some(Command::SetPeers(peers)) if relay_only => engine.set_peers(self::relay_only(peers)),
                 Some(Command::SetPeers(peers)) => engine.set_peers(peers),
                 Some(Command::SetFilter(filter)) => engine.set_filter(filter),
                 Some(Command::SetPaths { stun: server, relay }) => {
@@ -157,6 +193,16 @@ pub async fn run(
                     });
                     if got == 0 {
                         break;
+                    }
+                }
+                deliver(stack.as_deref(), tun.as_mut(), &mut engine).await;
+            }
+            Some((from, datagram)) = recv_shared(shared_in.as_mut()) => {
+                let now = Instant::now().into_std();
+                engine.receive(from, &datagram, now);
+                if let Some(inbound) = shared_in.as_mut() {
+                    while let Ok((from, datagram)) = inbound.try_recv() {
+                        engine.receive(from, &datagram, now);
                     }
                 }
                 deliver(stack.as_deref(), tun.as_mut(), &mut engine).await;
@@ -205,6 +251,14 @@ pub fn relay_only(mut peers: Vec<PeerConfig>) -> Vec<PeerConfig> {
 async fn readable(udp: Option<&mut Udp>) -> Option<&mut Udp> {
     match udp {
         Some(u) => u.readable().await.ok().map(|()| u),
+        None => std::future::pending().await,
+    }
+}
+
+/// The next datagram the host hands over on a shared socket; never without one.
+async fn recv_shared(inbound: Option<&mut mpsc::Receiver<(SocketAddr, Vec<u8>)>>) -> Option<(SocketAddr, Vec<u8>)> {
+    match inbound {
+        Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
 }

@@ -151,6 +151,9 @@ pub struct Hosted {
     pub relay_out: mpsc::Sender<(Key, Vec<u8>)>,
     /// Datagrams for the node, by sender key.
     pub relay_in: mpsc::Receiver<(Key, Vec<u8>)>,
+    /// A UDP socket shared with the host's other nodes, for direct paths; without one the node is
+    /// reachable through the relay only.
+    pub socket: Option<dataplane::SharedSocket>,
     pub stack: StackConfig,
 }
 
@@ -165,7 +168,7 @@ struct Parts {
     secret: StaticSecret,
     netmap: NetMap,
     stream: control::NetMapStream,
-    socket: Option<UdpSocket>,
+    socket: dataplane::Socket,
     local: Local,
     links: dataplane::Links,
     server_host: String,
@@ -233,7 +236,8 @@ impl Node {
         let (relay_in_tx, relay_in) = mpsc::channel(4096);
         let (reflexive, reflexive_rx) = watch::channel(None);
         let links = dataplane::Links { relay_out, relay_in, reflexive };
-        let parts = Parts { secret, netmap, stream, socket: Some(socket), local, links, server_host, endpoint };
+        let socket = dataplane::Socket::Own(socket);
+        let parts = Parts { secret, netmap, stream, socket, local, links, server_host, endpoint };
         let node = Node::launch(session, Some(servers.clone()), Some(state), parts);
         let shutdown_rx = node.shutdown.subscribe();
         let link = control::RelayLink {
@@ -260,11 +264,12 @@ impl Node {
         Ok(node)
     }
 
-    /// A node that a host process runs itself (the server runs each tailnet's gateway this way): no UDP
-    /// socket, no connection to a server. The host feeds the netmap and carries every WireGuard datagram
-    /// over the relay links. The node ends when its netmap feed ends.
+    /// A node that a host process runs itself (the server runs each tailnet's gateway this way): no
+    /// connection to a server, and at most a UDP socket shared with the host's other nodes. The host
+    /// feeds the netmap and carries the relayed WireGuard datagrams over the relay links. The node ends
+    /// when its netmap feed ends.
     pub async fn hosted(hosted: Hosted) -> Result<Node, Error> {
-        let Hosted { secret, node_id, mut netmap, relay_out, relay_in, stack } = hosted;
+        let Hosted { secret, node_id, mut netmap, relay_out, relay_in, socket, stack } = hosted;
         let first = control::first_netmap(&mut netmap).await?;
         let local = Local::Stack(Stack::new(first.address(), first.prefix, first.address6(), stack));
         let (reflexive, _) = watch::channel(None);
@@ -273,7 +278,7 @@ impl Node {
             secret: StaticSecret::from(secret),
             netmap: first,
             stream: netmap,
-            socket: None,
+            socket: socket.map_or(dataplane::Socket::RelayOnly, dataplane::Socket::Shared),
             local,
             links,
             server_host: String::new(),
@@ -288,10 +293,13 @@ impl Node {
         let Parts { secret, netmap, stream, socket, local, links, server_host, endpoint } = parts;
         let mut engine = Engine::new(secret);
         engine.set_relay(netmap.relay);
-        engine.set_peers(if socket.is_some() {
-            netmap.peer_configs()
-        } else {
-            dataplane::relay_only(netmap.peer_configs())
+        if let dataplane::Socket::Shared(shared) = &socket {
+            engine.share_indices(shared.indices.clone(), shared.owner);
+        }
+        let peers = control::server_endpoints(netmap.peer_configs(), &server_host);
+        engine.set_peers(match &socket {
+            dataplane::Socket::RelayOnly => dataplane::relay_only(peers),
+            _ => peers,
         });
         engine.set_filter(netmap.filter.clone());
         let stun = control::resolve_stun(&netmap.stun, &server_host);

@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use boringtun::noise::errors::WireGuardError;
@@ -180,8 +180,93 @@ struct Peer {
     sent: Traffic,
 }
 
+/// Receiver indices shared by the engines behind one UDP socket (a server's gateways): every index is
+/// unique across them, so a datagram's receiver index names the engine it is for. Each engine is an
+/// owner, numbered by the host.
+#[derive(Default)]
+pub struct SharedIndices {
+    inner: Mutex<IndexTable>,
+}
+
+#[derive(Default)]
+struct IndexTable {
+    next: u32,
+    owners: HashMap<u32, u64>,
+}
+
+impl SharedIndices {
+    /// The engine a WireGuard receiver index belongs to (boringtun's index is ours shifted left by 8).
+    pub fn owner(&self, receiver_idx: u32) -> Option<u64> {
+        self.inner.lock().unwrap().owners.get(&(receiver_idx >> 8)).copied()
+    }
+
+    /// How many indices are taken (one per peer of every engine).
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap().owners.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn allocate(&self, owner: u64) -> u32 {
+        let mut table = self.inner.lock().unwrap();
+        loop {
+            let index = table.next.max(1);
+            table.next = if index >= (1 << 24) - 1 { 1 } else { index + 1 };
+            if let std::collections::hash_map::Entry::Vacant(v) = table.owners.entry(index) {
+                v.insert(owner);
+                return index;
+            }
+        }
+    }
+
+    fn release(&self, indices: impl IntoIterator<Item = u32>) {
+        let mut table = self.inner.lock().unwrap();
+        for index in indices {
+            table.owners.remove(&index);
+        }
+    }
+}
+
+/// Whether a handshake initiation is addressed to `mac1_key`'s owner: its MAC1 is keyed with
+/// HASH("mac1----" ‖ responder's public key), so a socket shared by several engines can tell whose it
+/// is without any private key. `mac1_key` comes from [`mac1_key`].
+pub fn initiation_is_for(datagram: &[u8], mac1_key: &[u8; 32]) -> bool {
+    use blake2::digest::{FixedOutput, Mac};
+    const MAC1_AT: usize = 116;
+    if datagram.len() != 148 || message_type(datagram) != HANDSHAKE_INIT {
+        return false;
+    }
+    let mut mac = blake2::Blake2sMac::<blake2::digest::consts::U16>::new_from_slice(mac1_key).expect("32-byte key");
+    mac.update(&datagram[..MAC1_AT]);
+    mac.finalize_fixed().as_slice() == &datagram[MAC1_AT..MAC1_AT + 16]
+}
+
+/// The key that MAC1 of initiations to `public` is computed with.
+pub fn mac1_key(public: &Key) -> [u8; 32] {
+    use blake2::Digest;
+    let mut hash = blake2::Blake2s256::new();
+    hash.update(b"mac1----");
+    hash.update(public);
+    hash.finalize().into()
+}
+
+/// The receiver index of a handshake response, cookie reply or data message (`None` for anything
+/// else): what routes it to its engine and peer.
+pub fn receiver_index(datagram: &[u8]) -> Option<u32> {
+    match message_type(datagram) {
+        2..=4 if datagram.len() >= 8 && datagram[1..4] == [0, 0, 0] => {
+            Some(u32::from_le_bytes(datagram[4..8].try_into().expect("four bytes")))
+        }
+        _ => None,
+    }
+}
+
 pub struct Engine {
     secret: StaticSecret,
+    /// Indices from a space shared with other engines behind one socket, as this owner.
+    shared: Option<(Arc<SharedIndices>, u64)>,
     public: PublicKey,
     rate_limiter: Arc<RateLimiter>,
     rate_reset_at: Option<Instant>,
@@ -204,6 +289,14 @@ pub struct Engine {
     now_hint: Instant,
 }
 
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Some((space, _)) = &self.shared {
+            space.release(self.by_index.keys().copied());
+        }
+    }
+}
+
 fn message_type(datagram: &[u8]) -> u8 {
     datagram.first().copied().unwrap_or(0)
 }
@@ -221,6 +314,7 @@ impl Engine {
             secret,
             public,
             rate_reset_at: None,
+            shared: None,
             peers: HashMap::new(),
             by_index: HashMap::new(),
             by_address: HashMap::new(),
@@ -236,6 +330,13 @@ impl Engine {
             relay: false,
             now_hint: Instant::now(),
         }
+    }
+
+    /// Takes receiver indices from `space` as `owner` (before any peer is set): several engines then
+    /// share one socket. The indices go back when peers go or the engine is dropped.
+    pub fn share_indices(&mut self, space: Arc<SharedIndices>, owner: u64) {
+        debug_assert!(self.peers.is_empty(), "indices are chosen when peers are added");
+        self.shared = Some((space, owner));
     }
 
     /// Whether datagrams may go through the server's relay when no direct path works.
@@ -299,13 +400,27 @@ impl Engine {
         for key in gone {
             if let Some(peer) = self.peers.remove(&key) {
                 self.by_index.remove(&peer.index);
+                if let Some((space, _)) = &self.shared {
+                    space.release([peer.index]);
+                }
                 // What went to it stays counted.
                 self.traffic.add_sent(&peer.sent);
             }
         }
         for (key, config) in wanted {
             match self.peers.get_mut(&key) {
-                Some(peer) => peer.config = config,
+                Some(peer) => {
+                    // The peer stopped advertising the address we reached it at (a server's gateway moved
+                    // to another replica): that path is gone; the relay carries on until a new one answers.
+                    if let Some(direct) = peer.direct
+                        && peer.config.endpoints.contains(&direct)
+                        && !config.endpoints.contains(&direct)
+                    {
+                        peer.direct = None;
+                        peer.direct_rx = None;
+                    }
+                    peer.config = config;
+                }
                 None => {
                     let index = self.allocate_index();
                     let tunn = Tunn::new(
@@ -327,8 +442,11 @@ impl Engine {
             self.peers.iter().flat_map(|(k, p)| p.config.addresses.iter().map(move |a| (*a, *k))).collect();
     }
 
-    /// Indices are unique per engine and below 2^24 (boringtun shifts them left by 8).
+    /// Indices are unique per engine (or per shared space) and below 2^24 (boringtun shifts them left by 8).
     fn allocate_index(&mut self) -> u32 {
+        if let Some((space, owner)) = &self.shared {
+            return space.allocate(*owner);
+        }
         loop {
             let index = self.next_index;
             self.next_index = if self.next_index >= (1 << 24) - 1 { 1 } else { self.next_index + 1 };
@@ -1084,6 +1202,93 @@ mod tests {
         p.b.receive(endpoint(7), &init.payload, p.now);
         assert!(p.b.poll_transmit().is_none());
         assert_eq!(p.b.drops().unknown_peer, 1);
+    }
+
+    #[test]
+    fn engines_sharing_a_socket_are_told_apart_by_mac1_and_receiver_index() {
+        const G1: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
+        const G2: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
+        let shared_socket = endpoint(9);
+        let space = Arc::new(SharedIndices::default());
+        let mut client = Engine::new(StaticSecret::from([3u8; 32]));
+        let mut gateways: Vec<Engine> = (0..2u8).map(|i| Engine::new(StaticSecret::from([4 + i; 32]))).collect();
+        for (owner, g) in gateways.iter_mut().enumerate() {
+            g.share_indices(space.clone(), owner as u64);
+            g.set_peers(vec![PeerConfig {
+                key: client.public_key(),
+                addresses: vec![A_ADDR.into()],
+                endpoints: vec![endpoint(1)],
+                persistent_keepalive: None,
+            }]);
+        }
+        let peer = |g: &Engine, address: Ipv4Addr| PeerConfig {
+            key: g.public_key(),
+            addresses: vec![address.into()],
+            endpoints: vec![shared_socket],
+            persistent_keepalive: None,
+        };
+        client.set_peers(vec![peer(&gateways[0], G1), peer(&gateways[1], G2)]);
+        assert_eq!(space.len(), 2, "one index per gateway peer, from one space");
+        let keys: Vec<[u8; 32]> = gateways.iter().map(|g| mac1_key(&g.public_key())).collect();
+        let now = Instant::now();
+        client.send(&packet(A_ADDR, G1, b"to one"), now);
+        client.send(&packet(A_ADDR, G2, b"to two"), now);
+        let mut routed = [0usize; 2];
+        loop {
+            let mut any = false;
+            while let Some(t) = client.poll_transmit() {
+                assert_eq!(t.dst, Route::Direct(shared_socket));
+                // What the host of the shared socket does: initiations by MAC1, the rest by index.
+                let owner = match receiver_index(&t.payload) {
+                    Some(index) => space.owner(index).expect("an index of the space") as usize,
+                    None => {
+                        let matching: Vec<usize> =
+                            (0..2).filter(|i| initiation_is_for(&t.payload, &keys[*i])).collect();
+                        assert_eq!(matching.len(), 1, "an initiation's MAC1 names exactly one gateway");
+                        matching[0]
+                    }
+                };
+                routed[owner] += 1;
+                gateways[owner].receive(endpoint(1), &t.payload, now);
+                any = true;
+            }
+            for g in &mut gateways {
+                while let Some(t) = g.poll_transmit() {
+                    client.receive(shared_socket, &t.payload, now);
+                    any = true;
+                }
+            }
+            if !any {
+                break;
+            }
+        }
+        assert!(routed.iter().all(|n| *n >= 2), "each got its initiation and data: {routed:?}");
+        let delivered: Vec<Vec<u8>> = gateways.iter_mut().map(|g| g.poll_local().expect("delivered")).collect();
+        assert!(delivered[0].ends_with(b"to one") && delivered[1].ends_with(b"to two"));
+        assert!(!initiation_is_for(&[1u8; 148], &keys[0]), "a forged MAC1 matches nobody");
+        assert_eq!(receiver_index(&[4, 0, 0, 0, 1, 2, 3, 4]), Some(0x0403_0201));
+        assert_eq!(receiver_index(&[1, 0, 0, 0, 1, 2, 3, 4]), None, "an initiation names no receiver");
+        drop(gateways.pop());
+        assert_eq!(space.len(), 1, "a dropped engine gives its indices back");
+    }
+
+    #[test]
+    fn a_peer_that_stops_advertising_its_direct_address_loses_that_path() {
+        let mut p = pair();
+        p.a.send(&packet(A_ADDR, B_ADDR, b"x"), p.now);
+        p.settle();
+        let b = |endpoints| PeerConfig {
+            key: p.b.public_key(),
+            addresses: vec![B_ADDR.into()],
+            endpoints,
+            persistent_keepalive: None,
+        };
+        let moved = b(vec![endpoint(7)]);
+        p.a.set_relay(true);
+        p.a.set_peers(vec![moved]);
+        p.a.send(&packet(A_ADDR, B_ADDR, b"after the move"), p.now);
+        let t = p.a.poll_transmit().unwrap();
+        assert_eq!(t.dst, Route::Relay(p.b.public_key()), "the old address is no longer used");
     }
 
     #[test]

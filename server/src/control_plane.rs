@@ -88,6 +88,8 @@ pub struct ControlPlane {
     pub(crate) relays: crate::relay::Relays,
     /// The STUN reflector's address as nodes should dial it, if one runs.
     pub(crate) stun_address: Mutex<Option<String>>,
+    /// The UDP port (STUN, and the gateways' WireGuard), once bound.
+    pub port: std::sync::OnceLock<Arc<crate::port::Port>>,
     pub(crate) gateways: crate::gateway::Gateways,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     /// Where `/metrics` is served, once it is.
@@ -129,6 +131,7 @@ impl ControlPlane {
             logins: crate::login::Logins::default(),
             relays: crate::relay::Relays::default(),
             stun_address: Mutex::default(),
+            port: std::sync::OnceLock::new(),
             gateways,
             metrics,
             metrics_address: Mutex::default(),

@@ -1,7 +1,8 @@
 //! The AI gateway of every tailnet: a userspace node the server runs itself at the tailnet's reserved
-//! address, serving the OpenAI and Anthropic HTTP APIs on port 80. It holds no socket, port or
-//! interface of its own: its WireGuard datagrams travel through the server's relay in memory, and its
-//! netmap comes straight from the server's netmap feed. A tailnet's gateway starts when the tailnet is
+//! address, serving the OpenAI and Anthropic HTTP APIs on port 80. It holds no port or interface of its
+//! own: its WireGuard datagrams travel on the server's one UDP port (shared by every gateway, see
+//! [`crate::port`]) or through the server's relay in memory, and its netmap comes straight from the
+//! server's netmap feed. A tailnet's gateway starts when the tailnet is
 //! created (or the server starts), and stops when the tailnet goes.
 
 pub mod proxy;
@@ -250,6 +251,19 @@ async fn run(cp: &Arc<ControlPlane>, tailnet: TailnetId, mut stop: tokio::sync::
     let (node_id, secret) = cp.ensure_gateway(tailnet, fresh_keys()).await?;
     let record = cp.get_node(node_id).await?;
     let public = record.wireguard_public_key;
+    // Direct paths through this server's UDP port, where it has one; nodes learn where from the
+    // gateway's record (it moves with the lease).
+    let (socket, _attachment) = match cp.port.get() {
+        Some(port) => {
+            let (socket, attachment) = port.attach(&public);
+            (Some(socket), Some(attachment))
+        }
+        None => (None, None),
+    };
+    let endpoints = cp.port.get().map(|p| p.endpoints()).unwrap_or_default();
+    if record.endpoints != endpoints {
+        cp.set_endpoints(node_id, endpoints).await?;
+    }
     let feed = crate::api::node::netmap_feed(cp, record).await?;
     let (relay_out, outbound) = mpsc::channel(1024);
     let (inbound, relay_in) = mpsc::channel(1024);
@@ -259,6 +273,7 @@ async fn run(cp: &Arc<ControlPlane>, tailnet: TailnetId, mut stop: tokio::sync::
         netmap: Box::pin(tokio_stream::wrappers::ReceiverStream::new(feed)),
         relay_out,
         relay_in,
+        socket,
         stack: STACK,
     })
     .await

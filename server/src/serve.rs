@@ -92,14 +92,16 @@ impl Server {
         let cp = self.control_plane.clone();
         crate::gateway::spawn_audit_pruner(&cp, Arc::downgrade(&cp), cp.limits.audit_retention);
         if let Some(addr) = self.config.stun_listen {
-            let socket = tokio::net::UdpSocket::bind(addr)
+            let port = crate::port::Port::bind(addr)
                 .await
-                .with_context(|| format!("cannot bind the STUN reflector to UDP {addr} (set --stun-listen)"))?;
-            let bound = socket.local_addr()?;
+                .with_context(|| format!("cannot bind the UDP port (STUN, gateways) to {addr} (set --stun-listen)"))?;
+            let bound = port.local_addr()?;
             let advertised = if bound.ip().is_unspecified() { format!(":{}", bound.port()) } else { bound.to_string() };
             *cp.stun_address.lock().unwrap() = Some(advertised);
-            tracing::info!(%bound, "STUN reflector listening");
-            cp.spawn(crate::stun::reflect(socket, cp.shutdown_signal()));
+            port.set_endpoints(crate::port::endpoints(bound, self.config.advertise.as_deref()).await);
+            tracing::info!(%bound, gateways_at = ?port.endpoints(), "UDP port (STUN reflector, gateways' WireGuard) listening");
+            cp.spawn(port.clone().run(cp.shutdown_signal()));
+            let _ = cp.port.set(port);
         }
         let bound = listener.local_addr()?;
         let scheme = if self.config.tls.is_some() { "https" } else { "http" };

@@ -396,3 +396,54 @@ async fn the_gateway_stops_with_its_tailnet_and_comes_back_after_a_restart_with_
     assert!(events.iter().any(|e| e.gateway.is_some()));
     drop(temp);
 }
+
+/// A gateway has no port of its own, yet nodes reach it on a direct path: every gateway of a server
+/// shares the server's one UDP port (its STUN reflector's), which hands each WireGuard datagram to its
+/// gateway. Two tailnets' gateways on one port each answer their own node directly; a server without a
+/// UDP port still serves its gateway through the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_share_the_servers_udp_port_for_direct_paths_and_the_relay_remains() {
+    let server = TestServer::start().await;
+    let llm = FakeLlm::start().await;
+    let one = join_with_gateway(&server, &llm, "one", POLICY, &["tag:ci"]).await;
+    let two = join_with_gateway(&server, &llm, "two", POLICY, &["tag:ci"]).await;
+    let port = server.control_plane.port.get().expect("the server has a UDP port").local_addr().unwrap();
+    let http = llm::http_client();
+    let big = "x".repeat(256 * 1024);
+    for joined in [&one, &two] {
+        let gateway = joined.node.netmap().borrow().gateway_peer.clone().expect("the netmap names the gateway");
+        assert_eq!(gateway.endpoints, vec![port], "the gateway is advertised at the server's UDP port");
+        // Probing finds the direct path within a second or so of the first handshake.
+        eventually(Duration::from_secs(10), "a direct path to the gateway", || async {
+            let t = joined.node.status().await.traffic;
+            (t.direct_rx.packets > 0 && t.direct_tx.packets > 0).then_some(())
+        })
+        .await;
+        let before = joined.node.status().await.traffic;
+        let url = format!("{}/v1/chat/completions", joined.base);
+        let auth = [("authorization", "Bearer client-has-no-key")];
+        let (status, _, body) = llm::request(&http, "POST", &url, Some(&chat(&big)), &auth).await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        let after = joined.node.status().await.traffic;
+        let direct = after.direct_tx.bytes - before.direct_tx.bytes;
+        let relayed = after.relay_tx.bytes - before.relay_tx.bytes;
+        assert!(direct > 256 * 1024, "the request went on the direct path: {direct} bytes direct, {relayed} relayed");
+        assert!(relayed < 16 * 1024, "and not through the relay: {direct} bytes direct, {relayed} relayed");
+    }
+    let seen = llm.seen.lock().unwrap().len();
+    assert!(seen >= 2, "both gateways called the provider ({seen} requests seen)");
+
+    // No UDP port: the gateway is advertised nowhere and answers through the relay.
+    let relayed = TestServer::start_configured(|c| c.stun_listen = None).await;
+    let joined = join_with_gateway(&relayed, &llm, "relayed", POLICY, &["tag:ci"]).await;
+    assert!(relayed.control_plane.port.get().is_none());
+    let gateway = joined.node.netmap().borrow().gateway_peer.clone().expect("the netmap names the gateway");
+    assert!(gateway.endpoints.is_empty(), "{:?}", gateway.endpoints);
+    let url = format!("{}/v1/chat/completions", joined.base);
+    let auth = [("authorization", "Bearer client-has-no-key")];
+    let (status, _, body) = llm::request(&http, "POST", &url, Some(&chat("hi")), &auth).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let t = joined.node.status().await.traffic;
+    assert_eq!(t.direct_rx.packets, 0, "nothing came on a direct path: {t:?}");
+    assert!(t.relay_rx.packets > 0, "{t:?}");
+}

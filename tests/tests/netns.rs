@@ -308,3 +308,109 @@ async fn interop(subnet: u8, offload: Offload, test: &str) {
     let handshakes = String::from_utf8(s.b.run(&["wg", "show", &iface, "latest-handshakes"]).stdout).unwrap();
     assert!(handshakes.contains(&agent_key), "{handshakes}");
 }
+
+/// A stock WireGuard peer reaches its tailnet's gateway, which has no port of its own: wireguard-go in
+/// a namespace, registered through the Node API and configured with `wg` from its netmap (the gateway's
+/// key, address and endpoint on the server's UDP port), gets the model list its grant allows from
+/// `gateway:80`. The gateway recognises it by its tunnel address, so the list is the policy's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wireguard_go_reaches_the_gateway_on_the_servers_udp_port() {
+    let test = "wireguard_go_reaches_the_gateway_on_the_servers_udp_port";
+    if let Some(reason) = netns::skip_reason(&["ip", "python3", "wireguard-go", "wg"]) {
+        return netns::skip(test, &reason);
+    }
+    const POLICY: &str = r#"{ "tagOwners": { "tag:ci": [] },
+      "grants": [ { "src": ["tag:ci"], "dst": ["gateway"], "ip": ["tcp:80"],
+                    "app": { "cordon.dev/cap/ai": [{ "models": ["openai/gpt-*"] }] } } ] }"#;
+    let server = TestServer::start_public().await;
+    let llm = cordon_tests::llm::FakeLlm::start().await;
+    let mut admin = server.admin().await;
+    let mut nodes = server.nodes().await;
+    let mut create = tailnet_request("stock");
+    create.policy_json = POLICY.into();
+    create.upstreams = cordon_tests::llm::upstreams(&llm);
+    let tailnet = admin.create_tailnet(create).await.unwrap().into_inner();
+    let secret = tagged_key(&mut admin, &tailnet.id, &["tag:ci"]).await;
+    let b = Netns::new("b");
+    netns::veth(&b, "10.219.2.2", None, "10.219.2.1");
+
+    let private = String::from_utf8(netns::run(&["wg", "genkey"]).stdout).unwrap().trim().to_string();
+    let mut pubkey = std::process::Command::new("wg")
+        .arg("pubkey")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(pubkey.stdin.as_mut().unwrap(), private.as_bytes()).unwrap();
+    let public = String::from_utf8(pubkey.wait_with_output().unwrap().stdout).unwrap().trim().to_string();
+    let mut req = register_request(&secret, "stock");
+    req.wireguard_public_key = base64::engine::general_purpose::STANDARD.decode(&public).unwrap();
+    req.endpoints = vec!["10.219.2.2:51822".into()];
+    let registered = nodes.register(req).await.unwrap().into_inner();
+    let me = registered.node.unwrap();
+    // The gateway as the node's netmap shows it. A server bound to 0.0.0.0 does not know which of its
+    // addresses the node reaches, so the endpoint names the port only: the host is the server's.
+    let mut stream = watch(&mut nodes, &registered.session_token).await;
+    let Some(pb::net_map::Update::Full(full)) = next_netmap(&mut stream).await.update else {
+        panic!("the first netmap is a full one")
+    };
+    let gateway = full.gateway.expect("the netmap names the gateway");
+    let gateway_key = base64::engine::general_purpose::STANDARD.encode(&gateway.wireguard_public_key);
+    let udp_port = gateway.endpoints.first().and_then(|e| e.rsplit_once(':')).expect("an endpoint").1.to_string();
+    assert!(gateway.endpoints[0].starts_with("0.0.0.0:"), "{:?}", gateway.endpoints);
+
+    let iface = netns::unique("wg");
+    let _socket = netns::WireguardSocket::new(&iface);
+    let _wireguard_go = b
+        .tokio_command("wireguard-go")
+        .args(["-f", &iface])
+        .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(10), "wireguard-go's interface", || async {
+        let out = b.tokio_command("ip").args(["link", "show", &iface]).output().await.ok()?;
+        out.status.success().then_some(())
+    })
+    .await;
+    let key_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(key_file.path(), &private).unwrap();
+    b.run(&[
+        "wg",
+        "set",
+        &iface,
+        "private-key",
+        key_file.path().to_str().unwrap(),
+        "listen-port",
+        "51822",
+        "peer",
+        &gateway_key,
+        "allowed-ips",
+        &format!("{}/32", tailnet.gateway_address),
+        "endpoint",
+        &format!("10.219.2.1:{udp_port}"),
+    ]);
+    b.run(&["ip", "addr", "add", &format!("{}/10", me.addresses[0]), "dev", &iface]);
+    b.run(&["ip", "link", "set", &iface, "mtu", "1420", "up"]);
+
+    let fetch = "import sys,urllib.request\nprint(urllib.request.urlopen(sys.argv[1],timeout=3).read().decode())\n";
+    let url = format!("http://{}/v1/models", tailnet.gateway_address);
+    let models = eventually(Duration::from_secs(20), "the gateway's model list from wireguard-go", || async {
+        let out = b.tokio_command("python3").args(["-c", fetch, &url]).output().await.ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).to_string())
+    })
+    .await;
+    let ids: Vec<String> = serde_json::from_str::<serde_json::Value>(&models).unwrap()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, vec!["openai/gpt-4o-mini".to_string()], "{models}");
+    let handshakes = String::from_utf8(b.run(&["wg", "show", &iface, "latest-handshakes"]).stdout).unwrap();
+    assert!(handshakes.contains(&gateway_key), "wireguard-go shook hands with the gateway: {handshakes}");
+    let port = server.control_plane.port.get().expect("the UDP port").clone();
+    assert_eq!(port.local_addr().unwrap().port().to_string(), udp_port);
+}

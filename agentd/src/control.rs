@@ -205,9 +205,11 @@ pub fn rejected(status: &tonic::Status) -> bool {
     )
 }
 
-pub async fn watch(client: &mut Client, session_token: &str) -> Result<NetMapStream, tonic::Status> {
+/// Opens the netmap stream; `since` is the revision of the map the node holds (0: none), so that the
+/// server may start with a delta from there.
+pub async fn watch(client: &mut Client, session_token: &str, since: u64) -> Result<NetMapStream, tonic::Status> {
     client
-        .watch_net_map(pb::WatchNetMapRequest { session_token: session_token.to_string() })
+        .watch_net_map(pb::WatchNetMapRequest { session_token: session_token.to_string(), since_revision: since })
         .await
         .map(|r| Box::pin(r.into_inner()) as NetMapStream)
 }
@@ -247,6 +249,9 @@ pub struct Follow {
 pub struct Reconnects {
     pub netmap: std::sync::atomic::AtomicU64,
     pub relay: std::sync::atomic::AtomicU64,
+    /// Netmap reconnections the server resumed with a delta from the node's revision (the others
+    /// started over with a full map).
+    pub resumed: std::sync::atomic::AtomicU64,
 }
 
 /// The node's side of the relay: its stream's two directions, and what to tell when it comes back.
@@ -372,6 +377,7 @@ fn batch(
 /// Follows the netmap until the identity ends or the node shuts down; reconnects in between.
 pub async fn follow(mut f: Follow, mut stream: NetMapStream) {
     let mut backoff = Duration::from_millis(250);
+    let mut reconnected = false;
     loop {
         // Read until the stream fails or ends.
         loop {
@@ -382,6 +388,9 @@ pub async fn follow(mut f: Follow, mut stream: NetMapStream) {
             match message {
                 Some(Ok(m)) => {
                     backoff = Duration::from_millis(250);
+                    if std::mem::take(&mut reconnected) && matches!(m.update, Some(pb::net_map::Update::Delta(_))) {
+                        f.reconnects.resumed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     if let Some(ended) = apply(&f, m) {
                         if ended.1 {
                             tracing::info!(reason = ?ended.0.reason, message = %ended.0.message, "server ended the session; will reconnect");
@@ -428,9 +437,11 @@ pub async fn follow(mut f: Follow, mut stream: NetMapStream) {
                     continue;
                 }
             };
-            match watch(&mut client, &f.session_token).await {
+            let since = f.netmap.borrow().revision;
+            match watch(&mut client, &f.session_token, since).await {
                 Ok(s) => {
                     f.reconnects.netmap.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    reconnected = true;
                     break s;
                 }
                 Err(status) if status.code() == tonic::Code::Unauthenticated => {

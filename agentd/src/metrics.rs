@@ -204,6 +204,8 @@ pub fn node_sample(status: &Status) -> Sample {
     let reconnects = "Streams to the server that came back after breaking";
     s.counter("agentd_reconnects", reconnects, vec![("stream", "netmap".into())], netmap);
     s.counter("agentd_reconnects", reconnects, vec![("stream", "relay".into())], relay);
+    let resumed = "Netmap stream comebacks the server resumed with a delta from the node's revision";
+    s.counter("agentd_netmap_resumed", resumed, vec![], status.resumed);
     let by_path = |want: Option<&str>| {
         status
             .peers

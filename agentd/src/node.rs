@@ -137,6 +137,8 @@ pub struct Status {
     pub traffic: crate::wg::Traffic,
     /// How often the netmap and relay streams came back after breaking.
     pub reconnects: (u64, u64),
+    /// How many of the netmap stream's comebacks resumed from the node's revision with a delta.
+    pub resumed: u64,
     pub ended: Option<Ended>,
 }
 
@@ -457,6 +459,7 @@ impl Node {
                 self.reconnects.netmap.load(std::sync::atomic::Ordering::Relaxed),
                 self.reconnects.relay.load(std::sync::atomic::Ordering::Relaxed),
             ),
+            resumed: self.reconnects.resumed.load(std::sync::atomic::Ordering::Relaxed),
             ended: self.ended.borrow().clone(),
         }
     }
@@ -503,7 +506,7 @@ async fn resume_or_register(
         && session.server == config.server
         && !config.relogin
     {
-        match control::watch(client, &session.session_token).await {
+        match control::watch(client, &session.session_token, 0).await {
             Ok(stream) => {
                 report_endpoints(client, &session.session_token, endpoints).await;
                 tracing::info!(node = %session.node_id, "resumed saved session");
@@ -556,8 +559,9 @@ async fn save_and_watch(
     let node_id = response.node.map(|n| n.id).unwrap_or_default();
     let session = Session { server: config.server.clone(), node_id, session_token: response.session_token };
     state.save_session(&session)?;
-    let stream =
-        control::watch(client, &session.session_token).await.map_err(|s| Error::Rejected(s.message().to_string()))?;
+    let stream = control::watch(client, &session.session_token, 0)
+        .await
+        .map_err(|s| Error::Rejected(s.message().to_string()))?;
     Ok((session, stream))
 }
 

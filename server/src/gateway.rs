@@ -264,7 +264,7 @@ async fn run(cp: &Arc<ControlPlane>, tailnet: TailnetId, mut stop: tokio::sync::
     if record.endpoints != endpoints {
         cp.set_endpoints(node_id, endpoints).await?;
     }
-    let feed = crate::api::node::netmap_feed(cp, record).await?;
+    let feed = crate::api::node::netmap_feed(cp, record, 0).await?;
     let (relay_out, outbound) = mpsc::channel(1024);
     let (inbound, relay_in) = mpsc::channel(1024);
     let node = agentd::Node::hosted(Hosted {

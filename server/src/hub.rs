@@ -14,6 +14,9 @@ use crate::model::{EndReason, Event, Node, NodeId, TailnetId};
 const TAILNET_CHANNEL: usize = 1024;
 /// How many events a slow WatchEvents stream may fall behind before it replays from the store.
 const EVENT_CHANNEL: usize = 4096;
+/// How many netmap changes (all tailnets) are remembered for nodes that resume a stream: seconds to
+/// minutes of changes, enough for a node to move to another replica.
+const RECENT: usize = 4096;
 
 /// A change to what the nodes of one tailnet are told.
 #[derive(Clone, Debug)]
@@ -101,7 +104,23 @@ struct Presence {
     last_seen: Option<SystemTime>,
 }
 
+/// Which nodes a published netmap change touched, for resuming streams; `None` = it touched everything
+/// (a policy, the tailnet itself, or changes missed).
+struct Touch {
+    revision: u64,
+    tailnet: TailnetId,
+    nodes: Option<Vec<NodeId>>,
+}
+
+/// The netmap changes published lately: complete after `complete_after`.
+#[derive(Default)]
+struct Recent {
+    complete_after: u64,
+    touches: std::collections::VecDeque<Touch>,
+}
+
 pub struct Hub {
+    recent: Mutex<Recent>,
     /// The revision of the last published change.
     published: AtomicU64,
     /// The same, for those who wait for a revision to be published.
@@ -114,6 +133,7 @@ pub struct Hub {
 impl Default for Hub {
     fn default() -> Self {
         Hub {
+            recent: Mutex::default(),
             published: AtomicU64::new(0),
             published_watch: tokio::sync::watch::channel(0).0,
             events: broadcast::channel(EVENT_CHANNEL).0,
@@ -137,6 +157,7 @@ impl Hub {
                 let _ = self.events.send(event);
             }
             Change::NetMap { tailnet, update } => {
+                self.remember(tailnet, &update);
                 let mut tailnets = self.tailnets.lock().unwrap();
                 let gone = matches!(update.change, NetChange::TailnetGone { .. });
                 if let Some(tx) = tailnets.get(&tailnet)
@@ -148,8 +169,38 @@ impl Hub {
         }
     }
 
+    fn remember(&self, tailnet: TailnetId, update: &NetMapUpdate) {
+        let nodes = match &update.change {
+            NetChange::PeerAdded(n) | NetChange::PeerUpdated(n) => Some(vec![n.id]),
+            NetChange::PeerRemoved { node, .. } => Some(vec![*node]),
+            NetChange::TailnetGone { .. } | NetChange::PolicyChanged { .. } | NetChange::Resync => None,
+        };
+        let mut recent = self.recent.lock().unwrap();
+        if recent.touches.len() >= RECENT
+            && let Some(oldest) = recent.touches.pop_front()
+        {
+            recent.complete_after = oldest.revision;
+        }
+        recent.touches.push_back(Touch { revision: update.revision, tailnet, nodes });
+    }
+
+    /// The nodes of `tailnet` that changes after `since` up to `until` touched (added, updated or
+    /// removed), if the hub remembers all of them and none touched everything. `until` must be published.
+    pub fn touched(&self, tailnet: TailnetId, since: u64, until: u64) -> Option<std::collections::HashSet<NodeId>> {
+        let recent = self.recent.lock().unwrap();
+        if since < recent.complete_after || until > self.published_revision() {
+            return None;
+        }
+        let mut touched = std::collections::HashSet::new();
+        for t in recent.touches.iter().filter(|t| t.tailnet == tailnet && t.revision > since && t.revision <= until) {
+            touched.extend(t.nodes.as_ref()?);
+        }
+        Some(touched)
+    }
+
     /// At start: everything the store holds is durable, so counts as published.
     pub fn set_published(&self, revision: u64) {
+        self.forget_recent(revision);
         self.published.store(revision, Ordering::Release);
         self.published_watch.send_replace(revision);
     }
@@ -157,6 +208,7 @@ impl Hub {
     /// Changes up to `revision` were missed: every netmap watcher reloads its view, and the hub goes on
     /// from there.
     pub fn resync(&self, revision: u64) {
+        self.forget_recent(revision);
         self.published.store(revision, Ordering::Release);
         let tailnets = self.tailnets.lock().unwrap();
         for tx in tailnets.values() {
@@ -164,6 +216,13 @@ impl Hub {
         }
         drop(tailnets);
         self.published_watch.send_replace(revision);
+    }
+
+    /// Nothing before `revision` is remembered any more.
+    fn forget_recent(&self, revision: u64) {
+        let mut recent = self.recent.lock().unwrap();
+        recent.touches.clear();
+        recent.complete_after = revision;
     }
 
     /// Completes once `revision` is published.
@@ -217,5 +276,51 @@ impl Hub {
 
     pub fn forget(&self, node: NodeId) {
         self.presence.lock().unwrap().remove(&node);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn removed(hub: &Hub, tailnet: TailnetId, revision: u64) -> NodeId {
+        let node = NodeId::generate();
+        let change = NetChange::PeerRemoved { node, reason: EndReason::NodeRemoved, message: String::new() };
+        hub.publish(Change::NetMap { tailnet, update: Arc::new(NetMapUpdate { revision, change }) });
+        node
+    }
+
+    #[test]
+    fn resuming_needs_every_change_since_remembered_and_none_touching_everything() {
+        let hub = Hub::default();
+        hub.set_published(10);
+        let (mine, other) = (TailnetId::generate(), TailnetId::generate());
+        let first = removed(&hub, mine, 11);
+        removed(&hub, other, 12);
+        let third = removed(&hub, mine, 13);
+        assert_eq!(hub.touched(mine, 10, 13), Some([first, third].into()), "only this tailnet's");
+        assert_eq!(hub.touched(mine, 11, 13), Some([third].into()));
+        assert_eq!(hub.touched(mine, 13, 13), Some(Default::default()), "up to date");
+        assert_eq!(hub.touched(mine, 9, 13), None, "before the hub started");
+        assert_eq!(hub.touched(mine, 11, 14), None, "not yet published");
+
+        let policy = NetChange::PolicyChanged {
+            policy: Arc::new(crate::policy::Policy::allow_all()),
+            version: 2,
+            updated: vec![],
+        };
+        hub.publish(Change::NetMap { tailnet: mine, update: Arc::new(NetMapUpdate { revision: 14, change: policy }) });
+        assert_eq!(hub.touched(mine, 13, 14), None, "a policy touches every view");
+        assert!(hub.touched(other, 13, 14).is_some(), "of its own tailnet only");
+
+        // Once the oldest are forgotten, resuming from before them is not possible.
+        for revision in 15..15 + RECENT as u64 {
+            removed(&hub, other, revision);
+        }
+        let last = 14 + RECENT as u64;
+        assert_eq!(hub.touched(mine, 13, last), None);
+        assert!(hub.touched(mine, 15, last).is_some());
+        hub.resync(last + 1);
+        assert_eq!(hub.touched(mine, last, last + 1), None, "a resync forgets everything before it");
     }
 }

@@ -270,7 +270,7 @@ pub type NetMapStream = tonic::Streaming<pb::NetMap>;
 
 pub async fn watch(nodes: &mut Nodes, session_token: &str) -> NetMapStream {
     nodes
-        .watch_net_map(pb::WatchNetMapRequest { session_token: session_token.into() })
+        .watch_net_map(pb::WatchNetMapRequest { session_token: session_token.into(), ..Default::default() })
         .await
         .expect("watch netmap")
         .into_inner()

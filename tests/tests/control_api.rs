@@ -446,7 +446,7 @@ async fn every_bad_field_is_named() {
         assert!(!status.message().contains("sk-live-123"), "a pasted secret is never echoed");
     }
     assert_status(
-        nodes.watch_net_map(pb::WatchNetMapRequest { session_token: String::new() }).await,
+        nodes.watch_net_map(pb::WatchNetMapRequest { session_token: String::new(), ..Default::default() }).await,
         Code::Unauthenticated,
         "session_token",
     );

@@ -85,7 +85,10 @@ async fn tailnet_expires_at_its_ttl_to_the_second() {
     let member = s.register(&secret).await;
     let mut netmap = s
         .node
-        .watch_net_map(Request::new(pb::WatchNetMapRequest { session_token: member.session_token }))
+        .watch_net_map(Request::new(pb::WatchNetMapRequest {
+            session_token: member.session_token,
+            ..Default::default()
+        }))
         .await
         .unwrap()
         .into_inner();
@@ -125,7 +128,10 @@ async fn idle_ephemeral_nodes_are_removed_after_the_timeout() {
     let kept = s.register(&durable).await.node.unwrap().id;
     let netmap = s
         .node
-        .watch_net_map(Request::new(pb::WatchNetMapRequest { session_token: streaming.session_token.clone() }))
+        .watch_net_map(Request::new(pb::WatchNetMapRequest {
+            session_token: streaming.session_token.clone(),
+            ..Default::default()
+        }))
         .await
         .unwrap()
         .into_inner();
@@ -166,7 +172,10 @@ async fn expired_nodes_are_cut_off() {
     let expires = seconds(&r.node.as_ref().unwrap().expires_at);
     let mut netmap = s
         .node
-        .watch_net_map(Request::new(pb::WatchNetMapRequest { session_token: r.session_token.clone() }))
+        .watch_net_map(Request::new(pb::WatchNetMapRequest {
+            session_token: r.session_token.clone(),
+            ..Default::default()
+        }))
         .await
         .unwrap()
         .into_inner();

@@ -542,8 +542,11 @@ async fn policy_changes_wait_for_another_principals_approval() {
     let (_, secret) = create_key(&mut root, &tailnet.id, true, false).await;
     let mut nodes = server.nodes().await;
     let joined = register(&mut nodes, &secret, "worker").await;
-    let mut stream =
-        nodes.watch_net_map(pb::WatchNetMapRequest { session_token: joined.session_token }).await.unwrap().into_inner();
+    let mut stream = nodes
+        .watch_net_map(pb::WatchNetMapRequest { session_token: joined.session_token, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     let first = next_netmap(&mut stream).await;
     assert!(matches!(first.update, Some(pb::net_map::Update::Full(ref f)) if f.filter.as_ref().unwrap().allow_all));
 

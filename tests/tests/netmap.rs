@@ -105,7 +105,7 @@ async fn own_deletion_ends_the_stream_with_the_reason() {
     assert_closed(&mut stream).await;
 
     let status = nodes
-        .watch_net_map(pb::WatchNetMapRequest { session_token: a.session_token })
+        .watch_net_map(pb::WatchNetMapRequest { session_token: a.session_token, ..Default::default() })
         .await
         .expect_err("a revoked session cannot watch");
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
@@ -182,7 +182,10 @@ async fn tailnet_deletion_cuts_every_node_off() {
         assert_eq!(end.reason(), Reason::TailnetDeleted);
         assert!(end.message.contains("run finished"));
         assert_closed(&mut s).await;
-        let status = nodes.watch_net_map(pb::WatchNetMapRequest { session_token: token }).await.unwrap_err();
+        let status = nodes
+            .watch_net_map(pb::WatchNetMapRequest { session_token: token, ..Default::default() })
+            .await
+            .unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unauthenticated);
     }
     let status = nodes.register(register_request(&secret, "late")).await.unwrap_err();
@@ -300,4 +303,65 @@ async fn reported_endpoints_reach_peers() {
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert!(status.message().contains(needle), "{status:?}");
     }
+}
+
+/// A node that reconnects (to this server or another replica) with the revision of the map it holds
+/// gets a delta from there instead of a full map: the peers that joined, changed or left meanwhile, its
+/// filter and itself. A revision the server cannot resume from (none, one from the future, or one
+/// before a policy change) gets a full map.
+#[tokio::test]
+async fn a_reconnecting_node_resumes_from_its_revision_with_a_delta() {
+    let server = TestServer::start().await;
+    let mut admin = server.admin().await;
+    let mut nodes = server.nodes().await;
+    let tailnet = create_tailnet(&mut admin, "resume").await;
+    let (_, secret) = create_key(&mut admin, &tailnet.id, true, false).await;
+    let id = |r: &pb::RegisterResponse| r.node.as_ref().unwrap().id.clone();
+    let a = register(&mut nodes, &secret, "a").await;
+    let b = register(&mut nodes, &secret, "b").await;
+    let untouched = register(&mut nodes, &secret, "untouched").await;
+    let mut stream = watch(&mut nodes, &a.session_token).await;
+    let first = next_netmap(&mut stream).await;
+    let since = first.revision;
+    assert_eq!(full(first).peers.len(), 2);
+    drop(stream);
+
+    // While a is away: c joins, b is deleted, untouched stays as it was.
+    let c = register(&mut nodes, &secret, "c").await;
+    admin.delete_node(pb::DeleteNodeRequest { id: id(&b), reason: "gone".into() }).await.unwrap();
+    let resume = |since: u64| {
+        let mut nodes = nodes.clone();
+        let token = a.session_token.clone();
+        async move {
+            let request = pb::WatchNetMapRequest { session_token: token, since_revision: since };
+            let mut stream = nodes.watch_net_map(request).await.expect("watch netmap").into_inner();
+            next_netmap(&mut stream).await
+        }
+    };
+    let resumed = resume(since).await;
+    assert!(resumed.revision > since, "{} after {since}", resumed.revision);
+    let d = delta(&resumed);
+    assert_eq!(d.peers_updated.iter().map(|p| p.id.clone()).collect::<Vec<_>>(), [id(&c)], "{d:?}");
+    assert_eq!(d.peers_removed, [id(&b)], "{d:?}");
+    assert!(d.peers_added.is_empty() && !d.gateway_removed, "{d:?}");
+    assert_eq!(d.self_.as_ref().map(|n| n.id.clone()), Some(id(&a)));
+    assert!(d.filter.is_some(), "the filter comes along: {d:?}");
+    assert!(d.peers_updated.iter().chain(&d.peers_added).all(|p| p.id != id(&untouched)), "nothing unchanged");
+
+    // Up to date already: an empty delta at the same revision.
+    let again = resume(resumed.revision).await;
+    assert_eq!(again.revision, resumed.revision);
+    let d = delta(&again);
+    assert!(d.peers_updated.is_empty() && d.peers_removed.is_empty(), "{d:?}");
+
+    // Nothing to resume from, or a revision this server never had: the full map.
+    let now = full(resume(0).await);
+    assert_eq!(now.peers.len(), 2, "untouched and c");
+    full(resume(resumed.revision + 1_000_000).await);
+
+    // A policy change touches every node's view: the full map.
+    let policy = r#"{ "grants": [ { "src": ["*"], "dst": ["*"], "ip": ["*"] } ] }"#;
+    let set = pb::SetPolicyRequest { tailnet_id: tailnet.id.clone(), policy_json: policy.into(), ..Default::default() };
+    admin.set_policy(set).await.unwrap();
+    full(resume(resumed.revision).await);
 }

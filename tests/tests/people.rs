@@ -385,7 +385,9 @@ async fn a_login_expires_and_offboarding_cuts_every_node() {
     let ended = ending(&mut stream).await;
     assert_eq!(ended.reason(), pb::stream_ended::Reason::LoginExpired, "{ended:?}");
     assert!(ended.message.contains("agentd login") && !ended.retry, "{ended:?}");
-    let e = nodes.watch_net_map(pb::WatchNetMapRequest { session_token: laptop.session_token.clone() }).await;
+    let e = nodes
+        .watch_net_map(pb::WatchNetMapRequest { session_token: laptop.session_token.clone(), ..Default::default() })
+        .await;
     assert_eq!(e.unwrap_err().code(), Code::Unauthenticated);
     let listed = admin.get_node(pb::GetNodeRequest { id: laptop_node.id.clone() }).await.unwrap().into_inner();
     assert_eq!(listed.addresses, laptop_node.addresses, "the node stays, with its address");
@@ -405,7 +407,9 @@ async fn a_login_expires_and_offboarding_cuts_every_node() {
     let ended = ending(&mut stream).await;
     assert_eq!(ended.reason(), pb::stream_ended::Reason::UserDeleted);
     assert!(ended.message.contains("left the company"), "{ended:?}");
-    let e = nodes.watch_net_map(pb::WatchNetMapRequest { session_token: phone.session_token.clone() }).await;
+    let e = nodes
+        .watch_net_map(pb::WatchNetMapRequest { session_token: phone.session_token.clone(), ..Default::default() })
+        .await;
     assert_eq!(e.unwrap_err().code(), Code::Unauthenticated);
     assert!(admin.list_users(pb::ListUsersRequest::default()).await.unwrap().into_inner().users.is_empty());
     let e = admin.get_user(pb::GetUserRequest { id: "alice@acme.com".into() }).await.unwrap_err();

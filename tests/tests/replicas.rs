@@ -316,6 +316,8 @@ async fn killing_a_replica_moves_its_nodes_and_its_gateway_to_the_others() {
     let replicas = admin2.list_replicas(pb::ListReplicasRequest {}).await.unwrap().into_inner().replicas;
     let home = replicas.iter().find(|x| x.advertise == r1.url).expect("replica 1 is listed");
     assert_eq!(home.gateways, 1, "replica 1 runs the gateway: {replicas:?}");
+    let udp_of = |r: &pb::Replica| vec![r.stun_address.parse::<std::net::SocketAddr>().expect("a UDP address")];
+    let r1_udp = udp_of(home);
 
     // A real agentd reaches the gateway through replica 1 (the first of its servers) and spends budget.
     let (_agent, base) = agentd_gateway_forward(
@@ -361,6 +363,8 @@ async fn killing_a_replica_moves_its_nodes_and_its_gateway_to_the_others() {
     let path = a.status().await.peers.into_iter().find(|p| p.peer.hostname == "beta").and_then(|p| p.path);
     assert!(matches!(path, Some(agentd::wg::Route::Direct(_))), "a direct path: {path:?}");
     let reconnects_before = a.status().await.reconnects.0;
+    let gateway_at = |node: &agentd::Node| node.netmap().borrow().gateway_peer.as_ref().map(|g| g.endpoints.clone());
+    assert_eq!(gateway_at(&a), Some(r1_udp), "the gateway is reached at its replica's UDP port");
 
     // kill -9 the replica that holds the nodes' streams and the gateway.
     r1.child.start_kill().unwrap();
@@ -372,6 +376,11 @@ async fn killing_a_replica_moves_its_nodes_and_its_gateway_to_the_others() {
     })
     .await;
     let node_back = killed.elapsed();
+    // It resumed from the revision of the map it held: a delta, not the whole map again.
+    eventually(Duration::from_secs(5), "alpha's stream resuming on another replica with a delta", || async {
+        (a.status().await.resumed == 1).then_some(())
+    })
+    .await;
     // The direct connection never depended on the server.
     conn.write_all(b"again").await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut buf)).await.unwrap().unwrap();
@@ -405,6 +414,12 @@ async fn killing_a_replica_moves_its_nodes_and_its_gateway_to_the_others() {
     .await;
     let hosts: u32 = replicas.iter().filter(|x| x.alive).map(|x| x.gateways).sum();
     assert_eq!(hosts, 1, "one live replica runs the gateway: {replicas:?}");
+    // The gateway's record moved with it: nodes reach it at its new replica's UDP port.
+    let new_udp = udp_of(replicas.iter().find(|x| x.alive && x.gateways == 1).expect("a holder"));
+    eventually(Duration::from_secs(10), "the gateway's record naming its new replica's port", || async {
+        (gateway_at(&a) == Some(new_udp.clone())).then_some(())
+    })
+    .await;
     // Nothing acknowledged is lost: the request answered before the kill is in the audit log.
     // (Replica 2 lists what it has published; the gateway's replica committed the last one a moment ago.)
     let answered = |events: &[pb::Event]| {
@@ -544,4 +559,29 @@ async fn one_replica_delivers_each_webhook_event_and_every_replica_shows_every_n
         async move { admin1.get_node(pb::GetNodeRequest { id }).await.ok()?.into_inner().online.then_some(()) }
     })
     .await;
+}
+
+/// A node's netmap stream that moves to another replica resumes there from the revision of the map it
+/// held: the peers changed since come as a delta, not the whole map again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_netmap_stream_resumes_on_another_replica_from_its_revision() {
+    let Some(servers) = replicas(2, "replicas_resume").await else { return };
+    let mut admin = servers[0].admin().await;
+    let tailnet = create_tailnet(&mut admin, "resume").await;
+    let (_, secret) = create_key(&mut admin, &tailnet.id, true, false).await;
+    let mut nodes1 = servers[0].nodes().await;
+    let mut nodes2 = servers[1].nodes().await;
+    let a = register(&mut nodes1, &secret, "a").await;
+    let mut stream = watch(&mut nodes1, &a.session_token).await;
+    let first = next_netmap(&mut stream).await;
+    drop(stream);
+    let b = register(&mut nodes1, &secret, "b").await;
+    let request = pb::WatchNetMapRequest { session_token: a.session_token.clone(), since_revision: first.revision };
+    let mut resumed = nodes2.watch_net_map(request).await.unwrap().into_inner();
+    let message = next_netmap(&mut resumed).await;
+    let Some(pb::net_map::Update::Delta(delta)) = message.update else {
+        panic!("a delta from revision {}, got {message:?}", first.revision)
+    };
+    let ids: Vec<String> = delta.peers_updated.iter().map(|p| p.id.clone()).collect();
+    assert_eq!(ids, [b.node.unwrap().id], "{delta:?}");
 }

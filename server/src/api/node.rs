@@ -69,6 +69,59 @@ async fn load_view(cp: &ControlPlane, me: NodeId) -> Result<(NetView, Tailnet, u
     Ok((NetView::new(policy, node, peers, &tailnet), tailnet, revision))
 }
 
+/// How long a resuming stream waits for the revision of its snapshot to be published (it normally is).
+const RESUME_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// For a node that holds the netmap of revision `since`: the delta that brings it to `view` (at
+/// `revision`), if the hub remembers every change between. The peers those changes touched come as
+/// they are now (updated, or removed when gone or no longer visible), with the filter and the node
+/// itself. `None` (send a full map) when a change touched the whole tailnet or this node's own record,
+/// or `since` is not one this server can resume from.
+async fn resumed(view: &NetView, revision: u64, since: u64, cp: &ControlPlane) -> Option<pb::NetMap> {
+    if since == 0 || since > revision {
+        return None;
+    }
+    let hub = cp.hub();
+    let me = view.me();
+    if tokio::time::timeout(RESUME_WAIT, hub.published_at_least(revision)).await.is_err() {
+        tracing::debug!(node = %me.id, since, revision, published = hub.published_revision(), "cannot resume: not published");
+        return None;
+    }
+    let Some(touched) = hub.touched(me.tailnet_id, since, revision) else {
+        tracing::debug!(node = %me.id, since, revision, "cannot resume: changes since are not all remembered, or one touched everything");
+        return None;
+    };
+    if touched.contains(&me.id) {
+        return None;
+    }
+    let visible: std::collections::HashMap<NodeId, &Node> =
+        view.peers().filter(|p| touched.contains(&p.id)).map(|p| (p.id, p)).collect();
+    let mut touched: Vec<NodeId> = touched.into_iter().collect();
+    touched.sort();
+    let gateway_id = view.gateway_id();
+    let gone = |id: &&NodeId| !visible.contains_key(*id);
+    let message = pb::NetMapDelta {
+        peers_added: vec![],
+        peers_updated: touched
+            .iter()
+            .filter_map(|id| visible.get(id))
+            .filter(|n| !n.gateway)
+            .map(|n| convert::node(n, hub))
+            .collect(),
+        peers_removed: touched
+            .iter()
+            .filter(gone)
+            .filter(|id| Some(**id) != gateway_id)
+            .map(ToString::to_string)
+            .collect(),
+        self_: Some(convert::node(me, hub)),
+        filter: Some(convert::packet_filter(view.filter().as_deref(), Ipv6Map::of(me.tailnet_id))),
+        gateway: visible.values().find(|n| n.gateway).map(|n| convert::node(n, hub)),
+        gateway_removed: gateway_id.is_some_and(|g| touched.contains(&g) && !visible.contains_key(&g)),
+    };
+    Some(pb::NetMap { revision, update: Some(pb::net_map::Update::Delta(message)) })
+}
+
 /// What one netmap change means for this node: a message to send, and whether the stream ends.
 fn translate(view: &mut NetView, update: &NetMapUpdate, cp: &ControlPlane) -> (Option<pb::NetMap>, bool) {
     match &update.change {
@@ -101,11 +154,13 @@ fn translate(view: &mut NetView, update: &NetMapUpdate, cp: &ControlPlane) -> (O
     (Some(pb::NetMap { revision: update.revision, update: Some(pb::net_map::Update::Delta(message)) }), false)
 }
 
-/// The netmap messages for `node` (a full map, then changes, then why it ended), as the node's
-/// `WatchNetMap` stream sends them and as the server's own gateways receive them.
+/// The netmap messages for `node` (a full map, or a delta from `since` when it resumes, then changes,
+/// then why it ended), as the node's `WatchNetMap` stream sends them and as the server's own gateways
+/// receive them (`since` 0).
 pub(crate) async fn netmap_feed(
     cp: &Arc<ControlPlane>,
     node: crate::model::Node,
+    since: u64,
 ) -> Result<mpsc::Receiver<Result<pb::NetMap, Status>>, Error> {
     let mut shutdown = cp.shutdown_signal();
     if *shutdown.borrow() {
@@ -122,7 +177,11 @@ pub(crate) async fn netmap_feed(
     tokio::spawn(async move {
         let _presence = presence;
         let me = node.id;
-        if tx.send(Ok(full(&view, &tailnet, revision, &cp))).await.is_err() {
+        let first = match resumed(&view, revision, since, &cp).await {
+            Some(delta) => delta,
+            None => full(&view, &tailnet, revision, &cp),
+        };
+        if tx.send(Ok(first)).await.is_err() {
             return;
         }
         loop {
@@ -193,7 +252,8 @@ impl pb::node_server::Node for NodeApi {
         req: Request<pb::WatchNetMapRequest>,
     ) -> Result<Response<Self::WatchNetMapStream>, Status> {
         let node = self.cp.authenticate_session(&req.get_ref().session_token).await?;
-        let rx = netmap_feed(&self.cp, node).await?;
+        let since = req.get_ref().since_revision;
+        let rx = netmap_feed(&self.cp, node, since).await?;
         let open = self.cp.metrics.watch_stream("netmap");
         let stream = tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), move |m| {
             let _counted = &open;

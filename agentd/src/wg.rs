@@ -15,7 +15,7 @@ use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
-use boringtun::x25519::{PublicKey, StaticSecret};
+pub use boringtun::x25519::{PublicKey, StaticSecret};
 
 use crate::filter::{PacketFilter, UdpFlows};
 

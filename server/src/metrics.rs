@@ -207,6 +207,13 @@ impl Metrics {
         for (reason, n) in drops {
             s.counter("cordon_relay_drops", "Relay frames dropped by reason", vec![("reason", reason.into())], n);
         }
+        if let Some(port) = cp.port.get() {
+            let help = "WireGuard datagrams on the server's UDP port: handed to a gateway, or claimed by none";
+            for (result, n) in [("routed", &port.routed), ("unrouted", &port.unrouted)] {
+                let n = n.load(std::sync::atomic::Ordering::Relaxed);
+                s.counter("cordon_gateway_udp_datagrams", help, vec![("result", result.into())], n);
+            }
+        }
         agentd::metrics::render(Some(&self.registry), s)
     }
 

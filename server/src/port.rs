@@ -17,6 +17,8 @@ use tokio::sync::{mpsc, watch};
 
 /// Datagrams waiting for one gateway at most; more are dropped, as a network would.
 const INBOUND_QUEUE: usize = 1024;
+/// Datagrams read per wakeup beyond the first, at most (the task yields between rounds).
+const DRAIN: usize = 63;
 
 pub struct Port {
     socket: Arc<UdpSocket>,
@@ -25,7 +27,9 @@ pub struct Port {
     next_owner: AtomicU64,
     /// Where nodes reach this port, as the gateways' node records say.
     endpoints: Mutex<Vec<SocketAddr>>,
-    /// WireGuard datagrams no gateway here claimed.
+    /// WireGuard datagrams handed to a gateway, and those no gateway here claimed (or whose gateway's
+    /// queue was full).
+    pub routed: AtomicU64,
     pub unrouted: AtomicU64,
 }
 
@@ -56,6 +60,7 @@ impl Port {
             gateways: RwLock::default(),
             next_owner: AtomicU64::new(1),
             endpoints: Mutex::new(vec![bound]),
+            routed: AtomicU64::new(0),
             unrouted: AtomicU64::new(0),
         }))
     }
@@ -96,8 +101,9 @@ impl Port {
                 },
             };
             self.handle(&buf[..n], from).await;
-            // Whatever else is waiting, without going back to the scheduler for each.
-            while let Ok((n, from)) = self.socket.try_recv_from(&mut buf) {
+            // Some more of what is waiting without going back to the scheduler for each.
+            for _ in 0..DRAIN {
+                let Ok((n, from)) = self.socket.try_recv_from(&mut buf) else { break };
                 self.handle(&buf[..n], from).await;
             }
         }
@@ -117,9 +123,8 @@ impl Port {
         };
         // A full queue drops, as a network would; WireGuard and TCP recover.
         let delivered = target.is_some_and(|g| g.inbound.try_send((from, datagram.to_vec())).is_ok());
-        if !delivered {
-            self.unrouted.fetch_add(1, Ordering::Relaxed);
-        }
+        let counter = if delivered { &self.routed } else { &self.unrouted };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 }
 

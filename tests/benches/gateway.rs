@@ -148,6 +148,44 @@ async fn litellm(llm: &FakeLlm, dir: &std::path::Path) -> Option<(tokio::process
     None
 }
 
+/// How long the server's UDP port takes to find the gateway a handshake initiation is for among
+/// `gateways` (the worst case: the last one checked), as `Port` does it.
+fn initiation_routing(gateways: usize) -> Duration {
+    use agentd::wg::{Engine, PeerConfig, StaticSecret, initiation_is_for, mac1_key};
+    let keys: Vec<[u8; 32]> =
+        (0..gateways).map(|_| Engine::new(StaticSecret::from(rand::random::<[u8; 32]>())).public_key()).collect();
+    let mac1_keys: Vec<[u8; 32]> = keys.iter().map(mac1_key).collect();
+    let mut client = Engine::new(StaticSecret::from(rand::random::<[u8; 32]>()));
+    let target = *keys.last().expect("gateways");
+    client.set_peers(vec![PeerConfig {
+        key: target,
+        addresses: vec![std::net::Ipv4Addr::new(100, 64, 0, 1).into()],
+        endpoints: vec!["127.0.0.1:9".parse().unwrap()],
+        persistent_keepalive: None,
+    }]);
+    client.send(&ipv4_packet(), std::time::Instant::now());
+    let initiation = client.poll_transmit().expect("an initiation").payload;
+    let rounds = 200;
+    let started = std::time::Instant::now();
+    for _ in 0..rounds {
+        let found = mac1_keys.iter().position(|k| initiation_is_for(std::hint::black_box(&initiation), k));
+        assert_eq!(found, Some(gateways - 1));
+    }
+    started.elapsed() / rounds
+}
+
+/// A minimal IPv4 packet to the gateway address, to make the engine start a handshake.
+fn ipv4_packet() -> Vec<u8> {
+    let mut p = vec![0u8; 28];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&28u16.to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&[100, 64, 0, 2]);
+    p[16..20].copy_from_slice(&[100, 64, 0, 1]);
+    p
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick") || std::env::var_os("CORDON_BENCH_QUICK").is_some();
@@ -175,14 +213,23 @@ async fn main() {
         "idle gateways: {idle} tailnets, each with a running gateway: {:.1} KiB RSS per tailnet (gateway, its node, its records; goal < 256 KiB)",
         per_gateway as f64 / 1024.0
     );
+    let routing = initiation_routing(idle);
+    println!(
+        "the server's UDP port routes a handshake initiation among {idle} gateways in {:.1} µs (one MAC1 per gateway); other datagrams by index",
+        routing.as_secs_f64() * 1e6
+    );
     println!();
 
     let llm = FakeLlm::start().await;
     let joined = llm::join_with_gateway(&server, &llm, "bench", "", &[]).await;
+    // The same through a server without a UDP port: the gateway is reached through the relay.
+    let relay_server = TestServer::start_configured(|c| c.stun_listen = None).await;
+    let relayed = llm::join_with_gateway(&relay_server, &llm, "bench", "", &[]).await;
     let dir = tempfile::tempdir().unwrap();
     let mut targets = vec![
         Target { name: "direct to the provider", base: format!("http://{}", llm.addr) },
         Target { name: "through the Cordon gateway", base: joined.base.clone() },
+        Target { name: "  the same, relayed", base: relayed.base.clone() },
     ];
     let lite = litellm(&llm, dir.path()).await;
     match &lite {
@@ -223,6 +270,13 @@ async fn main() {
         rows.push((seq, at_rate, rps, ttfb));
     }
     println!();
+    for (name, node) in [("gateway", &joined.node), ("relayed gateway", &relayed.node)] {
+        let t = node.status().await.traffic;
+        println!(
+            "{name}: the node's datagrams went {} direct / {} relayed out, {} / {} in",
+            t.direct_tx.packets, t.relay_tx.packets, t.direct_rx.packets, t.relay_rx.packets
+        );
+    }
     let (direct, gateway) = (&rows[0], &rows[1]);
     println!(
         "Cordon adds: sequential p50 +{} p99 +{}; at 500 req/s p50 +{} p99 +{} (goal < 1 ms); streamed TTFB p50 +{}",
@@ -237,7 +291,13 @@ async fn main() {
         gateway.2,
         gateway.2 / direct.2
     );
-    if let Some(lite) = rows.get(2) {
+    println!(
+        "relayed: {:.0} req/s = {:.2}x the direct path; sequential p50 +{} over it",
+        rows[2].2,
+        rows[2].2 / gateway.2,
+        ms(rows[2].0.p50.saturating_sub(gateway.0.p50))
+    );
+    if let Some(lite) = rows.get(3) {
         println!(
             "LiteLLM adds: sequential p50 +{} p99 +{}; at 500 req/s p99 +{}; {:.0} req/s = {:.2}x direct; Cordon/LiteLLM throughput {:.1}x",
             ms(lite.0.p50.saturating_sub(direct.0.p50)),

@@ -432,6 +432,9 @@ async fn gateways_share_the_servers_udp_port_for_direct_paths_and_the_relay_rema
     }
     let seen = llm.seen.lock().unwrap().len();
     assert!(seen >= 2, "both gateways called the provider ({seen} requests seen)");
+    let udp = server.control_plane.port.get().unwrap();
+    let routed = udp.routed.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(routed > 2 * 256 * 1024 / 1500, "the port handed the datagrams to their gateways ({routed})");
 
     // No UDP port: the gateway is advertised nowhere and answers through the relay.
     let relayed = TestServer::start_configured(|c| c.stun_listen = None).await;

@@ -3,7 +3,8 @@
 //! configured with `wg` from a node record registered through the Node API. Each runs with TUN
 //! offloads on (the default) and forced off (`AGENTD_TUN_OFFLOAD=0`), and moves 8 MiB both ways with a
 //! digest, so that segmentation and coalescing are exercised by real kernel TCP. Both tests also run
-//! over the tunnel's IPv6 addresses.
+//! over the tunnel's IPv6 addresses. And a stock `wireguard-go` reaches its tailnet's gateway on the
+//! server's UDP port.
 //!
 //! Topology per test: namespaces A and B, each with a veth to this process's namespace (where the
 //! server listens) and a veth between them that carries the WireGuard UDP traffic.
@@ -413,4 +414,58 @@ async fn wireguard_go_reaches_the_gateway_on_the_servers_udp_port() {
     assert!(handshakes.contains(&gateway_key), "wireguard-go shook hands with the gateway: {handshakes}");
     let port = server.control_plane.port.get().expect("the UDP port").clone();
     assert_eq!(port.local_addr().unwrap().port().to_string(), udp_port);
+}
+
+/// Two `agentd` in TUN mode, in namespaces that cannot exchange UDP, each connected to a different
+/// replica of one PostgreSQL-backed deployment: they still reach each other through the relay mesh
+/// (replica 1 forwards to replica 2), and 8 MiB arrive intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agentd_on_two_replicas_with_udp_blocked_meet_through_the_relay_mesh() {
+    let test = "agentd_on_two_replicas_with_udp_blocked_meet_through_the_relay_mesh";
+    if let Some(reason) = netns::skip_reason(&["ip", "python3", "iptables"]) {
+        return netns::skip(test, &reason);
+    }
+    let Some(db) = cordon_tests::pg::database(test).await else { return };
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let replica = |dir: std::path::PathBuf| {
+        let db = db.clone();
+        async move {
+            TestServer::launch(&dir, "0.0.0.0:0", move |c| {
+                c.store = Some(cordon_server::store::StoreUrl::Postgres(db));
+                c.stun_listen = None;
+            })
+            .await
+        }
+    };
+    let r1 = replica(dirs.0.path().to_path_buf()).await;
+    let r2 = replica(dirs.1.path().to_path_buf()).await;
+    let mut admin = r1.admin().await;
+    let tailnet = create_tailnet(&mut admin, "meshns").await;
+    let (_, secret) = create_key(&mut admin, &tailnet.id, true, false).await;
+
+    // A and B reach the host (where the replicas listen) and nothing else; UDP between them is dropped
+    // even if the host forwards.
+    let a = Netns::new("a");
+    let b = Netns::new("b");
+    netns::veth(&a, "10.223.1.2", None, "10.223.1.1");
+    netns::veth(&b, "10.223.2.2", None, "10.223.2.1");
+    a.run(&["ip", "route", "add", "10.223.2.0/24", "via", "10.223.1.1"]);
+    b.run(&["ip", "route", "add", "10.223.1.0/24", "via", "10.223.2.1"]);
+    a.run(&["iptables", "-A", "OUTPUT", "-p", "udp", "-d", "10.223.2.0/24", "-j", "DROP"]);
+    b.run(&["iptables", "-A", "OUTPUT", "-p", "udp", "-d", "10.223.1.0/24", "-j", "DROP"]);
+
+    let server_a = format!("http://10.223.1.1:{}", r1.addr.port());
+    let server_b = format!("http://10.223.2.1:{}", r2.addr.port());
+    let states = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let agent = |ns, server, state, name, advertise| Agent { ns, server, secret: &secret, state, name, advertise };
+    let _alpha = agentd_tun(agent(&a, &server_a, states.0.path(), "alpha", "10.223.1.2"), Offload::On);
+    let _beta = agentd_tun(agent(&b, &server_b, states.1.path(), "beta", "10.223.2.2"), Offload::On);
+    node_named(&mut admin, &tailnet.id, "alpha").await;
+    let beta = node_named(&mut admin, &tailnet.id, "beta").await;
+    let beta_addr = beta.addresses[0].clone();
+
+    let _digest = python_server(&b, DIGEST_SERVER, &beta_addr, 7401);
+    bulk_transfer(&a, &beta_addr, 7401, "alpha (replica 1) to beta (replica 2)").await;
+    let forwarded = admin.get_relay_stats(pb::GetRelayStatsRequest {}).await.unwrap().into_inner().forwarded_bytes;
+    assert!(forwarded > 8 << 20, "replica 1 carried the data onto the mesh: {forwarded} bytes");
 }

@@ -2,7 +2,8 @@
 //! other in revision order; nodes on different replicas reach each other through the relay mesh, and
 //! frames still never cross tailnets; a single-use key admits one node however the registrations are
 //! spread; and when a replica is killed (`kill -9`) with traffic flowing, its nodes move to another, a
-//! direct TCP connection survives, and the tailnet's gateway comes back elsewhere with its budgets.
+//! direct TCP connection survives, netmap streams resume with a delta, and the tailnet's gateway comes
+//! back elsewhere with its budgets, advertised at its new replica's UDP port.
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -253,14 +253,18 @@ pub fn mac1_key(public: &Key) -> [u8; 32] {
 }
 
 /// The receiver index of a handshake response, cookie reply or data message (`None` for anything
-/// else): what routes it to its engine and peer.
+/// else): what routes it to its engine and peer. A response carries the responder's own index first and
+/// the receiver's after it; a cookie reply and a data message start with the receiver's.
 pub fn receiver_index(datagram: &[u8]) -> Option<u32> {
-    match message_type(datagram) {
-        2..=4 if datagram.len() >= 8 && datagram[1..4] == [0, 0, 0] => {
-            Some(u32::from_le_bytes(datagram[4..8].try_into().expect("four bytes")))
-        }
-        _ => None,
+    if datagram.len() < 32 || datagram[1..4] != [0, 0, 0] {
+        return None;
     }
+    let at = match message_type(datagram) {
+        HANDSHAKE_RESPONSE => 8,
+        COOKIE_REPLY | DATA => 4,
+        _ => return None,
+    };
+    Some(u32::from_le_bytes(datagram[at..at + 4].try_into().expect("four bytes")))
 }
 
 pub struct Engine {
@@ -303,6 +307,7 @@ fn message_type(datagram: &[u8]) -> u8 {
 
 const HANDSHAKE_INIT: u8 = 1;
 const HANDSHAKE_RESPONSE: u8 = 2;
+const COOKIE_REPLY: u8 = 3;
 const DATA: u8 = 4;
 const MAX_QUEUE: usize = 256;
 
@@ -1210,6 +1215,10 @@ mod tests {
         const G2: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
         let shared_socket = endpoint(9);
         let space = Arc::new(SharedIndices::default());
+        // Others on the socket took the first indices: the gateways' differ from the client's own.
+        for _ in 0..4 {
+            space.allocate(99);
+        }
         let mut client = Engine::new(StaticSecret::from([3u8; 32]));
         let mut gateways: Vec<Engine> = (0..2u8).map(|i| Engine::new(StaticSecret::from([4 + i; 32]))).collect();
         for (owner, g) in gateways.iter_mut().enumerate() {
@@ -1228,7 +1237,7 @@ mod tests {
             persistent_keepalive: None,
         };
         client.set_peers(vec![peer(&gateways[0], G1), peer(&gateways[1], G2)]);
-        assert_eq!(space.len(), 2, "one index per gateway peer, from one space");
+        assert_eq!(space.len(), 6, "one index per gateway peer, from one space");
         let keys: Vec<[u8; 32]> = gateways.iter().map(|g| mac1_key(&g.public_key())).collect();
         let now = Instant::now();
         client.send(&packet(A_ADDR, G1, b"to one"), now);
@@ -1263,13 +1272,40 @@ mod tests {
             }
         }
         assert!(routed.iter().all(|n| *n >= 2), "each got its initiation and data: {routed:?}");
+        // The other way: each gateway starts a handshake (as after a takeover); the client's responses
+        // and data come back through the demultiplexer by the index the response names as receiver.
+        for g in &mut gateways {
+            g.rehandshake(&client.public_key(), now);
+        }
+        for (owner, g) in gateways.iter_mut().enumerate() {
+            let init = g.poll_transmit().expect("an initiation");
+            client.receive(endpoint(10 + owner as u16), &init.payload, now);
+        }
+        let mut responses = 0;
+        while let Some(t) = client.poll_transmit() {
+            let index = receiver_index(&t.payload).expect("a response names its receiver");
+            let owner = space.owner(index).expect("an index of the space") as usize;
+            responses += 1;
+            gateways[owner].receive(endpoint(1), &t.payload, now);
+        }
+        assert_eq!(responses, 2);
+        let handshakes: Vec<u64> = gateways.iter().map(|g| g.traffic().handshakes).collect();
+        assert_eq!(handshakes, [2, 2], "each completed the one it started (after the client's)");
         let delivered: Vec<Vec<u8>> = gateways.iter_mut().map(|g| g.poll_local().expect("delivered")).collect();
         assert!(delivered[0].ends_with(b"to one") && delivered[1].ends_with(b"to two"));
         assert!(!initiation_is_for(&[1u8; 148], &keys[0]), "a forged MAC1 matches nobody");
-        assert_eq!(receiver_index(&[4, 0, 0, 0, 1, 2, 3, 4]), Some(0x0403_0201));
-        assert_eq!(receiver_index(&[1, 0, 0, 0, 1, 2, 3, 4]), None, "an initiation names no receiver");
+        let message = |kind: u8| {
+            let mut m = vec![kind, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+            m.resize(32, 0);
+            m
+        };
+        assert_eq!(receiver_index(&message(4)), Some(0x0403_0201), "data: the receiver comes first");
+        assert_eq!(receiver_index(&message(3)), Some(0x0403_0201), "a cookie reply: the same");
+        assert_eq!(receiver_index(&message(2)), Some(0x0807_0605), "a response: after the sender's index");
+        assert_eq!(receiver_index(&message(1)), None, "an initiation names no receiver");
+        assert_eq!(receiver_index(&message(4)[..8]), None, "too short to be WireGuard");
         drop(gateways.pop());
-        assert_eq!(space.len(), 1, "a dropped engine gives its indices back");
+        assert_eq!(space.len(), 5, "a dropped engine gives its indices back");
     }
 
     #[test]

@@ -131,6 +131,42 @@ async fn bulk_transfer(ns: &Netns, addr: &str, port: u16, what: &str) {
     assert_eq!(reply, "match", "{what}: the bytes that arrived differ from those sent");
 }
 
+/// A WireGuard key pair made by `wg` (private, public; base64).
+fn wg_keys() -> (String, String) {
+    let private = String::from_utf8(netns::run(&["wg", "genkey"]).stdout).unwrap().trim().to_string();
+    let mut pubkey = std::process::Command::new("wg")
+        .arg("pubkey")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(pubkey.stdin.as_mut().unwrap(), private.as_bytes()).unwrap();
+    let public = String::from_utf8(pubkey.wait_with_output().unwrap().stdout).unwrap().trim().to_string();
+    (private, public)
+}
+
+/// Debian's wireguard-go running in `ns` with a new interface (its name), once the interface exists;
+/// both go when the returned guard drops.
+async fn wireguard_go(ns: &Netns) -> (String, (Child, netns::WireguardSocket)) {
+    let iface = netns::unique("wg");
+    let socket = netns::WireguardSocket::new(&iface);
+    let child = ns
+        .tokio_command("wireguard-go")
+        .args(["-f", &iface])
+        .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(10), "wireguard-go's interface", || async {
+        let out = ns.tokio_command("ip").args(["link", "show", &iface]).output().await.ok()?;
+        out.status.success().then_some(())
+    })
+    .await;
+    (iface, (child, socket))
+}
+
 async fn node_named(admin: &mut Admin, tailnet: &str, hostname: &str) -> pb::NodeInfo {
     eventually(Duration::from_secs(20), &format!("{hostname} to register"), || {
         let mut admin = admin.clone();
@@ -222,15 +258,7 @@ async fn interop(subnet: u8, offload: Offload, test: &str) {
     let s = sites(subnet, server.addr.port());
 
     // wireguard-go's identity, registered through the Node API like any node.
-    let private = String::from_utf8(netns::run(&["wg", "genkey"]).stdout).unwrap().trim().to_string();
-    let mut pubkey = std::process::Command::new("wg")
-        .arg("pubkey")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(pubkey.stdin.as_mut().unwrap(), private.as_bytes()).unwrap();
-    let public = String::from_utf8(pubkey.wait_with_output().unwrap().stdout).unwrap().trim().to_string();
+    let (private, public) = wg_keys();
     let mut req = register_request(&secret, "wggo");
     req.wireguard_public_key = base64::engine::general_purpose::STANDARD.decode(&public).unwrap();
     req.endpoints = vec![format!("{}:51821", s.b_link)];
@@ -253,21 +281,7 @@ async fn interop(subnet: u8, offload: Offload, test: &str) {
     let (agent_addr, agent_addr6) = (agent.addresses[0].clone(), agent.addresses[1].clone());
 
     // wireguard-go in B, configured with wg from the node records.
-    let iface = netns::unique("wg");
-    let _socket = netns::WireguardSocket::new(&iface);
-    let _wireguard_go =
-        s.b.tokio_command("wireguard-go")
-            .args(["-f", &iface])
-            .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-    eventually(Duration::from_secs(10), "wireguard-go's interface", || async {
-        let out = s.b.tokio_command("ip").args(["link", "show", &iface]).output().await.ok()?;
-        out.status.success().then_some(())
-    })
-    .await;
+    let (iface, _wireguard_go) = wireguard_go(&s.b).await;
     let key_file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(key_file.path(), &private).unwrap();
     s.b.run(&[
@@ -335,15 +349,7 @@ async fn wireguard_go_reaches_the_gateway_on_the_servers_udp_port() {
     let b = Netns::new("b");
     netns::veth(&b, "10.219.2.2", None, "10.219.2.1");
 
-    let private = String::from_utf8(netns::run(&["wg", "genkey"]).stdout).unwrap().trim().to_string();
-    let mut pubkey = std::process::Command::new("wg")
-        .arg("pubkey")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(pubkey.stdin.as_mut().unwrap(), private.as_bytes()).unwrap();
-    let public = String::from_utf8(pubkey.wait_with_output().unwrap().stdout).unwrap().trim().to_string();
+    let (private, public) = wg_keys();
     let mut req = register_request(&secret, "stock");
     req.wireguard_public_key = base64::engine::general_purpose::STANDARD.decode(&public).unwrap();
     req.endpoints = vec!["10.219.2.2:51822".into()];
@@ -360,22 +366,7 @@ async fn wireguard_go_reaches_the_gateway_on_the_servers_udp_port() {
     let udp_port = gateway.endpoints.first().and_then(|e| e.rsplit_once(':')).expect("an endpoint").1.to_string();
     assert!(gateway.endpoints[0].starts_with("0.0.0.0:"), "{:?}", gateway.endpoints);
 
-    let iface = netns::unique("wg");
-    let _socket = netns::WireguardSocket::new(&iface);
-    let _wireguard_go = b
-        .tokio_command("wireguard-go")
-        .args(["-f", &iface])
-        .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    eventually(Duration::from_secs(10), "wireguard-go's interface", || async {
-        let out = b.tokio_command("ip").args(["link", "show", &iface]).output().await.ok()?;
-        out.status.success().then_some(())
-    })
-    .await;
+    let (iface, _wireguard_go) = wireguard_go(&b).await;
     let key_file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(key_file.path(), &private).unwrap();
     b.run(&[

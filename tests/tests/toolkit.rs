@@ -1,5 +1,5 @@
 //! The operators' toolkit: `/metrics` on the server and on agentd, moved by the right amounts by joins,
-//! relayed traffic and gateway calls; `--log-format json` from both binaries, every line JSON and none
+//! gateway calls (on the server's UDP port); `--log-format json` from both binaries, every line JSON and none
 //! holding a secret; and the CLI's newer subcommands end to end with `--json`.
 
 use std::process::{Output, Stdio};
@@ -93,8 +93,9 @@ async fn server_metrics_count_calls_nodes_relay_and_gateway_requests() {
     assert_eq!(value(&after, "cordon_grpc_requests_total", &invalid), 1.0);
     assert!(value(&after, "cordon_store_commit_duration_seconds_count", &[]) >= 3.0, "{after}");
 
-    // The gateway is reached through the relay: its frames are counted.
-    assert!(value(&after, "cordon_relay_frames_total", &[]) > value(&before, "cordon_relay_frames_total", &[]));
+    // The gateway is reached on a direct path, through the server's UDP port: its datagrams are counted there.
+    let routed = [("result", "routed")];
+    assert!(value(&after, "cordon_gateway_udp_datagrams_total", &routed) >= f64::from(calls), "{after}");
     assert_eq!(value(&after, "cordon_tailnets", &[]), 1.0);
     assert_eq!(value(&after, "cordon_nodes", &[("state", "online")]), 1.0, "{after}");
     assert_eq!(value(&after, "cordon_nodes", &[("state", "offline")]), 0.0);
@@ -104,9 +105,9 @@ async fn server_metrics_count_calls_nodes_relay_and_gateway_requests() {
 
     // The node's own counters, as `agentd up --metrics-listen` serves them.
     let node = agentd::metrics::render(None, agentd::metrics::node_sample(&joined.node.status().await));
-    let relayed_tx = [("path", "relay"), ("direction", "tx")];
-    assert!(value(&node, "agentd_wireguard_packets_total", &relayed_tx) >= f64::from(calls), "{node}");
-    assert!(value(&node, "agentd_wireguard_bytes_total", &[("path", "relay"), ("direction", "rx")]) > 0.0);
+    let direct_tx = [("path", "direct"), ("direction", "tx")];
+    assert!(value(&node, "agentd_wireguard_packets_total", &direct_tx) >= f64::from(calls), "{node}");
+    assert!(value(&node, "agentd_wireguard_bytes_total", &[("path", "direct"), ("direction", "rx")]) > 0.0);
     assert!(value(&node, "agentd_handshakes_total", &[]) >= 1.0);
     assert_eq!(value(&node, "agentd_up", &[]), 1.0);
 

@@ -241,6 +241,8 @@ pub struct Follow {
     pub commands: mpsc::UnboundedSender<Command>,
     pub shutdown: watch::Receiver<bool>,
     pub server_host: String,
+    /// `server_host`'s address once looked up (for peers advertised at "the server's host").
+    pub server_ip: std::sync::Mutex<Option<std::net::IpAddr>>,
     pub reconnects: Arc<Reconnects>,
 }
 
@@ -501,16 +503,28 @@ pub fn server_host(server: &str) -> String {
     }
 }
 
+/// The IPv4 address of `server_host` (blocking: a name is looked up).
+pub fn server_ip(server_host: &str) -> Option<std::net::IpAddr> {
+    resolve_stun(&format!("{server_host}:0"), server_host).map(|a| a.ip())
+}
+
 /// Peer endpoints with an unspecified address (`0.0.0.0:port`) mean "the server's host": a server that
 /// does not know which of its addresses nodes reach puts its gateway's UDP port so. They are given the
 /// host the node reaches the server at, or dropped when it does not resolve.
-pub fn server_endpoints(mut peers: Vec<PeerConfig>, server_host: &str) -> Vec<PeerConfig> {
-    let mut server = None;
+/// `server` is asked at most once, and only when some peer has such an endpoint.
+pub fn server_endpoints(
+    mut peers: Vec<PeerConfig>,
+    server: impl FnOnce() -> Option<std::net::IpAddr>,
+) -> Vec<PeerConfig> {
+    let mut server = Some(server);
+    let mut ip = None;
     for peer in &mut peers {
         if !peer.endpoints.iter().any(|e| e.ip().is_unspecified()) {
             continue;
         }
-        let ip = *server.get_or_insert_with(|| resolve_stun(&format!("{server_host}:0"), server_host).map(|a| a.ip()));
+        if let Some(resolve) = server.take() {
+            ip = resolve();
+        }
         peer.endpoints = peer
             .endpoints
             .iter()
@@ -525,7 +539,15 @@ pub fn server_endpoints(mut peers: Vec<PeerConfig>, server_host: &str) -> Vec<Pe
 }
 
 fn publish(f: &Follow, map: NetMap) {
-    let _ = f.commands.send(Command::SetPeers(server_endpoints(map.peer_configs(), &f.server_host)));
+    // Looked up once and kept: a netmap message must not wait on DNS, and a failed lookup keeps the last.
+    let server = || {
+        let mut known = f.server_ip.lock().unwrap();
+        if known.is_none() {
+            *known = server_ip(&f.server_host);
+        }
+        *known
+    };
+    let _ = f.commands.send(Command::SetPeers(server_endpoints(map.peer_configs(), server)));
     {
         let current = f.netmap.borrow();
         if current.stun != map.stun || current.relay != map.relay {
@@ -567,11 +589,18 @@ mod tests {
             persistent_keepalive: None,
         };
         let peers = vec![peer(&["0.0.0.0:3478", "192.0.2.7:3478"]), peer(&["198.51.100.1:41641"])];
-        let resolved = server_endpoints(peers.clone(), "203.0.113.5");
+        let resolved = server_endpoints(peers.clone(), || Some([203, 0, 113, 5].into()));
         assert_eq!(resolved[0].endpoints, peer(&["203.0.113.5:3478", "192.0.2.7:3478"]).endpoints);
         assert_eq!(resolved[1], peers[1], "a peer without one is left as it is");
         // A hosted node knows no server host: the endpoint is dropped rather than dialled at 0.0.0.0.
-        assert_eq!(server_endpoints(peers.clone(), "")[0].endpoints, peer(&["192.0.2.7:3478"]).endpoints);
+        assert_eq!(server_endpoints(peers.clone(), || None)[0].endpoints, peer(&["192.0.2.7:3478"]).endpoints);
+        let asked = std::cell::Cell::new(0);
+        server_endpoints(vec![peers[1].clone()], || {
+            asked.set(asked.get() + 1);
+            None
+        });
+        assert_eq!(asked.get(), 0, "no lookup without such an endpoint");
+        assert_eq!(server_ip("198.51.100.9"), Some([198, 51, 100, 9].into()));
     }
 
     #[tokio::test]

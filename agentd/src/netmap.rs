@@ -174,6 +174,10 @@ impl NetMap {
         if let Some(gateway) = delta.gateway.as_ref().and_then(Peer::from_proto) {
             self.gateway_peer = Some(gateway);
         }
+        if let Some(paths) = &delta.paths {
+            self.stun = paths.stun_address.clone();
+            self.relay = paths.relay;
+        }
     }
 
     /// This node's IPv4 address.

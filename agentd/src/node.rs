@@ -298,7 +298,12 @@ impl Node {
         if let dataplane::Socket::Shared(shared) = &socket {
             engine.share_indices(shared.indices.clone(), shared.owner);
         }
-        let peers = control::server_endpoints(netmap.peer_configs(), &server_host);
+        let server_ip = std::sync::Mutex::new(None);
+        let peers = control::server_endpoints(netmap.peer_configs(), || {
+            let ip = control::server_ip(&server_host);
+            *server_ip.lock().unwrap() = ip;
+            ip
+        });
         engine.set_peers(match &socket {
             dataplane::Socket::RelayOnly => dataplane::relay_only(peers),
             _ => peers,
@@ -324,6 +329,7 @@ impl Node {
             commands: commands.clone(),
             shutdown: shutdown_rx,
             server_host,
+            server_ip,
             reconnects: reconnects.clone(),
         };
         let follower = tokio::spawn(control::follow(follow, stream));

@@ -110,7 +110,10 @@ impl Port {
     }
 
     async fn handle(&self, datagram: &[u8], from: SocketAddr) {
-        if agentd::stun::is_stun(datagram) {
+        // WireGuard first: a receiver index can look like STUN's magic cookie, and a binding request (the
+        // only STUN message answered) starts with 0x00, never with a WireGuard type and three zero bytes.
+        let wireguard = datagram.len() >= 4 && (1..=4).contains(&datagram[0]) && datagram[1..4] == [0, 0, 0];
+        if !wireguard {
             if let Some(transaction) = agentd::stun::parse_request(datagram) {
                 let _ = self.socket.send_to(&agentd::stun::response(transaction, from), from).await;
             }

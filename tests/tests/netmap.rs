@@ -346,6 +346,7 @@ async fn a_reconnecting_node_resumes_from_its_revision_with_a_delta() {
     assert!(d.peers_added.is_empty() && !d.gateway_removed, "{d:?}");
     assert_eq!(d.self_.as_ref().map(|n| n.id.clone()), Some(id(&a)));
     assert!(d.filter.is_some(), "the filter comes along: {d:?}");
+    assert!(d.paths.is_some(), "and the answering server's paths (STUN address, relay): {d:?}");
     assert!(d.peers_updated.iter().chain(&d.peers_added).all(|p| p.id != id(&untouched)), "nothing unchanged");
 
     // Up to date already: an empty delta at the same revision.

@@ -29,6 +29,11 @@ impl NodeApi {
     }
 }
 
+/// This server's paths: its STUN reflector (the gateways' UDP port) and the relay.
+fn paths(cp: &ControlPlane) -> pb::PathInfo {
+    pb::PathInfo { stun_address: cp.stun_address.lock().unwrap().clone().unwrap_or_default(), relay: true }
+}
+
 fn full(view: &NetView, tailnet: &Tailnet, revision: u64, cp: &ControlPlane) -> pb::NetMap {
     let hub = cp.hub();
     pb::NetMap {
@@ -43,10 +48,7 @@ fn full(view: &NetView, tailnet: &Tailnet, revision: u64, cp: &ControlPlane) -> 
             cidr6: convert::cidr6(tailnet),
             gateway_address: tailnet.cidr.gateway().to_string(),
             filter: Some(convert::packet_filter(view.filter().as_deref(), Ipv6Map::of(tailnet.id))),
-            paths: Some(pb::PathInfo {
-                stun_address: cp.stun_address.lock().unwrap().clone().unwrap_or_default(),
-                relay: true,
-            }),
+            paths: Some(paths(cp)),
         })),
     }
 }
@@ -118,6 +120,7 @@ async fn resumed(view: &NetView, revision: u64, since: u64, cp: &ControlPlane) -
         filter: Some(convert::packet_filter(view.filter().as_deref(), Ipv6Map::of(me.tailnet_id))),
         gateway: visible.values().find(|n| n.gateway).map(|n| convert::node(n, hub)),
         gateway_removed: gateway_id.is_some_and(|g| touched.contains(&g) && !visible.contains_key(&g)),
+        paths: Some(paths(cp)),
     };
     Some(pb::NetMap { revision, update: Some(pb::net_map::Update::Delta(message)) })
 }
@@ -150,6 +153,7 @@ fn translate(view: &mut NetView, update: &NetMapUpdate, cp: &ControlPlane) -> (O
             .then(|| convert::packet_filter(view.filter().as_deref(), Ipv6Map::of(view.me().tailnet_id))),
         gateway: delta.added.iter().chain(&delta.updated).find(|n| n.gateway).map(|n| convert::node(n, hub)),
         gateway_removed: gateway_id.is_some_and(|g| delta.removed.contains(&g)),
+        paths: None,
     };
     (Some(pb::NetMap { revision: update.revision, update: Some(pb::net_map::Update::Delta(message)) }), false)
 }

@@ -253,14 +253,13 @@ async fn run(cp: &Arc<ControlPlane>, tailnet: TailnetId, mut stop: tokio::sync::
     let public = record.wireguard_public_key;
     // Direct paths through this server's UDP port, where it has one; nodes learn where from the
     // gateway's record (it moves with the lease).
-    let (socket, _attachment) = match cp.port.get() {
+    let (socket, _attachment, endpoints) = match cp.port.get() {
         Some(port) => {
             let (socket, attachment) = port.attach(&public);
-            (Some(socket), Some(attachment))
+            (Some(socket), Some(attachment), port.endpoints())
         }
-        None => (None, None),
+        None => (None, None, Vec::new()),
     };
-    let endpoints = cp.port.get().map(|p| p.endpoints()).unwrap_or_default();
     if record.endpoints != endpoints {
         cp.set_endpoints(node_id, endpoints).await?;
     }

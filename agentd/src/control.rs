@@ -2,12 +2,13 @@
 //! with jittered backoff until the server says the identity is gone.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use cordon_proto::v1 as pb;
 use cordon_proto::v1::node_client::NodeClient;
 use futures::StreamExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::dataplane::Command;
@@ -259,18 +260,21 @@ pub struct Reconnects {
 /// The node's side of the relay: its stream's two directions, and what to tell when it comes back.
 pub struct RelayLink {
     pub outbound: mpsc::Receiver<(crate::wg::Key, Vec<u8>)>,
-    pub inbound: mpsc::Sender<(crate::wg::Key, Vec<u8>)>,
+    /// Each relay stream, as it opens, for the data plane to read (see [`RelayInbound`]).
+    pub inbound: mpsc::Sender<RelayConnection>,
     pub netmap: watch::Receiver<Arc<NetMap>>,
     pub commands: mpsc::UnboundedSender<Command>,
     pub reconnects: Arc<Reconnects>,
 }
 
-/// Keeps the node's relay stream open (reconnecting with backoff) and moves frames both ways. When the
+/// Keeps the node's relay stream open (reconnecting with backoff); the frames themselves go between the
+/// stream and the data plane without passing through this task ([`RelayOutbound`], [`RelayInbound`]). When the
 /// stream comes back after a break the server has likely restarted, and with it the tailnet's gateway,
 /// which lost its WireGuard sessions: the node starts a new handshake with it at once instead of waiting
 /// out WireGuard's 15 s of unanswered data.
 pub async fn relay(servers: Servers, session_token: String, link: RelayLink, mut shutdown: watch::Receiver<bool>) {
-    let RelayLink { mut outbound, inbound, netmap, commands, reconnects } = link;
+    let RelayLink { outbound, inbound, netmap, commands, reconnects } = link;
+    let outbound = Arc::new(RelayOutbound { frames: std::sync::Mutex::new(outbound), stream: AtomicU64::new(0) });
     let mut backoff = Duration::from_millis(250);
     let mut connected_before = false;
     loop {
@@ -291,8 +295,7 @@ pub async fn relay(servers: Servers, session_token: String, link: RelayLink, mut
                 continue;
             }
         };
-        let (tx, rx) = mpsc::channel::<pb::RelayPacket>(256);
-        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let mut request = tonic::Request::new(RelayOutbound::stream(&outbound));
         if let Ok(value) = format!("Bearer {session_token}").parse() {
             request.metadata_mut().insert("authorization", value);
         }
@@ -311,33 +314,17 @@ pub async fn relay(servers: Servers, session_token: String, link: RelayLink, mut
                     }
                 }
                 connected_before = true;
-                let mut frames = response.into_inner();
-                loop {
-                    tokio::select! {
-                        _ = crate::stopped(&mut shutdown) => return,
-                        out = outbound.recv() => match out {
-                            // What else is waiting goes in the same message.
-                            Some(first) => {
-                                let _ = tx.try_send(batch(first, &mut outbound));
-                            }
-                            None => return,
-                        },
-                        frame = frames.message() => match frame {
-                            Ok(Some(p)) => {
-                                let single = (!p.peer_key.is_empty()).then_some(pb::RelayFrame { peer_key: p.peer_key, data: p.data });
-                                for f in single.into_iter().chain(p.frames) {
-                                    if let Ok(key) = <crate::wg::Key>::try_from(f.peer_key.as_slice()) {
-                                        let _ = inbound.try_send((key, f.data));
-                                    }
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(status) => {
-                                tracing::debug!(error = %status.message(), "relay stream ended; reconnecting");
-                                break;
-                            }
-                        },
-                    }
+                // The data plane reads the stream itself and lets go of it when it ends.
+                let (reading, ended) = oneshot::channel();
+                if inbound.send(RelayConnection { frames: response.into_inner(), _reading: reading }).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    _ = crate::stopped(&mut shutdown) => return,
+                    _ = ended => {}
+                }
+                if outbound.frames.lock().unwrap().is_closed() {
+                    return;
                 }
                 // Its server likely went away: start with another.
                 servers.rotate();
@@ -360,6 +347,109 @@ pub async fn relay(servers: Servers, session_token: String, link: RelayLink, mut
 /// Frames and bytes per relay message, at most: under the server's 256 KiB request limit.
 const RELAY_BATCH: usize = 64;
 const RELAY_BATCH_BYTES: usize = 192 * 1024;
+
+/// A relay stream that opened, for the data plane to read; dropped when it ends, which tells the relay
+/// task to open another.
+pub struct RelayConnection {
+    frames: tonic::Streaming<pb::RelayPacket>,
+    _reading: oneshot::Sender<()>,
+}
+
+/// The frames of the node's relay streams, one after another, read where they are used (the data plane)
+/// so that a frame takes no extra task on its way in. Ends when the relay task does.
+pub struct RelayInbound {
+    connections: mpsc::Receiver<RelayConnection>,
+    current: Option<RelayConnection>,
+    /// The rest of the last message's frames.
+    frames: std::collections::VecDeque<(crate::wg::Key, Vec<u8>)>,
+}
+
+impl RelayInbound {
+    pub fn new(connections: mpsc::Receiver<RelayConnection>) -> Self {
+        RelayInbound { connections, current: None, frames: Default::default() }
+    }
+}
+
+impl futures::Stream for RelayInbound {
+    type Item = (crate::wg::Key, Vec<u8>);
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        loop {
+            if let Some(frame) = this.frames.pop_front() {
+                return Poll::Ready(Some(frame));
+            }
+            match this.connections.poll_recv(cx) {
+                // A newer stream replaces the one before.
+                Poll::Ready(Some(connection)) => {
+                    this.current = Some(connection);
+                    continue;
+                }
+                Poll::Ready(None) if this.current.is_none() => return Poll::Ready(None),
+                _ => {}
+            }
+            let Some(current) = this.current.as_mut() else { return Poll::Pending };
+            match current.frames.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(p))) => {
+                    let single =
+                        (!p.peer_key.is_empty()).then_some(pb::RelayFrame { peer_key: p.peer_key, data: p.data });
+                    for f in single.into_iter().chain(p.frames) {
+                        if let Ok(key) = <crate::wg::Key>::try_from(f.peer_key.as_slice()) {
+                            this.frames.push_back((key, f.data));
+                        }
+                    }
+                }
+                Poll::Ready(ended) => {
+                    if let Some(Err(status)) = ended {
+                        tracing::debug!(error = %status.message(), "relay stream ended; reconnecting");
+                    }
+                    this.current = None;
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+/// The node's outbound relay frames, read by its relay stream of the moment: the HTTP/2 connection
+/// takes them from the data plane's queue as it sends, so a frame takes no extra task on its way out.
+struct RelayOutbound {
+    frames: std::sync::Mutex<mpsc::Receiver<(crate::wg::Key, Vec<u8>)>>,
+    /// The number of the newest stream; an older one (of a connection on its way out) reads nothing.
+    stream: AtomicU64,
+}
+
+impl RelayOutbound {
+    fn stream(this: &Arc<Self>) -> OutboundStream {
+        let number = this.stream.fetch_add(1, Ordering::Relaxed) + 1;
+        OutboundStream { shared: this.clone(), number }
+    }
+}
+
+struct OutboundStream {
+    shared: Arc<RelayOutbound>,
+    number: u64,
+}
+
+impl futures::Stream for OutboundStream {
+    type Item = pb::RelayPacket;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if self.shared.stream.load(Ordering::Relaxed) != self.number {
+            return std::task::Poll::Ready(None);
+        }
+        let mut frames = self.shared.frames.lock().unwrap();
+        // What else is waiting goes in the same message.
+        frames.poll_recv(cx).map(|first| first.map(|first| batch(first, &mut frames)))
+    }
+}
 
 /// One relay message: `first` and whatever else is queued, up to the batch limits.
 fn batch(
@@ -564,6 +654,26 @@ fn publish(f: &Follow, map: NetMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_newest_relay_stream_reads_the_outbound_frames_in_batches_and_an_older_one_stops() {
+        let (tx, rx) = mpsc::channel(16);
+        let outbound = Arc::new(RelayOutbound { frames: std::sync::Mutex::new(rx), stream: AtomicU64::new(0) });
+        let mut old = RelayOutbound::stream(&outbound);
+        tx.send(([1; 32], vec![1; 100])).await.unwrap();
+        tx.send(([2; 32], vec![2; 200])).await.unwrap();
+        let packet = old.next().await.unwrap();
+        let frames: Vec<_> = packet.frames.iter().map(|f| (f.peer_key[0], f.data.len())).collect();
+        assert_eq!(frames, [(1, 100), (2, 200)], "what waited goes in one message, in order");
+
+        // A reconnect: the stream of the connection on its way out ends and leaves the frames alone.
+        let mut new = RelayOutbound::stream(&outbound);
+        tx.send(([3; 32], vec![3; 10])).await.unwrap();
+        assert!(old.next().await.is_none());
+        assert_eq!(new.next().await.unwrap().frames[0].peer_key, vec![3; 32]);
+        drop(tx);
+        assert!(new.next().await.is_none(), "ends when the data plane does");
+    }
 
     #[test]
     fn servers_are_a_comma_separated_list_of_urls_tried_in_turn() {

@@ -50,6 +50,22 @@ pub struct Mailbox {
 }
 
 impl Mailbox {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Mailbox { frames: Mutex::default(), ready: Notify::new() })
+    }
+
+    /// Queues one frame (dropping the oldest when full) and wakes the stream.
+    pub fn push(&self, from: Key, data: Vec<u8>) -> bool {
+        let overflow = {
+            let mut frames = self.frames.lock().unwrap();
+            let overflow = frames.len() >= MAILBOX && frames.pop_front().is_some();
+            frames.push_back((from, data));
+            overflow
+        };
+        self.ready.notify_one();
+        !overflow
+    }
+
     /// Takes up to `max` frames and about `max_bytes` (at least one frame); if more wait, `ready`
     /// stays signalled for the next round.
     pub fn take(&self, max: usize, max_bytes: usize) -> Vec<(Key, Vec<u8>)> {
@@ -118,9 +134,14 @@ impl Drop for Registration<'_> {
 impl Relays {
     /// Opens `key`'s mailbox in `tailnet` (replacing an older stream's).
     pub fn register(&self, tailnet: TailnetId, key: Key) -> (Arc<Mailbox>, Registration<'_>) {
-        let mailbox = Arc::new(Mailbox { frames: Mutex::default(), ready: Notify::new() });
+        let mailbox = Mailbox::new();
+        (mailbox.clone(), self.open(tailnet, key, mailbox))
+    }
+
+    /// Opens `key`'s mailbox in `tailnet` with a mailbox made beforehand.
+    pub fn open(&self, tailnet: TailnetId, key: Key, mailbox: Arc<Mailbox>) -> Registration<'_> {
         self.mailboxes.lock().unwrap().insert((tailnet, key), mailbox.clone());
-        (mailbox.clone(), Registration { relays: self, key: (tailnet, key), mailbox })
+        Registration { relays: self, key: (tailnet, key), mailbox }
     }
 
     /// Forwards one frame from `from` to `to`, both of `tailnet`, when `to`'s stream is on this server;
@@ -168,15 +189,9 @@ impl Relays {
             return Err(data);
         };
         let bytes = data.len() as u64;
-        {
-            let mut frames = mailbox.frames.lock().unwrap();
-            if frames.len() >= MAILBOX {
-                frames.pop_front();
-                stats.dropped_overflow.fetch_add(1, Ordering::Relaxed);
-            }
-            frames.push_back((from, data));
+        if !mailbox.push(from, data) {
+            stats.dropped_overflow.fetch_add(1, Ordering::Relaxed);
         }
-        mailbox.ready.notify_one();
         stats.forwarded_frames.fetch_add(1, Ordering::Relaxed);
         stats.forwarded_bytes.fetch_add(bytes, Ordering::Relaxed);
         Ok(())

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use cordon_proto::v1 as pb;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
 use super::{BoxStream, convert};
@@ -18,6 +18,39 @@ use crate::store::Snapshot;
 const RELAY_BATCH: usize = 64;
 /// Bytes per relay message, about: well under a client's 4 MiB decoding limit.
 const RELAY_BATCH_BYTES: usize = 256 * 1024;
+
+/// A node's relay frames as its response stream: read from its mailbox by whoever sends the stream
+/// (the HTTP/2 connection), so a frame takes no extra task on its way out. Batched for nodes that asked,
+/// one frame per message for older ones. Ends when `ended` resolves, with its status if it carries one.
+fn relay_outbound(
+    mailbox: Arc<crate::relay::Mailbox>,
+    ended: oneshot::Receiver<Option<Status>>,
+    batches: bool,
+) -> impl futures::Stream<Item = Result<pb::RelayPacket, Status>> + Send + 'static {
+    futures::stream::unfold(Some((mailbox, ended)), move |state| async move {
+        let (mailbox, mut ended) = state?;
+        loop {
+            tokio::select! {
+                biased;
+                why = &mut ended => return why.ok().flatten().map(|status| (Err(status), None)),
+                () = mailbox.ready.notified() => {}
+            }
+            // A wakeup can find the frames taken already by the round before it.
+            let mut frames = mailbox.take(if batches { RELAY_BATCH } else { 1 }, RELAY_BATCH_BYTES);
+            let packet = match frames.pop() {
+                None => continue,
+                Some((from, data)) if !batches => pb::RelayPacket { peer_key: from.to_vec(), data, frames: vec![] },
+                Some(last) => {
+                    frames.push(last);
+                    let frames =
+                        frames.into_iter().map(|(from, data)| pb::RelayFrame { peer_key: from.to_vec(), data });
+                    pb::RelayPacket { frames: frames.collect(), ..Default::default() }
+                }
+            };
+            return Some((Ok(packet), Some((mailbox, ended))));
+        }
+    })
+}
 
 pub struct NodeApi {
     cp: Arc<ControlPlane>,
@@ -293,21 +326,25 @@ impl pb::node_server::Node for NodeApi {
         })?;
         let mut inbound = req.into_inner();
         let cp = self.cp.clone();
-        let (tx, rx) = mpsc::channel(256);
+        let (tailnet, me) = (node.tailnet_id, node.wireguard_public_key);
+        // Why the stream ends, from the task that reads it: the outbound half ends with it.
+        let (end, ended) = oneshot::channel::<Option<Status>>();
+        let mailbox = crate::relay::Mailbox::new();
+        let outbound = relay_outbound(mailbox.clone(), ended, batches);
         let open = cp.metrics.watch_stream("relay");
         tokio::spawn(async move {
             let _counted = open;
-            let (tailnet, me) = (node.tailnet_id, node.wireguard_public_key);
-            let (mailbox, _registration) = cp.relays.register(tailnet, me);
+            let _registration = cp.relays.open(tailnet, me, mailbox);
             let _home = cp.relay_home(tailnet, me).await;
             // The stream ends when the node or its tailnet goes: a removed node relays nothing more.
             let mut changes = cp.hub().subscribe_tailnet(tailnet);
             let mut shutdown = cp.shutdown_signal();
             let mut limiter = crate::relay::Limiter::default();
+            let mut end = end;
             loop {
                 tokio::select! {
                     _ = crate::control_plane::stopped(&mut shutdown) => return,
-                    _ = tx.closed() => return,
+                    _ = end.closed() => return,
                     frame = inbound.message() => match frame {
                         Ok(Some(packet)) => {
                             if !packet.peer_key.is_empty() || packet.frames.is_empty() {
@@ -323,29 +360,10 @@ impl pb::node_server::Node for NodeApi {
                             // the size limit, say); the node reconnects.
                             tracing::info!(node = %node.id, error = %status.message(), "relay stream ended by a bad message");
                             let reason = format!("relay stream ended: {}", status.message());
-                            let _ = tx.send(Err(Status::new(status.code(), reason))).await;
+                            let _ = end.send(Some(Status::new(status.code(), reason)));
                             return;
                         }
                     },
-                    _ = mailbox.ready.notified() => {
-                        let frames = mailbox.take(RELAY_BATCH, RELAY_BATCH_BYTES);
-                        let sent = if batches {
-                            let frames = frames.into_iter().map(|(from, data)| pb::RelayFrame { peer_key: from.to_vec(), data }).collect();
-                            tx.send(Ok(pb::RelayPacket { frames, ..Default::default() })).await.is_ok()
-                        } else {
-                            let mut ok = true;
-                            for (from, data) in frames {
-                                ok = tx.send(Ok(pb::RelayPacket { peer_key: from.to_vec(), data, frames: vec![] })).await.is_ok();
-                                if !ok {
-                                    break;
-                                }
-                            }
-                            ok
-                        };
-                        if !sent {
-                            return;
-                        }
-                    }
                     change = changes.recv() => match change {
                         Ok(update) => match &update.change {
                             NetChange::PeerRemoved { node: gone, .. } if *gone == node.id => return,
@@ -363,7 +381,7 @@ impl pb::node_server::Node for NodeApi {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(outbound)))
     }
 
     async fn leave(&self, req: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveResponse>, Status> {
@@ -400,5 +418,61 @@ impl pb::node_server::Node for NodeApi {
             session_token: session.into_exposed(),
             tailnet: Some(convert::tailnet(&tailnet)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+    use crate::relay::Mailbox;
+
+    fn frame(mailbox: &Mailbox, from: u8, len: usize) {
+        mailbox.push([from; 32], vec![from; len]);
+    }
+
+    #[tokio::test]
+    async fn the_relay_stream_takes_its_frames_from_the_mailbox_in_batches_or_one_by_one() {
+        let mailbox = Mailbox::new();
+        let (_end, ended) = oneshot::channel();
+        let mut batched = Box::pin(relay_outbound(mailbox.clone(), ended, true));
+        for i in 1..=3 {
+            frame(&mailbox, i, 100);
+        }
+        let packet = batched.next().await.unwrap().unwrap();
+        assert_eq!(packet.frames.len(), 3, "all that waited, in one message");
+        assert_eq!(packet.frames[2].peer_key, vec![3; 32]);
+        assert!(packet.peer_key.is_empty());
+
+        let mailbox = Mailbox::new();
+        let (_end, ended) = oneshot::channel();
+        let mut single = Box::pin(relay_outbound(mailbox.clone(), ended, false));
+        frame(&mailbox, 1, 10);
+        frame(&mailbox, 2, 20);
+        for i in 1..=2u8 {
+            let packet = single.next().await.unwrap().unwrap();
+            assert!(packet.frames.is_empty(), "an older client gets one frame per message");
+            assert_eq!((packet.peer_key, packet.data.len()), (vec![i; 32], usize::from(i) * 10));
+        }
+    }
+
+    #[tokio::test]
+    async fn the_relay_stream_ends_with_its_reader_and_says_why() {
+        let mailbox = Mailbox::new();
+        let (end, ended) = oneshot::channel();
+        let mut stream = Box::pin(relay_outbound(mailbox.clone(), ended, true));
+        // A wakeup whose frames an earlier round took yields nothing.
+        mailbox.ready.notify_one();
+        assert!(futures::FutureExt::now_or_never(stream.next()).is_none(), "no empty message");
+        end.send(Some(Status::invalid_argument("too big"))).unwrap();
+        let status = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(status.message(), "too big");
+        assert!(stream.next().await.is_none());
+
+        let (end, ended) = oneshot::channel::<Option<Status>>();
+        let mut stream = Box::pin(relay_outbound(Mailbox::new(), ended, true));
+        drop(end);
+        assert!(stream.next().await.is_none(), "a reader that stops ends the stream cleanly");
     }
 }

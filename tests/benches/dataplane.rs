@@ -452,6 +452,13 @@ async fn relay(figures: &mut Figures) {
         let rate = push(forward_addr, total, rx).await;
         let path = a.status().await.peers[0].path;
         assert_eq!(matches!(path, Some(agentd::wg::Route::Relay(_))), relayed, "the transfer took the path meant");
+        if relayed {
+            let stats = admin.get_relay_stats(cordon_proto::v1::GetRelayStatsRequest {}).await.unwrap().into_inner();
+            println!(
+                "relay: the server forwarded {} frames and dropped {} (receiver's queue full) and {} (over the rate)",
+                stats.forwarded_frames, stats.dropped_overflow, stats.dropped_rate
+            );
+        }
         results.push((rate, round_trip, to_direct));
     }
     let (direct, relayed) = (results[0], results[1]);

@@ -2,7 +2,6 @@
 //! with jittered backoff until the server says the identity is gone.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use cordon_proto::v1 as pb;
@@ -274,7 +273,7 @@ pub struct RelayLink {
 /// out WireGuard's 15 s of unanswered data.
 pub async fn relay(servers: Servers, session_token: String, link: RelayLink, mut shutdown: watch::Receiver<bool>) {
     let RelayLink { outbound, inbound, netmap, commands, reconnects } = link;
-    let outbound = Arc::new(RelayOutbound { frames: std::sync::Mutex::new(outbound), stream: AtomicU64::new(0) });
+    let outbound = Arc::new(std::sync::Mutex::new(outbound));
     let mut backoff = Duration::from_millis(250);
     let mut connected_before = false;
     loop {
@@ -295,7 +294,9 @@ pub async fn relay(servers: Servers, session_token: String, link: RelayLink, mut
                 continue;
             }
         };
-        let mut request = tonic::Request::new(RelayOutbound::stream(&outbound));
+        // The request stream ends when its connection is let go of (or the call fails).
+        let (request_open, request_closed) = oneshot::channel();
+        let mut request = tonic::Request::new(OutboundStream { queue: outbound.clone(), connection: request_closed });
         if let Ok(value) = format!("Bearer {session_token}").parse() {
             request.metadata_mut().insert("authorization", value);
         }
@@ -316,14 +317,19 @@ pub async fn relay(servers: Servers, session_token: String, link: RelayLink, mut
                 connected_before = true;
                 // The data plane reads the stream itself and lets go of it when it ends.
                 let (reading, ended) = oneshot::channel();
-                if inbound.send(RelayConnection { frames: response.into_inner(), _reading: reading }).await.is_err() {
+                let connection = RelayConnection {
+                    frames: Box::pin(response.into_inner()),
+                    _reading: reading,
+                    _request: request_open,
+                };
+                if inbound.send(connection).await.is_err() {
                     return;
                 }
                 tokio::select! {
                     _ = crate::stopped(&mut shutdown) => return,
                     _ = ended => {}
                 }
-                if outbound.frames.lock().unwrap().is_closed() {
+                if outbound.lock().unwrap().is_closed() {
                     return;
                 }
                 // Its server likely went away: start with another.
@@ -349,10 +355,11 @@ const RELAY_BATCH: usize = 64;
 const RELAY_BATCH_BYTES: usize = 192 * 1024;
 
 /// A relay stream that opened, for the data plane to read; dropped when it ends, which tells the relay
-/// task to open another.
+/// task to open another and ends the request stream of the same call.
 pub struct RelayConnection {
-    frames: tonic::Streaming<pb::RelayPacket>,
+    frames: std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::RelayPacket, tonic::Status>> + Send>>,
     _reading: oneshot::Sender<()>,
+    _request: oneshot::Sender<()>,
 }
 
 /// The frames of the node's relay streams, one after another, read where they are used (the data plane)
@@ -415,37 +422,28 @@ impl futures::Stream for RelayInbound {
     }
 }
 
-/// The node's outbound relay frames, read by its relay stream of the moment: the HTTP/2 connection
-/// takes them from the data plane's queue as it sends, so a frame takes no extra task on its way out.
-struct RelayOutbound {
-    frames: std::sync::Mutex<mpsc::Receiver<(crate::wg::Key, Vec<u8>)>>,
-    /// The number of the newest stream; an older one (of a connection on its way out) reads nothing.
-    stream: AtomicU64,
-}
+/// The data plane's queue of frames for the relay, shared by the calls made one after another.
+type OutboundQueue = Arc<std::sync::Mutex<mpsc::Receiver<(crate::wg::Key, Vec<u8>)>>>;
 
-impl RelayOutbound {
-    fn stream(this: &Arc<Self>) -> OutboundStream {
-        let number = this.stream.fetch_add(1, Ordering::Relaxed) + 1;
-        OutboundStream { shared: this.clone(), number }
-    }
-}
-
+/// The request stream of one relay call: it takes the data plane's queued frames as HTTP/2 sends them, so
+/// a frame takes no extra task on its way out, and ends when its call's connection is let go of (a stream
+/// of a connection on its way out must not take frames from the next one).
 struct OutboundStream {
-    shared: Arc<RelayOutbound>,
-    number: u64,
+    queue: OutboundQueue,
+    connection: oneshot::Receiver<()>,
 }
 
 impl futures::Stream for OutboundStream {
     type Item = pb::RelayPacket;
 
     fn poll_next(
-        self: std::pin::Pin<&mut Self>,
+        mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
-        if self.shared.stream.load(Ordering::Relaxed) != self.number {
+        if std::future::Future::poll(std::pin::Pin::new(&mut self.connection), cx).is_ready() {
             return std::task::Poll::Ready(None);
         }
-        let mut frames = self.shared.frames.lock().unwrap();
+        let mut frames = self.queue.lock().unwrap();
         // What else is waiting goes in the same message.
         frames.poll_recv(cx).map(|first| first.map(|first| batch(first, &mut frames)))
     }
@@ -655,24 +653,89 @@ fn publish(f: &Follow, map: NetMap) {
 mod tests {
     use super::*;
 
+    fn outbound(queue: &OutboundQueue) -> (OutboundStream, oneshot::Sender<()>) {
+        let (open, closed) = oneshot::channel();
+        (OutboundStream { queue: queue.clone(), connection: closed }, open)
+    }
+
     #[tokio::test]
-    async fn the_newest_relay_stream_reads_the_outbound_frames_in_batches_and_an_older_one_stops() {
+    async fn a_relay_request_stream_sends_the_queued_frames_in_batches_and_ends_with_its_connection() {
         let (tx, rx) = mpsc::channel(16);
-        let outbound = Arc::new(RelayOutbound { frames: std::sync::Mutex::new(rx), stream: AtomicU64::new(0) });
-        let mut old = RelayOutbound::stream(&outbound);
+        let queue = Arc::new(std::sync::Mutex::new(rx));
+        let (mut old, old_connection) = outbound(&queue);
         tx.send(([1; 32], vec![1; 100])).await.unwrap();
         tx.send(([2; 32], vec![2; 200])).await.unwrap();
         let packet = old.next().await.unwrap();
         let frames: Vec<_> = packet.frames.iter().map(|f| (f.peer_key[0], f.data.len())).collect();
         assert_eq!(frames, [(1, 100), (2, 200)], "what waited goes in one message, in order");
 
-        // A reconnect: the stream of the connection on its way out ends and leaves the frames alone.
-        let mut new = RelayOutbound::stream(&outbound);
+        // Waiting for a frame, the stream is woken by it (HTTP/2 polls it from its own task).
+        let waiting = tokio::spawn(async move {
+            let packet = old.next().await;
+            (old, packet)
+        });
+        tokio::task::yield_now().await;
         tx.send(([3; 32], vec![3; 10])).await.unwrap();
-        assert!(old.next().await.is_none());
-        assert_eq!(new.next().await.unwrap().frames[0].peer_key, vec![3; 32]);
+        let (mut old, packet) = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("woken").unwrap();
+        assert_eq!(packet.unwrap().frames[0].peer_key, vec![3; 32]);
+
+        // A reconnect: the stream of the connection let go of ends, even while it waits, and leaves the
+        // frames to the next.
+        let waiting = tokio::spawn(async move { old.next().await });
+        tokio::task::yield_now().await;
+        drop(old_connection);
+        assert!(tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("woken").unwrap().is_none());
+        let (mut new, _connection) = outbound(&queue);
+        tx.send(([4; 32], vec![4; 10])).await.unwrap();
+        assert_eq!(new.next().await.unwrap().frames[0].peer_key, vec![4; 32]);
         drop(tx);
         assert!(new.next().await.is_none(), "ends when the data plane does");
+    }
+
+    fn connection(
+        messages: Vec<Result<pb::RelayPacket, tonic::Status>>,
+    ) -> (RelayConnection, oneshot::Receiver<()>, oneshot::Receiver<()>) {
+        let (reading, ended) = oneshot::channel();
+        let (request, request_ended) = oneshot::channel();
+        let frames = Box::pin(futures::stream::iter(messages));
+        (RelayConnection { frames, _reading: reading, _request: request }, ended, request_ended)
+    }
+
+    fn frame(key: u8, len: usize) -> pb::RelayFrame {
+        pb::RelayFrame { peer_key: vec![key; 32], data: vec![key; len] }
+    }
+
+    #[tokio::test]
+    async fn the_data_plane_reads_each_relay_stream_in_turn_and_lets_go_of_one_that_ends() {
+        let (tx, rx) = mpsc::channel(1);
+        let mut inbound = RelayInbound::new(rx);
+        let batched = pb::RelayPacket { frames: vec![frame(1, 10), frame(2, 20)], ..Default::default() };
+        // An older server sends one frame per message; a frame with a bad key is skipped.
+        let single = pb::RelayPacket { peer_key: vec![3; 32], data: vec![3; 30], frames: vec![] };
+        let bad = pb::RelayPacket {
+            frames: vec![pb::RelayFrame { peer_key: vec![9; 5], data: vec![9] }],
+            ..Default::default()
+        };
+        let (first, first_ended, first_request) =
+            connection(vec![Ok(batched), Ok(bad), Ok(single), Err(tonic::Status::internal("gone"))]);
+        tx.send(first).await.unwrap();
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let (key, data) = inbound.next().await.unwrap();
+            got.push((key[0], data.len()));
+        }
+        assert_eq!(got, [(1, 10), (2, 20), (3, 30)], "in order, batched or not");
+        // The stream failed: the relay task hears of it and the call's request stream ends.
+        assert!(futures::FutureExt::now_or_never(inbound.next()).is_none(), "nothing more until a new stream");
+        assert!(first_ended.await.is_err());
+        assert!(first_request.await.is_err());
+
+        let (second, _ended, _request) =
+            connection(vec![Ok(pb::RelayPacket { frames: vec![frame(4, 40)], ..Default::default() })]);
+        tx.send(second).await.unwrap();
+        assert_eq!(inbound.next().await.unwrap().0, [4; 32]);
+        drop(tx);
+        assert!(inbound.next().await.is_none(), "ends once the relay task has gone and its last stream with it");
     }
 
     #[test]

@@ -445,6 +445,13 @@ mod tests {
         assert_eq!(packet.frames[2].peer_key, vec![3; 32]);
         assert!(packet.peer_key.is_empty());
 
+        // Waiting for a frame, the stream is woken by it (HTTP/2 polls it from its own task).
+        let waiting = tokio::spawn(async move { batched.next().await });
+        tokio::task::yield_now().await;
+        frame(&mailbox, 4, 40);
+        let packet = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.expect("woken").unwrap();
+        assert_eq!(packet.unwrap().unwrap().frames[0].data.len(), 40);
+
         let mailbox = Mailbox::new();
         let (_end, ended) = oneshot::channel();
         let mut single = Box::pin(relay_outbound(mailbox.clone(), ended, false));

@@ -259,16 +259,15 @@ pub struct Reconnects {
 /// The node's side of the relay: its stream's two directions, and what to tell when it comes back.
 pub struct RelayLink {
     pub outbound: mpsc::Receiver<(crate::wg::Key, Vec<u8>)>,
-    /// Each relay stream, as it opens, for the data plane to read (see [`RelayInbound`]).
-    pub inbound: mpsc::Sender<RelayConnection>,
+    pub inbound: mpsc::Sender<(crate::wg::Key, Vec<u8>)>,
     pub netmap: watch::Receiver<Arc<NetMap>>,
     pub commands: mpsc::UnboundedSender<Command>,
     pub reconnects: Arc<Reconnects>,
 }
 
-/// Keeps the node's relay stream open (reconnecting with backoff); the frames themselves go between the
-/// stream and the data plane without passing through this task ([`RelayOutbound`], [`RelayInbound`]). When the
-/// stream comes back after a break the server has likely restarted, and with it the tailnet's gateway,
+/// Keeps the node's relay stream open (reconnecting with backoff) and hands the data plane what arrives;
+/// what the data plane sends goes into the stream without passing through this task ([`OutboundStream`]).
+/// When the stream comes back after a break the server has likely restarted, and with it the tailnet's gateway,
 /// which lost its WireGuard sessions: the node starts a new handshake with it at once instead of waiting
 /// out WireGuard's 15 s of unanswered data.
 pub async fn relay(servers: Servers, session_token: String, link: RelayLink, mut shutdown: watch::Receiver<bool>) {
@@ -315,20 +314,30 @@ pub async fn relay(servers: Servers, session_token: String, link: RelayLink, mut
                     }
                 }
                 connected_before = true;
-                // The data plane reads the stream itself and lets go of it when it ends.
-                let (reading, ended) = oneshot::channel();
-                let connection = RelayConnection {
-                    frames: Box::pin(response.into_inner()),
-                    _reading: reading,
-                    _request: request_open,
-                };
-                if inbound.send(connection).await.is_err() {
-                    return;
+                // Decoded here, beside the data plane rather than on its task.
+                let mut frames = response.into_inner();
+                loop {
+                    tokio::select! {
+                        _ = crate::stopped(&mut shutdown) => return,
+                        frame = frames.message() => match frame {
+                            Ok(Some(p)) => {
+                                let single = (!p.peer_key.is_empty()).then_some(pb::RelayFrame { peer_key: p.peer_key, data: p.data });
+                                for f in single.into_iter().chain(p.frames) {
+                                    if let Ok(key) = <crate::wg::Key>::try_from(f.peer_key.as_slice()) {
+                                        let _ = inbound.try_send((key, f.data));
+                                    }
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(status) => {
+                                tracing::debug!(error = %status.message(), "relay stream ended; reconnecting");
+                                break;
+                            }
+                        },
+                    }
                 }
-                tokio::select! {
-                    _ = crate::stopped(&mut shutdown) => return,
-                    _ = ended => {}
-                }
+                // The call's request stream ends with it.
+                drop(request_open);
                 if outbound.lock().unwrap().is_closed() {
                     return;
                 }
@@ -353,74 +362,6 @@ pub async fn relay(servers: Servers, session_token: String, link: RelayLink, mut
 /// Frames and bytes per relay message, at most: under the server's 256 KiB request limit.
 const RELAY_BATCH: usize = 64;
 const RELAY_BATCH_BYTES: usize = 192 * 1024;
-
-/// A relay stream that opened, for the data plane to read; dropped when it ends, which tells the relay
-/// task to open another and ends the request stream of the same call.
-pub struct RelayConnection {
-    frames: std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::RelayPacket, tonic::Status>> + Send>>,
-    _reading: oneshot::Sender<()>,
-    _request: oneshot::Sender<()>,
-}
-
-/// The frames of the node's relay streams, one after another, read where they are used (the data plane)
-/// so that a frame takes no extra task on its way in. Ends when the relay task does.
-pub struct RelayInbound {
-    connections: mpsc::Receiver<RelayConnection>,
-    current: Option<RelayConnection>,
-    /// The rest of the last message's frames.
-    frames: std::collections::VecDeque<(crate::wg::Key, Vec<u8>)>,
-}
-
-impl RelayInbound {
-    pub fn new(connections: mpsc::Receiver<RelayConnection>) -> Self {
-        RelayInbound { connections, current: None, frames: Default::default() }
-    }
-}
-
-impl futures::Stream for RelayInbound {
-    type Item = (crate::wg::Key, Vec<u8>);
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        use std::task::Poll;
-        let this = &mut *self;
-        loop {
-            if let Some(frame) = this.frames.pop_front() {
-                return Poll::Ready(Some(frame));
-            }
-            match this.connections.poll_recv(cx) {
-                // A newer stream replaces the one before.
-                Poll::Ready(Some(connection)) => {
-                    this.current = Some(connection);
-                    continue;
-                }
-                Poll::Ready(None) if this.current.is_none() => return Poll::Ready(None),
-                _ => {}
-            }
-            let Some(current) = this.current.as_mut() else { return Poll::Pending };
-            match current.frames.poll_next_unpin(cx) {
-                Poll::Ready(Some(Ok(p))) => {
-                    let single =
-                        (!p.peer_key.is_empty()).then_some(pb::RelayFrame { peer_key: p.peer_key, data: p.data });
-                    for f in single.into_iter().chain(p.frames) {
-                        if let Ok(key) = <crate::wg::Key>::try_from(f.peer_key.as_slice()) {
-                            this.frames.push_back((key, f.data));
-                        }
-                    }
-                }
-                Poll::Ready(ended) => {
-                    if let Some(Err(status)) = ended {
-                        tracing::debug!(error = %status.message(), "relay stream ended; reconnecting");
-                    }
-                    this.current = None;
-                }
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-    }
-}
 
 /// The data plane's queue of frames for the relay, shared by the calls made one after another.
 type OutboundQueue = Arc<std::sync::Mutex<mpsc::Receiver<(crate::wg::Key, Vec<u8>)>>>;
@@ -690,52 +631,6 @@ mod tests {
         assert_eq!(new.next().await.unwrap().frames[0].peer_key, vec![4; 32]);
         drop(tx);
         assert!(new.next().await.is_none(), "ends when the data plane does");
-    }
-
-    fn connection(
-        messages: Vec<Result<pb::RelayPacket, tonic::Status>>,
-    ) -> (RelayConnection, oneshot::Receiver<()>, oneshot::Receiver<()>) {
-        let (reading, ended) = oneshot::channel();
-        let (request, request_ended) = oneshot::channel();
-        let frames = Box::pin(futures::stream::iter(messages));
-        (RelayConnection { frames, _reading: reading, _request: request }, ended, request_ended)
-    }
-
-    fn frame(key: u8, len: usize) -> pb::RelayFrame {
-        pb::RelayFrame { peer_key: vec![key; 32], data: vec![key; len] }
-    }
-
-    #[tokio::test]
-    async fn the_data_plane_reads_each_relay_stream_in_turn_and_lets_go_of_one_that_ends() {
-        let (tx, rx) = mpsc::channel(1);
-        let mut inbound = RelayInbound::new(rx);
-        let batched = pb::RelayPacket { frames: vec![frame(1, 10), frame(2, 20)], ..Default::default() };
-        // An older server sends one frame per message; a frame with a bad key is skipped.
-        let single = pb::RelayPacket { peer_key: vec![3; 32], data: vec![3; 30], frames: vec![] };
-        let bad = pb::RelayPacket {
-            frames: vec![pb::RelayFrame { peer_key: vec![9; 5], data: vec![9] }],
-            ..Default::default()
-        };
-        let (first, first_ended, first_request) =
-            connection(vec![Ok(batched), Ok(bad), Ok(single), Err(tonic::Status::internal("gone"))]);
-        tx.send(first).await.unwrap();
-        let mut got = Vec::new();
-        for _ in 0..3 {
-            let (key, data) = inbound.next().await.unwrap();
-            got.push((key[0], data.len()));
-        }
-        assert_eq!(got, [(1, 10), (2, 20), (3, 30)], "in order, batched or not");
-        // The stream failed: the relay task hears of it and the call's request stream ends.
-        assert!(futures::FutureExt::now_or_never(inbound.next()).is_none(), "nothing more until a new stream");
-        assert!(first_ended.await.is_err());
-        assert!(first_request.await.is_err());
-
-        let (second, _ended, _request) =
-            connection(vec![Ok(pb::RelayPacket { frames: vec![frame(4, 40)], ..Default::default() })]);
-        tx.send(second).await.unwrap();
-        assert_eq!(inbound.next().await.unwrap().0, [4; 32]);
-        drop(tx);
-        assert!(inbound.next().await.is_none(), "ends once the relay task has gone and its last stream with it");
     }
 
     #[test]

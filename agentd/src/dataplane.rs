@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{FutureExt, StreamExt};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -47,17 +46,11 @@ pub struct EngineStats {
     pub peers: Vec<(Key, PeerStats)>,
 }
 
-/// Relayed datagrams for the node, by sender key; the node has no relay once this ends.
-pub type RelayIn = std::pin::Pin<Box<dyn futures::Stream<Item = (Key, Vec<u8>)> + Send>>;
-
-/// How many relayed datagrams one wakeup takes in before they are delivered.
-const RELAY_ROUND: usize = 256;
-
 /// The data plane's links to the rest of the node: the relay stream's two directions, and where the
 /// STUN-discovered (reflexive) endpoint is published.
 pub struct Links {
     pub relay_out: mpsc::Sender<(Key, Vec<u8>)>,
-    pub relay_in: RelayIn,
+    pub relay_in: mpsc::Receiver<(Key, Vec<u8>)>,
     pub reflexive: watch::Sender<Option<SocketAddr>>,
 }
 
@@ -214,13 +207,12 @@ pub async fn run(
                 }
                 deliver(stack.as_deref(), tun.as_mut(), &mut engine).await;
             }
-            relayed = links.relay_in.next(), if relay_open => {
+            relayed = links.relay_in.recv(), if relay_open => {
                 let now = Instant::now().into_std();
                 match relayed {
                     Some((_, datagram)) => {
                         engine.receive_relayed(&datagram, now);
-                        for _ in 1..RELAY_ROUND {
-                            let Some(Some((_, datagram))) = links.relay_in.next().now_or_never() else { break };
+                        while let Ok((_, datagram)) = links.relay_in.try_recv() {
                             engine.receive_relayed(&datagram, now);
                         }
                     }

@@ -235,9 +235,8 @@ impl Node {
         tracing::info!(node = %session.node_id, address = %netmap.address(), %endpoint, peers = netmap.peers.len(), "joined tailnet {}", netmap.tailnet_name);
 
         let (relay_out, relay_out_rx) = mpsc::channel(4096);
-        let (relay_in_tx, relay_in) = mpsc::channel(1);
+        let (relay_in_tx, relay_in) = mpsc::channel(4096);
         let (reflexive, reflexive_rx) = watch::channel(None);
-        let relay_in = Box::pin(control::RelayInbound::new(relay_in));
         let links = dataplane::Links { relay_out, relay_in, reflexive };
         let socket = dataplane::Socket::Own(socket);
         let parts = Parts { secret, netmap, stream, socket, local, links, server_host, endpoint };
@@ -276,7 +275,6 @@ impl Node {
         let first = control::first_netmap(&mut netmap).await?;
         let local = Local::Stack(Stack::new(first.address(), first.prefix, first.address6(), stack));
         let (reflexive, _) = watch::channel(None);
-        let relay_in = Box::pin(tokio_stream::wrappers::ReceiverStream::new(relay_in));
         let links = dataplane::Links { relay_out, relay_in, reflexive };
         let parts = Parts {
             secret: StaticSecret::from(secret),

@@ -115,6 +115,12 @@ async fn relay_throughput(from: &TestServer, to: &TestServer, mib: usize) -> f64
     s.shutdown().await.unwrap();
     let (total, done) = receiver.await.unwrap();
     assert_eq!(total, mib * (1 << 20) + 1024);
+    let mut dropped = 0;
+    for server in [from, to] {
+        let stats = server.admin().await.get_relay_stats(pb::GetRelayStatsRequest {}).await.unwrap().into_inner();
+        dropped += stats.dropped_overflow + stats.dropped_rate + stats.dropped_unknown_peer;
+    }
+    println!("  (the relay dropped {dropped} frames on the way: full queues, rate or unknown receivers)");
     admin.delete_tailnet(pb::DeleteTailnetRequest { id: tailnet.id, reason: String::new() }).await.unwrap();
     (mib * (1 << 20)) as f64 * 8.0 / (done - started).as_secs_f64() / 1e9
 }

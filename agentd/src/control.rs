@@ -293,7 +293,7 @@ pub async fn relay(servers: Servers, session_token: String, link: RelayLink, mut
                 continue;
             }
         };
-        // The request stream ends when its connection is let go of (or the call fails).
+        // The request stream ends when its call does (or fails).
         let (request_open, request_closed) = oneshot::channel();
         let mut request = tonic::Request::new(OutboundStream { queue: outbound.clone(), connection: request_closed });
         if let Ok(value) = format!("Bearer {session_token}").parse() {
@@ -367,8 +367,8 @@ const RELAY_BATCH_BYTES: usize = 192 * 1024;
 type OutboundQueue = Arc<std::sync::Mutex<mpsc::Receiver<(crate::wg::Key, Vec<u8>)>>>;
 
 /// The request stream of one relay call: it takes the data plane's queued frames as HTTP/2 sends them, so
-/// a frame takes no extra task on its way out, and ends when its call's connection is let go of (a stream
-/// of a connection on its way out must not take frames from the next one).
+/// a frame takes no extra task on its way out, and ends when its call does (the stream of a call on its
+/// way out must not take frames from the next one).
 struct OutboundStream {
     queue: OutboundQueue,
     connection: oneshot::Receiver<()>,
@@ -620,7 +620,7 @@ mod tests {
         let (mut old, packet) = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("woken").unwrap();
         assert_eq!(packet.unwrap().frames[0].peer_key, vec![3; 32]);
 
-        // A reconnect: the stream of the connection let go of ends, even while it waits, and leaves the
+        // A reconnect: the stream of the call that ended ends too, even while it waits, and leaves the
         // frames to the next.
         let waiting = tokio::spawn(async move { old.next().await });
         tokio::task::yield_now().await;

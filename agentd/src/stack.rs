@@ -343,7 +343,7 @@ impl Inner {
                 socket.set_timeout(Some(smoltcp::time::Duration::from_secs(120)));
                 socket.set_keep_alive(Some(smoltcp::time::Duration::from_secs(30)));
                 if self.listeners[&port].accepted.send(handle).is_err() {
-                    self.orphans.push(Orphan { handle, discarded: 0 });
+                    self.orphans.push(Orphan { handle, discarded: 0, since: std::time::Instant::now() });
                 }
             }
         }
@@ -353,8 +353,9 @@ impl Inner {
     /// socket does when data arrives after its close: the peer's send fails at once instead of stalling
     /// on a window that never opens (a client uploading a body the server refused). Before the reset
     /// the orphan lingers: it discards what arrives (so the window stays open) until what it still had to
-    /// send is acknowledged and [`LINGER_BYTES`] more arrived, so the peer has the answer (a 413, say)
-    /// and the FIN after it before it sees the reset.
+    /// send is acknowledged, [`LINGER_BYTES`] more arrived and [`LINGER_TIME`] passed, so the peer has the
+    /// answer (a 413, say) and the FIN after it before it sees the reset, and has had time to read them (a
+    /// smoltcp socket that is reset loses what it received and nobody read yet).
     fn reap_orphans(&mut self) {
         let sockets = &mut self.sockets;
         self.orphans.retain_mut(|orphan| {
@@ -362,7 +363,11 @@ impl Inner {
             if socket.may_recv() && socket.recv_queue() > 0 {
                 orphan.discarded += socket.recv(|b| (b.len(), b.len())).unwrap_or(0);
             }
-            if orphan.discarded > LINGER_BYTES && socket.send_queue() == 0 && socket.state() != tcp::State::Closed {
+            if orphan.discarded > LINGER_BYTES
+                && orphan.since.elapsed() >= LINGER_TIME
+                && socket.send_queue() == 0
+                && socket.state() != tcp::State::Closed
+            {
                 socket.abort();
             }
             // An aborted socket keeps its endpoint until its reset has gone out.
@@ -375,14 +380,17 @@ impl Inner {
     }
 }
 
-/// A socket whose stream was dropped, closing; and how many bytes arrived for it since.
+/// A socket whose stream was dropped, closing; how many bytes arrived for it since, and when.
 struct Orphan {
     handle: SocketHandle,
     discarded: usize,
+    since: std::time::Instant,
 }
 
 /// Bytes an orphan takes in (and discards) before it resets the connection.
 const LINGER_BYTES: usize = 256 * 1024;
+/// And how long it lingers at least.
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Accepts TCP connections on one port of the node's address.
 pub struct Listener {
@@ -494,7 +502,7 @@ impl Drop for TcpStream {
     fn drop(&mut self) {
         let mut inner = self.stack.inner.lock().unwrap();
         inner.sockets.get_mut::<tcp::Socket>(self.handle).close();
-        inner.orphans.push(Orphan { handle: self.handle, discarded: 0 });
+        inner.orphans.push(Orphan { handle: self.handle, discarded: 0, since: std::time::Instant::now() });
         drop(inner);
         self.stack.wake.notify_one();
     }
